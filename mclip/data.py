@@ -1,0 +1,73 @@
+"""Loading captions with `datasets`: hub names, save_to_disk folders and local parquet/jsonl/csv/arrow files."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from mclip.errors import UserError
+
+BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".txt": "text"}
+
+
+def _builder_for(files: list[str]) -> str:
+    kinds = {BUILDERS.get(_suffix(f)) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise UserError(f"cannot tell the format of {files[0]}; use .parquet, .jsonl, .json, .csv, .tsv or .arrow files")
+    return kinds.pop()
+
+
+def _suffix(name: str) -> str:
+    for ext in (".gz", ".zst", ".bz2", ".xz"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return Path(name).suffix.lower()
+
+
+def load_dataset(data: str, split: str = "train"):
+    """A `datasets.Dataset` (memory-mapped Arrow) for a hub name, a save_to_disk folder, a data folder, files or a glob."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()  # mclip shows its own progress
+    path = Path(data)
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise UserError(f"split {split!r} not in {data}; it has {', '.join(loaded)} (use --split)")
+                loaded = loaded[split]
+            return loaded
+        files = sorted(glob.glob(data)) if any(c in data for c in "*?[") else ([data] if path.is_file() else [])
+        if path.is_dir():
+            files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _suffix(p.name) in BUILDERS and not p.name.startswith("."))
+            if not files:
+                raise UserError(f"{data} holds no dataset files (.parquet, .jsonl, .csv, .arrow) and no save_to_disk dataset")
+        if files:
+            builder = _builder_for(files)
+            kwargs = {"delimiter": "\t"} if builder == "csv" and _suffix(files[0]) == ".tsv" else {}
+            return datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
+        if path.suffix or data.startswith((".", "/", "~")):
+            raise UserError(f"{data} does not exist; check the path or pass a dataset name from the hub")
+        return datasets.load_dataset(data, split=split)
+    except UserError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{data} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load dataset {data!r} (split {split!r}): {first}") from None
+    except Exception as exc:  # pyarrow/datasets parse errors of a malformed file have many types
+        if type(exc).__module__.startswith(("pyarrow", "datasets")):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot read dataset {data!r}: {first}; fix or re-export the file") from None
+        raise
+
+
+def require_columns(dataset, columns: dict[str, str | None], data: str) -> None:
+    """Refuse a missing column, naming the ones that exist and the option that picks another."""
+    have = list(dataset.column_names)
+    for option, column in columns.items():
+        if column is not None and column not in have:
+            raise UserError(f"column {column!r} not found in {data}; it has {', '.join(have)} (use {option})")

@@ -1,0 +1,379 @@
+"""Stage 1: run the teacher once over the English captions; write resumable, rank-sharded Arrow shards and manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from mclip import __version__, distributed, shards
+from mclip.config import EmbedConfig, to_dict
+from mclip.errors import UserError
+
+# Fields that change how fast a run goes, not what it writes: a resumed run may change them.
+RUNTIME_FIELDS = {"device", "precision", "num_threads", "batch_tokens", "max_batch_size", "overwrite", "progress", "out"}
+
+
+@dataclass
+class EmbedResult:
+    out: Path
+    rows: int  # rows in the finished cache
+    shards: int  # shards in the finished cache
+    computed_shards: int  # shards this run computed (the rest were already there)
+    captions: int  # captions this rank embedded in this run (after dedup: unique texts)
+    tokens: int  # real (unpadded) tokens this rank ran through the teacher
+    seconds: float
+    totals: dict
+    manifest: dict | None  # the final manifest (rank 0), None on other ranks
+
+    @property
+    def captions_per_s(self) -> float:
+        return self.captions / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Work:
+    """One shard, read and tokenised, ready for the teacher."""
+
+    index: int
+    first_row: int
+    end_row: int
+    ids: list[str]  # kept rows
+    texts: list[str]  # kept rows
+    inverse: np.ndarray  # kept row -> unique text
+    tokens: list[list[int]]  # unique texts
+    skipped: int
+    truncated: int
+    images: list | None = None  # unique images (PIL) when embedding images
+    image_ids: list[str] | None = None  # per kept row
+    image_inverse: np.ndarray | None = None  # kept row -> unique image
+
+
+def request_of(config: EmbedConfig) -> dict:
+    """The arguments that decide what the cache holds; a rerun must repeat them to resume."""
+    values = to_dict(config)
+    return {f.name: values[f.name] for f in fields(config) if f.name not in RUNTIME_FIELDS}
+
+
+def _clear(out: Path) -> None:
+    for path in shards.shard_files(out):
+        path.unlink()
+    for path in out.glob(".shard-*.tmp"):
+        path.unlink()
+    (out / shards.MANIFEST).unlink(missing_ok=True)
+
+
+def _prepare_output(config: EmbedConfig) -> str:
+    """Check the output folder against this request: 'fresh', 'resume' or 'complete'; refuse a mismatch."""
+    out = Path(config.out)
+    request = request_of(config)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        manifest = shards.read_manifest(out)
+        if manifest is None:
+            if not config.overwrite:
+                raise UserError(f"--out {out} is not empty and holds no mclip cache; choose an empty folder or pass --overwrite")
+            _clear(out)
+        elif manifest.get("request") != request:
+            if not config.overwrite:
+                old = manifest.get("request", {})
+                diff = ", ".join(f"{k}: {old.get(k)!r} -> {request.get(k)!r}" for k in request if old.get(k) != request.get(k))
+                raise UserError(f"{out} holds a cache made with other arguments ({diff}); repeat them to resume, or pass --overwrite to replace it")
+            _clear(out)
+        else:
+            for stale in out.glob(".shard-*.tmp"):  # left by a killed run; never visible as a shard
+                stale.unlink()
+            return "complete" if manifest.get("complete") else "resume"
+    out.mkdir(parents=True, exist_ok=True)
+    shards.write_json(out / shards.MANIFEST, {
+        "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "mclip_version": __version__, "complete": False,
+        "request": request, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return "fresh"
+
+
+def _load_rows(config: EmbedConfig):
+    from mclip.data import load_dataset, require_columns
+
+    ds = load_dataset(config.data, config.split)
+    require_columns(ds, {"--caption-column": config.caption_column, "--id-column": config.id_column,
+                         "--image-column": config.image_column, "--image-id-column": config.image_id_column}, config.data)
+    n = len(ds) if config.limit is None else min(config.limit, len(ds))
+    if n == 0:
+        raise UserError(f"{config.data} (split {config.split!r}) has zero rows; check --data and --split")
+    return ds.with_format("arrow"), n
+
+
+def _ids(table_fmt, config: EmbedConfig, n: int) -> list[str]:
+    """One string id per input row: the id column, or the row index; refuse empty or duplicate ids."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if config.id_column is None:
+        return [str(i) for i in range(n)]
+    column = table_fmt[:n][config.id_column]
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise UserError(f"id column {config.id_column!r} is empty at row {row}; fill every id or omit --id-column to use row numbers")
+    ids = pc.cast(column, pa.string()).to_pylist()
+    if len(set(ids)) != len(ids):
+        seen = set()
+        dup = next(x for x in ids if x in seen or seen.add(x))
+        raise UserError(f"id {dup!r} appears more than once in column {config.id_column!r}; ids must be unique (omit --id-column to use row numbers)")
+    return ids
+
+
+def _check_strict(table_fmt, config: EmbedConfig, n: int, ids: list[str]) -> None:
+    import pyarrow.compute as pc
+
+    column = table_fmt[:n][config.caption_column]
+    bad = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(pc.cast(column, "string")), ""))
+    if pc.any(bad).as_py():
+        row = pc.index(bad, True).as_py()
+        raise UserError(f"caption of id {ids[row]!r} (row {row}) is empty; fill it, or drop --strict to skip and count such rows")
+
+
+def _image_key(image) -> tuple[object, str]:
+    """A PIL image and a stable id (content hash) from what a dataset column may hold."""
+    from PIL import Image
+
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return Image.open(io.BytesIO(image)).convert("RGB"), hashlib.sha1(image).hexdigest()
+    if isinstance(image, str):
+        try:
+            data = Path(image).read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read image {image!r} ({exc.strerror}); check the image column's paths") from None
+        return Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha1(data).hexdigest()
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+        return image, hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+    raise UserError(f"image column holds {type(image).__name__} values; use images, image bytes or file paths")
+
+
+def _read_shard(k: int, table_fmt, ids: list[str], config: EmbedConfig, n: int, teacher) -> _Work:
+    a, b = k * config.shard_size, min(n, (k + 1) * config.shard_size)
+    part = table_fmt[a:b]
+    texts = part[config.caption_column].to_pylist()
+    keep = []
+    for i, text in enumerate(texts):
+        if text is None or (isinstance(text, str) and not text.strip()):
+            continue
+        if not isinstance(text, str):
+            raise UserError(f"caption column {config.caption_column!r} holds {type(text).__name__} values (row {a + i}); point --caption-column at the text")
+        keep.append(i)
+    kept_texts = [texts[i] for i in keep]
+    if config.dedup:
+        position: dict[str, int] = {}
+        inverse = np.fromiter((position.setdefault(t, len(position)) for t in kept_texts), dtype=np.int64, count=len(kept_texts))
+        unique = list(position)
+    else:
+        inverse, unique = np.arange(len(kept_texts)), kept_texts
+    tokens, truncated = teacher.tokenize(unique) if unique else ([], np.zeros(0, bool))
+    work = _Work(k, a, b, [ids[a + i] for i in keep], kept_texts, inverse, tokens, len(texts) - len(keep),
+                 int(truncated[inverse].sum()) if len(inverse) else 0)
+    if config.image_column is not None:
+        raw = part[config.image_column].to_pylist()
+        given = part[config.image_id_column].to_pylist() if config.image_id_column else None
+        images, image_ids, index = [], [], {}
+        for i in keep:
+            image, digest = _image_key(raw[i])
+            key = str(given[i]) if given is not None else digest
+            if key not in index:
+                index[key] = len(images)
+                images.append(image)
+            image_ids.append(key)
+        work.images, work.image_ids = images, image_ids
+        work.image_inverse = np.array([index[key] for key in image_ids], dtype=np.int64)
+    return work
+
+
+def _batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
+    """Indices sorted by length, cut so that (count x longest) stays within the token budget."""
+    order = np.argsort(lengths, kind="stable")
+    out, start = [], 0
+    for end in range(1, len(order) + 1):
+        width = lengths[order[end - 1]]
+        if end - start > 1 and ((end - start) * width > batch_tokens or end - start > max_batch):
+            out.append(order[start : end - 1])
+            start = end - 1
+    if start < len(order):
+        out.append(order[start:])
+    return out
+
+
+def _embed(work: _Work, teacher, config: EmbedConfig, batch_tokens: int):
+    """Unique texts -> (U, D) embeddings and {layer: (U, H)} states, length-sorted token-budget batches."""
+    import torch
+
+    lengths = np.fromiter((len(t) for t in work.tokens), dtype=np.int64, count=len(work.tokens))
+    emb = np.empty((len(lengths), teacher.dim), dtype=np.float32)
+    states = {layer: np.empty((len(lengths), teacher.hidden_size), dtype=np.float32) for layer in config.cache_layers}
+    for idx in _batches(lengths, batch_tokens, config.max_batch_size):
+        out, layer_out = teacher.embed(*teacher.collate([work.tokens[i] for i in idx]), layers=config.cache_layers)
+        if config.normalize:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        emb[idx] = out.cpu().numpy()
+        for layer, value in layer_out.items():
+            states[layer][idx] = value.cpu().numpy()
+    image_emb = None
+    if work.images is not None:
+        image_emb = np.empty((len(work.images), teacher.dim), dtype=np.float32)
+        for start in range(0, len(work.images), 64):
+            out = teacher.embed_images(work.images[start : start + 64])
+            if config.normalize:
+                out = torch.nn.functional.normalize(out, dim=-1)
+            image_emb[start : start + 64] = out.cpu().numpy()
+    return emb, states, image_emb, int(lengths.sum())
+
+
+def _to_table(work: _Work, emb, states, image_emb, config: EmbedConfig, schema):
+    import pyarrow as pa
+
+    columns = {"id": pa.array(work.ids, pa.string()), "text": pa.array(work.texts, pa.string()),
+               "embedding": shards.fixed_list(emb[work.inverse], config.dtype)}
+    for layer in sorted(states):
+        columns[shards.layer_column(layer)] = shards.fixed_list(states[layer][work.inverse], config.dtype)
+    if image_emb is not None:
+        columns["image_id"] = pa.array(work.image_ids, pa.string())
+        columns["image_embedding"] = shards.fixed_list(image_emb[work.image_inverse], config.dtype)
+    return pa.table(columns, schema=schema)
+
+
+def _finished(out: Path, k: int, config: EmbedConfig) -> bool:
+    stats = shards.read_shard_stats(out / shards.shard_name(k))
+    return stats is not None and stats.get("first_row") == k * config.shard_size
+
+
+def run(config: EmbedConfig) -> EmbedResult:
+    """Embed every caption once with the teacher; resume a killed run; split shards over torchrun ranks."""
+    start = time.perf_counter()
+    ctx, device = distributed.setup(config.device)
+    out = Path(config.out)
+    status = None
+    if ctx.is_main:
+        try:
+            status = _prepare_output(config)
+        except UserError as exc:
+            status = exc
+    status = distributed.broadcast_object(status)
+    if isinstance(status, UserError):
+        raise status
+    if status == "complete":
+        manifest = shards.read_manifest(out)
+        return EmbedResult(out, manifest["totals"]["rows"], len(manifest["shards"]), 0, 0, 0, time.perf_counter() - start,
+                           manifest["totals"], manifest if ctx.is_main else None)
+
+    import torch
+
+    from mclip.teacher import load_teacher
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    table_fmt, n = _load_rows(config)
+    ids = _ids(table_fmt, config, n)
+    if config.strict:
+        _check_strict(table_fmt, config, n, ids)
+    precision = distributed.resolve_precision(config.precision, device)
+    teacher = load_teacher(config.teacher, device=str(device), precision=precision, need_images=config.image_column is not None,
+                           max_length=config.max_length, trust_remote_code=config.trust_remote_code)
+    bad_layers = [layer for layer in config.cache_layers if layer > teacher.num_layers]
+    if bad_layers:
+        raise UserError(f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick layers 1..{teacher.num_layers}")
+    info = teacher.info()
+    if ctx.is_main:
+        manifest = shards.read_manifest(out)
+        if manifest.get("teacher") and manifest["teacher"]["fingerprint"] != info.fingerprint:
+            raise UserError(f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these")
+        manifest["teacher"] = info.__dict__
+        shards.write_json(out / shards.MANIFEST, manifest)
+    batch_tokens = config.batch_tokens or (131072 if device.type == "cuda" else 8192)
+    schema = shards.cache_schema(teacher.dim, config.dtype, {layer: teacher.hidden_size for layer in config.cache_layers},
+                                 teacher.dim if config.image_column else None)
+    n_shards = -(-n // config.shard_size)
+    todo = [k for k in range(ctx.rank, n_shards, ctx.world_size) if not _finished(out, k, config)]
+    todo_rows = sum(min(n, (k + 1) * config.shard_size) - k * config.shard_size for k in todo)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=todo_rows, unit="cap", desc=f"embed-teacher[{ctx.rank}]" if ctx.enabled else "embed-teacher",
+               disable=not config.progress or not ctx.is_main, file=sys.stderr, dynamic_ncols=True)
+    captions = tokens = 0
+    compute_start = time.perf_counter()
+    with ThreadPoolExecutor(1, thread_name_prefix="mclip-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="mclip-write") as writer:
+        pending_read: Future | None = reader.submit(_read_shard, todo[0], table_fmt, ids, config, n, teacher) if todo else None
+        pending_write: Future | None = None
+        for pos, k in enumerate(todo):
+            work = pending_read.result()
+            pending_read = reader.submit(_read_shard, todo[pos + 1], table_fmt, ids, config, n, teacher) if pos + 1 < len(todo) else None
+            emb, states, image_emb, n_tokens = _embed(work, teacher, config, batch_tokens)
+            table = _to_table(work, emb, states, image_emb, config, schema)
+            stats = {"shard": k, "first_row": work.first_row, "end_row": work.end_row, "rows": table.num_rows,
+                     "skipped": work.skipped, "truncated": work.truncated, "duplicates": len(work.inverse) - len(work.tokens)}
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer.submit(shards.write_shard, out, k, table, stats)
+            captions += len(work.tokens)
+            tokens += n_tokens
+            bar.update(work.end_row - work.first_row)
+        if pending_write is not None:
+            pending_write.result()
+    bar.close()
+    compute_seconds = time.perf_counter() - compute_start
+    distributed.barrier()
+    manifest = _finalize(config, out, n, n_shards, info, teacher, precision) if ctx.is_main else None
+    distributed.barrier()
+    totals = manifest["totals"] if manifest else {}
+    result = EmbedResult(out, totals.get("rows", 0), n_shards, len(todo), captions, tokens, compute_seconds, totals, manifest)
+    if ctx.is_main and config.progress:
+        print(summary(result, time.perf_counter() - start), file=sys.stderr)
+    return result
+
+
+def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teacher, precision: str) -> dict:
+    entries, totals = [], {"input_rows": n, "rows": 0, "skipped": 0, "truncated": 0, "duplicates": 0}
+    for k in range(n_shards):
+        path = out / shards.shard_name(k)
+        stats = shards.read_shard_stats(path)
+        if stats is None:
+            raise UserError(f"shard {path} is missing or unreadable after the run; rerun the same command to recompute it")
+        entries.append({"file": path.name, "rows": stats["rows"], "first_row": stats["first_row"], "end_row": stats["end_row"],
+                        "sha256": shards.file_sha256(path)})
+        for key in ("rows", "skipped", "truncated", "duplicates"):
+            totals[key] += stats[key]
+    manifest = shards.read_manifest(out)
+    manifest.update({
+        "complete": True, "mclip_version": __version__,
+        "teacher": info.__dict__, "kind": info.kind, "pooling": info.pooling, "dim": info.dim, "dtype": config.dtype,
+        "normalized": config.normalize, "max_length": info.max_length, "precision": precision,
+        "caption_column": config.caption_column, "id_column": config.id_column, "image_column": config.image_column,
+        "image_dim": info.dim if config.image_column else None,
+        "layers": list(config.cache_layers), "layer_dim": info.hidden_size if config.cache_layers else None,
+        "layer_pooling": ("eos_token" if info.kind == "clip" else "mean") if config.cache_layers else None,
+        "data": {"source": config.data, "split": config.split, "limit": config.limit},
+        "config": to_dict(config), "shards": entries, "totals": totals,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    shards.write_json(out / shards.MANIFEST, manifest)
+    return manifest
+
+
+def summary(result: EmbedResult, wall: float) -> str:
+    t = result.totals
+    m = result.manifest or {}
+    return (f"embed-teacher: {t.get('rows', 0):,} captions in {result.shards} shard(s) at {result.out} "
+            f"({m.get('teacher', {}).get('name', '?')}, {m.get('pooling', '?')}, dim {m.get('dim', '?')}, {m.get('dtype', '?')}); "
+            f"this run embedded {result.captions:,} unique captions in {result.computed_shards} shard(s) "
+            f"at {result.captions_per_s:,.0f} captions/s ({wall:.1f}s wall); "
+            f"skipped {t.get('skipped', 0):,} empty, truncated {t.get('truncated', 0):,} over {m.get('max_length', '?')} tokens, "
+            f"{t.get('duplicates', 0):,} duplicate captions embedded once.")

@@ -1,0 +1,257 @@
+"""The teacher-cache contract: Arrow IPC shard schema and naming, atomic shard writes, manifest.json, and the reader.
+
+Every stage reads and writes the cache through this module; nothing else opens shards by hand.
+A cache folder holds `shard-00000.arrow`, `shard-00001.arrow`, ... (Arrow IPC *file* format, memory-mappable,
+readable by `pyarrow.dataset.dataset(files, format="arrow")` and `datasets.load_dataset("arrow", ...)`) and
+`manifest.json`, which is written first with `"complete": false` and rewritten atomically when the last shard lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from mclip.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "mclip-teacher-cache"
+FORMAT_VERSION = 1
+SHARD_RE = re.compile(r"^shard-(\d{5,})\.arrow$")
+ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+def layer_column(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def cache_schema(dim: int, dtype: str, layer_dims: dict[int, int] | None = None, image_dim: int | None = None) -> pa.Schema:
+    """The Arrow schema of a shard: id, text, embedding (D), optional layer_<i> (H) and image_id/image_embedding (D)."""
+    value = ARROW_DTYPES[dtype]
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(value, dim), nullable=False),
+    ]
+    for layer, width in sorted((layer_dims or {}).items()):
+        fields.append(pa.field(layer_column(layer), pa.list_(value, width), nullable=False))
+    if image_dim is not None:
+        fields.append(pa.field("image_id", pa.string(), nullable=False))
+        fields.append(pa.field("image_embedding", pa.list_(value, image_dim), nullable=False))
+    return pa.schema(fields)
+
+
+def fixed_list(matrix: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
+    """(N, D) numpy -> Arrow fixed_size_list<dtype>[D] without a Python-level copy per row."""
+    assert matrix.ndim == 2, f"expected (N, D), got {matrix.shape}"
+    flat = np.ascontiguousarray(matrix, dtype=np.dtype(dtype)).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=ARROW_DTYPES[dtype]), matrix.shape[1])
+
+
+def to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """Arrow fixed_size_list column -> (N, D) numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    width = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, width).astype(dtype, copy=False)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; shards and manifests are meant to be shared
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write then rename, so a reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_shard(folder: Path, index: int, table: pa.Table, stats: dict) -> Path:
+    """Write one shard atomically (temp file in the same folder, fsync, rename); `stats` go in the schema metadata."""
+    folder = Path(folder)
+    path = folder / shard_name(index)
+    table = table.replace_schema_metadata({"mclip": json.dumps(stats)})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.fchmod(fd, FILE_MODE)
+    os.close(fd)
+    try:
+        with pa.OSFile(tmp, "wb") as sink:
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table, max_chunksize=8192)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def read_shard_stats(path: Path) -> dict | None:
+    """The stats stored in a finished shard, or None when the file is missing or unreadable (e.g. truncated)."""
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            reader = pa.ipc.open_file(source)
+            meta = reader.schema.metadata or {}
+            stats = json.loads(meta[b"mclip"].decode())
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError):
+        return None
+    return stats if stats.get("rows") == rows else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """Finished shard files in a folder, in index order (temp files are never matched)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if SHARD_RE.match(p.name))
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); restore it or rerun with --overwrite") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not an mclip teacher cache manifest; point to a folder written by `mclip embed-teacher`")
+    return manifest
+
+
+@dataclass
+class TeacherCache:
+    """A finished teacher cache, opened read-only and memory-mapped."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path / s["file"] for s in self.manifest["shards"]]
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(x) for x in self.manifest.get("layers", [])]
+
+    @property
+    def has_images(self) -> bool:
+        return self.manifest.get("image_dim") is not None
+
+    def __len__(self) -> int:
+        return int(self.manifest["totals"]["rows"])
+
+    def dataset(self):
+        """A `pyarrow.dataset.Dataset` over all shards."""
+        import pyarrow.dataset as pads
+
+        return pads.dataset([str(f) for f in self.files], format="arrow")
+
+    def table(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """All rows as one memory-mapped table (no copy of the embedding buffers)."""
+        cols = list(columns) if columns is not None else None
+        tables = []
+        for f in self.files:
+            reader = pa.ipc.open_file(pa.memory_map(str(f), "r"))
+            table = reader.read_all()
+            tables.append(table.select(cols) if cols is not None else table)
+        if not tables:
+            return cache_schema(self.dim, self.manifest["dtype"]).empty_table()
+        return pa.concat_tables(tables)
+
+    def ids(self) -> list[str]:
+        return self.table(["id"]).column("id").to_pylist()
+
+    def embeddings(self, column: str = "embedding") -> np.ndarray:
+        """(N, D) float32 array of a vector column, in shard order."""
+        return to_numpy(self.table([column]).column(column))
+
+    def verify(self) -> list[str]:
+        """Problems found (missing files, changed checksums, row counts); empty when the cache is intact."""
+        problems = []
+        for shard in self.manifest["shards"]:
+            path = self.path / shard["file"]
+            if not path.exists():
+                problems.append(f"{path}: missing")
+                continue
+            if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
+                problems.append(f"{path}: checksum differs from manifest.json (file corrupted or changed)")
+                continue
+            stats = read_shard_stats(path)
+            if stats is None or stats.get("rows") != shard["rows"]:
+                problems.append(f"{path}: unreadable or wrong row count")
+        return problems
+
+
+def open_cache(path: str | Path) -> TeacherCache:
+    """Open a finished teacher cache, or raise a one-line UserError saying what is wrong."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"teacher cache {folder} does not exist; run `mclip embed-teacher --out {folder}` first")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UserError(f"{folder} has no {MANIFEST}; point to a folder written by `mclip embed-teacher`")
+    if not manifest.get("complete"):
+        raise UserError(f"teacher cache {folder} is incomplete; rerun the same `mclip embed-teacher` command to finish it")
+    return TeacherCache(folder, manifest)

@@ -1,0 +1,205 @@
+"""The teacher: `load_teacher(name)` -> `TeacherEncoder`, giving CLIP's projected text embedding or a mean-pooled one."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mclip.errors import UserError
+
+CLIP_TYPES = ("clip", "clip_text_model")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What the manifest records about a teacher."""
+
+    name: str  # hub id or folder it was loaded from
+    kind: str  # "clip" (projected text embedding) or "encoder" (mean pooled)
+    pooling: str  # "clip_projection" or "mean"
+    dim: int  # embedding dimension
+    hidden_size: int  # width of the hidden states (cached layer states have this width)
+    num_layers: int  # transformer layers of the text tower
+    max_length: int  # token limit
+    fingerprint: str  # blake2b over the weights: two caches match only if made by the same weights
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer (name, shape, dtype, bytes): equal iff the weights are equal."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, H), mask (B, T) -> (B, H): mean over real tokens (sentence-transformers' pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, H), mask (B, T) -> (B, H): the state at the last real token (CLIP's EOS), for right padding."""
+    idx = mask.sum(1).long() - 1  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+class TeacherEncoder:
+    """A ready model + tokenizer. `embed(input_ids, mask)` -> (B, D) float32 and pooled layer states."""
+
+    def __init__(self, model, tokenizer, kind: str, name: str = "", image_processor=None, max_length: int | None = None):
+        assert kind in ("clip", "encoder"), kind
+        self.model, self.tokenizer, self.kind, self.name = model.eval(), tokenizer, kind, name
+        self.image_processor = image_processor
+        if kind == "clip":
+            self.text_model = model.text_model
+            self.projection = model.text_projection
+            config = model.config.text_config if hasattr(model.config, "text_config") else model.config
+            self.dim = int(self.projection.out_features)
+        else:
+            self.text_model, self.projection, config = model, None, model.config
+            self.dim = int(config.hidden_size)
+        self.hidden_size = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
+        limit = int(getattr(config, "max_position_embeddings", 512) or 512)
+        tok_limit = getattr(tokenizer, "model_max_length", None)
+        if tok_limit and tok_limit < 100_000:
+            limit = min(limit, int(tok_limit))
+        self.max_length = int(max_length or limit)
+        if self.max_length > limit:
+            raise UserError(f"max_length={self.max_length} exceeds the teacher's limit of {limit} tokens; use --max-length {limit} or less")
+        self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pooling(self) -> str:
+        return "clip_projection" if self.kind == "clip" else "mean"
+
+    def info(self) -> TeacherInfo:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return TeacherInfo(self.name, self.kind, self.pooling, self.dim, self.hidden_size, self.num_layers, self.max_length, self._fingerprint)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids per text (special tokens included, cut to max_length keeping the final special token) and a truncated flag per text."""
+        ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        truncated = np.fromiter((len(x) > self.max_length for x in ids), dtype=bool, count=len(ids))
+        if truncated.any():
+            specials = set(self.tokenizer.all_special_ids)
+            for i in np.flatnonzero(truncated):
+                seq = ids[i]
+                ids[i] = seq[: self.max_length - 1] + [seq[-1]] if seq[-1] in specials else seq[: self.max_length]
+        return ids, truncated
+
+    def collate(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to the longest sequence of this batch (never to max_length)."""
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.as_tensor(seq)
+            mask[row, : len(seq)] = 1
+        return input_ids, mask
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """input_ids, mask (B, T) -> embedding (B, D) float32 (not normalised), {layer: (B, H) float32}."""
+        device = self.device
+        input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        out = self.text_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers))
+        pool = last_token if self.kind == "clip" else mean_pool
+        if self.kind == "clip":
+            emb = self.projection(out.pooler_output)  # (B, D): exactly CLIPModel.get_text_features
+        else:
+            emb = mean_pool(out.last_hidden_state, mask)  # (B, H)
+        states = {layer: pool(out.hidden_states[layer], mask).float() for layer in layers}
+        return emb.float(), states
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = True) -> np.ndarray:
+        """Texts -> (N, D) float32, length-sorted batches; the convenience path for baselines and tests."""
+        ids, _ = self.tokenize(texts)
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            emb, _ = self.embed(*self.collate([ids[i] for i in idx]))
+            if normalize:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            out[idx] = emb.cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def embed_images(self, images: list) -> torch.Tensor:
+        """PIL images -> (B, D) float32 (not normalised): CLIPModel.get_image_features."""
+        if self.image_processor is None or not hasattr(self.model, "vision_model"):
+            raise UserError(f"teacher {self.name} has no vision tower or image processor; image embeddings need a full CLIP checkpoint")
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, dtype=next(self.model.vision_model.parameters()).dtype)
+        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+        return self.model.visual_projection(pooled).float()
+
+
+def _is_encoder(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        return False
+    mt = config.model_type
+    return not (mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32", need_images: bool = False,
+                 max_length: int | None = None, trust_remote_code: bool = False) -> TeacherEncoder:
+    """Load a CLIP checkpoint (projected text embedding) or any HF encoder (mean pooled) by hub id or folder."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; pass a hub id or a folder with config.json") from None
+    kind = "clip" if config.model_type in CLIP_TYPES else "encoder"
+    if kind == "encoder" and not _is_encoder(config):
+        raise UserError(f"teacher {name_or_path!r} is a {config.model_type} model, neither CLIP nor a text encoder; "
+                        "use a CLIP checkpoint or an encoder such as sentence-transformers/all-MiniLM-L6-v2")
+    if need_images and config.model_type != "clip":
+        raise UserError(f"--image-column needs a full CLIP teacher (text + vision), but {name_or_path!r} is a {config.model_type} model; "
+                        "drop --image-column or use e.g. openai/clip-vit-base-patch16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype)
+    try:
+        if config.model_type == "clip" and need_images:
+            from transformers import CLIPModel
+
+            try:  # the PIL processor: the default one wants torchvision, which mclip does not need
+                from transformers import CLIPImageProcessorPil as ImageProcessor
+            except ImportError:
+                from transformers import CLIPImageProcessor as ImageProcessor
+            model = CLIPModel.from_pretrained(name_or_path, **kwargs)
+            processor = ImageProcessor.from_pretrained(name_or_path)
+        elif kind == "clip":
+            from transformers import CLIPTextModelWithProjection
+
+            model, processor = CLIPTextModelWithProjection.from_pretrained(name_or_path, **kwargs), None
+        else:
+            model, processor = AutoModel.from_pretrained(name_or_path, **kwargs), None
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; check the id or folder (weights and tokenizer)") from None
+    model.to(device)
+    return TeacherEncoder(model, tokenizer, kind, name=str(name_or_path), image_processor=processor, max_length=max_length)

@@ -1,0 +1,133 @@
+"""Tiny random models and tokenizers built from configs, saved to a folder and loaded back through `from_pretrained`.
+
+Nothing here downloads. The CLIP tokenizer is the real CLIP byte-level BPE format (vocab.json + merges.txt): with no
+merges it tokenises byte by byte; `real_clip_merges()` returns the real 48,894 merges when `open-clip-torch` is installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import lru_cache
+from pathlib import Path
+
+CORPUS = [
+    "a photo of a dog", "a cat sitting on a red sofa", "woman standing", "man running on the beach",
+    "two children playing football", "a bowl of noodles", "stehende Frau", "ein Hund im Park",
+    "站立的女人", "一只狗", "red apple", "green tree", "blue car on the street", "the sun over the sea",
+]
+
+
+@lru_cache(maxsize=None)
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def real_clip_merges() -> list[tuple[str, str]] | None:
+    """The real CLIP BPE merges from the open-clip-torch wheel, or None when it is not installed."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.exists():
+        return None
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    return [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+
+
+def write_clip_tokenizer(folder: Path, merges: list[tuple[str, str]] | None = None):
+    """Write a CLIPTokenizerFast in the exact vocabulary layout OpenAI/open_clip use, and return it loaded."""
+    from transformers import CLIPTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merges = list(merges or [])
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    try:  # transformers >= 5 takes the vocabulary itself
+        tok = CLIPTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m) for m in merges], model_max_length=77)
+    except TypeError:
+        tok = CLIPTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+    return CLIPTokenizerFast.from_pretrained(folder)
+
+
+def write_tiny_clip(folder: Path, with_vision: bool = True, projection_dim: int = 16, hidden: int = 32, layers: int = 2, seed: int = 0,
+                    merges: list[tuple[str, str]] | None = None) -> Path:
+    """A tiny random CLIPModel (or text-only CLIPTextModelWithProjection) + tokenizer (+ image processor) in `folder`."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection
+
+    tok = write_clip_tokenizer(folder, merges)
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                vocab_size=len(tok), max_position_embeddings=77, projection_dim=projection_dim,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    if with_vision:
+        vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      image_size=32, patch_size=8, projection_dim=projection_dim)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    else:
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+    model.eval().save_pretrained(folder)
+    return Path(folder)
+
+
+def write_bert_tokenizer(folder: Path, corpus: list[str] | None = None):
+    """A character-level WordPiece tokenizer (BERT format) covering the corpus, returned loaded."""
+    from transformers import BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = sorted({c for text in (corpus or CORPUS) for c in text.lower() if not c.isspace()} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
+    tok.save_pretrained(folder)
+    return BertTokenizerFast.from_pretrained(folder)
+
+
+def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0) -> Path:
+    """A tiny random BertModel (an 'encoder' teacher or a student) + tokenizer in `folder`."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = write_bert_tokenizer(folder, corpus)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    BertModel(config).eval().save_pretrained(folder)
+    return Path(folder)
+
+
+def write_tiny_gpt2(folder: Path) -> Path:
+    """A tiny decoder-only model: neither CLIP nor an encoder, for the refusal test."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    write_bert_tokenizer(folder)
+    GPT2LMHeadModel(GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=4, n_positions=64)).save_pretrained(folder)
+    return Path(folder)
+
+
+def write_captions(path: Path, rows: list[dict]) -> Path:
+    """Write rows as JSON lines (a format `datasets` loads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
