@@ -4,13 +4,20 @@ __version__ = "0.1.0"
 
 from mclip.config import EmbedConfig  # noqa: E402  (configs import nothing heavy)
 
-
-def __getattr__(name):  # lazy: `import mclip` must not import torch
-    if name == "embed_teacher":
-        from mclip import embed_teacher
-
-        return embed_teacher
-    raise AttributeError(name)
+# Heavy modules (torch, transformers, faiss) load on first use, so `import mclip` and `mclip --help` stay instant.
+_LAZY = {
+    "load": ("mclip.student", "load"),
+    "embed_teacher": ("mclip.embed_teacher", "run"),
+}
 
 
-__all__ = ["__version__", "EmbedConfig"]
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'mclip' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "EmbedConfig", *_LAZY]

@@ -67,6 +67,15 @@ def embed_teacher(
                     num_threads=num_threads, overwrite=overwrite, trust_remote_code=trust_remote_code, progress=progress))
 
 
+# ---- stage 2: train-student ----
+
+
+# ---- stage 3: eval-retrieval, encode ----
+
+
+# ---- pipelines: run; hardening: verify ----
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: a user error is one line on stderr and exit code 2 (the traceback only with --debug)."""
     from mclip.errors import UserError

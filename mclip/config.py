@@ -75,6 +75,15 @@ class EmbedConfig:
         _check(self.num_threads is None or self.num_threads >= 1, f"num_threads={self.num_threads} must be >= 1")
 
 
+# ---- stage 2: TrainConfig (train-student) ----
+
+
+# ---- stage 3: EvalConfig (eval-retrieval) and EncodeConfig (encode) ----
+
+
+# ---- pipelines: PipelineConfig (mclip run) ----
+
+
 def to_dict(config: Any) -> dict:
     """A JSON-ready dict of a config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
