@@ -71,3 +71,63 @@ def require_columns(dataset, columns: dict[str, str | None], data: str) -> None:
     for option, column in columns.items():
         if column is not None and column not in have:
             raise UserError(f"column {column!r} not found in {data}; it has {', '.join(have)} (use {option})")
+
+
+class ParallelCaptions:
+    """Captions per language, each kept as (ids, texts) with empty texts dropped and counted; joined to the cache by id."""
+
+    def __init__(self, by_lang: dict[str, tuple[list[str], list[str]]], missing: dict[str, int]):
+        self.by_lang = by_lang
+        self.missing = missing  # lang -> rows whose text was empty or None
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.by_lang)
+
+    def pairs(self, lang: str) -> tuple[list[str], list[str]]:
+        return self.by_lang[lang]
+
+
+def load_parallel(data: str, split: str, languages: tuple[str, ...] | list[str], *, id_column: str = "id",
+                  caption_column: str = "caption", text_column_template: str = "caption_{lang}", english: bool = True,
+                  lang_column: str = "lang", text_column: str = "text") -> ParallelCaptions:
+    """Parallel captions in the wide format (id, caption, caption_<lang>...) or the long one (id, lang, text).
+
+    `english` adds the English captions under "en" (from `caption_column`, or lang == "en" rows in the long format).
+    """
+    import pyarrow.compute as pc
+
+    ds = load_dataset(data, split)
+    have = set(ds.column_names)
+    table = ds.with_format("arrow")[:]
+    if id_column not in have:
+        raise UserError(f"column {id_column!r} not found in {data}; it has {', '.join(ds.column_names)} (use --id-column)")
+    ids_all = pc.cast(table[id_column], "string").to_pylist()
+    long = {lang_column, text_column} <= have and not any(text_column_template.format(lang=l) in have for l in languages)
+    wanted = list(languages) + (["en"] if english and "en" not in languages else [])
+    by_lang, missing = {}, {}
+    if long:
+        langs = table[lang_column].to_pylist()
+        texts = table[text_column].to_pylist()
+        for lang in wanted:
+            rows = [(i, t) for i, l, t in zip(ids_all, langs, texts) if l == lang]
+            if not rows and lang != "en":
+                found = sorted({str(l) for l in langs})
+                raise UserError(f"language {lang!r} has no rows in {data} (column {lang_column!r} has {', '.join(found[:20])}); fix --languages")
+            by_lang[lang] = _clean(rows, missing, lang)
+        return ParallelCaptions(by_lang, missing)
+    for lang in wanted:
+        column = caption_column if lang == "en" and caption_column in have else text_column_template.format(lang=lang)
+        if column not in have:
+            if lang == "en" and lang not in languages:
+                continue
+            raise UserError(f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(ds.column_names)} "
+                            "(fix --languages or --text-column-template)")
+        by_lang[lang] = _clean(list(zip(ids_all, table[column].to_pylist())), missing, lang)
+    return ParallelCaptions(by_lang, missing)
+
+
+def _clean(rows: list[tuple[str, object]], missing: dict[str, int], lang: str) -> tuple[list[str], list[str]]:
+    kept = [(i, t) for i, t in rows if isinstance(t, str) and t.strip()]
+    missing[lang] = len(rows) - len(kept)
+    return [i for i, _ in kept], [t for _, t in kept]
