@@ -28,7 +28,8 @@ def load_dataset(data: str, split: str = "train"):
     """A `datasets.Dataset` (memory-mapped Arrow) for a hub name, a save_to_disk folder, a data folder, files or a glob."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    # CRITICAL, not ERROR: the csv builder logs the parse error it then raises, and mclip reports it once itself
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()  # mclip shows its own progress
     path = Path(data)
     try:
@@ -46,8 +47,13 @@ def load_dataset(data: str, split: str = "train"):
                 raise UserError(f"{data} holds no dataset files (.parquet, .jsonl, .csv, .arrow) and no save_to_disk dataset")
         if files:
             builder = _builder_for(files)
+            if all(Path(f).stat().st_size == 0 for f in files):  # the json builder dies with a bare StopIteration on these
+                raise UserError(f"{data} is empty (zero rows); check --data")
             kwargs = {"delimiter": "\t"} if builder == "csv" and _suffix(files[0]) == ".tsv" else {}
-            return datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
+            loaded = datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
+            if builder in ("json", "csv", "text"):
+                _check_utf8(loaded, data)
+            return loaded
         if path.suffix or data.startswith((".", "/", "~")):
             raise UserError(f"{data} does not exist; check the path or pass a dataset name from the hub")
         return datasets.load_dataset(data, split=split)
@@ -59,10 +65,43 @@ def load_dataset(data: str, split: str = "train"):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load dataset {data!r} (split {split!r}): {first}") from None
     except Exception as exc:  # pyarrow/datasets parse errors of a malformed file have many types
+        cause = exc
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):  # the csv builder wraps it
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise UserError(f"{data} is not valid UTF-8 text ({cause.reason}); re-encode the file as UTF-8") from None
         if type(exc).__module__.startswith(("pyarrow", "datasets")):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot read dataset {data!r}: {first}; fix or re-export the file") from None
         raise
+
+
+def _check_utf8(dataset, data: str) -> None:
+    """Refuse invalid UTF-8 now: pyarrow's JSON reader stores such bytes in string columns unchecked, and they would
+    only fail mid-run, with a traceback, when the captions are read."""
+    import pyarrow as pa
+
+    table = dataset.data.table
+    for name in table.column_names:
+        column = table.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            row = _first_bad_utf8(column)
+            raise UserError(f"{data} is not valid UTF-8 text (column {name!r}, row {row}); re-encode the file as UTF-8") from None
+
+
+def _first_bad_utf8(column) -> int:
+    import pyarrow as pa
+
+    for row, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        try:
+            value is None or value.decode("utf-8")
+        except UnicodeDecodeError:
+            return row
+    return -1
 
 
 def require_columns(dataset, columns: dict[str, str | None], data: str) -> None:
