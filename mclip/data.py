@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 from mclip.errors import UserError
@@ -34,12 +35,15 @@ def load_dataset(data: str, split: str = "train"):
     path = Path(data)
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise UserError(f"split {split!r} not in {data}; it has {', '.join(loaded)} (use --split)")
-                loaded = loaded[split]
-            return loaded
+            if (path / "dataset_dict.json").exists():
+                splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+                if split not in splits:
+                    raise UserError(f"split {split!r} not in {data}; it has {', '.join(splits)} (use --split)")
+                path = path / split  # only the split asked for: loading them all also fails on an empty sibling split
+            if (path / "state.json").exists() and not json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"]:
+                # a saved zero-row dataset has no Arrow file, and load_from_disk dies on it with an IndexError
+                raise UserError(f"{data} (split {split!r}) has zero rows; check --data and --split")
+            return datasets.load_from_disk(str(path))
         files = sorted(glob.glob(data)) if any(c in data for c in "*?[") else ([data] if path.is_file() else [])
         if path.is_dir():
             files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _suffix(p.name) in BUILDERS and not p.name.startswith("."))
@@ -47,7 +51,7 @@ def load_dataset(data: str, split: str = "train"):
                 raise UserError(f"{data} holds no dataset files (.parquet, .jsonl, .csv, .arrow) and no save_to_disk dataset")
         if files:
             builder = _builder_for(files)
-            if all(Path(f).stat().st_size == 0 for f in files):  # the json builder dies with a bare StopIteration on these
+            if _zero_rows(files, builder):  # the json and parquet builders crash on these (StopIteration, ArrowInvalid)
                 raise UserError(f"{data} is empty (zero rows); check --data")
             kwargs = {"delimiter": "\t"} if builder == "csv" and _suffix(files[0]) == ".tsv" else {}
             loaded = datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
@@ -74,6 +78,16 @@ def load_dataset(data: str, split: str = "train"):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot read dataset {data!r}: {first}; fix or re-export the file") from None
         raise
+
+
+def _zero_rows(files: list[str], builder: str) -> bool:
+    if all(Path(f).stat().st_size == 0 for f in files):
+        return True
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0
+    return False
 
 
 def _check_utf8(dataset, data: str) -> None:
