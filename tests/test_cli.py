@@ -54,8 +54,11 @@ def test_help_does_not_import_torch():
 
 
 def test_embed_teacher_runs(tmp_path, captions, clip_text_teacher, capsys):
-    main(_embed(tmp_path / "out", captions, clip_text_teacher, "--id-column", "id", "--cache-layers", "1,2", "--dtype", "float32",
-                "--no-normalize", "--shard-size", "8"))
+    argv = _embed(tmp_path / "out", captions, clip_text_teacher, "--id-column", "id", "--cache-layers", "1,2", "--dtype", "float32",
+                  "--no-normalize", "--shard-size", "8")
+    main([a for a in argv if a != "--no-progress"])
+    err = capsys.readouterr().err
+    assert "embed-teacher: 20 captions in 3 shard(s)" in err and "this run embedded 20 unique captions" in err
     cache = shards.open_cache(tmp_path / "out")
     assert len(cache) == 20 and cache.layers == [1, 2] and cache.manifest["normalized"] is False
     assert cache.manifest["dtype"] == "float32" and len(cache.files) == 3
