@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 from mclip.errors import UserError
@@ -28,17 +29,21 @@ def load_dataset(data: str, split: str = "train"):
     """A `datasets.Dataset` (memory-mapped Arrow) for a hub name, a save_to_disk folder, a data folder, files or a glob."""
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    # CRITICAL, not ERROR: the csv builder logs the parse error it then raises, and mclip reports it once itself
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()  # mclip shows its own progress
     path = Path(data)
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise UserError(f"split {split!r} not in {data}; it has {', '.join(loaded)} (use --split)")
-                loaded = loaded[split]
-            return loaded
+            if (path / "dataset_dict.json").exists():
+                splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+                if split not in splits:
+                    raise UserError(f"split {split!r} not in {data}; it has {', '.join(splits)} (use --split)")
+                path = path / split  # only the split asked for: loading them all also fails on an empty sibling split
+            if (path / "state.json").exists() and not json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"]:
+                # a saved zero-row dataset has no Arrow file, and load_from_disk dies on it with an IndexError
+                raise UserError(f"{data} (split {split!r}) has zero rows; check --data and --split")
+            return datasets.load_from_disk(str(path))
         files = sorted(glob.glob(data)) if any(c in data for c in "*?[") else ([data] if path.is_file() else [])
         if path.is_dir():
             files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _suffix(p.name) in BUILDERS and not p.name.startswith("."))
@@ -46,8 +51,13 @@ def load_dataset(data: str, split: str = "train"):
                 raise UserError(f"{data} holds no dataset files (.parquet, .jsonl, .csv, .arrow) and no save_to_disk dataset")
         if files:
             builder = _builder_for(files)
+            if _zero_rows(files, builder):  # the json and parquet builders crash on these (StopIteration, ArrowInvalid)
+                raise UserError(f"{data} is empty (zero rows); check --data")
             kwargs = {"delimiter": "\t"} if builder == "csv" and _suffix(files[0]) == ".tsv" else {}
-            return datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
+            loaded = datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
+            if builder in ("json", "csv", "text"):
+                _check_utf8(loaded, data)
+            return loaded
         if path.suffix or data.startswith((".", "/", "~")):
             raise UserError(f"{data} does not exist; check the path or pass a dataset name from the hub")
         return datasets.load_dataset(data, split=split)
@@ -59,10 +69,53 @@ def load_dataset(data: str, split: str = "train"):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load dataset {data!r} (split {split!r}): {first}") from None
     except Exception as exc:  # pyarrow/datasets parse errors of a malformed file have many types
+        cause = exc
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):  # the csv builder wraps it
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise UserError(f"{data} is not valid UTF-8 text ({cause.reason}); re-encode the file as UTF-8") from None
         if type(exc).__module__.startswith(("pyarrow", "datasets")):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot read dataset {data!r}: {first}; fix or re-export the file") from None
         raise
+
+
+def _zero_rows(files: list[str], builder: str) -> bool:
+    if all(Path(f).stat().st_size == 0 for f in files):
+        return True
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0
+    return False
+
+
+def _check_utf8(dataset, data: str) -> None:
+    """Refuse invalid UTF-8 now: pyarrow's JSON reader stores such bytes in string columns unchecked, and they would
+    only fail mid-run, with a traceback, when the captions are read."""
+    import pyarrow as pa
+
+    table = dataset.data.table
+    for name in table.column_names:
+        column = table.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            row = _first_bad_utf8(column)
+            raise UserError(f"{data} is not valid UTF-8 text (column {name!r}, row {row}); re-encode the file as UTF-8") from None
+
+
+def _first_bad_utf8(column) -> int:
+    import pyarrow as pa
+
+    for row, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        try:
+            value is None or value.decode("utf-8")
+        except UnicodeDecodeError:
+            return row
+    return -1
 
 
 def require_columns(dataset, columns: dict[str, str | None], data: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -167,6 +168,10 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
+    if str(name_or_path).startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+        # otherwise the hub client answers with a puzzling "Repo id must be in the form ..."
+        raise UserError(f"teacher folder {name_or_path} does not exist; "
+                        "check the path or pass a hub id such as openai/clip-vit-base-patch16")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

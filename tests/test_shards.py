@@ -1,0 +1,159 @@
+"""mclip.shards: the Arrow schema, atomic shard writes, stats of finished vs truncated shards, the reader and verify()."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mclip import shards
+from mclip.errors import UserError
+
+
+def _table(n: int, dim: int, dtype: str, first: int = 0, layers: dict | None = None, image_dim: int | None = None) -> pa.Table:
+    rng = np.random.default_rng(first)
+    schema = shards.cache_schema(dim, dtype, layers, image_dim)
+    columns = {"id": pa.array([f"r{first + i}" for i in range(n)]), "text": pa.array([f"caption {first + i}" for i in range(n)]),
+               "embedding": shards.fixed_list(rng.standard_normal((n, dim)), dtype)}
+    for layer, width in (layers or {}).items():
+        columns[shards.layer_column(layer)] = shards.fixed_list(rng.standard_normal((n, width)), dtype)
+    if image_dim is not None:
+        columns["image_id"] = pa.array([f"img{(first + i) // 2}" for i in range(n)])
+        columns["image_embedding"] = shards.fixed_list(rng.standard_normal((n, image_dim)), dtype)
+    return pa.table(columns, schema=schema)
+
+
+def _write_cache(folder, sizes=(5, 4), dim=8, dtype="float32") -> shards.TeacherCache:
+    """A cache laid out as embed-teacher lays it out: shards written through write_shard, then the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries, first = [], 0
+    for k, n in enumerate(sizes):
+        path = shards.write_shard(folder, k, _table(n, dim, dtype, first), {"rows": n, "first_row": first})
+        entries.append({"file": path.name, "rows": n, "first_row": first, "end_row": first + n, "sha256": shards.file_sha256(path)})
+        first += n
+    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "complete": True, "dim": dim, "dtype": dtype,
+                                                 "shards": entries, "totals": {"rows": first}})
+    return shards.open_cache(folder)
+
+
+@pytest.mark.parametrize("dtype,arrow", [("float16", pa.float16()), ("float32", pa.float32())])
+def test_schema_by_dtype(dtype, arrow):
+    schema = shards.cache_schema(16, dtype, {2: 32, 1: 32}, image_dim=16)
+    assert schema.names == ["id", "text", "embedding", "layer_1", "layer_2", "image_id", "image_embedding"]
+    assert schema.field("id").type == pa.string() and schema.field("image_id").type == pa.string()
+    assert schema.field("embedding").type == pa.list_(arrow, 16)
+    assert schema.field("layer_2").type == pa.list_(arrow, 32)
+    assert schema.field("image_embedding").type == pa.list_(arrow, 16)
+    assert shards.cache_schema(4, dtype).names == ["id", "text", "embedding"]
+
+
+def test_fixed_list_round_trip():
+    x = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    np.testing.assert_array_equal(shards.to_numpy(shards.fixed_list(x, "float32")), x)
+    np.testing.assert_array_equal(shards.to_numpy(shards.fixed_list(x, "float16")), x.astype(np.float16).astype(np.float32))
+    chunked = pa.chunked_array([shards.fixed_list(x[:3], "float32"), shards.fixed_list(x[3:], "float32")])
+    np.testing.assert_array_equal(shards.to_numpy(chunked), x)
+
+
+def test_write_shard_is_atomic_and_carries_stats(tmp_path):
+    table = _table(6, 4, "float16", layers={1: 8}, image_dim=4)
+    path = shards.write_shard(tmp_path, 3, table, {"rows": 6, "first_row": 30})
+    assert path.name == "shard-00003.arrow" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert shards.read_shard_stats(path) == {"rows": 6, "first_row": 30}
+    back = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    assert back.schema.remove_metadata() == table.schema and back.equals(table.replace_schema_metadata(back.schema.metadata))
+    # stats that disagree with the rows on disk do not count as finished
+    shards.write_shard(tmp_path, 4, table, {"rows": 7})
+    assert shards.read_shard_stats(tmp_path / "shard-00004.arrow") is None
+
+
+def test_truncated_or_foreign_file_is_not_a_finished_shard(tmp_path):
+    path = shards.write_shard(tmp_path, 0, _table(50, 8, "float32"), {"rows": 50})
+    data = path.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 10, 0):
+        path.write_bytes(data[:cut])
+        assert shards.read_shard_stats(path) is None, cut
+    assert shards.read_shard_stats(tmp_path / "shard-00009.arrow") is None
+    plain = tmp_path / "plain.arrow"  # a valid Arrow file without mclip stats
+    with pa.ipc.new_file(str(plain), _table(2, 8, "float32").schema) as writer:
+        writer.write_table(_table(2, 8, "float32"))
+    assert shards.read_shard_stats(plain) is None
+
+
+def test_shard_files_ignores_temp_and_other_files(tmp_path):
+    for name in ("shard-00001.arrow", "shard-00000.arrow", ".shard-00002.arrow.abc.tmp", "shard-2.arrow", "notes.txt", "manifest.json"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in shards.shard_files(tmp_path)] == ["shard-00000.arrow", "shard-00001.arrow"]
+    assert shards.shard_files(tmp_path / "missing") == []
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "manifest.json"
+    shards.write_json(target, {"a": 1})
+    shards.write_json(target, {"b": "é"})
+    assert json.loads(target.read_text(encoding="utf-8")) == {"b": "é"}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    assert target.stat().st_mode & 0o777 == shards.FILE_MODE
+
+
+def test_cache_reader(tmp_path):
+    cache = _write_cache(tmp_path / "cache", sizes=(5, 4))
+    assert len(cache) == 9 and cache.dim == 8 and cache.layers == [] and not cache.has_images
+    assert cache.ids() == [f"r{i}" for i in range(9)]
+    emb = cache.embeddings()
+    assert emb.shape == (9, 8) and emb.dtype == np.float32
+    np.testing.assert_array_equal(emb[5:], shards.to_numpy(_table(4, 8, "float32", first=5)["embedding"]))
+    assert cache.table(["id", "text"]).column_names == ["id", "text"]
+    assert cache.dataset().count_rows() == 9
+    assert cache.verify() == []
+
+
+def test_shards_are_readable_by_pyarrow_dataset_and_hf_datasets(tmp_path):
+    import datasets
+    import pyarrow.dataset as pads
+
+    cache = _write_cache(tmp_path / "cache", sizes=(3, 3, 2), dtype="float16")
+    files = [str(f) for f in cache.files]
+    table = pads.dataset(files, format="arrow").to_table()
+    assert table.column("id").to_pylist() == cache.ids()
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 8)
+    ds = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds["id"] == cache.ids()
+    np.testing.assert_allclose(np.asarray(ds["embedding"], dtype=np.float32), cache.embeddings())
+
+
+def test_verify_finds_corrupted_missing_and_short_shards(tmp_path):
+    cache = _write_cache(tmp_path / "cache", sizes=(5, 4, 3))
+    first, second, _ = cache.files
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    first.write_bytes(bytes(data))
+    second.unlink()
+    problems = cache.verify()
+    assert len(problems) == 2
+    assert "checksum differs" in problems[0] and str(first) in problems[0]
+    assert "missing" in problems[1] and str(second) in problems[1]
+    # a checksum-less manifest still catches a shard whose rows differ from the manifest
+    cache.manifest["shards"][2]["sha256"] = ""
+    cache.manifest["shards"][2]["rows"] = 99
+    assert "wrong row count" in cache.verify()[-1]
+
+
+def test_open_cache_refusals(tmp_path):
+    with pytest.raises(UserError, match="does not exist; run `mclip embed-teacher"):
+        shards.open_cache(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no manifest.json"):
+        shards.open_cache(tmp_path / "empty")
+    cache = _write_cache(tmp_path / "cache")
+    manifest = dict(cache.manifest, complete=False)
+    shards.write_json(cache.path / shards.MANIFEST, manifest)
+    with pytest.raises(UserError, match="is incomplete; rerun the same"):
+        shards.open_cache(cache.path)
+    shards.write_json(cache.path / shards.MANIFEST, {"format": "something-else"})
+    with pytest.raises(UserError, match="not an mclip teacher cache manifest"):
+        shards.open_cache(cache.path)
+    (cache.path / shards.MANIFEST).write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserError, match="is not valid JSON") as err:
+        shards.open_cache(cache.path)
+    assert "\n" not in str(err.value)

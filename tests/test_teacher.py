@@ -1,0 +1,158 @@
+"""mclip.teacher: CLIP projection and mean pooling against the HF models' own outputs, truncation, fingerprints, refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from mclip.errors import UserError
+from mclip.teacher import fingerprint, load_teacher
+from tests import tiny
+
+TEXTS = ["a photo of a dog", "x", "two children playing football on a sunny afternoon in the park", "站立的女人"]
+LONG = " ".join(["woman standing"] * 60)  # far over 77 CLIP tokens and 64 BERT tokens
+
+
+@pytest.fixture(scope="module")
+def gpt2_teacher(tmp_path_factory):
+    return tiny.write_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def _padded(path, texts):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)(texts, padding=True, return_tensors="pt")
+
+
+def test_clip_embedding_equals_get_text_features(clip_teacher):
+    from transformers import CLIPModel
+
+    teacher = load_teacher(str(clip_teacher))
+    assert (teacher.kind, teacher.pooling, teacher.dim, teacher.max_length) == ("clip", "clip_projection", 16, 77)
+    batch = _padded(clip_teacher, TEXTS)
+    with torch.no_grad():
+        ref = CLIPModel.from_pretrained(clip_teacher).eval().get_text_features(**batch).pooler_output.numpy()
+    emb, states = teacher.embed(batch["input_ids"], batch["attention_mask"])
+    assert states == {}
+    np.testing.assert_allclose(emb.numpy(), ref, atol=1e-5)
+    # encode() batches by length and pads to each batch's longest caption: same vectors
+    np.testing.assert_allclose(teacher.encode(TEXTS, batch_size=2, normalize=False), ref, atol=1e-5)
+
+
+def test_clip_text_model_with_projection_teacher(clip_text_teacher):
+    from transformers import CLIPTextModelWithProjection
+
+    teacher = load_teacher(str(clip_text_teacher))
+    assert teacher.kind == "clip"
+    batch = _padded(clip_text_teacher, TEXTS)
+    with torch.no_grad():
+        ref = CLIPTextModelWithProjection.from_pretrained(clip_text_teacher).eval()(**batch).text_embeds.numpy()
+    np.testing.assert_allclose(teacher.encode(TEXTS, normalize=False), ref, atol=1e-5)
+
+
+def test_bert_teacher_is_a_masked_mean_of_the_last_hidden_state(bert_teacher):
+    from transformers import AutoModel
+
+    teacher = load_teacher(str(bert_teacher))
+    assert (teacher.kind, teacher.pooling, teacher.dim) == ("encoder", "mean", 24)
+    batch = _padded(bert_teacher, TEXTS)
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(bert_teacher).eval()(**batch).last_hidden_state.numpy()
+    mask = batch["attention_mask"].numpy()
+    assert (mask == 0).any(), "the batch must hold padding for the mask to matter"
+    ref = np.stack([hidden[i, mask[i] == 1].mean(0) for i in range(len(TEXTS))])
+    np.testing.assert_allclose(teacher.encode(TEXTS, normalize=False), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["clip_teacher", "bert_teacher"])
+def test_normalize_on_and_off(which, request):
+    teacher = load_teacher(str(request.getfixturevalue(which)))
+    raw = teacher.encode(TEXTS, normalize=False)
+    unit = teacher.encode(TEXTS, normalize=True)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_fingerprint_changes_with_the_weights_only(clip_text_teacher):
+    a, b = load_teacher(str(clip_text_teacher)), load_teacher(str(clip_text_teacher))
+    assert a.info().fingerprint == b.info().fingerprint
+    with torch.no_grad():
+        next(b.model.parameters()).view(-1)[0] += 1e-3
+    assert fingerprint(b.model) != a.info().fingerprint
+
+
+def test_fingerprint_differs_between_seeds(tmp_path, clip_text_teacher):
+    other = tiny.write_tiny_clip(tmp_path / "other", with_vision=False, seed=7)
+    assert load_teacher(str(other)).info().fingerprint != load_teacher(str(clip_text_teacher)).info().fingerprint
+
+
+@pytest.mark.parametrize("which,max_length", [("clip_teacher", None), ("clip_teacher", 8), ("bert_teacher", None), ("bert_teacher", 10)])
+def test_truncation_matches_the_tokenizer(which, max_length, request):
+    from transformers import AutoTokenizer
+
+    path = request.getfixturevalue(which)
+    teacher = load_teacher(str(path), max_length=max_length)
+    limit = max_length or {"clip_teacher": 77, "bert_teacher": 64}[which]
+    assert teacher.max_length == limit
+    texts = [LONG, "dog", LONG + " and more"]
+    ids, truncated = teacher.tokenize(texts)
+    ref = AutoTokenizer.from_pretrained(path)(texts, truncation=True, max_length=limit)["input_ids"]
+    assert ids == ref
+    end = teacher.tokenizer.eos_token_id if which == "clip_teacher" else teacher.tokenizer.sep_token_id
+    assert len(ids[0]) == limit and ids[0][-1] == end  # the final special token survives the cut
+    full = AutoTokenizer.from_pretrained(path)(texts)["input_ids"]
+    assert truncated.tolist() == [len(x) > limit for x in full]
+    assert truncated.tolist()[1] is False and truncated.tolist()[0] is True
+
+
+def test_max_length_over_the_limit_is_refused(clip_teacher):
+    with pytest.raises(UserError, match="exceeds the teacher's limit of 77"):
+        load_teacher(str(clip_teacher), max_length=100)
+
+
+def test_cached_layer_states(clip_teacher, bert_teacher):
+    from transformers import AutoModel, CLIPModel
+
+    clip = load_teacher(str(clip_teacher))
+    batch = _padded(clip_teacher, TEXTS)
+    _, states = clip.embed(batch["input_ids"], batch["attention_mask"], layers=(1, 2))
+    with torch.no_grad():
+        hs = CLIPModel.from_pretrained(clip_teacher).eval().text_model(**batch, output_hidden_states=True).hidden_states
+    eos = (batch["input_ids"] == clip.tokenizer.eos_token_id).int().argmax(-1)  # first EOS, as CLIP pools
+    for layer in (1, 2):
+        np.testing.assert_allclose(states[layer].numpy(), hs[layer][torch.arange(len(TEXTS)), eos].numpy(), atol=1e-5)
+
+    bert = load_teacher(str(bert_teacher))
+    batch = _padded(bert_teacher, TEXTS)
+    _, states = bert.embed(batch["input_ids"], batch["attention_mask"], layers=(1,))
+    with torch.no_grad():
+        hs = AutoModel.from_pretrained(bert_teacher).eval()(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].numpy() == 1
+    ref = np.stack([hs[1][i].numpy()[mask[i]].mean(0) for i in range(len(TEXTS))])
+    np.testing.assert_allclose(states[1].numpy(), ref, atol=1e-5)
+
+
+def test_image_embedding_equals_get_image_features(clip_teacher):
+    from PIL import Image
+    from transformers import AutoImageProcessor, CLIPModel
+
+    teacher = load_teacher(str(clip_teacher), need_images=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    pixels = AutoImageProcessor.from_pretrained(clip_teacher)(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = CLIPModel.from_pretrained(clip_teacher).eval().get_image_features(pixel_values=pixels).pooler_output.numpy()
+    np.testing.assert_allclose(teacher.embed_images(images).numpy(), ref, atol=1e-5)
+
+
+def test_refusals(clip_text_teacher, bert_teacher, gpt2_teacher, tmp_path):
+    with pytest.raises(UserError, match="neither CLIP nor a text encoder"):
+        load_teacher(str(gpt2_teacher))
+    for path in (clip_text_teacher, bert_teacher):
+        with pytest.raises(UserError, match="needs a full CLIP teacher"):
+            load_teacher(str(path), need_images=True)
+    with pytest.raises(UserError, match="does not exist"):
+        load_teacher(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="cannot load teacher"):
+        load_teacher(str(tmp_path / "empty"))
