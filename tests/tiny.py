@@ -7,6 +7,7 @@ merges it tokenises byte by byte; `real_clip_merges()` returns the real 48,894 m
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -98,7 +99,10 @@ def write_bert_tokenizer(folder: Path, corpus: list[str] | None = None):
     chars = sorted({c for text in (corpus or CORPUS) for c in text.lower() if not c.isspace()} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5 ignores vocab_file
+        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=64)
+    else:
+        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
     tok.save_pretrained(folder)
     return BertTokenizerFast.from_pretrained(folder)
 
