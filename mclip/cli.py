@@ -73,6 +73,79 @@ def embed_teacher(
 # ---- stage 3: eval-retrieval, encode ----
 
 
+def _comma_list(text: Optional[str]) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+
+
+@app.command("eval-retrieval")
+def eval_retrieval(
+    model: str = typer.Option(..., help="Student: a run's final/ folder, a checkpoint folder, or a run folder."),
+    cache: str = typer.Option(..., help="Teacher cache from `mclip embed-teacher` (English targets; images when it has them)."),
+    data: str = typer.Option(..., help="Parallel captions: wide (id, caption, caption_<lang>) or long (id, lang, text)."),
+    out: str = typer.Option(..., help="Output folder for metrics.json, report.md, r_at_1.png, eval.json."),
+    languages: str = typer.Option(..., help="Languages to score, comma-separated, e.g. de,fr,ja (English is added when present)."),
+    split: str = typer.Option("test", help="Dataset split."),
+    id_column: str = typer.Option("id", help="Column with the ids joining captions to the cache."),
+    caption_column: str = typer.Option("caption", help="English column (wide format)."),
+    text_column_template: str = typer.Option("caption_{lang}", help="Per-language column (wide format)."),
+    lang_column: str = typer.Option("lang", help="Language column (long format)."),
+    text_column: str = typer.Option("text", help="Text column (long format)."),
+    ks: str = typer.Option("1,5,10", help="Recall cut-offs; MRR is cut at the largest."),
+    index: str = typer.Option("Flat", help="FAISS index_factory string: Flat (exact), IVF256,Flat, HNSW32, IVF256,PQ16 ..."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists probed per query (default max(16, nlist/16))."),
+    faiss_gpu: bool = typer.Option(True, help="Use GPU FAISS when installed and a GPU is visible."),
+    query_batch_size: int = typer.Option(4096, help="Queries per FAISS search call."),
+    teacher_baseline: bool = typer.Option(False, help="Also score the teacher applied directly to each language's text."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher for the baseline (default: the one named in the cache)."),
+    images: Optional[bool] = typer.Option(None, "--images/--no-images", help="Text<->image metrics (default: when the cache has images)."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N captions per language."),
+    batch_size: int = typer.Option(64, help="Texts per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    overwrite: bool = typer.Option(False, help="Replace the files of a previous eval in --out."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint to run."),
+    progress: bool = typer.Option(True, help="Show progress."),
+):
+    """Stage 3: retrieval per language (R@K, MRR) against the cached teacher, with baselines; writes a report."""
+    from mclip.config import EvalConfig
+    from mclip.eval_retrieval import run
+
+    run(EvalConfig(model=model, cache=cache, data=data, out=out, languages=_comma_list(languages), split=split, id_column=id_column,
+                   caption_column=caption_column, text_column_template=text_column_template, lang_column=lang_column,
+                   text_column=text_column, ks=_ints(ks), index=index, nprobe=nprobe, faiss_gpu=faiss_gpu,
+                   query_batch_size=query_batch_size, teacher_baseline=teacher_baseline, teacher=teacher, images=images,
+                   limit=limit, batch_size=batch_size, device=device, overwrite=overwrite,
+                   trust_remote_code=trust_remote_code, progress=progress))
+
+
+@app.command("encode")
+def encode(
+    model: str = typer.Option(..., help="Student: a run's final/ folder, a checkpoint folder, or a run folder."),
+    out: str = typer.Option(..., help="Output folder for shard-*.arrow (id, text, embedding), encode.json, embeddings.npy."),
+    input_file: Optional[str] = typer.Option(None, "--input", help="UTF-8 text file, one text per line (empty lines skipped)."),
+    data: Optional[str] = typer.Option(None, help="Or a dataset: hub name, save_to_disk folder, or parquet/jsonl/csv/arrow file(s)."),
+    split: str = typer.Option("train", help="Dataset split (with --data)."),
+    column: str = typer.Option("text", help="Text column (with --data)."),
+    id_column: Optional[str] = typer.Option(None, help="Id column (with --data; default: the row number)."),
+    npy: bool = typer.Option(False, help="Also write embeddings.npy, rows in the order of the Arrow rows."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32 or float16."),
+    normalize: bool = typer.Option(True, help="L2-normalise the embeddings."),
+    batch_size: int = typer.Option(64, help="Texts per forward pass."),
+    shard_size: int = typer.Option(100_000, help="Rows per Arrow file."),
+    limit: Optional[int] = typer.Option(None, help="Encode only the first N texts."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    overwrite: bool = typer.Option(False, help="Replace the files of a previous encode in --out."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint to run."),
+    progress: bool = typer.Option(True, help="Show progress."),
+):
+    """Encode texts (a text file or a dataset column) with a student into Arrow files (and .npy)."""
+    from mclip.config import EncodeConfig
+    from mclip.encode import run
+
+    run(EncodeConfig(model=model, out=out, input=input_file, data=data, split=split, column=column, id_column=id_column, npy=npy,
+                     dtype=dtype, normalize=normalize, batch_size=batch_size, shard_size=shard_size, limit=limit, device=device,
+                     overwrite=overwrite, trust_remote_code=trust_remote_code, progress=progress))
+
+
 # ---- pipelines: run; hardening: verify ----
 
 

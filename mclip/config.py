@@ -81,6 +81,94 @@ class EmbedConfig:
 # ---- stage 3: EvalConfig (eval-retrieval) and EncodeConfig (encode) ----
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Stage 3: retrieval per language (student vs the cached teacher, optionally images), with baselines."""
+
+    model: str = ""  # exported student folder (a run's final/), a checkpoint folder, or a run folder (its final/ is used)
+    cache: str = ""  # teacher cache folder written by embed-teacher (the gallery; images when it has them)
+    data: str = ""  # parallel captions: wide (id, caption, caption_<lang>) or long (id, lang, text)
+    out: str = ""  # output folder for metrics.json, report.md, r_at_1.png, eval.json
+    languages: tuple[str, ...] = ()  # languages to score, e.g. ("de", "fr"); English is always added when available
+    split: str = "test"  # dataset split to read
+    id_column: str = "id"  # id column joining the captions to the cache
+    caption_column: str = "caption"  # English column of the wide format
+    text_column_template: str = "caption_{lang}"  # per-language column of the wide format
+    lang_column: str = "lang"  # language column of the long format
+    text_column: str = "text"  # text column of the long format
+    ks: tuple[int, ...] = (1, 5, 10)  # recall cut-offs; MRR is cut at the largest
+    index: str = "Flat"  # FAISS index_factory string (inner product); Flat is exact, e.g. IVF256,Flat or HNSW32 for big galleries
+    nprobe: int | None = None  # IVF lists probed per query; None = max(16, nlist/16) capped at nlist
+    faiss_gpu: bool = True  # search on GPU FAISS when it is installed and sees a GPU
+    query_batch_size: int = 4096  # queries per FAISS search call (bounds memory)
+    teacher_baseline: bool = False  # also score the teacher applied directly to each language's text
+    teacher: str | None = None  # teacher for the baseline; None = the one named in the cache manifest
+    images: bool | None = None  # text<->image metrics: None = when the cache has image embeddings, True = require them
+    limit: int | None = None  # score only the first N captions of each language
+    batch_size: int = 64  # texts per encoder forward pass
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    overwrite: bool = False  # replace the files of a previous eval in --out
+    trust_remote_code: bool = False  # allow model code shipped with a checkpoint to run
+    progress: bool = True  # show progress bars
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model is empty; pass --model with an exported student folder (a run's final/)")
+        _check(bool(self.cache), "cache is empty; pass --cache with a teacher cache folder from `mclip embed-teacher`")
+        _check(bool(self.data), "data is empty; pass --data with the parallel captions")
+        _check(bool(self.out), "out is empty; pass --out with an output folder")
+        _check(len(self.languages) > 0, "languages is empty; pass --languages, e.g. --languages de,fr")
+        _check(all(isinstance(code, str) and code and "/" not in code for code in self.languages),
+               f"languages={list(self.languages)} must be non-empty codes without '/', e.g. de,fr")
+        _check(len(set(self.languages)) == len(self.languages), f"languages={list(self.languages)} repeats a language")
+        _check(bool(self.id_column), "id_column is empty; pass --id-column")
+        _check("{lang}" in self.text_column_template,
+               f"text_column_template={self.text_column_template!r} must contain {{lang}}, e.g. caption_{{lang}}")
+        _check(len(self.ks) > 0 and all(isinstance(k, int) and k >= 1 for k in self.ks),
+               f"ks={list(self.ks)} must be cut-offs >= 1, e.g. --ks 1,5,10")
+        _check(list(self.ks) == sorted(set(self.ks)), f"ks={list(self.ks)} must be increasing without repeats, e.g. 1,5,10")
+        _check(bool(self.index), "index is empty; pass --index Flat (exact) or a FAISS factory string such as IVF256,Flat")
+        _check(self.nprobe is None or self.nprobe >= 1, f"nprobe={self.nprobe} must be >= 1")
+        _check(self.query_batch_size >= 1, f"query_batch_size={self.query_batch_size} must be >= 1")
+        _check(self.limit is None or self.limit >= 1, f"limit={self.limit} must be >= 1")
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _device(self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+    """Encode texts (a text file or a dataset column) with an exported student into Arrow files (and .npy)."""
+
+    model: str = ""  # exported student folder (a run's final/), a checkpoint folder, or a run folder
+    out: str = ""  # output folder for shard-*.arrow (id, text, embedding), encode.json and embeddings.npy
+    input: str | None = None  # UTF-8 text file, one text per line (empty lines skipped; id = 0-based line number)
+    data: str | None = None  # or a dataset: hub name, save_to_disk folder, or parquet/jsonl/csv/arrow file(s)
+    split: str = "train"  # dataset split (with data)
+    column: str = "text"  # text column (with data)
+    id_column: str | None = None  # id column (with data); None = row number
+    npy: bool = False  # also write embeddings.npy (rows in the order of the Arrow rows)
+    dtype: str = "float32"  # storage dtype: float32 or float16
+    normalize: bool = True  # L2-normalise the embeddings
+    batch_size: int = 64  # texts per forward pass
+    shard_size: int = 100_000  # rows per Arrow file
+    limit: int | None = None  # encode only the first N texts
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    overwrite: bool = False  # replace the files of a previous encode in --out
+    trust_remote_code: bool = False  # allow model code shipped with a checkpoint to run
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model is empty; pass --model with an exported student folder (a run's final/)")
+        _check(bool(self.out), "out is empty; pass --out with an output folder")
+        _check((self.input is None) != (self.data is None), "give exactly one of --input (a text file) or --data (a dataset)")
+        _check(self.input is None or bool(self.input), "input is empty; pass --input with a text file")
+        _check(bool(self.column), "column is empty; pass --column")
+        _choice("dtype", self.dtype, ("float16", "float32"))
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(self.shard_size >= 1, f"shard_size={self.shard_size} must be >= 1")
+        _check(self.limit is None or self.limit >= 1, f"limit={self.limit} must be >= 1")
+        _device(self.device)
+
+
 # ---- pipelines: PipelineConfig (mclip run) ----
 
 

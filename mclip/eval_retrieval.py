@@ -1,0 +1,349 @@
+"""Stage 3: score a student per language by FAISS retrieval against the cached teacher (and images), beside baselines.
+
+Text -> text: the student's language-X captions search the teacher's cached English embeddings of the same ids (and the
+reverse, teacher English -> student X). Text <-> image when the cache holds image embeddings. Writes metrics.json,
+report.md, r_at_1.png and eval.json to --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mclip import retrieval, shards
+from mclip.config import EvalConfig, to_dict
+from mclip.encode import model_folder, prepare_output
+from mclip.errors import UserError
+
+OUTPUTS = ("metrics.json", "report.md", "r_at_1.png", "eval.json")
+DIRECTIONS = ("text_to_text", "text_to_text_reverse", "text_to_image", "image_to_text")
+BASELINE = "teacher_baseline"
+TIE_RULE = "ties count against the query: rank = 1 + non-relevant items scoring >= the best relevant one"
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    metrics: dict[str, float]  # "de/text_to_text/R@1" -> 0.93, "avg/...", "de/teacher_baseline/..."
+    rows: list[dict]  # the report table: lang, system, direction, queries, gallery and the metrics
+    counts: dict[str, dict]  # lang -> captions scored, ids missing from the cache, empty captions, images
+    warnings: list[str]
+    seconds: float
+
+
+@dataclass
+class _Lang:
+    """One language's captions joined to the cache: text per caption and the cache row of its id."""
+
+    texts: list[str]
+    rows: np.ndarray  # (N,) cache row per caption
+    missing: int  # captions whose id is not in the cache
+    empty: int  # captions left out as empty
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    warnings.append(message)
+    print(f"mclip: warning: {message}", file=sys.stderr)
+
+
+def _check_pair(meta: dict, folder: Path, cache: shards.TeacherCache, warnings: list[str]) -> None:
+    """Refuse a cache the model cannot be scored against: other dimension, or another teacher's embeddings."""
+    if int(meta["dim"]) != cache.dim:
+        raise UserError(f"model {folder} makes {meta['dim']}-d embeddings but cache {cache.path} holds {cache.dim}-d ones; "
+                        "pass the cache of the teacher the model was distilled from")
+    theirs = cache.manifest.get("teacher") or {}
+    ours = meta.get("teacher") or {}
+    if not ours.get("fingerprint"):
+        _warn(warnings, f"model {folder} records no teacher (no 'teacher' in mclip.json), so it cannot be checked against "
+                        f"{theirs.get('name')!r}, the teacher of {cache.path}; scores are meaningless if they differ")
+    elif ours["fingerprint"] != theirs.get("fingerprint"):
+        # the fingerprint covers the dtype the teacher was loaded in: the same checkpoint at bf16 and fp32 differs too
+        same_name = ours.get("name") == theirs.get("name")
+        hint = (f" (same name: other weights, or the same ones loaded at another precision; this cache was made at "
+                f"{cache.manifest.get('precision')})") if same_name else ""
+        raise UserError(f"cache {cache.path} was made by teacher {theirs.get('name')!r} ({str(theirs.get('fingerprint'))[:12]}) but "
+                        f"model {folder} was distilled from {ours.get('name')!r} ({ours['fingerprint'][:12]}){hint}; "
+                        "pass the cache made by the model's teacher")
+
+
+def _join(captions, languages: list[str], ids: list[str], texts: list[str], config: EvalConfig, warnings: list[str]) -> dict[str, _Lang]:
+    """Each language's captions with the cache row of their id; ids absent from the cache are counted and left out."""
+    row_of = {i: r for r, i in enumerate(ids)}
+    joined, total = {}, 0
+    for lang in languages:
+        if lang == "en" and not captions.by_lang.get("en", ([], []))[0]:  # no English in the data: the cache's own captions of the scored ids
+            wanted = list(dict.fromkeys(i for other in joined.values() for i in other.rows))
+            rows = np.array(wanted[: config.limit] if config.limit else wanted, dtype=np.int64)
+            joined[lang] = _Lang([texts[r] for r in rows], rows, 0, 0)
+            continue
+        lang_ids, lang_texts = captions.pairs(lang)
+        keep = [(row_of[i], t) for i, t in zip(lang_ids, lang_texts) if i in row_of]
+        missing = len(lang_ids) - len(keep)
+        if missing:
+            example = next(i for i in lang_ids if i not in row_of)
+            _warn(warnings, f"{lang}: {missing:,} of {len(lang_ids):,} ids are not in the cache (e.g. {example!r}); they are left out")
+        keep = keep[: config.limit] if config.limit else keep
+        joined[lang] = _Lang([t for _, t in keep], np.array([r for r, _ in keep], dtype=np.int64), missing, captions.missing.get(lang, 0))
+        total += len(keep)
+    if total == 0:
+        sample = next((captions.pairs(code)[0][0] for code in languages if code in captions.by_lang and captions.pairs(code)[0]), None)
+        raise UserError(f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
+                        f"(e.g. {ids[0] if ids else None!r}); pass the cache built from this data, or the right --id-column")
+    for lang in [code for code in joined if len(joined[code].rows) == 0]:
+        _warn(warnings, f"{lang}: no caption joins the cache; the language is left out")
+        del joined[lang]
+    return joined
+
+
+def _score(queries_text: np.ndarray, en_text: np.ndarray, en_label: np.ndarray, images, config: EvalConfig) -> dict:
+    """direction -> (metrics, queries, gallery) for one system's captions of one language."""
+    kw = dict(ks=config.ks, factory=config.index, nprobe=config.nprobe, use_gpu=config.faiss_gpu, batch_size=config.query_batch_size)
+    unique_en = np.arange(len(en_text))
+    out = {}
+    if en_label is not None:
+        out["text_to_text"] = (retrieval.retrieve(queries_text, en_text, en_label, unique_en, **kw)[0], len(queries_text), len(en_text))
+        out["text_to_text_reverse"] = (retrieval.retrieve(en_text, queries_text, unique_en, en_label, **kw)[0], len(en_text), len(queries_text))
+    if images is not None:
+        image_vec, image_label = images
+        unique_img = np.arange(len(image_vec))
+        out["text_to_image"] = (retrieval.retrieve(queries_text, image_vec, image_label, unique_img, **kw)[0], len(queries_text), len(image_vec))
+        out["image_to_text"] = (retrieval.retrieve(image_vec, queries_text, unique_img, image_label, **kw)[0], len(image_vec), len(queries_text))
+    return out
+
+
+def _gather(table, column: str, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), D) float32 from a vector column, touching only those rows of the memory-mapped cache."""
+    import pyarrow as pa
+
+    return shards.to_numpy(table.column(column).take(pa.array(rows, pa.int64())))
+
+
+def run(config: EvalConfig) -> EvalResult:
+    """Score the student per language (and its teacher baseline) and write the report files to --out."""
+    start = time.perf_counter()
+    out = Path(config.out)
+    prepare_output(out, lambda name: name in OUTPUTS, config.overwrite, "eval-retrieval")
+    warnings: list[str] = []
+    folder = model_folder(config.model)
+    from mclip.student import META
+
+    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    cache = shards.open_cache(config.cache)
+    _check_pair(meta, folder, cache, warnings)
+    if config.images and not cache.has_images:
+        raise UserError(f"--images asks for text<->image metrics but cache {cache.path} holds no image embeddings; "
+                        "rebuild it with `mclip embed-teacher --image-column ...` or drop --images")
+    use_images = cache.has_images if config.images is None else config.images
+    retrieval.make_index(config.index, cache.dim)  # a factory string FAISS rejects fails now, before any encoding
+
+    from mclip.data import load_parallel
+
+    captions = load_parallel(config.data, config.split, config.languages, id_column=config.id_column,
+                             caption_column=config.caption_column, text_column_template=config.text_column_template,
+                             english=True, lang_column=config.lang_column, text_column=config.text_column)
+    columns = ["id", "text", "embedding"] + (["image_id", "image_embedding"] if use_images else [])
+    table = cache.table(columns)
+    cache_ids = table.column("id").to_pylist()
+    cache_texts = table.column("text").to_pylist()
+    languages = [code for code in config.languages if code != "en"] + ["en"]
+    joined = _join(captions, languages, cache_ids, cache_texts, config, warnings)
+    image_ids = np.array(table.column("image_id").to_pylist(), dtype=object) if use_images else None
+
+    from mclip import distributed
+    from mclip.student import load
+
+    device = distributed.resolve_device(config.device)
+    model = load(folder, device=device, trust_remote_code=config.trust_remote_code)
+    teacher = _load_baseline_teacher(config, cache, device, warnings) if config.teacher_baseline else None
+
+    metrics: dict[str, float] = {}
+    rows: list[dict] = []
+    counts: dict[str, dict] = {}
+    for lang, part in joined.items():
+        en_text = np.array([cache_texts[r] for r in part.rows], dtype=object)
+        _, first, en_label = np.unique(en_text, return_index=True, return_inverse=True)  # identical English = one target
+        en_vec = _gather(table, "embedding", part.rows[first])
+        images = None
+        if use_images:
+            _, img_first, img_label = np.unique(image_ids[part.rows], return_index=True, return_inverse=True)
+            images = (_gather(table, "image_embedding", part.rows[img_first]), img_label)
+        counts[lang] = {"captions": len(part.rows), "english_targets": len(first), "missing_ids": part.missing, "empty": part.empty,
+                        **({"images": len(img_first)} if use_images else {})}
+        student_vec = model.encode(part.texts, batch_size=config.batch_size, normalize=True, show_progress=config.progress)
+        systems = [("student", _score(student_vec, en_vec, en_label, images, config))]
+        if teacher is not None and lang != "en":
+            systems.append((BASELINE, _score(teacher.encode(part.texts, batch_size=config.batch_size), en_vec, en_label, images, config)))
+        elif lang == "en" and images is not None:  # the cached teacher on its own English text: the ceiling the student aims at
+            systems.append((BASELINE, _score(_gather(table, "embedding", part.rows), en_vec, None, images, config)))
+        for system, scored in systems:
+            for direction, (values, n_queries, n_gallery) in scored.items():
+                rows.append({"lang": lang, "system": system, "direction": direction, "queries": n_queries, "gallery": n_gallery, **values})
+                prefix = f"{lang}/{direction}" if system == "student" else f"{lang}/{system}/{direction}"
+                metrics.update({f"{prefix}/{name}": value for name, value in values.items()})
+    rows += _averages(rows, [code for code in joined if code != "en"], metrics)
+    rows.sort(key=lambda r: (_lang_order(r["lang"], languages), DIRECTIONS.index(r["direction"]), r["system"] != "student"))
+    seconds = time.perf_counter() - start
+    result = EvalResult(out, metrics, rows, counts, warnings, seconds)
+    _write(result, config, folder, meta, cache)
+    _print_table(result, config)
+    return result
+
+
+def _lang_order(lang: str, languages: list[str]) -> int:
+    order = [code for code in languages if code != "en"] + ["avg", "en"]
+    return order.index(lang)
+
+
+def _load_baseline_teacher(config: EvalConfig, cache: shards.TeacherCache, device, warnings: list[str]):
+    """The teacher that made the cache, at the cache's precision, to embed each language's text directly.
+
+    The weight fingerprint covers the dtype the weights were loaded in, so the teacher is loaded at the precision the
+    cache was made with (bf16 runs on CPU too); only then can it be checked to be the cache's teacher.
+    """
+    from mclip.teacher import load_teacher
+
+    record = cache.manifest.get("teacher") or {}
+    name = config.teacher or record.get("name")
+    if not name:
+        raise UserError(f"cache {cache.path} names no teacher; pass --teacher for --teacher-baseline")
+    made_at = cache.manifest.get("precision") or "fp32"
+    precision = "fp32" if made_at == "fp16" and device.type == "cpu" else made_at  # fp16 matmuls do not run on CPU
+    teacher = load_teacher(name, device=str(device), precision=precision, need_images=cache.has_images and record.get("kind") == "clip",
+                           max_length=record.get("max_length"), trust_remote_code=config.trust_remote_code)
+    if not record.get("fingerprint"):
+        return teacher
+    if precision != made_at:
+        _warn(warnings, f"cache {cache.path} was made at {made_at}, which this device cannot run; the baseline teacher runs at "
+                        f"{precision} and cannot be checked to be the cache's teacher")
+    elif teacher.info().fingerprint != record["fingerprint"]:
+        raise UserError(f"teacher {name!r} has other weights than the one that made cache {cache.path}; "
+                        "pass --teacher with the exact teacher the cache was built with")
+    return teacher
+
+
+def _averages(rows: list[dict], languages: list[str], metrics: dict[str, float]) -> list[dict]:
+    """Mean over the non-English languages of every (system, direction) all of them have: rows and avg/... keys."""
+    out = []
+    if not languages:
+        return out
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["lang"] in languages:
+            groups.setdefault((row["system"], row["direction"]), []).append(row)
+    for (system, direction), members in groups.items():
+        if len(members) != len(languages):
+            continue
+        names = [k for k in members[0] if k.startswith(("R@", "MRR@"))]
+        values = {name: float(np.mean([m[name] for m in members])) for name in names}
+        out.append({"lang": "avg", "system": system, "direction": direction, "queries": None, "gallery": None, **values})
+        prefix = f"avg/{direction}" if system == "student" else f"avg/{system}/{direction}"
+        metrics.update({f"{prefix}/{name}": value for name, value in values.items()})
+    return out
+
+
+def _metric_names(config: EvalConfig) -> list[str]:
+    return [f"R@{k}" for k in config.ks] + [f"MRR@{max(config.ks)}"]
+
+
+def _system_label(system: str) -> str:
+    return "student" if system == "student" else "teacher"
+
+
+def _task(lang: str, direction: str) -> str:
+    """A compact label for a table cell: de→en, en→de, de→img, img→de."""
+    xx = "xx" if lang == "avg" else lang
+    return {"text_to_text": f"{xx}→en", "text_to_text_reverse": "en→en (rev)" if xx == "en" else f"en→{xx}",
+            "text_to_image": f"{xx}→img", "image_to_text": f"img→{xx}"}[direction]
+
+
+def _markdown(result: EvalResult, config: EvalConfig, folder: Path, cache: shards.TeacherCache) -> str:
+    names = _metric_names(config)
+    teacher = (cache.manifest.get("teacher") or {}).get("name")
+    lines = ["# Retrieval report", "",
+             f"- model: `{folder}`",
+             f"- cache: `{cache.path}` (teacher `{teacher}`, dim {cache.dim}{', with images' if 'images' in next(iter(result.counts.values())) else ''})",
+             f"- data: `{config.data}` split `{config.split}`; index `{config.index}`; cosine similarity (L2-normalised, inner product)",
+             "- captions scored: " + ", ".join(f"{lang} {c['captions']:,}" + (f" ({c['missing_ids']:,} ids not in the cache)" if c["missing_ids"] else "")
+                                             + (f", {c['images']:,} images" if "images" in c else "") for lang, c in result.counts.items()),
+             f"- {TIE_RULE}; identical English captions count as one target; avg = mean over the non-English languages",
+             "- xx→en (text_to_text): the model's xx captions search the teacher's English ones; en→xx (text_to_text_reverse) the other way; "
+             "xx→img / img→xx: captions and images (an image hits any of its captions); "
+             "teacher: the teacher applied directly to the xx text (what English CLIP gives); for en with images, the cached teacher itself",
+             ""]
+    lines.append("| lang | model | task | key | queries | gallery | " + " | ".join(f"{n} (%)" for n in names) + " |")
+    lines.append("|---|---|---|---|---:|---:|" + "---:|" * len(names))
+    for row in result.rows:
+        size = lambda v: "" if v is None else f"{v:,}"  # noqa: E731
+        key = row["direction"] if row["system"] == "student" else f"{row['system']}/{row['direction']}"
+        lines.append(f"| {row['lang']} | {_system_label(row['system'])} | {_task(row['lang'], row['direction'])} | {key} | "
+                     f"{size(row['queries'])} | {size(row['gallery'])} | "
+                     + " | ".join(f"{100 * row[n]:.1f}" for n in names) + " |")
+    if result.warnings:
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in result.warnings]
+    return "\n".join(lines) + "\n"
+
+
+def _chart(result: EvalResult, languages: list[str]) -> bytes:
+    """PNG: R@1 per language, student beside the teacher baseline, one panel per query direction scored."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [d for d in ("text_to_text", "text_to_image") if any(r["direction"] == d for r in result.rows)]
+    order = [code for code in languages if code != "en" and code in result.counts] + ["avg", "en"]
+    systems = [s for s in ("student", BASELINE) if any(r["system"] == s for r in result.rows)]
+    value = {(r["lang"], r["system"], r["direction"]): r["R@1"] for r in result.rows}
+    fig = Figure(figsize=(max(4.0, 0.9 * len(order) + 1.5) * len(panels), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    width = 0.8 / len(systems)
+    titles = {"text_to_text": "caption → teacher's English caption (xx→en)", "text_to_image": "caption → image (xx→img)"}
+    labels = {"student": "student", BASELINE: "teacher applied to the xx text"}
+    for ax, direction in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        x = np.arange(len(order))
+        for j, system in enumerate(systems):
+            heights = [value.get((lang, system, direction), np.nan) for lang in order]
+            ax.bar(x + (j - (len(systems) - 1) / 2) * width, np.nan_to_num(heights), width, label=labels[system])
+        ax.set_xticks(x, order)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("R@1")
+        ax.set_title(titles[direction], fontsize="medium")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(systems), fontsize="small")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _write(result: EvalResult, config: EvalConfig, folder: Path, meta: dict, cache: shards.TeacherCache) -> None:
+    result.out.mkdir(parents=True, exist_ok=True)
+    shards.write_json(result.out / "metrics.json", result.metrics)
+    shards.atomic_write_bytes(result.out / "report.md", _markdown(result, config, folder, cache).encode("utf-8"))
+    shards.atomic_write_bytes(result.out / "r_at_1.png", _chart(result, list(config.languages)))
+    shards.write_json(result.out / "eval.json", {
+        "config": to_dict(config), "model": str(folder), "model_teacher": meta.get("teacher"),
+        "cache": {"path": str(cache.path), "teacher": cache.manifest.get("teacher"), "dim": cache.dim, "images": cache.has_images},
+        "counts": result.counts, "rows": result.rows, "warnings": result.warnings, "tie_rule": TIE_RULE,
+        "seconds": round(result.seconds, 3)})
+
+
+def _print_table(result: EvalResult, config: EvalConfig) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    names = _metric_names(config)
+    table = Table(title=f"eval-retrieval -> {result.out} (%)", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("lang", "model", "task", "queries", "gallery", *names):
+        table.add_column(column, justify="left" if column in ("lang", "model", "task") else "right", no_wrap=True)
+    for row in result.rows:
+        table.add_row(row["lang"], _system_label(row["system"]), _task(row["lang"], row["direction"]),
+                      "" if row["queries"] is None else f"{row['queries']:,}", "" if row["gallery"] is None else f"{row['gallery']:,}",
+                      *(f"{100 * row[n]:.1f}" for n in names))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a pipe or file gets the whole table, not a wrapped 80-column one
+    console.print(table)
