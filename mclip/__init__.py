@@ -2,12 +2,13 @@
 
 __version__ = "0.1.0"
 
-from mclip.config import EmbedConfig  # noqa: E402  (configs import nothing heavy)
+from mclip.config import EmbedConfig, TrainConfig  # noqa: E402  (configs import nothing heavy)
 
 # Heavy modules (torch, transformers, faiss) load on first use, so `import mclip` and `mclip --help` stay instant.
 _LAZY = {
     "load": ("mclip.student", "load"),
     "embed_teacher": ("mclip.embed_teacher", "run"),
+    "train_student": ("mclip.train_student", "run"),
 }
 
 
@@ -20,4 +21,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'mclip' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "EmbedConfig", *_LAZY]
+__all__ = ["__version__", "EmbedConfig", "TrainConfig", *_LAZY]
