@@ -438,7 +438,8 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     ax = fig.add_subplot(1, 2 if r1 else 1, 1)
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        with_kd = any("layer_kd" in r for r in train)  # validation scores the distillation loss only
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss" + (" (no layer-kd)" if with_kd else ""))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
