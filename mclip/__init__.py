@@ -2,24 +2,7 @@
 
 __version__ = "0.1.0"
 
-from mclip.config import EmbedConfig, EncodeConfig, EvalConfig  # noqa: E402  (configs import nothing heavy)
+from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, TrainConfig  # noqa: E402  (configs import nothing heavy)
 
 # Heavy modules (torch, transformers, faiss) load on first use, so `import mclip` and `mclip --help` stay instant.
-_LAZY = {
-    "load": ("mclip.student", "load"),
-    "embed_teacher": ("mclip.embed_teacher", "run"),
-    "eval_retrieval": ("mclip.eval_retrieval", "run"),
-    "encode": ("mclip.encode", "run"),
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'mclip' has no attribute {name!r}")
-
-
-__all__ = ["__version__", "EmbedConfig", "EvalConfig", "EncodeConfig", *_LAZY]
+_LAZY = {}

@@ -70,6 +70,89 @@ def embed_teacher(
 # ---- stage 2: train-student ----
 
 
+def _language_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    from mclip.errors import UserError
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.9,0.999") from None
+
+
+@app.command("train-student")
+def train_student(
+    data: str = typer.Option(..., help="Parallel captions: wide (id, caption_<lang>...) or long (id, lang, text); file(s), folder or hub name."),
+    cache: str = typer.Option(..., help="Teacher cache folder written by `mclip embed-teacher`."),
+    out: str = typer.Option(..., help="Run folder: config.json, metrics.jsonl, curves.png, checkpoints/, final/."),
+    student: str = typer.Option("xlm-roberta-base", help="Student: HF encoder id or folder, or an exported mclip student."),
+    languages: str = typer.Option("zh", help="Languages to train, comma-separated, e.g. zh,de,fr."),
+    include_english: bool = typer.Option(True, help="Also train student(en) -> teacher(en) on the cache's English text."),
+    split: str = typer.Option("train", help="Dataset split of --data."),
+    id_column: str = typer.Option("id", help="Column joining captions to the cache's ids."),
+    text_column_template: str = typer.Option("caption_{lang}", help="Wide format: the column of each language."),
+    val_data: Optional[str] = typer.Option(None, help="Validation captions (same formats); their ids are never trained on."),
+    val_split: str = typer.Option("train", help="Dataset split of --val-data."),
+    val_fraction: float = typer.Option(0.0, help="Else hold out this fraction of ids (by hash of id and seed)."),
+    val_max_ids: int = typer.Option(5000, help="Validation ids used by the periodic evaluation."),
+    pooler: str = typer.Option("mean", help="Student pooling: mean or cls."),
+    max_length: int = typer.Option(128, help="Student token limit (capped by the model's)."),
+    freeze_embeddings: bool = typer.Option(False, help="Freeze the word-embedding matrix."),
+    loss: str = typer.Option("cl", help="mse, cosine, or cl = (1 - alpha) * base + alpha * InfoNCE."),
+    alpha: float = typer.Option(0.1, help="Weight of InfoNCE in the cl loss, in [0, 1]."),
+    cl_base: str = typer.Option("mse", help="The cl loss's pointwise part: mse or cosine."),
+    temperature: float = typer.Option(0.05, help="InfoNCE temperature (initial value when learnt)."),
+    fixed_temperature: bool = typer.Option(False, help="Keep the temperature fixed instead of learning it."),
+    layer_kd: bool = typer.Option(False, help="Also distil the cache's teacher layer states (needs --cache-layers in stage 1)."),
+    student_layers: Optional[str] = typer.Option(None, help="Student layers for layer-kd, one per cached teacher layer, e.g. 4,8,12."),
+    layer_kd_weight: float = typer.Option(1.0, help="Weight of the layer-kd loss."),
+    epochs: int = typer.Option(1, help="Passes over the training pairs."),
+    max_steps: Optional[int] = typer.Option(None, help="Cap on optimizer steps."),
+    batch_size: int = typer.Option(64, help="Global batch in pairs (split over ranks and accumulation)."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step on each rank."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate."),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay (matrices only)."),
+    betas: str = typer.Option("0.9,0.999", help="AdamW betas."),
+    warmup_steps: int = typer.Option(1000, help="Linear warmup steps."),
+    schedule: str = typer.Option("linear", help="Decay after warmup: linear, cosine or constant."),
+    min_lr_ratio: float = typer.Option(0.0, help="The decay ends at lr * this."),
+    clip_grad: float = typer.Option(1.0, help="Max gradient norm (0 = no clipping)."),
+    seed: int = typer.Option(42, help="Seed of init, dropout, data order and validation split."),
+    group_batches: int = typer.Option(64, help="Batches per length-sorted mega-batch (1 = no length grouping)."),
+    num_workers: int = typer.Option(2, help="DataLoader workers tokenising batches."),
+    log_every: int = typer.Option(10, help="Steps between metrics.jsonl records."),
+    eval_every: int = typer.Option(1000, help="Steps between validations (0 = only at the end)."),
+    eval_batch_size: int = typer.Option(256, help="Texts per forward pass in validation."),
+    save_every: int = typer.Option(1000, help="Steps between checkpoints (one is always written at the end)."),
+    keep_last: int = typer.Option(2, help="Checkpoints kept."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    num_threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+    overwrite: bool = typer.Option(False, help="Replace the run files in a non-empty --out."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint to run."),
+    progress: bool = typer.Option(True, help="Show progress."),
+):
+    """Stage 2: train a multilingual student to reproduce the cached teacher embeddings from translated captions."""
+    from mclip.config import TrainConfig
+    from mclip.train_student import run
+
+    run(TrainConfig(data=data, cache=cache, out=out, student=student, languages=_language_list(languages), include_english=include_english,
+                    split=split, id_column=id_column, text_column_template=text_column_template, val_data=val_data, val_split=val_split,
+                    val_fraction=val_fraction, val_max_ids=val_max_ids, pooler=pooler, max_length=max_length,
+                    freeze_embeddings=freeze_embeddings, loss=loss, alpha=alpha, cl_base=cl_base, temperature=temperature,
+                    fixed_temperature=fixed_temperature, layer_kd=layer_kd, student_layers=_ints(student_layers),
+                    layer_kd_weight=layer_kd_weight, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                    lr=lr, weight_decay=weight_decay, betas=_float_list(betas), warmup_steps=warmup_steps, schedule=schedule,
+                    min_lr_ratio=min_lr_ratio, clip_grad=clip_grad, seed=seed, group_batches=group_batches, num_workers=num_workers,
+                    log_every=log_every, eval_every=eval_every, eval_batch_size=eval_batch_size, save_every=save_every,
+                    keep_last=keep_last, device=device, precision=precision, num_threads=num_threads, resume=resume,
+                    overwrite=overwrite, trust_remote_code=trust_remote_code, progress=progress))
+
+
 # ---- stage 3: eval-retrieval, encode ----
 
 

@@ -76,6 +76,110 @@ class EmbedConfig:
 
 
 # ---- stage 2: TrainConfig (train-student) ----
+LOSSES = ("mse", "cosine", "cl")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Stage 2: train a multilingual student to reproduce the cached teacher embeddings from translated captions."""
+
+    data: str = ""  # parallel captions: wide (id, caption_<lang>...) or long (id, lang, text); anything `datasets` loads
+    cache: str = ""  # teacher cache folder written by `mclip embed-teacher`
+    out: str = ""  # run folder (config.json, metrics.jsonl, curves.png, checkpoints/, final/)
+    student: str = "xlm-roberta-base"  # HF encoder id or folder, or an exported mclip student to continue training
+    languages: tuple[str, ...] = ("zh",)  # language codes to train, e.g. zh,de,fr
+    include_english: bool = True  # also train student(en) -> teacher(en), English text taken from the cache
+    split: str = "train"  # dataset split of --data
+    id_column: str = "id"  # column joining captions to cache rows
+    text_column_template: str = "caption_{lang}"  # wide format: column of each language
+    val_data: str | None = None  # separate validation captions (same formats); its ids are never trained on
+    val_split: str = "train"  # dataset split of --val-data
+    val_fraction: float = 0.0  # else hold out this fraction of ids (hash of id and seed), 0 = no validation
+    val_max_ids: int = 5000  # ids used by the periodic evaluation (the smallest hashes; the rest stay held out)
+    pooler: str = "mean"  # student pooling: mean or cls
+    max_length: int = 128  # student token limit (capped by the model's own)
+    freeze_embeddings: bool = False  # freeze the word-embedding matrix
+    loss: str = "cl"  # mse | cosine | cl = (1 - alpha) * base + alpha * InfoNCE
+    alpha: float = 0.1  # weight of InfoNCE in the cl loss, in [0, 1]
+    cl_base: str = "mse"  # the cl loss's pointwise part: mse or cosine
+    temperature: float = 0.05  # InfoNCE temperature (initial value when learnable)
+    fixed_temperature: bool = False  # keep the temperature fixed instead of learning it (log-parametrised)
+    layer_kd: bool = False  # also distil the cache's layer_<i> states onto student layers
+    student_layers: tuple[int, ...] = ()  # student layers (1-based) for layer-kd; () = spaced like the teacher's
+    layer_kd_weight: float = 1.0  # weight of the layer-kd MSE
+    epochs: int = 1  # passes over the training pairs
+    max_steps: int | None = None  # cap on optimizer steps (None = epochs decide)
+    batch_size: int = 64  # global batch in pairs, split over ranks and accumulation steps
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay (matrices only; not biases, norms, temperature)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 1000  # linear warmup from 0 to lr, in optimizer steps
+    schedule: str = "linear"  # decay after warmup: linear, cosine or constant
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    clip_grad: float = 1.0  # max global gradient norm; 0 = no clipping
+    seed: int = 42  # seeds init, dropout, data order and the validation split
+    group_batches: int = 64  # batches per length-sorted mega-batch (less padding); 1 = no length grouping
+    num_workers: int = 2  # DataLoader workers tokenising batches
+    log_every: int = 10  # steps between metrics.jsonl train records
+    eval_every: int = 1000  # steps between validations (0 = only at the end)
+    eval_batch_size: int = 256  # texts per forward pass in validation
+    save_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 2  # checkpoints kept
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    num_threads: int | None = None  # torch CPU threads; None = torch's default
+    resume: bool = False  # continue from the latest checkpoint in --out
+    overwrite: bool = False  # replace the runs' files in a non-empty --out
+    trust_remote_code: bool = False  # allow model code shipped with the student checkpoint to run
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data), "data is empty; pass --data with the parallel captions")
+        _check(bool(self.cache), "cache is empty; pass --cache with a folder written by `mclip embed-teacher`")
+        _check(bool(self.out), "out is empty; pass --out with a run folder")
+        _check(bool(self.student), "student is empty; pass --student with a model id or folder")
+        _check(len(self.languages) > 0 and all(isinstance(x, str) and x.strip() for x in self.languages),
+               f"languages={list(self.languages)} must name at least one language, e.g. --languages zh,de")
+        _check(len(set(self.languages)) == len(self.languages), f"languages={list(self.languages)} repeats a language")
+        _check("{lang}" in self.text_column_template, f"text_column_template={self.text_column_template!r} must contain {{lang}}, e.g. caption_{{lang}}")
+        _check(0.0 <= self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be in [0, 1)")
+        _check(not (self.val_data and self.val_fraction > 0), "pass either --val-data or --val-fraction, not both")
+        _check(self.val_max_ids >= 1, f"val_max_ids={self.val_max_ids} must be >= 1")
+        _choice("pooler", self.pooler, ("mean", "cls"))
+        _check(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
+        _choice("loss", self.loss, LOSSES)
+        _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")
+        _choice("cl_base", self.cl_base, ("mse", "cosine"))
+        _check(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        _check(all(isinstance(i, int) and i >= 1 for i in self.student_layers),
+               f"student_layers={list(self.student_layers)} must be layer numbers >= 1, e.g. --student-layers 4,8,12")
+        _check(not self.student_layers or self.layer_kd, "student_layers is only used with --layer-kd; add --layer-kd or drop it")
+        _check(self.layer_kd_weight >= 0, f"layer_kd_weight={self.layer_kd_weight} must be >= 0")
+        _check(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1")
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
+        _check(self.batch_size % self.grad_accum == 0, f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        _check(self.lr > 0, f"lr={self.lr} must be > 0")
+        _check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={list(self.betas)} must be two numbers in [0, 1), e.g. 0.9,0.999")
+        _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        _choice("schedule", self.schedule, SCHEDULES)
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.clip_grad >= 0, f"clip_grad={self.clip_grad} must be >= 0 (0 = no clipping)")
+        _check(self.group_batches >= 1, f"group_batches={self.group_batches} must be >= 1")
+        _check(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0")
+        _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        _check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
+        _check(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1")
+        _check(self.save_every >= 0, f"save_every={self.save_every} must be >= 0")
+        _check(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
+        _choice("precision", self.precision, PRECISIONS)
+        _device(self.device)
+        _check(self.num_threads is None or self.num_threads >= 1, f"num_threads={self.num_threads} must be >= 1")
+        _check(not (self.resume and self.overwrite), "pass either --resume or --overwrite, not both")
 
 
 # ---- stage 3: EvalConfig (eval-retrieval) and EncodeConfig (encode) ----

@@ -120,9 +120,10 @@ class StudentEncoder(nn.Module):
         save_file({"linear.weight": self.projection.weight.detach().cpu().contiguous(),
                    "linear.bias": self.projection.bias.detach().cpu().contiguous()}, str(path / DENSE_DIR / "model.safetensors"))
         (path / "3_Normalize").mkdir(exist_ok=True)
-        _write_json(path / META, {"format": "mclip-student", "mclip_version": __version__, "pooler": self.pooler, "dim": self.dim,
-                                  "hidden_size": self.hidden_size, "max_length": self.max_length, "projection": DENSE_DIR,
-                                  "normalize": True, **{k: v for k, v in self.meta.items() if k not in ("format", "pooler", "dim")}})
+        # what this object is wins over what a loaded folder's meta said (an older version, another max_length)
+        _write_json(path / META, {**self.meta, "format": "mclip-student", "mclip_version": __version__, "pooler": self.pooler,
+                                  "dim": self.dim, "hidden_size": self.hidden_size, "max_length": self.max_length,
+                                  "projection": DENSE_DIR, "normalize": True})
         return path
 
 

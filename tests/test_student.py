@@ -1,0 +1,92 @@
+"""The exported student: one folder, three ways to load it (mclip.load, plain transformers, sentence-transformers), same vectors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mclip.errors import UserError
+from mclip.student import build_student, load, pool
+from tests import tiny
+
+TEXTS = tiny.CORPUS + ["a much longer caption " * 20, "x"]
+
+
+def _plain_transformers(path, texts):
+    """The README's recipe: AutoModel + AutoTokenizer, the pooling named in mclip.json, the 2_Dense projection, L2 norm."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    meta = json.loads((path / "mclip.json").read_text())
+    model, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    dense = load_file(str(path / "2_Dense" / "model.safetensors"))
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    if meta["pooler"] == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+    emb = pooled @ dense["linear.weight"].T + dense["linear.bias"]
+    return torch.nn.functional.normalize(emb, dim=-1).numpy()
+
+
+@pytest.mark.parametrize("pooler", ["mean", "cls"])
+def test_three_loading_ways_agree(bert_student, tmp_path, pooler):
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(0)
+    path = build_student(str(bert_student), dim=12, pooler=pooler, meta={"languages": ["zh"]}).save(tmp_path / "final")
+    ours = load(path).encode(TEXTS, batch_size=3, device="cpu", normalize=True)
+    plain = _plain_transformers(path, TEXTS)
+    st = SentenceTransformer(str(path), device="cpu").encode(TEXTS, batch_size=5, convert_to_numpy=True)
+    assert ours.shape == plain.shape == st.shape == (len(TEXTS), 12)
+    assert np.min((ours * plain).sum(1)) >= 0.9999
+    assert np.min((ours * st).sum(1)) >= 0.9999
+    meta = json.loads((path / "mclip.json").read_text())
+    assert meta["pooler"] == pooler and meta["dim"] == 12 and meta["languages"] == ["zh"]
+    assert (path / "model.safetensors").exists() and (path / "2_Dense" / "model.safetensors").exists()
+
+
+def test_encode_batches_truncates_and_keeps_order(bert_student, tmp_path):
+    torch.manual_seed(0)
+    student = build_student(str(bert_student), dim=8, max_length=16)
+    one_by_one = np.stack([student.encode(t) for t in TEXTS])  # a str gives one (D,) vector
+    batched = student.encode(TEXTS, batch_size=4, normalize=True)
+    assert np.allclose(one_by_one, batched, atol=1e-5)  # length-sorted batches come back in input order
+    assert np.allclose(np.linalg.norm(batched, axis=1), 1, atol=1e-5)
+    raw = student.encode(TEXTS, normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1)
+    assert student.tokenize([TEXTS[-2]])["input_ids"].shape[1] == 16  # truncated to max_length, no error
+    assert student.encode([], batch_size=4).shape == (0, 8)
+
+
+def test_max_length_is_capped_by_the_model(bert_student):
+    student = build_student(str(bert_student), dim=8, max_length=10_000)
+    assert student.max_length == 64  # the tiny BERT's max_position_embeddings
+
+
+def test_saving_a_loaded_student_keeps_its_meta_current(bert_student, tmp_path):
+    first = build_student(str(bert_student), dim=8, meta={"teacher": {"name": "t"}, "mclip_version": "0.0.0"}).save(tmp_path / "a")
+    second = load(first).save(tmp_path / "b")
+    meta = json.loads((second / "mclip.json").read_text())
+    assert meta["teacher"] == {"name": "t"} and meta["mclip_version"] != "0.0.0"
+
+
+def test_pool_mean_ignores_padding_and_cls_takes_the_first_token():
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.allclose(pool(hidden, mask, "mean"), torch.tensor([[1.0, 2.0], [6.0, 7.0]]))
+    assert torch.equal(pool(hidden, mask, "cls"), hidden[:, 0])
+
+
+def test_load_refuses_a_folder_that_is_not_an_export(bert_student):
+    with pytest.raises(UserError, match="not an exported mclip student"):
+        load(bert_student)
+
+
+def test_build_refuses_a_missing_model(tmp_path):
+    with pytest.raises(UserError, match="cannot load student"):
+        build_student(str(tmp_path / "nope"), dim=8)

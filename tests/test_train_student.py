@@ -1,0 +1,369 @@
+"""Stage 2 end to end on a toy parallel set: join, split, batches, loss going down, layer-kd, DDP, kill-and-resume, errors."""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mclip import shards
+from mclip.cli import main
+from mclip.config import EmbedConfig, TrainConfig
+from mclip.data import ParallelCaptions
+from mclip.embed_teacher import run as embed_teacher
+from mclip.errors import ConfigError, UserError
+from mclip.student import load
+from mclip.train_student import Distiller, checkpoints, hash_unit, join_pairs, lr_at, plan_epoch, run
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_rows(n: int = 48) -> list[dict]:
+    """Real parallel phrases: emoji names with their human CLDR translations (German, Chinese)."""
+    import emoji
+
+    for lang in ("de", "zh"):
+        emoji.config.load_language(lang)
+    clean = lambda s: s.strip(":").replace("_", " ")  # noqa: E731
+    items = sorted((clean(d["en"]), clean(d["de"]), clean(d["zh"])) for d in emoji.EMOJI_DATA.values()
+                   if "de" in d and "zh" in d and d.get("status") == emoji.STATUS["fully_qualified"] and "skin tone" not in clean(d["en"]))
+    items = [t for t in items if len(t[0]) <= 30][:n]
+    return [{"id": f"e{i:03d}", "caption": en, "caption_de": de, "caption_zh": zh} for i, (en, de, zh) in enumerate(items)]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, bert_teacher):
+    """Parallel captions, a tiny student whose vocabulary covers them (no dropout, so runs compare exactly across process
+    layouts), and a teacher cache from the tiny BERT teacher with both layers cached."""
+    root = tmp_path_factory.mktemp("toy")
+    rows = _toy_rows()
+    data = tiny.write_captions(root / "parallel.jsonl", rows)
+    corpus = [r[k] for r in rows for k in ("caption", "caption_de", "caption_zh")]
+    student = tiny.write_tiny_bert(root / "student", hidden=32, seed=2, corpus=corpus)
+    config = json.loads((student / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (student / "config.json").write_text(json.dumps(config))
+    cache = root / "cache"
+    embed_teacher(EmbedConfig(data=str(data), out=str(cache), teacher=str(bert_teacher), id_column="id", cache_layers=(1, 2), progress=False))
+    return {"root": root, "rows": rows, "data": data, "student": student, "cache": cache, "corpus": corpus}
+
+
+def _config(toy, out, **changes) -> TrainConfig:
+    base = dict(data=str(toy["data"]), cache=str(toy["cache"]), out=str(out), student=str(toy["student"]), languages=("zh", "de"),
+                batch_size=16, epochs=1, warmup_steps=2, lr=2e-3, num_workers=0, eval_every=0, save_every=0, log_every=1,
+                progress=False, num_threads=1)
+    return TrainConfig(**{**base, **changes})
+
+
+def _weights(final: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return {**load_file(str(final / "model.safetensors")), **{f"dense.{k}": v for k, v in load_file(str(final / "2_Dense" / "model.safetensors")).items()}}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _cli(args: list[str], capsys) -> str:
+    """Run the CLI in-process; return its stderr after checking the exit code 2 and the one-line `mclip: error:` message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert err.startswith("mclip: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- pure pieces ----
+
+
+def test_plan_epoch_is_a_seeded_length_grouped_partition():
+    lengths = np.random.default_rng(0).integers(1, 100, size=103)
+    plan = plan_epoch(lengths, batch_size=8, seed=1, epoch=0, group=4)
+    assert plan.shape == (12, 8)  # 103 // 8 batches; the partial one is dropped
+    assert len(np.unique(plan)) == plan.size  # no pair twice in an epoch
+    assert np.array_equal(plan, plan_epoch(lengths, 8, 1, 0, 4))  # the same on every rank and on resume
+    assert not np.array_equal(plan, plan_epoch(lengths, 8, 1, 1, 4))  # reshuffled each epoch
+    # inside a mega-batch of 4 batches lengths are sorted, so each batch's spread is far below a random batch's
+    spread = np.mean([np.ptp(lengths[b]) for b in plan])
+    random_spread = np.mean([np.ptp(lengths[b]) for b in np.random.default_rng(2).permutation(96).reshape(12, 8)])
+    assert spread < random_spread / 2
+
+
+def test_lr_schedule_warms_up_then_decays():
+    config = TrainConfig(data="d", cache="c", out="o", lr=1.0, warmup_steps=10, schedule="linear")
+    assert lr_at(0, config, 110) == pytest.approx(0.1)
+    assert lr_at(9, config, 110) == pytest.approx(1.0)
+    assert lr_at(60, config, 110) == pytest.approx(0.5)
+    assert lr_at(110, config, 110) == pytest.approx(0.0)
+    cosine = dataclasses.replace(config, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(60, cosine, 110) == pytest.approx(0.55)
+    assert lr_at(110, cosine, 110) == pytest.approx(0.1)
+    assert lr_at(500, dataclasses.replace(config, schedule="constant"), 110) == 1.0
+
+
+def test_join_counts_what_does_not_join_and_never_misaligns():
+    import pyarrow as pa
+
+    cache_ids = ["a", "b", "c", "d"]
+    cache_texts = pa.array(["en a", "en b", "en c", "en d"])
+    parallel = ParallelCaptions({"zh": (["b", "x", "a"], ["zh b", "zh x", "zh a"]), "de": (["c"], ["de c"])}, {"zh": 1, "de": 0})
+    pairs, report = join_pairs(parallel, ["zh", "de", "en"], cache_ids, cache_texts)
+    got = {(pairs.languages[l], t, cache_ids[r]) for t, r, l in zip(pairs.texts.to_pylist(), pairs.rows, pairs.langs)}
+    assert got == {("zh", "zh b", "b"), ("zh", "zh a", "a"), ("de", "de c", "c"),
+                   ("en", "en a", "a"), ("en", "en b", "b"), ("en", "en c", "c")}
+    assert report["zh"] == {"pairs": 2, "empty_texts": 1, "ids_without_target": 1, "targets_without_text": 2,
+                            "examples_without_target": ["x"]}
+    assert report["de"]["targets_without_text"] == 3 and report["en"]["targets_without_text"] == 1
+
+
+def test_hash_split_is_stable_and_seeded():
+    ids = [f"id{i}" for i in range(2000)]
+    u = hash_unit(ids, 42)
+    assert np.array_equal(u, hash_unit(ids, 42)) and not np.array_equal(u, hash_unit(ids, 43))
+    assert 0.07 < (u < 0.1).mean() < 0.13
+    assert np.array_equal(hash_unit(ids[::-1], 42), u[::-1])  # a property of the id, not of its row
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(lr=-1e-4), "lr=-0.0001 must be > 0"),
+    (dict(batch_size=0), "batch_size=0 must be >= 1"),
+    (dict(loss="kl"), "loss='kl' is not valid"),
+    (dict(alpha=1.5), r"alpha=1.5 must be in \[0, 1\]"),
+    (dict(temperature=0), "temperature=0 must be > 0"),
+    (dict(val_fraction=0.1, val_data="v.jsonl"), "either --val-data or --val-fraction"),
+    (dict(student_layers=(1,)), "only used with --layer-kd"),
+    (dict(batch_size=10, grad_accum=3), "multiple of grad_accum"),
+    (dict(resume=True, overwrite=True), "either --resume or --overwrite"),
+    (dict(languages=()), "at least one language"),
+])
+def test_bad_config_values_are_one_line_errors(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**{**dict(data="d", cache="c", out="o"), **changes})
+
+
+# ---- training runs ----
+
+
+def test_loss_decreases_and_the_run_folder_is_complete(toy, tmp_path):
+    out = tmp_path / "run"
+    result = run(_config(toy, out, loss="mse", epochs=6, val_fraction=0.2, eval_every=6, save_every=6, keep_last=2, num_workers=1))
+    train = _records(out, "train")
+    assert result.steps == len(train) == train[-1]["step"] > 6
+    first, last = np.mean([r["loss"] for r in train[:3]]), np.mean([r["loss"] for r in train[-3:]])
+    assert last < 0.6 * first, (first, last)
+    val = _records(out, "val")
+    assert val[-1]["val_loss"] < val[0]["val_loss"] and {"val_r1_zh", "val_r1_de", "val_r1_en"} <= val[-1].keys()
+    for name in ("config.json", "metrics.jsonl", "curves.png", "join.json", "summary.json", "final/mclip.json"):
+        assert (out / name).exists(), name
+    assert [s for s, _ in checkpoints(out)] == [result.steps - 6, result.steps]  # keep_last=2
+    join = json.loads((out / "join.json").read_text())
+    cache_ids = shards.open_cache(toy["cache"]).ids()
+    assert join["validation_ids"] > 0 and join["train_ids"] + join["validation_ids"] == len(cache_ids)
+    assert join["train_pairs"] + join["held_out_pairs"] == 3 * len(cache_ids)
+    meta = json.loads((out / "final" / "mclip.json").read_text())
+    manifest = shards.open_cache(toy["cache"]).manifest
+    assert meta["teacher"]["fingerprint"] == manifest["teacher"]["fingerprint"] and meta["teacher"]["normalized"] is True
+    assert meta["languages"] == ["zh", "de", "en"] and meta["train"]["loss"] == "mse" and meta["dim"] == manifest["dim"]
+    saved = json.loads((out / "config.json").read_text())
+    assert TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["train"].items()}).epochs == 6
+    # the checkpoint of the last step holds the same student as final/
+    assert _max_diff(_weights(out / "final"), _weights(checkpoints(out)[-1][1])) == 0.0
+    assert load(out / "final").encode(toy["rows"][0]["caption_zh"]).shape == (manifest["dim"],)
+
+
+def test_validation_ids_are_never_trained_on(toy, tmp_path):
+    from mclip.train_student import prepare_pairs
+
+    config = _config(toy, tmp_path / "unused", val_fraction=0.25)
+    cache = shards.open_cache(toy["cache"])
+    train, val, report = prepare_pairs(config, cache)
+    assert val is not None and len(val) == 3 * len(np.unique(val.rows))  # every language of a held-out id is held out
+    assert not set(train.rows) & set(val.rows)
+    again, _, _ = prepare_pairs(config, cache)
+    assert np.array_equal(train.rows, again.rows)
+    val_file = tiny.write_captions(tmp_path / "val.jsonl", toy["rows"][:5])
+    train2, val2, report2 = prepare_pairs(dataclasses.replace(config, val_fraction=0.0, val_data=str(val_file)), cache)
+    assert set(val2.rows) == {0, 1, 2, 3, 4} and not set(train2.rows) & {0, 1, 2, 3, 4} and report2["held_out_pairs"] == 15
+
+
+def test_contrastive_and_layer_kd_train_with_learnt_temperature(toy, tmp_path):
+    out = tmp_path / "run"
+    result = run(_config(toy, out, loss="cl", alpha=0.5, layer_kd=True, epochs=2, grad_accum=2))
+    record = _records(out, "train")[-1]
+    assert {"mse", "infonce", "layer_kd"} <= record.keys() and record["loss"] == pytest.approx(
+        record["mse"] + record["infonce"] + record["layer_kd"], rel=1e-5)
+    assert record["temperature"] != pytest.approx(0.05, abs=1e-7)  # learnt
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["student_layers"] == [1, 2]  # the default maps teacher layers 1,2 of 2 onto student layers 1,2 of 2
+    state = torch.load(checkpoints(out)[-1][1] / "trainer.pt", weights_only=True)
+    assert state["extra"]["layer_proj.0.weight"].shape == (24, 32)  # student hidden 32 -> teacher hidden 24
+    assert state["step"] == result.steps
+
+
+def test_layer_kd_shapes(toy):
+    from mclip.student import build_student
+
+    student = build_student(str(toy["student"]), dim=24)
+    model = Distiller(student, 0.05, True, student_layers=(1, 2), teacher_width=24)
+    enc = student.tokenize(["goldmedaille", "金牌 and more"])
+    emb, states, temperature = model(enc["input_ids"], enc["attention_mask"])
+    assert emb.shape == (2, 24) and [s.shape for s in states] == [(2, 24), (2, 24)] and temperature.shape == ()
+    assert Distiller(student, 0.05, False).log_temperature.requires_grad is False
+
+
+def test_layer_kd_needs_cached_layers(toy, tmp_path, bert_teacher, capsys):
+    bare = tmp_path / "bare"
+    embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(bare), teacher=str(bert_teacher), id_column="id", progress=False))
+    with pytest.raises(UserError, match="--cache-layers"):
+        run(_config(toy, tmp_path / "run", cache=str(bare), layer_kd=True))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path, monkeypatch):
+    import mclip.losses
+
+    real, calls = mclip.losses.mse, []
+
+    def poisoned(student, target):
+        calls.append(1)
+        parts = real(student, target)
+        return {"mse": parts["mse"] * float("nan")} if len(calls) > 3 else parts
+
+    monkeypatch.setattr(mclip.losses, "mse", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"loss is nan at step 4 .*step-0000002"):
+        run(_config(toy, out, loss="mse", save_every=2))
+    assert [s for s, _ in checkpoints(out)] == [2] and not (out / "final").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp_path):
+    args = ["--data", str(toy["data"]), "--cache", str(toy["cache"]), "--student", str(toy["student"]), "--languages", "zh,de",
+            "--batch-size", "16", "--epochs", "1", "--warmup-steps", "2", "--lr", "2e-3", "--num-workers", "0", "--eval-every", "0",
+            "--save-every", "0", "--log-every", "1", "--no-progress", "--loss", "cl", "--alpha", "0.5", "--layer-kd", "--num-threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "mclip",
+           "train-student", "--out", str(tmp_path / "ddp"), *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = run(_config(toy, tmp_path / "single", loss="cl", alpha=0.5, layer_kd=True))
+    ddp_records, single_records = _records(tmp_path / "ddp", "train"), _records(tmp_path / "single", "train")
+    assert len(ddp_records) == len(single_records) == single.steps
+    assert np.allclose([r["loss"] for r in ddp_records], [r["loss"] for r in single_records], rtol=1e-4)
+    assert _max_diff(_weights(tmp_path / "ddp" / "final"), _weights(tmp_path / "single" / "final")) < 1e-5
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_killed_run_resumed_equals_uninterrupted(toy, tmp_path):
+    out = tmp_path / "killed"
+    args = ["train-student", "--data", str(toy["data"]), "--cache", str(toy["cache"]), "--out", str(out), "--student", str(toy["student"]),
+            "--languages", "zh,de", "--batch-size", "16", "--epochs", "4", "--warmup-steps", "2", "--lr", "2e-3", "--num-workers", "0",
+            "--eval-every", "0", "--save-every", "3", "--log-every", "1", "--no-progress", "--num-threads", "1", "--loss", "cl",
+            "--alpha", "0.5", "--layer-kd"]
+    proc = subprocess.Popen([sys.executable, "-m", "mclip", *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]  # killed mid-run, not finished
+    killed_at = checkpoints(out)[-1][0]
+    same = dict(epochs=4, save_every=3, loss="cl", alpha=0.5, layer_kd=True)  # the learnt temperature and projections resume too
+    resumed = run(_config(toy, out, resume=True, **same))
+    reference = run(_config(toy, tmp_path / "reference", **same))
+    assert resumed.steps == reference.steps and 3 <= killed_at < reference.steps
+    assert _max_diff(_weights(out / "final"), _weights(tmp_path / "reference" / "final")) <= 1e-5
+    assert _records(out, "train")[-1]["temperature"] == pytest.approx(_records(tmp_path / "reference", "train")[-1]["temperature"], abs=1e-6)
+    # records the killed run wrote after its checkpoint were dropped, so each step is logged once
+    assert [r["step"] for r in _records(out, "train")] == list(range(1, reference.steps + 1))
+    # resuming a finished run changes nothing
+    again = run(_config(toy, out, resume=True, **same))
+    assert again.steps == reference.steps and _max_diff(_weights(out / "final"), _weights(tmp_path / "reference" / "final")) <= 1e-5
+
+
+# ---- user errors: one line, exit code 2 ----
+
+
+def _cli_args(toy, out, *extra) -> list[str]:
+    return ["train-student", "--data", str(toy["data"]), "--cache", str(toy["cache"]), "--out", str(out), "--student", str(toy["student"]),
+            "--languages", "zh,de", "--batch-size", "16", "--max-steps", "2", "--warmup-steps", "1", "--num-workers", "0",
+            "--no-progress", *extra]
+
+
+def test_refuses_a_non_empty_run_folder(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert "--resume" in _cli(_cli_args(toy, out), capsys)
+    main(_cli_args(toy, out, "--overwrite"))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "final").is_dir()  # --overwrite replaces only the run's files
+
+
+def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(_cli_args(toy, out, "--save-every", "1"))
+    other_teacher = tiny.write_tiny_bert(tmp_path / "other_teacher", hidden=24, seed=7)
+    other = tmp_path / "other_cache"
+    embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(other), teacher=str(other_teacher), id_column="id", progress=False))
+    args = _cli_args(toy, out, "--resume")
+    args[args.index("--cache") + 1] = str(other)
+    assert "was made by teacher" in _cli(args, capsys)
+    assert "was trained with other arguments (lr: 0.0001 -> 0.001)" in _cli(_cli_args(toy, out, "--resume", "--lr", "1e-3"), capsys)
+
+
+def test_resume_refuses_a_cache_of_another_dimension(toy, tmp_path, clip_text_teacher, capsys):
+    out = tmp_path / "run"
+    main(_cli_args(toy, out, "--save-every", "1"))
+    clip_cache = tmp_path / "clip_cache"
+    embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(clip_cache), teacher=str(clip_text_teacher), id_column="id", progress=False))
+    args = _cli_args(toy, out, "--resume")
+    args[args.index("--cache") + 1] = str(clip_cache)
+    assert "projects to 24 dims but cache" in _cli(args, capsys)
+    # the same mismatch when continuing from an exported student
+    args = _cli_args(toy, tmp_path / "continue")
+    args[args.index("--cache") + 1], args[args.index("--student") + 1] = str(clip_cache), str(out / "final")
+    assert "projects to 24 dims" in _cli(args, capsys)
+
+
+def test_missing_language_column(toy, tmp_path, capsys):
+    args = _cli_args(toy, tmp_path / "run")
+    args[args.index("--languages") + 1] = "zh,fr"
+    assert "'caption_fr' for language 'fr' not found" in _cli(args, capsys)
+
+
+def test_empty_join(toy, tmp_path, capsys):
+    other_ids = tiny.write_captions(tmp_path / "other.jsonl", [{**r, "id": "x" + r["id"]} for r in toy["rows"]])
+    args = _cli_args(toy, tmp_path / "run")
+    args[args.index("--data") + 1] = str(other_ids)
+    assert "no caption id in" in _cli(args, capsys)
+    assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind, so the fixed command runs in the same --out
+
+
+def test_bad_values_from_the_command_line(toy, tmp_path, capsys):
+    assert "lr=-0.001 must be > 0" in _cli(_cli_args(toy, tmp_path / "a", "--lr", "-1e-3"), capsys)
+    assert "alpha=2.0 must be in [0, 1]" in _cli(_cli_args(toy, tmp_path / "b", "--alpha", "2"), capsys)
+    assert "larger than the" in _cli(_cli_args(toy, tmp_path / "c", "--batch-size", "4096"), capsys)
+    assert "loss='nope' is not valid" in _cli(_cli_args(toy, tmp_path / "d", "--loss", "nope"), capsys)
