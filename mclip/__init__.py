@@ -5,4 +5,24 @@ __version__ = "0.1.0"
 from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, TrainConfig  # noqa: E402  (configs import nothing heavy)
 
 # Heavy modules (torch, transformers, faiss) load on first use, so `import mclip` and `mclip --help` stay instant.
-_LAZY = {}
+# The stages are exported as modules (`mclip.embed_teacher.run(config)`): a function under a submodule's name would be
+# shadowed as soon as that submodule is imported.
+_STAGES = ("embed_teacher", "train_student", "eval_retrieval", "encode")
+
+
+def load(path, device=None, trust_remote_code: bool = False):
+    """Load an exported student (a run's final/ folder): `mclip.load(path).encode(texts)`."""
+    from mclip.student import load as _load
+
+    return _load(path, device=device, trust_remote_code=trust_remote_code)
+
+
+def __getattr__(name):
+    if name in _STAGES:
+        import importlib
+
+        return importlib.import_module(f"mclip.{name}")
+    raise AttributeError(f"module 'mclip' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "EmbedConfig", "TrainConfig", "EvalConfig", "EncodeConfig", "load", *_STAGES]

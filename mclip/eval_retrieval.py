@@ -63,10 +63,7 @@ def _check_pair(meta: dict, folder: Path, cache: shards.TeacherCache, warnings: 
         _warn(warnings, f"model {folder} records no teacher (no 'teacher' in mclip.json), so it cannot be checked against "
                         f"{theirs.get('name')!r}, the teacher of {cache.path}; scores are meaningless if they differ")
     elif ours["fingerprint"] != theirs.get("fingerprint"):
-        # the fingerprint covers the dtype the teacher was loaded in: the same checkpoint at bf16 and fp32 differs too
-        same_name = ours.get("name") == theirs.get("name")
-        hint = (f" (same name: other weights, or the same ones loaded at another precision; this cache was made at "
-                f"{cache.manifest.get('precision')})") if same_name else ""
+        hint = " (same name, other weights)" if ours.get("name") == theirs.get("name") else ""
         raise UserError(f"cache {cache.path} was made by teacher {theirs.get('name')!r} ({str(theirs.get('fingerprint'))[:12]}) but "
                         f"model {folder} was distilled from {ours.get('name')!r} ({ours['fingerprint'][:12]}){hint}; "
                         "pass the cache made by the model's teacher")
@@ -201,27 +198,18 @@ def _lang_order(lang: str, languages: list[str]) -> int:
 
 
 def _load_baseline_teacher(config: EvalConfig, cache: shards.TeacherCache, device, warnings: list[str]):
-    """The teacher that made the cache, at the cache's precision, to embed each language's text directly.
-
-    The weight fingerprint covers the dtype the weights were loaded in, so the teacher is loaded at the precision the
-    cache was made with (bf16 runs on CPU too); only then can it be checked to be the cache's teacher.
-    """
+    """The teacher that made the cache, checked by its weight fingerprint, to embed each language's text directly."""
+    from mclip.distributed import resolve_precision
     from mclip.teacher import load_teacher
 
     record = cache.manifest.get("teacher") or {}
     name = config.teacher or record.get("name")
     if not name:
         raise UserError(f"cache {cache.path} names no teacher; pass --teacher for --teacher-baseline")
-    made_at = cache.manifest.get("precision") or "fp32"
-    precision = "fp32" if made_at == "fp16" and device.type == "cpu" else made_at  # fp16 matmuls do not run on CPU
-    teacher = load_teacher(name, device=str(device), precision=precision, need_images=cache.has_images and record.get("kind") == "clip",
+    teacher = load_teacher(name, device=str(device), precision=resolve_precision("auto", device),
+                           need_images=cache.has_images and record.get("kind") == "clip",
                            max_length=record.get("max_length"), trust_remote_code=config.trust_remote_code)
-    if not record.get("fingerprint"):
-        return teacher
-    if precision != made_at:
-        _warn(warnings, f"cache {cache.path} was made at {made_at}, which this device cannot run; the baseline teacher runs at "
-                        f"{precision} and cannot be checked to be the cache's teacher")
-    elif teacher.info().fingerprint != record["fingerprint"]:
+    if record.get("fingerprint") and teacher.info().fingerprint != record["fingerprint"]:
         raise UserError(f"teacher {name!r} has other weights than the one that made cache {cache.path}; "
                         "pass --teacher with the exact teacher the cache was built with")
     return teacher

@@ -26,7 +26,7 @@ class TeacherInfo:
     hidden_size: int  # width of the hidden states (cached layer states have this width)
     num_layers: int  # transformer layers of the text tower
     max_length: int  # token limit
-    fingerprint: str  # blake2b over the weights: two caches match only if made by the same weights
+    fingerprint: str  # blake2b over the fp32 weights: two caches match only if made by the same checkpoint
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -54,7 +54,8 @@ def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class TeacherEncoder:
     """A ready model + tokenizer. `embed(input_ids, mask)` -> (B, D) float32 and pooled layer states."""
 
-    def __init__(self, model, tokenizer, kind: str, name: str = "", image_processor=None, max_length: int | None = None):
+    def __init__(self, model, tokenizer, kind: str, name: str = "", image_processor=None, max_length: int | None = None,
+                 weights_fingerprint: str | None = None):
         assert kind in ("clip", "encoder"), kind
         self.model, self.tokenizer, self.kind, self.name = model.eval(), tokenizer, kind, name
         self.image_processor = image_processor
@@ -75,7 +76,7 @@ class TeacherEncoder:
         self.max_length = int(max_length or limit)
         if self.max_length > limit:
             raise UserError(f"max_length={self.max_length} exceeds the teacher's limit of {limit} tokens; use --max-length {limit} or less")
-        self._fingerprint: str | None = None
+        self._fingerprint = weights_fingerprint  # computed lazily from the weights as they are when not given
 
     @property
     def device(self) -> torch.device:
@@ -184,8 +185,8 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
     if need_images and config.model_type != "clip":
         raise UserError(f"--image-column needs a full CLIP teacher (text + vision), but {name_or_path!r} is a {config.model_type} model; "
                         "drop --image-column or use e.g. openai/clip-vit-base-patch16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype)
+    # Load in fp32 and fingerprint there, so the same checkpoint has one fingerprint at any run precision.
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32)
     try:
         if config.model_type == "clip" and need_images:
             from transformers import CLIPModel
@@ -206,5 +207,7 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; check the id or folder (weights and tokenizer)") from None
-    model.to(device)
-    return TeacherEncoder(model, tokenizer, kind, name=str(name_or_path), image_processor=processor, max_length=max_length)
+    weights = fingerprint(model)
+    model.to(device=device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
+    return TeacherEncoder(model, tokenizer, kind, name=str(name_or_path), image_processor=processor, max_length=max_length,
+                          weights_fingerprint=weights)

