@@ -101,6 +101,8 @@ def train_student(
     pooler: str = typer.Option("mean", help="Student pooling: mean or cls."),
     max_length: int = typer.Option(128, help="Student token limit (capped by the model's)."),
     freeze_embeddings: bool = typer.Option(False, help="Freeze the word-embedding matrix."),
+    extend_vocab: bool = typer.Option(False, help="Add training characters the student's tokenizer maps to [UNK] as new tokens."),
+    projection_init: str = typer.Option("auto", help="auto (identity when student width == teacher dim), identity, random."),
     loss: str = typer.Option("cl", help="mse, cosine, or cl = (1 - alpha) * base + alpha * InfoNCE."),
     alpha: float = typer.Option(0.1, help="Weight of InfoNCE in the cl loss, in [0, 1]."),
     cl_base: str = typer.Option("mse", help="The cl loss's pointwise part: mse or cosine."),
@@ -143,7 +145,8 @@ def train_student(
     run(TrainConfig(data=data, cache=cache, out=out, student=student, languages=_language_list(languages), include_english=include_english,
                     split=split, id_column=id_column, text_column_template=text_column_template, val_data=val_data, val_split=val_split,
                     val_fraction=val_fraction, val_max_ids=val_max_ids, pooler=pooler, max_length=max_length,
-                    freeze_embeddings=freeze_embeddings, loss=loss, alpha=alpha, cl_base=cl_base, temperature=temperature,
+                    freeze_embeddings=freeze_embeddings,
+                    extend_vocab=extend_vocab, projection_init=projection_init, loss=loss, alpha=alpha, cl_base=cl_base, temperature=temperature,
                     fixed_temperature=fixed_temperature, layer_kd=layer_kd, student_layers=_ints(student_layers),
                     layer_kd_weight=layer_kd_weight, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                     lr=lr, weight_decay=weight_decay, betas=_float_list(betas), warmup_steps=warmup_steps, schedule=schedule,
@@ -230,6 +233,19 @@ def encode(
 
 
 # ---- pipelines: run; hardening: verify ----
+
+
+@app.command("run")
+def run_pipeline(
+    pipeline: str = typer.Argument(..., help="Pipeline TOML file, e.g. pipelines/demo.toml."),
+    out: Optional[str] = typer.Option(None, help="Run folder (default: the file's out)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting: section.key=value, e.g. train.lr=2e-4 (repeatable)."),
+):
+    """Run embed-teacher -> train-student -> eval-retrieval as a pipeline file names them; rerun to resume."""
+    from mclip.pipeline import load_pipeline, run
+
+    run(load_pipeline(pipeline, out=out, overrides=set_ or []))
+
 
 
 def main(argv: Optional[list[str]] = None) -> None:

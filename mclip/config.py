@@ -100,6 +100,8 @@ class TrainConfig:
     pooler: str = "mean"  # student pooling: mean or cls
     max_length: int = 128  # student token limit (capped by the model's own)
     freeze_embeddings: bool = False  # freeze the word-embedding matrix
+    extend_vocab: bool = False  # add training-text characters the student's tokenizer maps to [UNK] as new tokens
+    projection_init: str = "auto"  # auto (identity when student hidden == teacher dim), identity, random
     loss: str = "cl"  # mse | cosine | cl = (1 - alpha) * base + alpha * InfoNCE
     alpha: float = 0.1  # weight of InfoNCE in the cl loss, in [0, 1]
     cl_base: str = "mse"  # the cl loss's pointwise part: mse or cosine
@@ -148,6 +150,7 @@ class TrainConfig:
         _check(not (self.val_data and self.val_fraction > 0), "pass either --val-data or --val-fraction, not both")
         _check(self.val_max_ids >= 1, f"val_max_ids={self.val_max_ids} must be >= 1")
         _choice("pooler", self.pooler, ("mean", "cls"))
+        _choice("projection_init", self.projection_init, ("auto", "identity", "random"))
         _check(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
         _choice("loss", self.loss, LOSSES)
         _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")
@@ -274,6 +277,22 @@ class EncodeConfig:
 
 
 # ---- pipelines: PipelineConfig (mclip run) ----
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """A whole run, embed-teacher -> train-student -> eval-retrieval, as one TOML file names it (see mclip/pipeline.py)."""
+
+    name: str = ""  # what the pipeline is, shown in the final report
+    out: str = ""  # run folder: cache/, train/ and eval/ land inside it
+    embed: EmbedConfig | None = None  # stage 1, the file's [embed] table (its out is out/cache)
+    train: TrainConfig | None = None  # stage 2, [train] (cache and out are out/cache and out/train)
+    eval: EvalConfig | None = None  # stage 3, [eval] (model, cache and out are out/train/final, out/cache, out/eval)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out), "out is empty; set out in the pipeline file or pass --out")
+        for name in ("embed", "train", "eval"):
+            _check(getattr(self, name) is not None, f"the pipeline has no [{name}] table; every pipeline file needs [embed], [train] and [eval]")
 
 
 def to_dict(config: Any) -> dict:

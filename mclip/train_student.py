@@ -26,7 +26,7 @@ from torch import nn
 from mclip import __version__, distributed, losses, shards
 from mclip.config import TrainConfig, to_dict
 from mclip.errors import UserError
-from mclip.student import META, StudentEncoder, build_student, load, pool
+from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
@@ -236,7 +236,7 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     return floor + (config.lr - floor) * shape
 
 
-def _student(config: TrainConfig, cache, checkpoint: Path | None) -> StudentEncoder:
+def _student(config: TrainConfig, cache, checkpoint: Path | None, train: Pairs) -> StudentEncoder:
     """The checkpoint's student on resume; else an exported mclip student to continue, or a fresh HF encoder + projection."""
     if checkpoint is not None or (Path(config.student) / META).exists():
         source = checkpoint or Path(config.student)
@@ -245,7 +245,9 @@ def _student(config: TrainConfig, cache, checkpoint: Path | None) -> StudentEnco
             raise UserError(f"student {source} was exported with --pooler {student.pooler}; pass --pooler {student.pooler}")
     else:
         student = build_student(config.student, cache.dim, pooler=config.pooler, max_length=config.max_length,
-                                trust_remote_code=config.trust_remote_code)
+                                trust_remote_code=config.trust_remote_code, projection_init=config.projection_init)
+        if config.extend_vocab:
+            student.meta["added_tokens"] = len(extend_vocabulary(student, train.texts.to_pylist()))
     if student.dim != cache.dim:
         raise UserError(f"student {checkpoint or config.student} projects to {student.dim} dims but cache {config.cache} holds "
                         f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student")
@@ -484,7 +486,7 @@ def run(config: TrainConfig) -> TrainResult:
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {config.batch_size} is larger than the {len(train)} training pairs; lower it")
     total_steps = min(steps_per_epoch * config.epochs, config.max_steps or math.inf)
-    student = _student(config, cache, resume_from)
+    student = _student(config, cache, resume_from, train)
     config = dataclasses.replace(config, student_layers=_layer_plan(config, cache, student))
     teacher = cache.manifest["teacher"]
     student.meta.update({"teacher": {k: teacher[k] for k in ("name", "fingerprint", "dim", "kind", "pooling")} |
@@ -494,7 +496,9 @@ def run(config: TrainConfig) -> TrainResult:
     targets = shards.to_numpy(cache.table(["embedding"]).column("embedding"), dtype=np.dtype(cache.manifest["dtype"]))  # (N, D)
     layer_targets = [shards.to_numpy(cache.table([c]).column(c), dtype=np.dtype(cache.manifest["dtype"]))
                      for c in (shards.layer_column(t) for t in (cache.layers if config.layer_kd else ()))]  # K x (N, H)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    # fused: one kernel over all parameters; on CPU it is ~6x faster than the per-tensor loop for a 22M-parameter student
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                                  fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     lengths = pc.utf8_length(train.texts).to_numpy(zero_copy_only=False)  # characters: a cheap proxy for tokens
 
@@ -630,7 +634,7 @@ def run(config: TrainConfig) -> TrainResult:
     metrics = {k: v for k, v in {**last, **last_val}.items() if k != "kind"}
     result = TrainResult(out, final, step, metrics, trained_pairs / train_seconds if train_seconds else 0.0,
                          time.perf_counter() - started, report)
-    if ctx.is_main:
+    if ctx.is_main and (trained_pairs or not (final / META).exists()):  # a finished run resumed leaves its final/ as it was
         _export(out, model)
         if metrics_path.read_text(encoding="utf-8").strip():
             plot_curves(metrics_path, out / "curves.png")
