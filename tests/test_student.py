@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mclip.errors import UserError
-from mclip.student import build_student, load, pool
+from mclip.student import build_student, extend_vocabulary, load, pool
 from tests import tiny
 
 TEXTS = tiny.CORPUS + ["a much longer caption " * 20, "x"]
@@ -90,3 +90,30 @@ def test_load_refuses_a_folder_that_is_not_an_export(bert_student):
 def test_build_refuses_a_missing_model(tmp_path):
     with pytest.raises(UserError, match="cannot load student"):
         build_student(str(tmp_path / "nope"), dim=8)
+
+
+def test_identity_projection_reproduces_the_teacher_when_the_student_is_the_teacher(bert_teacher):
+    """A student built from the teacher's own weights starts equal to the (mean-pooled) teacher: projection = identity."""
+    from mclip.teacher import load_teacher
+
+    teacher = load_teacher(str(bert_teacher))
+    student = build_student(str(bert_teacher), teacher.dim, pooler="mean")
+    texts = ["a dog", "woman standing", "red apple on a table"]
+    assert np.abs(student.encode(texts) - teacher.encode(texts)).max() < 1e-5
+    assert not torch.equal(build_student(str(bert_teacher), teacher.dim, projection_init="random").projection.weight, torch.eye(teacher.dim))
+    with pytest.raises(UserError, match="identity needs"):
+        build_student(str(bert_teacher), teacher.dim + 1, projection_init="identity")
+
+
+def test_extend_vocabulary_adds_only_unknown_characters_and_survives_save(tmp_path):
+    folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["a dog", "ein hund"])  # no CJK in the vocabulary
+    student = build_student(str(folder), 16)
+    unk = student.tokenizer.unk_token_id
+    assert unk in student.tokenizer("站立的女人")["input_ids"]
+    added = extend_vocabulary(student, ["站立的女人", "a dog", "一只狗"])
+    assert added == sorted(set("站立的女人一只狗")) and extend_vocabulary(student, ["站立的女人"]) == []
+    assert unk not in student.tokenizer("站立的女人 a dog")["input_ids"]
+    assert student.backbone.get_input_embeddings().weight.shape[0] == len(student.tokenizer)
+    before = student.encode(["站立的女人", "一只狗"])
+    student.save(tmp_path / "out")
+    assert np.abs(load(tmp_path / "out").encode(["站立的女人", "一只狗"]) - before).max() < 1e-5
