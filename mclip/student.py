@@ -175,24 +175,39 @@ def build_student(name_or_path: str, dim: int, pooler: str = "mean", max_length:
     return StudentEncoder(backbone, tokenizer, dim, pooler=pooler, max_length=max_length, projection=projection, meta=meta)
 
 
-def extend_vocabulary(student: StudentEncoder, texts) -> list[str]:
-    """Add, as new tokens, the characters of `texts` that the student's tokenizer can only map to its unknown token.
+def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0) -> list[str]:
+    """Add new tokens to the student for what its tokenizer reads badly in `texts`; returns the added tokens.
 
-    An English-vocabulary student (e.g. one initialised from the teacher) otherwise reads most Chinese and much Japanese as
-    [UNK]; the new embedding rows start at the old rows' mean and covariance (transformers' resize_token_embeddings).
+    Always: the characters it can only map to its unknown token (an English-vocabulary student reads most Chinese as
+    [UNK]). With min_word_count > 0 also: whitespace-separated words seen at least that often that it splits into 3+
+    pieces (a Latin vocabulary spells Cyrillic, Arabic or Hangul words letter by letter), added as whole words. New rows
+    start at the old embeddings' mean and covariance (transformers' resize_token_embeddings).
     """
+    from collections import Counter
+
+    from tokenizers import AddedToken
+
     tok = student.tokenizer
-    if tok.unk_token_id is None:
+    texts = list(texts)
+    normalizer = getattr(getattr(tok, "backend_tokenizer", None), "normalizer", None)
+    normal = [normalizer.normalize_str(t) for t in texts] if normalizer is not None else texts
+    chars = sorted({c for text in normal for c in text if not c.isspace()})
+    added: list = []
+    if tok.unk_token_id is not None and chars:
+        ids = tok(chars, add_special_tokens=False)["input_ids"]
+        added += [c for c, seq in zip(chars, ids) if seq == [tok.unk_token_id]]
+    if min_word_count > 0:
+        unknown = set(added)
+        counts = Counter(w for text in normal for w in text.split() if not (set(w) & unknown))
+        words = sorted(w for w, n in counts.items() if n >= min_word_count and len(w) > 1)
+        pieces = tok(words, add_special_tokens=False)["input_ids"] if words else []
+        added += [w for w, seq in zip(words, pieces) if len(seq) >= 3]
+    if not added:
         return []
-    chars = sorted({c for text in texts for c in text if not c.isspace()})
-    if not chars:
-        return []
-    ids = tok(chars, add_special_tokens=False)["input_ids"]
-    missing = [c for c, seq in zip(chars, ids) if seq == [tok.unk_token_id]]
-    if missing:
-        tok.add_tokens(missing)
-        student.backbone.resize_token_embeddings(len(tok))
-    return missing
+    # single_word: a word token matches whole words only; normalized: it matches the text as the tokenizer normalises it
+    tok.add_tokens([AddedToken(t, single_word=len(t) > 1, normalized=True) for t in added])
+    student.backbone.resize_token_embeddings(len(tok))
+    return added
 
 
 def load(path: str | Path, device: str | torch.device | None = None, trust_remote_code: bool = False) -> StudentEncoder:
