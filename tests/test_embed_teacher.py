@@ -351,7 +351,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, clip_text_teac
     done = shards.shard_files(out)
     assert 1 <= len(done) < 50, "the run must have been killed mid-way"
     for path in out.iterdir():  # no visible partial shard: finished shards are whole, temp files are hidden
-        assert (path.name == "manifest.json" or (shards.SHARD_RE.match(path.name) and shards.read_shard_stats(path) is not None)
+        assert (path.name in ("manifest.json", ".mclip.lock") or (shards.SHARD_RE.match(path.name) and shards.read_shard_stats(path) is not None)
                 or re.fullmatch(r"\.shard-\d{5}\.arrow\..+\.tmp", path.name)), path.name
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["complete"] is False
     mtimes = {p.name: p.stat().st_mtime_ns for p in done}
