@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mclip import retrieval, shards
+from mclip import lock, retrieval, shards
 from mclip.config import EvalConfig, to_dict
 from mclip.encode import model_folder, prepare_output
-from mclip.errors import UserError
+from mclip.errors import UserError, writing
 
 OUTPUTS = ("metrics.json", "report.md", "r_at_1.png", "eval.json")
 DIRECTIONS = ("text_to_text", "text_to_text_reverse", "text_to_image", "image_to_text")
 BASELINE = "teacher_baseline"
+RERUN = "rerun the same command with --overwrite"  # after a failed write
 TIE_RULE = "ties count against the query: rank = 1 + non-relevant items scoring >= the best relevant one"
 
 
@@ -123,6 +124,11 @@ def _gather(table, column: str, rows: np.ndarray) -> np.ndarray:
 
 def run(config: EvalConfig) -> EvalResult:
     """Score the student per language (and its teacher baseline) and write the report files to --out."""
+    with lock.hold(config.out, "eval-retrieval"):
+        return _run(config)
+
+
+def _run(config: EvalConfig) -> EvalResult:
     start = time.perf_counter()
     out = Path(config.out)
     prepare_output(out, lambda name: name in OUTPUTS, config.overwrite, "eval-retrieval")
@@ -307,15 +313,24 @@ def _chart(result: EvalResult, languages: list[str]) -> bytes:
 
 
 def _write(result: EvalResult, config: EvalConfig, folder: Path, meta: dict, cache: shards.TeacherCache) -> None:
-    result.out.mkdir(parents=True, exist_ok=True)
-    shards.write_json(result.out / "metrics.json", result.metrics)
-    shards.atomic_write_bytes(result.out / "report.md", _markdown(result, config, folder, cache).encode("utf-8"))
-    shards.atomic_write_bytes(result.out / "r_at_1.png", _chart(result, list(config.languages)))
-    shards.write_json(result.out / "eval.json", {
-        "config": to_dict(config), "model": str(folder), "model_teacher": meta.get("teacher"),
-        "cache": {"path": str(cache.path), "teacher": cache.manifest.get("teacher"), "dim": cache.dim, "images": cache.has_images},
-        "counts": result.counts, "rows": result.rows, "warnings": result.warnings, "tie_rule": TIE_RULE,
-        "seconds": round(result.seconds, 3)})
+    """Each file whole or absent (atomic writes); a failed one is named with what to do."""
+    payloads = {
+        "metrics.json": lambda: json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n",
+        "report.md": lambda: _markdown(result, config, folder, cache),
+        "r_at_1.png": lambda: _chart(result, list(config.languages)),
+        "eval.json": lambda: json.dumps({
+            "config": to_dict(config), "model": str(folder), "model_teacher": meta.get("teacher"),
+            "cache": {"path": str(cache.path), "teacher": cache.manifest.get("teacher"), "dim": cache.dim, "images": cache.has_images},
+            "counts": result.counts, "rows": result.rows, "warnings": result.warnings, "tie_rule": TIE_RULE,
+            "seconds": round(result.seconds, 3)}, indent=2, ensure_ascii=False) + "\n",
+    }
+    assert tuple(payloads) == OUTPUTS, f"{tuple(payloads)} != {OUTPUTS}"
+    with writing(result.out, RERUN):
+        result.out.mkdir(parents=True, exist_ok=True)
+    for name, payload in payloads.items():
+        data = payload()
+        with writing(result.out / name, RERUN):
+            shards.atomic_write_bytes(result.out / name, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _print_table(result: EvalResult, config: EvalConfig) -> None:
