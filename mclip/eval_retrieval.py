@@ -73,7 +73,7 @@ def _check_pair(meta: dict, folder: Path, cache: shards.TeacherCache, warnings: 
 def _join(captions, languages: list[str], ids: list[str], texts: list[str], config: EvalConfig, warnings: list[str]) -> dict[str, _Lang]:
     """Each language's captions with the cache row of their id; ids absent from the cache are counted and left out."""
     row_of = {i: r for r, i in enumerate(ids)}
-    joined, total = {}, 0
+    joined, total, notes = {}, 0, []  # notes become warnings only once the join is known to hold something
     for lang in languages:
         if lang == "en" and not captions.by_lang.get("en", ([], []))[0]:  # no English in the data: the cache's own captions of the scored ids
             wanted = list(dict.fromkeys(i for other in joined.values() for i in other.rows))
@@ -85,7 +85,7 @@ def _join(captions, languages: list[str], ids: list[str], texts: list[str], conf
         missing = len(lang_ids) - len(keep)
         if missing:
             example = next(i for i in lang_ids if i not in row_of)
-            _warn(warnings, f"{lang}: {missing:,} of {len(lang_ids):,} ids are not in the cache (e.g. {example!r}); they are left out")
+            notes.append(f"{lang}: {missing:,} of {len(lang_ids):,} ids are not in the cache (e.g. {example!r}); they are left out")
         keep = keep[: config.limit] if config.limit else keep
         joined[lang] = _Lang([t for _, t in keep], np.array([r for r, _ in keep], dtype=np.int64), missing, captions.missing.get(lang, 0))
         total += len(keep)
@@ -93,6 +93,8 @@ def _join(captions, languages: list[str], ids: list[str], texts: list[str], conf
         sample = next((captions.pairs(code)[0][0] for code in languages if code in captions.by_lang and captions.pairs(code)[0]), None)
         raise UserError(f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
                         f"(e.g. {ids[0] if ids else None!r}); pass the cache built from this data, or the right --id-column")
+    for note in notes:
+        _warn(warnings, note)
     for lang in [code for code in joined if len(joined[code].rows) == 0]:
         _warn(warnings, f"{lang}: no caption joins the cache; the language is left out")
         del joined[lang]
