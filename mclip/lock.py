@@ -11,9 +11,9 @@ import fcntl
 import json
 import os
 import socket
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 from mclip.errors import UserError, write_error
 

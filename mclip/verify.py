@@ -97,8 +97,9 @@ def _cache(folder: Path) -> VerifyResult:
     except UserError as exc:
         return VerifyResult(folder, "teacher cache", [str(exc)], 0)
     if not manifest.get("complete"):
-        return VerifyResult(folder, "teacher cache", [f"{folder / shards.MANIFEST}: the cache is incomplete (its run was interrupted); "
-                                                      "rerun the same `mclip embed-teacher` command to finish it"], 0)
+        problem = (f"{folder / shards.MANIFEST}: the cache is incomplete (its run was interrupted); "
+                   "rerun the same `mclip embed-teacher` command to finish it")
+        return VerifyResult(folder, "teacher cache", [problem], 0)
     cache = shards.TeacherCache(folder, manifest)
     notes = [f"{p}: temp file left by a killed run (removed by the next embed-teacher run)" for p in sorted(folder.glob(".shard-*.tmp"))]
     return VerifyResult(folder, "teacher cache", cache.verify(), len(cache.files), notes)
