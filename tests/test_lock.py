@@ -82,6 +82,17 @@ def test_an_output_that_is_a_file_is_refused(tmp_path):
         lock.OutputLock(tmp_path / "file", "encode").acquire()
 
 
+def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path):
+    from mclip.distributed import Dist
+
+    out = tmp_path / "out"
+    with lock.hold(out, "embed-teacher", Dist(rank=1, world_size=1)) as held:  # world 1: no process group to broadcast over
+        assert held is None and not out.exists()
+    with lock.hold(out, "embed-teacher", Dist(rank=0, world_size=1)) as held:
+        assert held is not None and lock.holder(out)["pid"] == os.getpid()
+    assert not out.exists()
+
+
 def _argv(verb: str, small_run, out: Path) -> list[str]:
     s = small_run
     return {
