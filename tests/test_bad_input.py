@@ -42,7 +42,7 @@ def fx(small_run, clip_text_teacher, tmp_path_factory):
     paths["latin1"] = root / "latin1.jsonl"
     paths["latin1"].write_bytes('{"caption": "ok"}\n{"caption": "crème brûlée"}\n'.encode("latin-1"))
     paths["latin1_txt"] = root / "latin1.txt"
-    paths["latin1_txt"].write_bytes("ein Hund\n".encode() + "café crème\n".encode("latin-1"))
+    paths["latin1_txt"].write_bytes(b"ein Hund\n" + "café crème\n".encode("latin-1"))
     paths["texts"] = root / "texts.txt"
     paths["texts"].write_text("ein Hund\n一只狗\n", encoding="utf-8")
     gpt2 = tiny.write_tiny_gpt2(root / "gpt2")
