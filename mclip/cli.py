@@ -248,6 +248,17 @@ def run_pipeline(
     run(load_pipeline(pipeline, out=out, overrides=set_ or []))
 
 
+@app.command("verify")
+def verify(path: str = typer.Argument(..., help="A teacher cache, a train-student run folder, or a final/ (or checkpoint) folder.")):
+    """Check a cache, a run (every checkpoint and final/) or a student folder against its checksums; changes nothing.
+
+    Prints one line per problem and a summary; exit code 0 when intact, 1 when problems were found, 2 on a user error."""
+    from mclip.verify import report, run
+
+    code = report(run(path))
+    if code:
+        raise SystemExit(code)
+
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: a user error is one line on stderr and exit code 2 (the traceback only with --debug)."""

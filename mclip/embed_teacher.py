@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mclip import __version__, distributed, shards
+from mclip import __version__, distributed, lock, shards
 from mclip.config import EmbedConfig, to_dict
-from mclip.errors import UserError
+from mclip.errors import UserError, writing
 
 # Fields that change how fast a run goes, not what it writes: a resumed run may change them.
 RUNTIME_FIELDS = {"device", "precision", "num_threads", "batch_tokens", "max_batch_size", "overwrite", "progress", "out"}
+RERUN = "rerun the same command to resume"  # what to do after a failed write: finished shards are kept
 
 
 @dataclass
@@ -63,41 +64,60 @@ def request_of(config: EmbedConfig) -> dict:
 
 
 def _clear(out: Path) -> None:
-    for path in shards.shard_files(out):
-        path.unlink()
-    for path in out.glob(".shard-*.tmp"):
-        path.unlink()
-    (out / shards.MANIFEST).unlink(missing_ok=True)
+    for path in [*shards.shard_files(out), *out.glob(".shard-*.tmp"), out / shards.MANIFEST]:
+        with writing(path, RERUN):
+            path.unlink(missing_ok=True)
 
 
-def _prepare_output(config: EmbedConfig) -> str:
-    """Check the output folder against this request: 'fresh', 'resume' or 'complete'; refuse a mismatch."""
+def _check_output(config: EmbedConfig) -> str:
+    """What the output folder holds for this request, read-only: 'fresh' (nothing of ours), 'replace' (--overwrite of
+    another cache), 'resume' (a killed run of this request), 'repair' (a finished one with a missing or cut shard) or
+    'complete'; refuse a mismatch. Nothing is removed before the inputs have been checked (`_claim_output`)."""
     out = Path(config.out)
     request = request_of(config)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()):
-        manifest = shards.read_manifest(out)
-        if manifest is None:
-            if not config.overwrite:
-                raise UserError(f"--out {out} is not empty and holds no mclip cache; choose an empty folder or pass --overwrite")
-            _clear(out)
-        elif manifest.get("request") != request:
-            if not config.overwrite:
-                old = manifest.get("request", {})
-                diff = ", ".join(f"{k}: {old.get(k)!r} -> {request.get(k)!r}" for k in request if old.get(k) != request.get(k))
-                raise UserError(f"{out} holds a cache made with other arguments ({diff}); repeat them to resume, or pass --overwrite to replace it")
-            _clear(out)
-        else:
-            for stale in out.glob(".shard-*.tmp"):  # left by a killed run; never visible as a shard
-                stale.unlink()
-            return "complete" if manifest.get("complete") else "resume"
-    out.mkdir(parents=True, exist_ok=True)
-    shards.write_json(out / shards.MANIFEST, {
-        "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "mclip_version": __version__, "complete": False,
-        "request": request, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
-    return "fresh"
+    if not out.is_dir() or not any(not lock.is_lock(p.name) for p in out.iterdir()):
+        return "fresh"
+    manifest = shards.read_manifest(out)
+    if manifest is None:
+        if not config.overwrite:
+            raise UserError(f"--out {out} is not empty and holds no mclip cache; choose an empty folder or pass --overwrite")
+        return "replace"
+    if manifest.get("request") != request:
+        if not config.overwrite:
+            old = manifest.get("request", {})
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {request.get(k)!r}" for k in request if old.get(k) != request.get(k))
+            raise UserError(f"{out} holds a cache made with other arguments ({diff}); repeat them to resume, or pass --overwrite to replace it")
+        return "replace"
+    if not manifest.get("complete"):
+        return "resume"
+    damage = shards.TeacherCache(out, manifest).damage()
+    if damage is not None:
+        print(f"mclip: warning: shard {damage[0]} {damage[1]}; recomputing it", file=sys.stderr)
+        return "repair"
+    return "complete"
+
+
+def _claim_output(config: EmbedConfig, status: str, info) -> None:
+    """Make the folder this run's: clear a replaced cache, start a manifest (or reopen a killed run's), record the teacher."""
+    out = Path(config.out)
+    if status == "replace":
+        _clear(out)
+    manifest = shards.read_manifest(out) if status in ("resume", "repair") else None
+    if manifest is None:
+        manifest = {"format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "mclip_version": __version__, "complete": False,
+                    "request": request_of(config), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    elif manifest.get("teacher") and manifest["teacher"]["fingerprint"] != info.fingerprint:
+        raise UserError(f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these")
+    for stale in out.glob(".shard-*.tmp"):  # left by a killed run; never visible as a shard
+        with writing(stale, RERUN):
+            stale.unlink(missing_ok=True)
+    if status == "repair":  # finished, then a shard went missing or was cut: recompute it and finish again
+        manifest = {k: v for k, v in manifest.items() if k not in ("shards", "totals")} | {"complete": False}
+    manifest["teacher"] = info.__dict__
+    with writing(out / shards.MANIFEST, RERUN):
+        shards.write_json(out / shards.MANIFEST, manifest)
 
 
 def _load_rows(config: EmbedConfig):
@@ -250,6 +270,12 @@ def _to_table(work: _Work, emb, states, image_emb, config: EmbedConfig, schema):
     return pa.table(columns, schema=schema)
 
 
+def _write_shard(out: Path, k: int, table, stats: dict) -> Path:
+    path = out / shards.shard_name(k)
+    with writing(path, RERUN):  # a failed write leaves no shard (the temp file goes), so the rerun recomputes just this one
+        return shards.write_shard(out, k, table, stats)
+
+
 def _finished(out: Path, k: int, config: EmbedConfig) -> bool:
     stats = shards.read_shard_stats(out / shards.shard_name(k))
     return stats is not None and stats.get("first_row") == k * config.shard_size
@@ -259,16 +285,27 @@ def run(config: EmbedConfig) -> EmbedResult:
     """Embed every caption once with the teacher; resume a killed run; split shards over torchrun ranks."""
     start = time.perf_counter()
     ctx, device = distributed.setup(config.device)
-    out = Path(config.out)
-    status = None
+    with lock.hold(config.out, "embed-teacher", ctx):
+        return _run(config, ctx, device, start)
+
+
+def _main_only(ctx, fn):
+    """Run `fn` on rank 0 and hand its result, or its UserError, to every rank."""
+    result = None
     if ctx.is_main:
         try:
-            status = _prepare_output(config)
+            result = fn()
         except UserError as exc:
-            status = exc
-    status = distributed.broadcast_object(status)
-    if isinstance(status, UserError):
-        raise status
+            result = exc
+    result = distributed.broadcast_object(result)
+    if isinstance(result, UserError):
+        raise result
+    return result
+
+
+def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
+    out = Path(config.out)
+    status = _main_only(ctx, lambda: _check_output(config))
     if status == "complete":
         manifest = shards.read_manifest(out)
         return EmbedResult(out, manifest["totals"]["rows"], len(manifest["shards"]), 0, 0, 0, time.perf_counter() - start,
@@ -291,12 +328,7 @@ def run(config: EmbedConfig) -> EmbedResult:
     if bad_layers:
         raise UserError(f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick layers 1..{teacher.num_layers}")
     info = teacher.info()
-    if ctx.is_main:
-        manifest = shards.read_manifest(out)
-        if manifest.get("teacher") and manifest["teacher"]["fingerprint"] != info.fingerprint:
-            raise UserError(f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these")
-        manifest["teacher"] = info.__dict__
-        shards.write_json(out / shards.MANIFEST, manifest)
+    _main_only(ctx, lambda: _claim_output(config, status, info))  # only now, with every input checked, is anything written
     batch_tokens = config.batch_tokens or (131072 if device.type == "cuda" else 8192)
     schema = shards.cache_schema(teacher.dim, config.dtype, {layer: teacher.hidden_size for layer in config.cache_layers},
                                  teacher.dim if config.image_column else None)
@@ -322,7 +354,7 @@ def run(config: EmbedConfig) -> EmbedResult:
                      "skipped": work.skipped, "truncated": work.truncated, "duplicates": len(work.inverse) - len(work.tokens)}
             if pending_write is not None:
                 pending_write.result()
-            pending_write = writer.submit(shards.write_shard, out, k, table, stats)
+            pending_write = writer.submit(_write_shard, out, k, table, stats)
             captions += len(work.tokens)
             tokens += n_tokens
             bar.update(work.end_row - work.first_row)
@@ -348,7 +380,7 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teach
         if stats is None:
             raise UserError(f"shard {path} is missing or unreadable after the run; rerun the same command to recompute it")
         entries.append({"file": path.name, "rows": stats["rows"], "first_row": stats["first_row"], "end_row": stats["end_row"],
-                        "sha256": shards.file_sha256(path)})
+                        "bytes": path.stat().st_size, "sha256": shards.file_sha256(path)})
         for key in ("rows", "skipped", "truncated", "duplicates"):
             totals[key] += stats[key]
     manifest = shards.read_manifest(out)
@@ -364,7 +396,8 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teach
         "config": to_dict(config), "shards": entries, "totals": totals,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    shards.write_json(out / shards.MANIFEST, manifest)
+    with writing(out / shards.MANIFEST, RERUN):
+        shards.write_json(out / shards.MANIFEST, manifest)
     return manifest
 
 

@@ -13,12 +13,13 @@ from typing import Iterator
 
 import numpy as np
 
-from mclip import shards
+from mclip import lock, shards
 from mclip.config import EncodeConfig, to_dict
-from mclip.errors import UserError
+from mclip.errors import UserError, writing
 
 SUMMARY = "encode.json"
 NPY = "embeddings.npy"
+RERUN = "rerun the same command with --overwrite"  # after a failed write: encode has no resume
 
 
 @dataclass
@@ -56,7 +57,7 @@ def prepare_output(out: Path, owned, overwrite: bool, command: str) -> None:
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    present = sorted(p.name for p in out.iterdir() if not lock.is_lock(p.name)) if out.is_dir() else []
     if not present:
         return
     if not overwrite:
@@ -139,6 +140,11 @@ def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[
 
 def run(config: EncodeConfig) -> EncodeResult:
     """Encode every text with the student; write shard-NNNNN.arrow (id, text, embedding), encode.json and embeddings.npy."""
+    with lock.hold(config.out, "encode"):
+        return _run(config)
+
+
+def _run(config: EncodeConfig) -> EncodeResult:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
@@ -159,14 +165,16 @@ def run(config: EncodeConfig) -> EncodeResult:
     if total == 0:
         raise UserError(f"no texts to encode in {config.input or config.data} (all empty); check the file or --column")
     prepare_output(out, _owned, config.overwrite, "encode")
-    out.mkdir(parents=True, exist_ok=True)
-    for old in shards.shard_files(out):  # only reached with --overwrite and only this command's own files present
-        old.unlink()
-
     model = load(folder, device=distributed.resolve_device(config.device), trust_remote_code=config.trust_remote_code)
+    with writing(out, RERUN):  # a previous encode's files go only now, with the model loaded and the input read
+        out.mkdir(parents=True, exist_ok=True)
+        for old in shards.shard_files(out):  # only reached with --overwrite and only this command's own files present
+            old.unlink()
+
     schema = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),
                         pa.field("embedding", pa.list_(shards.ARROW_DTYPES[config.dtype], model.dim), nullable=False)])
-    npy = np.lib.format.open_memmap(out / NPY, mode="w+", dtype=np.dtype(config.dtype), shape=(total, model.dim)) if config.npy else None
+    with writing(out / NPY, RERUN):
+        npy = np.lib.format.open_memmap(out / NPY, mode="w+", dtype=np.dtype(config.dtype), shape=(total, model.dim)) if config.npy else None
     bar = tqdm(total=total, unit="text", desc="encode", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
     files, row = [], 0
     for index, (ids, texts) in enumerate(_chunks(pairs, config.shard_size)):
@@ -177,19 +185,22 @@ def run(config: EncodeConfig) -> EncodeResult:
         emb = np.concatenate(parts)  # (n, D)
         table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
                           "embedding": shards.fixed_list(emb, config.dtype)}, schema=schema)
-        files.append(shards.write_shard(out, index, table, {"rows": len(texts), "first_row": row}))
-        if npy is not None:
-            npy[row : row + len(texts)] = emb
+        with writing(out / shards.shard_name(index), RERUN):
+            files.append(shards.write_shard(out, index, table, {"rows": len(texts), "first_row": row}))
+            if npy is not None:
+                npy[row : row + len(texts)] = emb
         row += len(texts)
     bar.close()
     assert row == total, f"encoded {row} texts, counted {total}"
     if npy is not None:
-        npy.flush()
+        with writing(out / NPY, RERUN):
+            npy.flush()
         del npy
     summary = {"model": str(folder), "rows": row, "skipped": skipped, "dim": model.dim, "dtype": config.dtype,
                "normalized": config.normalize, "files": [f.name for f in files], "npy": NPY if config.npy else None,
                "student": {k: model.meta.get(k) for k in ("dim", "pooler", "teacher") if k in model.meta}, "config": to_dict(config)}
-    shards.write_json(out / SUMMARY, summary)
+    with writing(out / SUMMARY, RERUN):
+        shards.write_json(out / SUMMARY, summary)
     if not config.npy:
         (out / NPY).unlink(missing_ok=True)  # a stale one from an overwritten run would no longer match
     seconds = time.perf_counter() - start

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mclip import retrieval, shards
+from mclip import lock, retrieval, shards
 from mclip.config import EvalConfig, to_dict
 from mclip.encode import model_folder, prepare_output
-from mclip.errors import UserError
+from mclip.errors import UserError, writing
 
 OUTPUTS = ("metrics.json", "report.md", "r_at_1.png", "eval.json")
 DIRECTIONS = ("text_to_text", "text_to_text_reverse", "text_to_image", "image_to_text")
 BASELINE = "teacher_baseline"
+RERUN = "rerun the same command with --overwrite"  # after a failed write
 TIE_RULE = "ties count against the query: rank = 1 + non-relevant items scoring >= the best relevant one"
 
 
@@ -72,7 +73,7 @@ def _check_pair(meta: dict, folder: Path, cache: shards.TeacherCache, warnings: 
 def _join(captions, languages: list[str], ids: list[str], texts: list[str], config: EvalConfig, warnings: list[str]) -> dict[str, _Lang]:
     """Each language's captions with the cache row of their id; ids absent from the cache are counted and left out."""
     row_of = {i: r for r, i in enumerate(ids)}
-    joined, total = {}, 0
+    joined, total, notes = {}, 0, []  # notes become warnings only once the join is known to hold something
     for lang in languages:
         if lang == "en" and not captions.by_lang.get("en", ([], []))[0]:  # no English in the data: the cache's own captions of the scored ids
             wanted = list(dict.fromkeys(i for other in joined.values() for i in other.rows))
@@ -84,7 +85,7 @@ def _join(captions, languages: list[str], ids: list[str], texts: list[str], conf
         missing = len(lang_ids) - len(keep)
         if missing:
             example = next(i for i in lang_ids if i not in row_of)
-            _warn(warnings, f"{lang}: {missing:,} of {len(lang_ids):,} ids are not in the cache (e.g. {example!r}); they are left out")
+            notes.append(f"{lang}: {missing:,} of {len(lang_ids):,} ids are not in the cache (e.g. {example!r}); they are left out")
         keep = keep[: config.limit] if config.limit else keep
         joined[lang] = _Lang([t for _, t in keep], np.array([r for r, _ in keep], dtype=np.int64), missing, captions.missing.get(lang, 0))
         total += len(keep)
@@ -92,6 +93,8 @@ def _join(captions, languages: list[str], ids: list[str], texts: list[str], conf
         sample = next((captions.pairs(code)[0][0] for code in languages if code in captions.by_lang and captions.pairs(code)[0]), None)
         raise UserError(f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
                         f"(e.g. {ids[0] if ids else None!r}); pass the cache built from this data, or the right --id-column")
+    for note in notes:
+        _warn(warnings, note)
     for lang in [code for code in joined if len(joined[code].rows) == 0]:
         _warn(warnings, f"{lang}: no caption joins the cache; the language is left out")
         del joined[lang]
@@ -123,6 +126,11 @@ def _gather(table, column: str, rows: np.ndarray) -> np.ndarray:
 
 def run(config: EvalConfig) -> EvalResult:
     """Score the student per language (and its teacher baseline) and write the report files to --out."""
+    with lock.hold(config.out, "eval-retrieval"):
+        return _run(config)
+
+
+def _run(config: EvalConfig) -> EvalResult:
     start = time.perf_counter()
     out = Path(config.out)
     prepare_output(out, lambda name: name in OUTPUTS, config.overwrite, "eval-retrieval")
@@ -307,15 +315,24 @@ def _chart(result: EvalResult, languages: list[str]) -> bytes:
 
 
 def _write(result: EvalResult, config: EvalConfig, folder: Path, meta: dict, cache: shards.TeacherCache) -> None:
-    result.out.mkdir(parents=True, exist_ok=True)
-    shards.write_json(result.out / "metrics.json", result.metrics)
-    shards.atomic_write_bytes(result.out / "report.md", _markdown(result, config, folder, cache).encode("utf-8"))
-    shards.atomic_write_bytes(result.out / "r_at_1.png", _chart(result, list(config.languages)))
-    shards.write_json(result.out / "eval.json", {
-        "config": to_dict(config), "model": str(folder), "model_teacher": meta.get("teacher"),
-        "cache": {"path": str(cache.path), "teacher": cache.manifest.get("teacher"), "dim": cache.dim, "images": cache.has_images},
-        "counts": result.counts, "rows": result.rows, "warnings": result.warnings, "tie_rule": TIE_RULE,
-        "seconds": round(result.seconds, 3)})
+    """Each file whole or absent (atomic writes); a failed one is named with what to do."""
+    payloads = {
+        "metrics.json": lambda: json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n",
+        "report.md": lambda: _markdown(result, config, folder, cache),
+        "r_at_1.png": lambda: _chart(result, list(config.languages)),
+        "eval.json": lambda: json.dumps({
+            "config": to_dict(config), "model": str(folder), "model_teacher": meta.get("teacher"),
+            "cache": {"path": str(cache.path), "teacher": cache.manifest.get("teacher"), "dim": cache.dim, "images": cache.has_images},
+            "counts": result.counts, "rows": result.rows, "warnings": result.warnings, "tie_rule": TIE_RULE,
+            "seconds": round(result.seconds, 3)}, indent=2, ensure_ascii=False) + "\n",
+    }
+    assert tuple(payloads) == OUTPUTS, f"{tuple(payloads)} != {OUTPUTS}"
+    with writing(result.out, RERUN):
+        result.out.mkdir(parents=True, exist_ok=True)
+    for name, payload in payloads.items():
+        data = payload()
+        with writing(result.out / name, RERUN):
+            shards.atomic_write_bytes(result.out / name, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _print_table(result: EvalResult, config: EvalConfig) -> None:

@@ -227,6 +227,28 @@ class TeacherCache:
         """(N, D) float32 array of a vector column, in shard order."""
         return to_numpy(self.table([column]).column(column))
 
+    def damage(self) -> tuple[Path, str] | None:
+        """A cheap look for the first damaged shard, (path, what is wrong), or None: every shard is there, has its
+        recorded size and a readable Arrow footer with the recorded row count. Reads no embedding bytes, so a flipped bit
+        inside is found only by `verify` (`mclip verify`)."""
+        for shard in self.manifest["shards"]:
+            path = self.path / shard["file"]
+            if not path.is_file():
+                return path, "is missing"
+            if shard.get("bytes") is not None and path.stat().st_size != shard["bytes"]:
+                return path, f"has {path.stat().st_size} bytes, not the {shard['bytes']} recorded in manifest.json (truncated or changed)"
+            stats = read_shard_stats(path)
+            if stats is None or stats.get("rows") != shard["rows"]:
+                return path, "is truncated or unreadable"
+        return None
+
+    def check(self) -> None:
+        """Raise a one-line UserError naming the first damaged shard (see `damage`)."""
+        found = self.damage()
+        if found is not None:
+            raise UserError(f"teacher cache shard {found[0]} {found[1]}; delete it and rerun the same `mclip embed-teacher` command "
+                            f"to recompute it (`mclip verify {self.path}` checks every file)")
+
     def verify(self) -> list[str]:
         """Problems found (missing files, changed checksums, row counts); empty when the cache is intact."""
         problems = []
@@ -244,8 +266,9 @@ class TeacherCache:
         return problems
 
 
-def open_cache(path: str | Path) -> TeacherCache:
-    """Open a finished teacher cache, or raise a one-line UserError saying what is wrong."""
+def open_cache(path: str | Path, check: bool = True) -> TeacherCache:
+    """Open a finished teacher cache, or raise a one-line UserError saying what is wrong (`check`: the cheap
+    `TeacherCache.check` of every shard; full hashing is `TeacherCache.verify`)."""
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"teacher cache {folder} does not exist; run `mclip embed-teacher --out {folder}` first")
@@ -254,4 +277,7 @@ def open_cache(path: str | Path) -> TeacherCache:
         raise UserError(f"{folder} has no {MANIFEST}; point to a folder written by `mclip embed-teacher`")
     if not manifest.get("complete"):
         raise UserError(f"teacher cache {folder} is incomplete; rerun the same `mclip embed-teacher` command to finish it")
-    return TeacherCache(folder, manifest)
+    cache = TeacherCache(folder, manifest)
+    if check:
+        cache.check()
+    return cache

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mclip import __version__
+from mclip import __version__, trust
 from mclip.errors import UserError
 
 POOLERS = ("mean", "cls")
@@ -132,19 +132,29 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _backbone(name_or_path: str, trust_remote_code: bool):
-    from transformers import AutoModel, AutoTokenizer
+def _backbone(name_or_path: str, trust_remote_code: bool, ours: bool = False):
+    """The HF encoder and tokenizer; `ours`: a folder mclip wrote, so its weights must be safetensors (never a pickle)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from mclip.teacher import resolve_source
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    source = resolve_source(str(name_or_path))
+    name_or_path = resolve_source(str(name_or_path))
+    trust.check_folder(name_or_path, trust_remote_code, "student")
+    if ours and not (Path(name_or_path) / "model.safetensors").is_file():
+        raise UserError(f"{name_or_path} has no model.safetensors; mclip loads its own students from safetensors only "
+                        "(never pickled weights): point to a folder written by mclip")
     try:
-        backbone = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        trust.check_config(config, str(name_or_path), trust_remote_code, "student")
+        backbone = AutoModel.from_pretrained(str(name_or_path), config=config, trust_remote_code=trust_remote_code,
+                                             use_safetensors=True if ours else None)
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if trust.is_remote_code_error(exc):
+            raise trust.refusal("student", str(name_or_path), "a model_type only its own code defines") from None
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load student {str(name_or_path)!r}: {first}; pass a hub id or a folder with config.json") from None
     if hasattr(backbone, "text_model") and not hasattr(backbone.config, "hidden_size"):
@@ -219,7 +229,7 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
     if not meta_path.exists():
         raise UserError(f"{path} is not an exported mclip student (no {META}); pass a run's final/ folder or a checkpoint folder")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    backbone, tokenizer = _backbone(str(path), trust_remote_code)
+    backbone, tokenizer = _backbone(str(path), trust_remote_code, ours=True)
     weights = load_file(str(path / meta.get("projection", DENSE_DIR) / "model.safetensors"))
     projection = nn.Linear(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
     projection.load_state_dict({"weight": weights["linear.weight"], "bias": weights["linear.bias"]})

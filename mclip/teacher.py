@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mclip import trust
 from mclip.errors import UserError
 
 CLIP_TYPES = ("clip", "clip_text_model")
@@ -198,11 +199,15 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
         # otherwise the hub client answers with a puzzling "Repo id must be in the form ..."
         raise UserError(f"teacher folder {name_or_path} does not exist; "
                         "check the path or pass a hub id such as openai/clip-vit-base-patch16")
+    trust.check_folder(name_or_path, trust_remote_code, "teacher")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if trust.is_remote_code_error(exc):
+            raise trust.refusal("teacher", str(name_or_path), "a model_type only its own code defines") from None
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; pass a hub id or a folder with config.json") from None
+    trust.check_config(config, str(name_or_path), trust_remote_code, "teacher")
     kind = "clip" if config.model_type in CLIP_TYPES else "encoder"
     if kind == "encoder" and not _is_encoder(config):
         raise UserError(f"teacher {name_or_path!r} is a {config.model_type} model, neither CLIP nor a text encoder; "

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -23,19 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mclip import __version__, distributed, losses, shards
+from mclip import __version__, distributed, lock, losses, shards, verify
 from mclip.config import TrainConfig, to_dict
-from mclip.errors import UserError
+from mclip.errors import UserError, writing
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
 CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
-ARTEFACTS = ("config.json", "metrics.jsonl", "curves.png", "join.json", "summary.json", CHECKPOINTS, "final", ".final.tmp")
+ARTEFACTS = ("config.json", "metrics.jsonl", "curves.png", "join.json", "summary.json", CHECKPOINTS, "final", ".final.tmp", ".old-final")
 # Fields a resumed run may change: where the inputs live and how fast it runs, not what it learns.
 RUNTIME_FIELDS = {"data", "cache", "val_data", "out", "device", "precision", "num_workers", "num_threads", "progress", "resume",
                   "overwrite", "save_every", "keep_last", "eval_every", "log_every", "eval_batch_size", "epochs", "max_steps",
                   "trust_remote_code"}
+RESUME = "rerun the same command with --resume to continue from the last checkpoint"  # after a failed write
+CORRUPT = ".corrupt"  # suffix of a damaged checkpoint set aside on resume (kept for inspection, never loaded)
 
 
 @dataclass
@@ -287,17 +290,18 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _check_out(config: TrainConfig, cache) -> Path | None:
-    """Refuse a non-empty run folder unless --resume or --overwrite; on resume check the run against the cache. Read-only:
-    nothing is created or removed before the inputs have been checked (`_claim_out`). Returns the checkpoint to resume from."""
+def _check_out(config: TrainConfig, cache) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """Refuse a non-empty run folder unless --resume or --overwrite; on resume check the run against the cache and the
+    checkpoint against its checksums. Read-only: nothing is created or removed before the inputs have been checked
+    (`_claim_out`). Returns the checkpoint to resume from and the damaged newer ones to set aside (folder, first problem)."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not (config.resume or config.overwrite):
+    if out.is_dir() and any(not lock.is_lock(p.name) for p in out.iterdir()) and not (config.resume or config.overwrite):
         raise UserError(f"--out {out} is not empty; pass --resume to continue the run in it, --overwrite to replace it, or choose another folder")
     found = checkpoints(out) if config.resume else []
     if not found:
-        return None  # --resume with nothing to resume starts the run, so one command serves a first start and a restart
+        return None, []  # --resume with nothing to resume starts the run, so one command serves a first start and a restart
     saved_path = out / "config.json"
     if not saved_path.exists():
         raise UserError(f"{out} holds checkpoints but no config.json; restore it, or pass --overwrite to start over")
@@ -308,7 +312,7 @@ def _check_out(config: TrainConfig, cache) -> Path | None:
     diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in RUNTIME_FIELDS and old.get(k) != new[k]]
     if diff:
         raise UserError(f"{out} was trained with other arguments ({', '.join(diff)}); repeat them to resume, or pass --overwrite to start over")
-    step, latest = found[-1]
+    latest, damaged = _intact_checkpoint(found)
     dim = json.loads((latest / META).read_text(encoding="utf-8"))["dim"]
     if dim != cache.dim:
         raise UserError(f"checkpoint {latest} projects to {dim} dims but cache {config.cache} holds {cache.dim}-dim targets; "
@@ -317,19 +321,41 @@ def _check_out(config: TrainConfig, cache) -> Path | None:
     if was["fingerprint"] != now["fingerprint"]:
         raise UserError(f"cache {config.cache} was made by teacher {now['name']} ({now['fingerprint'][:12]}) but this run trained on "
                         f"{was['name']} ({was['fingerprint'][:12]}); point --cache at the original cache, or --overwrite to start over")
-    return latest
+    return latest, damaged
 
 
-def _claim_out(config: TrainConfig) -> None:
-    """Make the run folder; --overwrite removes the files of the run it held (and nothing else), a killed save's temp folders go."""
+def _intact_checkpoint(found: list[tuple[int, Path]]) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest checkpoint whose files match its checksums, and the damaged newer ones. Falling back is safe: the run
+    resumes exactly from the older step (metrics after it are dropped) and the damaged folders are kept aside, not loaded."""
+    damaged = []
+    for _, folder in reversed(found):
+        problems = verify.check_folder(folder)
+        if not problems:
+            return folder, damaged
+        damaged.append((folder, problems[0]))
+    newest, problem = damaged[0]
+    raise UserError(f"checkpoint {newest} is damaged ({problem}) and no earlier checkpoint is intact; "
+                    "restore the file, or pass --overwrite to start over")
+
+
+def _claim_out(config: TrainConfig, damaged: list[tuple[Path, str]], resume_from: Path | None) -> None:
+    """Make the run folder; --overwrite removes the files of the run it held (and nothing else), a killed save's temp folders
+    go, damaged checkpoints are set aside (renamed, never deleted) so the run resumes from the last intact one."""
     out = Path(config.out)
-    if config.overwrite:
-        for name in ARTEFACTS:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    for stale in (out / CHECKPOINTS).glob(".tmp-*"):
-        shutil.rmtree(stale)
+    with writing(out, RESUME):
+        if config.overwrite:
+            for name in ARTEFACTS:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        for stale in [*(out / CHECKPOINTS).glob(".tmp-*"), *(out / CHECKPOINTS).glob(".old-*")]:  # a killed save's
+            shutil.rmtree(stale)
+        for folder, problem in damaged:
+            aside = folder.with_name(folder.name + CORRUPT)
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
+            print(f"mclip: warning: checkpoint {folder} is damaged ({problem}); set aside as {aside.name}, resuming from "
+                  f"{resume_from.name}", file=sys.stderr)
 
 
 def _rng_state() -> dict:
@@ -352,28 +378,63 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model: Distiller, trainer: dict, keep_last: int) -> Path:
-    """checkpoints/step-XXXXXXX/: the student (loads like final/) + trainer.pt; written to a temp folder, then renamed."""
+    """checkpoints/step-XXXXXXX/: the student (loads like final/) + trainer.pt + checksums.sha256; written to a temp folder,
+    then renamed, so a checkpoint is whole or absent; a failed write leaves the earlier checkpoints as they were."""
     root = out / CHECKPOINTS
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    model.student.save(tmp)
-    torch.save(trainer, tmp / TRAINER_STATE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old)
+    with writing(final, RESUME):
+        try:
+            model.student.save(tmp)
+            torch.save(trainer, tmp / TRAINER_STATE)
+            verify.write_checksums(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _swap(tmp, final)
+        for _, old in checkpoints(out)[:-keep_last]:
+            shutil.rmtree(old)
     return final
+
+
+def _swap(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` at `final`; an older `final` is moved aside first and deleted last."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export(out: Path, model: Distiller) -> Path:
     final, tmp = out / "final", out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.student.save(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with writing(final, RESUME):
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.student.save(tmp)
+            verify.write_checksums(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _swap(tmp, final)
     return final
+
+
+def _append(path: Path, record: dict) -> None:
+    with writing(path, RESUME), path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _load_trainer(folder: Path) -> dict:
+    """trainer.pt as tensors and plain containers only (weights_only: a pickle that would run code is refused)."""
+    path = folder / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load {path} ({first}); it is damaged or was not written by mclip: delete {folder} to resume from "
+                        "the checkpoint before it, or pass --overwrite to start over") from None
 
 
 def _main_only(ctx, fn):
@@ -470,11 +531,16 @@ def run(config: TrainConfig) -> TrainResult:
     """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over ranks."""
     started = time.perf_counter()
     ctx, device = distributed.setup(config.device)
+    with lock.hold(config.out, "train-student", ctx):
+        return _run(config, ctx, device, started)
+
+
+def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> TrainResult:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     out = Path(config.out)
     cache = shards.open_cache(config.cache)
-    resume_from = _main_only(ctx, lambda: _check_out(config, cache))
+    resume_from, damaged = _main_only(ctx, lambda: _check_out(config, cache))
     if config.batch_size % (ctx.world_size * config.grad_accum):
         raise UserError(f"--batch-size {config.batch_size} must split evenly over {ctx.world_size} rank(s) x --grad-accum {config.grad_accum}")
     precision = distributed.resolve_precision(config.precision, device)
@@ -504,7 +570,7 @@ def run(config: TrainConfig) -> TrainResult:
 
     step = 0
     if resume_from is not None:
-        state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=True)
+        state = _load_trainer(resume_from)
         if state["train_pairs"] != len(train):
             raise UserError(f"the training pairs changed since the checkpoint ({state['train_pairs']} then, {len(train)} now); "
                             "resume with the same --data and --cache, or --overwrite to start over")
@@ -520,14 +586,17 @@ def run(config: TrainConfig) -> TrainResult:
         random.seed(config.seed + ctx.rank)
     metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
-        _claim_out(config)
-        shards.write_json(out / "config.json", {"mclip_version": __version__, "train": to_dict(config), "teacher": teacher,
-                                                "cache": {"dim": cache.dim, "rows": len(cache), "layers": cache.layers},
-                                                "world_size": ctx.world_size, "precision": precision, "total_steps": total_steps})
-        shards.write_json(out / "join.json", report)
+        _claim_out(config, damaged, resume_from)
+        with writing(out / "config.json", RESUME):
+            shards.write_json(out / "config.json", {"mclip_version": __version__, "train": to_dict(config), "teacher": teacher,
+                                                    "cache": {"dim": cache.dim, "rows": len(cache), "layers": cache.layers},
+                                                    "world_size": ctx.world_size, "precision": precision, "total_steps": total_steps})
+        with writing(out / "join.json", RESUME):
+            shards.write_json(out / "join.json", report)
         kept = [line for line in (metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else [])
                 if line.strip() and json.loads(line)["step"] <= step]  # records a killed run wrote after its last checkpoint go
-        metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        with writing(metrics_path, RESUME):
+            shards.atomic_write_bytes(metrics_path, "".join(line + "\n" for line in kept).encode("utf-8"))
         if config.progress:
             langs = ", ".join(f"{lang} {report[lang]['pairs']:,}" for lang in report["languages"])
             lost = sum(report[lang].get("ids_without_target", 0) for lang in report["languages"])
@@ -603,13 +672,11 @@ def run(config: TrainConfig) -> TrainResult:
                         "grad_norm": grad_norm, "pairs_per_s": window_steps * config.batch_size / max(elapsed, 1e-9)}
                 bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{last['pairs_per_s']:,.0f}", refresh=False)
                 if ctx.is_main:
-                    with metrics_path.open("a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(last) + "\n")
+                    _append(metrics_path, last)
             if val is not None and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 if ctx.is_main:
                     last_val = {"kind": "val", "step": step, **evaluate(model, val, targets, config)}
-                    with metrics_path.open("a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(last_val) + "\n")
+                    _append(metrics_path, last_val)
                     model.train()
                 distributed.barrier()
             if (config.save_every and step % config.save_every == 0) or step == total_steps:
@@ -637,10 +704,12 @@ def run(config: TrainConfig) -> TrainResult:
     if ctx.is_main and (trained_pairs or not (final / META).exists()):  # a finished run resumed leaves its final/ as it was
         _export(out, model)
         if metrics_path.read_text(encoding="utf-8").strip():
-            plot_curves(metrics_path, out / "curves.png")
-        shards.write_json(out / "summary.json", {"final": str(final), "steps": step, "total_steps": total_steps, "metrics": result.metrics,
-                                                 "pairs_per_s": result.pairs_per_s, "seconds": result.seconds,
-                                                 "train_pairs": len(train), "world_size": ctx.world_size})
+            with writing(out / "curves.png", RESUME):
+                plot_curves(metrics_path, out / "curves.png")
+        with writing(out / "summary.json", RESUME):
+            shards.write_json(out / "summary.json", {"final": str(final), "steps": step, "total_steps": total_steps,
+                                                     "metrics": result.metrics, "pairs_per_s": result.pairs_per_s,
+                                                     "seconds": result.seconds, "train_pairs": len(train), "world_size": ctx.world_size})
         if config.progress:
             print(summary(result), file=sys.stderr)
     distributed.barrier()

@@ -135,3 +135,10 @@ def write_captions(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def parallel_rows(n: int = 32) -> list[dict]:
+    """Wide-format parallel captions (id, caption, caption_de, caption_zh) from the corpus; ids p000, p001, ..."""
+    k = len(CORPUS)
+    return [{"id": f"p{i:03d}", "caption": f"{CORPUS[i % k]} {i}", "caption_de": f"{CORPUS[(i + 6) % k]} {i}",
+             "caption_zh": f"{CORPUS[(i + 8) % k]} {i}"} for i in range(n)]
