@@ -74,6 +74,20 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def main_only(ctx: Dist, fn):
+    """Run `fn` on rank 0 and hand its result, or its UserError, to every rank (so all ranks stop on one line)."""
+    result = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except UserError as exc:
+            result = exc
+    result = broadcast_object(result)
+    if isinstance(result, UserError):
+        raise result
+    return result
+
+
 def all_gather_objects(obj) -> list:
     if not dist.is_initialized():
         return [obj]

@@ -289,23 +289,9 @@ def run(config: EmbedConfig) -> EmbedResult:
         return _run(config, ctx, device, start)
 
 
-def _main_only(ctx, fn):
-    """Run `fn` on rank 0 and hand its result, or its UserError, to every rank."""
-    result = None
-    if ctx.is_main:
-        try:
-            result = fn()
-        except UserError as exc:
-            result = exc
-    result = distributed.broadcast_object(result)
-    if isinstance(result, UserError):
-        raise result
-    return result
-
-
 def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     out = Path(config.out)
-    status = _main_only(ctx, lambda: _check_output(config))
+    status = distributed.main_only(ctx, lambda: _check_output(config))
     if status == "complete":
         manifest = shards.read_manifest(out)
         return EmbedResult(out, manifest["totals"]["rows"], len(manifest["shards"]), 0, 0, 0, time.perf_counter() - start,
@@ -328,7 +314,7 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     if bad_layers:
         raise UserError(f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick layers 1..{teacher.num_layers}")
     info = teacher.info()
-    _main_only(ctx, lambda: _claim_output(config, status, info))  # only now, with every input checked, is anything written
+    distributed.main_only(ctx, lambda: _claim_output(config, status, info))  # only now, with every input checked, is anything written
     batch_tokens = config.batch_tokens or (131072 if device.type == "cuda" else 8192)
     schema = shards.cache_schema(teacher.dim, config.dtype, {layer: teacher.hidden_size for layer in config.cache_layers},
                                  teacher.dim if config.image_column else None)

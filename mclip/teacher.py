@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -437,20 +437,6 @@ def _load_trainer(folder: Path) -> dict:
                         "the checkpoint before it, or pass --overwrite to start over") from None
 
 
-def _main_only(ctx, fn):
-    """Run `fn` on rank 0 and hand its result, or its UserError, to every rank."""
-    result = None
-    if ctx.is_main:
-        try:
-            result = fn()
-        except UserError as exc:
-            result = exc
-    result = distributed.broadcast_object(result)
-    if isinstance(result, UserError):
-        raise result
-    return result
-
-
 def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(values)
@@ -540,7 +526,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
         torch.set_num_threads(config.num_threads)
     out = Path(config.out)
     cache = shards.open_cache(config.cache)
-    resume_from, damaged = _main_only(ctx, lambda: _check_out(config, cache))
+    resume_from, damaged = distributed.main_only(ctx, lambda: _check_out(config, cache))
     if config.batch_size % (ctx.world_size * config.grad_accum):
         raise UserError(f"--batch-size {config.batch_size} must split evenly over {ctx.world_size} rank(s) x --grad-accum {config.grad_accum}")
     precision = distributed.resolve_precision(config.precision, device)
