@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -51,12 +52,32 @@ def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
 
+class QuickGELU(torch.nn.Module):
+    """CLIP's activation x * sigmoid(1.702 x), bit for bit, with one (tokens, 4 x width) temporary instead of three when
+    no gradient is needed: fresh large CPU tensors page-fault, and this took 17% of the B/16 forward on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return x * torch.sigmoid(1.702 * x)
+        return x.mul(1.702).sigmoid_().mul_(x)
+
+
+def _use_inplace_activations(model: torch.nn.Module) -> None:
+    from transformers.activations import QuickGELUActivation
+
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is QuickGELUActivation:
+                setattr(module, name, QuickGELU())
+
+
 class TeacherEncoder:
     """A ready model + tokenizer. `embed(input_ids, mask)` -> (B, D) float32 and pooled layer states."""
 
     def __init__(self, model, tokenizer, kind: str, name: str = "", image_processor=None, max_length: int | None = None):
         assert kind in ("clip", "encoder"), kind
         self.model, self.tokenizer, self.kind, self.name = model.eval(), tokenizer, kind, name
+        _use_inplace_activations(model)
         self.image_processor = image_processor
         if kind == "clip":
             self.text_model = model.text_model
@@ -103,21 +124,24 @@ class TeacherEncoder:
 
     def collate(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to the longest sequence of this batch (never to max_length)."""
-        width = max(len(x) for x in ids)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        width = int(lengths.max())
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = torch.as_tensor(seq)
-            mask[row, : len(seq)] = 1
-        return input_ids, mask
+        mask = np.arange(width) < lengths[:, None]  # (B, T)
+        input_ids = np.full((len(ids), width), pad, dtype=np.int64)
+        # One vectorised scatter instead of a tensor per row: on GPU the per-row loop left the device idle.
+        input_ids[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """input_ids, mask (B, T) -> embedding (B, D) float32 (not normalised), {layer: (B, H) float32}."""
         device = self.device
         input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        out = self.text_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=bool(layers))
+        # CLIP's text tower is causal and collate pads on the right, so no real token can see a pad: the padding mask
+        # changes nothing we read, and without it SDPA runs its mask-free causal kernel (flash attention on GPU).
+        attention_mask = None if self.kind == "clip" else mask
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers))
         pool = last_token if self.kind == "clip" else mean_pool
         if self.kind == "clip":
             emb = self.projection(out.pooler_output)  # (B, D): exactly CLIPModel.get_text_features
