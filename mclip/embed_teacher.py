@@ -198,6 +198,16 @@ def _read_shard(k: int, table_fmt, ids: list[str], config: EmbedConfig, n: int, 
     return work
 
 
+def default_batch_tokens(device) -> int:
+    """Padded tokens per forward batch when the config leaves it open.
+
+    CPU: 2048. On the B/16 text tower (1 thread, CPU time, 1,000 realistic captions) 2048 ran 1.3x faster than 8192
+    (median 44.9 against 33.4 captions per CPU-second): finer batches waste less on padding, and their (tokens, 2048)
+    MLP tensors stay under glibc's 32 MiB mmap threshold instead of page-faulting on every allocation.
+    """
+    return 131072 if device.type == "cuda" else 2048
+
+
 def _batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
     """Indices sorted by length, cut so that (count x longest) stays within the token budget."""
     order = np.argsort(lengths, kind="stable")
@@ -297,7 +307,7 @@ def run(config: EmbedConfig) -> EmbedResult:
             raise UserError(f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these")
         manifest["teacher"] = info.__dict__
         shards.write_json(out / shards.MANIFEST, manifest)
-    batch_tokens = config.batch_tokens or (131072 if device.type == "cuda" else 8192)
+    batch_tokens = config.batch_tokens or default_batch_tokens(device)
     schema = shards.cache_schema(teacher.dim, config.dtype, {layer: teacher.hidden_size for layer in config.cache_layers},
                                  teacher.dim if config.image_column else None)
     n_shards = -(-n // config.shard_size)
