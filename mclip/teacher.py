@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -111,9 +113,13 @@ class TeacherEncoder:
             self._fingerprint = fingerprint(self.model)
         return TeacherInfo(self.name, self.kind, self.pooling, self.dim, self.hidden_size, self.num_layers, self.max_length, self._fingerprint)
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
-        """Token ids per text (special tokens included, cut to max_length keeping the final special token) and a truncated flag per text."""
-        ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    def tokenize(self, texts: Sequence[str], threads: int = 1) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids per text (special tokens included, cut to max_length keeping the final special token) and a truncated flag per text.
+
+        `threads` > 1 tokenises chunks side by side: the Rust tokenizer releases the GIL, and one core tokenises only a
+        few thousand CLIP captions a second, too few to feed a GPU.
+        """
+        ids = self._encode(list(texts), threads)
         truncated = np.fromiter((len(x) > self.max_length for x in ids), dtype=bool, count=len(ids))
         if truncated.any():
             specials = set(self.tokenizer.all_special_ids)
@@ -121,6 +127,20 @@ class TeacherEncoder:
                 seq = ids[i]
                 ids[i] = seq[: self.max_length - 1] + [seq[-1]] if seq[-1] in specials else seq[: self.max_length]
         return ids, truncated
+
+    def _encode(self, texts: list[str], threads: int) -> list[list[int]]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            # a Python tokenizer, or a backend set to cut or pad (the transformers call resets both on every call)
+            return self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        # The Rust backend directly: the same ids, without transformers' per-text Python post-processing under the GIL.
+        encode = functools.partial(getattr(backend, "encode_batch_fast", backend.encode_batch), add_special_tokens=True)
+        chunk = 1024
+        if threads <= 1 or len(texts) <= chunk:
+            return [e.ids for e in encode(texts)]
+        with ThreadPoolExecutor(threads, thread_name_prefix="mclip-tokenize") as pool:
+            parts = pool.map(encode, [texts[i : i + chunk] for i in range(0, len(texts), chunk)])
+            return [e.ids for part in parts for e in part]
 
     def collate(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to the longest sequence of this batch (never to max_length)."""
