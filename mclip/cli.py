@@ -43,7 +43,7 @@ def embed_teacher(
     dtype: str = typer.Option("float16", help="Storage dtype: float16 or float32."),
     normalize: bool = typer.Option(True, help="L2-normalise the embeddings."),
     max_length: Optional[int] = typer.Option(None, help="Token limit (default: the teacher's, 77 for CLIP)."),
-    batch_tokens: Optional[int] = typer.Option(None, help="Padded tokens per batch (default 8192 on CPU, 131072 on GPU)."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Padded tokens per batch (default 2048 on CPU, 131072 on GPU)."),
     max_batch_size: int = typer.Option(1024, help="Most captions per batch."),
     shard_size: int = typer.Option(10_000, help="Captions per shard (unit of resume and rank split)."),
     dedup: bool = typer.Option(True, help="Embed identical captions once per shard."),

@@ -43,7 +43,7 @@ class EmbedConfig:
     dtype: str = "float16"  # storage dtype of embeddings: float16 or float32
     normalize: bool = True  # L2-normalise embeddings
     max_length: int | None = None  # token limit; None = the teacher's own limit (77 for CLIP)
-    batch_tokens: int | None = None  # padded tokens per forward batch; None = 8192 on CPU, 131072 on GPU
+    batch_tokens: int | None = None  # padded tokens per forward batch; None = 2048 on CPU, 131072 on GPU
     max_batch_size: int = 1024  # cap on captions per forward batch
     shard_size: int = 10_000  # captions per shard: the unit of resume, of rank split and of length sorting
     dedup: bool = True  # embed identical captions once per shard; every id still gets its row

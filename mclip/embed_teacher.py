@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -181,7 +183,7 @@ def _image_key(image) -> tuple[object, str]:
     raise UserError(f"image column holds {type(image).__name__} values; use images, image bytes or file paths")
 
 
-def _read_shard(k: int, table_fmt, ids: list[str], config: EmbedConfig, n: int, teacher) -> _Work:
+def _read_shard(k: int, table_fmt, ids: list[str], config: EmbedConfig, n: int, teacher, tokenize_threads: int = 1) -> _Work:
     a, b = k * config.shard_size, min(n, (k + 1) * config.shard_size)
     part = table_fmt[a:b]
     texts = part[config.caption_column].to_pylist()
@@ -199,7 +201,7 @@ def _read_shard(k: int, table_fmt, ids: list[str], config: EmbedConfig, n: int, 
         unique = list(position)
     else:
         inverse, unique = np.arange(len(kept_texts)), kept_texts
-    tokens, truncated = teacher.tokenize(unique) if unique else ([], np.zeros(0, bool))
+    tokens, truncated = teacher.tokenize(unique, threads=tokenize_threads) if unique else ([], np.zeros(0, bool))
     work = _Work(k, a, b, [ids[a + i] for i in keep], kept_texts, inverse, tokens, len(texts) - len(keep),
                  int(truncated[inverse].sum()) if len(inverse) else 0)
     if config.image_column is not None:
@@ -216,6 +218,24 @@ def _read_shard(k: int, table_fmt, ids: list[str], config: EmbedConfig, n: int, 
         work.images, work.image_ids = images, image_ids
         work.image_inverse = np.array([index[key] for key in image_ids], dtype=np.int64)
     return work
+
+
+def _tokenize_threads(device) -> int:
+    """Threads that tokenise a shard: one core tokenises a few thousand CLIP captions a second, enough for a CPU teacher
+    (and more would take cores from it) but not for a GPU; torchrun ranks on one machine share its cores."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(16, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def default_batch_tokens(device) -> int:
+    """Padded tokens per forward batch when the config leaves it open.
+
+    CPU: 2048. On the B/16 text tower (1 thread, CPU time, 1,000 realistic captions) 2048 ran 1.3x faster than 8192
+    (median 44.9 against 33.4 captions per CPU-second): finer batches waste less on padding, and their (tokens, 2048)
+    MLP tensors stay under glibc's 32 MiB mmap threshold instead of page-faulting on every allocation.
+    """
+    return 131072 if device.type == "cuda" else 2048
 
 
 def _batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
@@ -239,10 +259,13 @@ def _embed(work: _Work, teacher, config: EmbedConfig, batch_tokens: int):
     lengths = np.fromiter((len(t) for t in work.tokens), dtype=np.int64, count=len(work.tokens))
     emb = np.empty((len(lengths), teacher.dim), dtype=np.float32)
     states = {layer: np.empty((len(lengths), teacher.hidden_size), dtype=np.float32) for layer in config.cache_layers}
+    on_device = []  # copied back once per shard: a copy per batch would make a GPU wait for Python between batches
     for idx in _batches(lengths, batch_tokens, config.max_batch_size):
         out, layer_out = teacher.embed(*teacher.collate([work.tokens[i] for i in idx]), layers=config.cache_layers)
         if config.normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
+        on_device.append((idx, out, layer_out))
+    for idx, out, layer_out in on_device:
         emb[idx] = out.cpu().numpy()
         for layer, value in layer_out.items():
             states[layer][idx] = value.cpu().numpy()
@@ -270,10 +293,11 @@ def _to_table(work: _Work, emb, states, image_emb, config: EmbedConfig, schema):
     return pa.table(columns, schema=schema)
 
 
-def _write_shard(out: Path, k: int, table, stats: dict) -> Path:
+def _write(out: Path, k: int, work: _Work, emb, states, image_emb, config: EmbedConfig, schema, stats: dict) -> Path:
+    """Build and write one shard in the writer thread: the float16 conversion and Arrow arrays overlap the next forward."""
     path = out / shards.shard_name(k)
     with writing(path, RERUN):  # a failed write leaves no shard (the temp file goes), so the rerun recomputes just this one
-        return shards.write_shard(out, k, table, stats)
+        return shards.write_shard(out, k, _to_table(work, emb, states, image_emb, config, schema), stats)
 
 
 def _finished(out: Path, k: int, config: EmbedConfig) -> bool:
@@ -315,7 +339,7 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
         raise UserError(f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick layers 1..{teacher.num_layers}")
     info = teacher.info()
     distributed.main_only(ctx, lambda: _claim_output(config, status, info))  # only now, with every input checked, is anything written
-    batch_tokens = config.batch_tokens or (131072 if device.type == "cuda" else 8192)
+    batch_tokens = config.batch_tokens or default_batch_tokens(device)
     schema = shards.cache_schema(teacher.dim, config.dtype, {layer: teacher.hidden_size for layer in config.cache_layers},
                                  teacher.dim if config.image_column else None)
     n_shards = -(-n // config.shard_size)
@@ -329,18 +353,19 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     captions = tokens = 0
     compute_start = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="mclip-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="mclip-write") as writer:
-        pending_read: Future | None = reader.submit(_read_shard, todo[0], table_fmt, ids, config, n, teacher) if todo else None
+        read = functools.partial(_read_shard, table_fmt=table_fmt, ids=ids, config=config, n=n, teacher=teacher,
+                                 tokenize_threads=_tokenize_threads(device))
+        pending_read: Future | None = reader.submit(read, todo[0]) if todo else None
         pending_write: Future | None = None
         for pos, k in enumerate(todo):
             work = pending_read.result()
-            pending_read = reader.submit(_read_shard, todo[pos + 1], table_fmt, ids, config, n, teacher) if pos + 1 < len(todo) else None
+            pending_read = reader.submit(read, todo[pos + 1]) if pos + 1 < len(todo) else None
             emb, states, image_emb, n_tokens = _embed(work, teacher, config, batch_tokens)
-            table = _to_table(work, emb, states, image_emb, config, schema)
-            stats = {"shard": k, "first_row": work.first_row, "end_row": work.end_row, "rows": table.num_rows,
+            stats = {"shard": k, "first_row": work.first_row, "end_row": work.end_row, "rows": len(work.ids),
                      "skipped": work.skipped, "truncated": work.truncated, "duplicates": len(work.inverse) - len(work.tokens)}
             if pending_write is not None:
                 pending_write.result()
-            pending_write = writer.submit(_write_shard, out, k, table, stats)
+            pending_write = writer.submit(_write, out, k, work, emb, states, image_emb, config, schema, stats)
             captions += len(work.tokens)
             tokens += n_tokens
             bar.update(work.end_row - work.first_row)

@@ -156,3 +156,18 @@ def test_refusals(clip_text_teacher, bert_teacher, gpt2_teacher, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="cannot load teacher"):
         load_teacher(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("which", ["clip_teacher", "bert_teacher"])
+def test_tokenize_in_threads_matches_the_transformers_call(which, request):
+    """The Rust backend path, on one thread or chunks over several, gives the transformers call's ids and flags."""
+    teacher = load_teacher(str(request.getfixturevalue(which)))
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(2500)] + [LONG, "", "  "]  # > 2 chunks of 1024
+    ref = teacher.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    ref_cut = np.array([len(x) > teacher.max_length for x in ref])
+    assert ref_cut.sum() == 1
+    for threads in (1, 3):
+        ids, truncated = teacher.tokenize(texts, threads=threads)
+        np.testing.assert_array_equal(truncated, ref_cut)
+        assert [x for x, cut in zip(ids, ref_cut) if not cut] == [x for x, cut in zip(ref, ref_cut) if not cut]
+        assert len(ids[-3]) == teacher.max_length and ids[-3][-1] == ref[-3][-1]  # cut, keeping the closing special token

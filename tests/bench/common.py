@@ -1,0 +1,168 @@
+"""Shared benchmark helpers: seeded realistic captions, a B/16-sized random CLIP teacher, matmul peak, peak RSS, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import resource
+import statistics
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as `mclip` sets it: stage 1 chooses its own tokenising threads
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as `python tests/bench/x.py` from anywhere: import this checkout's mclip and tests
+    sys.path.insert(0, str(ROOT))
+
+# Glue words of English captions; the rest come from emoji's English names (picture-describing nouns and adjectives).
+FUNCTION_WORDS = ["a", "a", "a", "the", "the", "of", "on", "in", "with", "and", "at", "near", "next", "to", "two", "an", "by",
+                  "is", "are", "under", "over", "behind", "holding", "sitting", "standing", "small", "large", "white", "black",
+                  "red", "blue", "green", "old", "young", "photo", "picture", "view", "front"]
+
+
+@lru_cache(maxsize=None)
+def content_words() -> tuple[str, ...]:
+    """About 1,300 English words from emoji names (the `emoji` package); a fixed fallback list when it is missing."""
+    try:
+        import emoji
+    except ImportError:
+        return tuple("dog cat man woman child car bus tree house street beach mountain river table chair bowl plate food "
+                     "bicycle horse bird boat train plane kitchen window door room field grass sky cloud water road".split())
+    words = {w for data in emoji.EMOJI_DATA.values() for w in data.get("en", "").strip(":").lower().split("_")
+             if re.fullmatch(r"[a-z]{2,}", w)}
+    return tuple(sorted(words))
+
+
+def caption_lengths(n: int, seed: int = 0) -> list[int]:
+    """Words per caption: mostly 5-20 (log-normal around 9.5), 4% long ones of 25-75 words that reach CLIP's 77-token limit."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.04:
+            out.append(rng.randint(25, 75))
+        else:
+            out.append(max(2, min(24, round(rng.lognormvariate(math.log(9.5), 0.35)))))
+    return out
+
+
+def make_captions(n: int, seed: int = 0) -> list[str]:
+    """`n` English-ish captions with a fixed seed: mean about 12 words, a tail up to and past the 77-token limit."""
+    rng = random.Random(seed + 1)
+    words = content_words()
+    out = []
+    for length in caption_lengths(n, seed):
+        out.append(" ".join(rng.choice(FUNCTION_WORDS) if rng.random() < 0.4 else rng.choice(words) for _ in range(length)))
+    return out
+
+
+def write_captions(folder: Path, texts: list[str]) -> Path:
+    """Captions as a save_to_disk dataset (memory-mapped, no conversion step when stage 1 loads it)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict({"caption": texts}).save_to_disk(str(folder))
+    return Path(folder)
+
+
+def require_clip_merges():
+    """The real CLIP BPE merges; exit with the install command when open-clip-torch is missing."""
+    from tests import tiny
+
+    merges = tiny.real_clip_merges()
+    if merges is None:
+        sys.exit("bench: the real CLIP tokenizer comes from open-clip-torch, which is not installed; "
+                 "run `pip install --no-deps open-clip-torch` and retry")
+    return merges
+
+
+def write_b16_teacher(folder: Path, layers: int | None = None, width: int | None = None, seed: int = 0) -> Path:
+    """A CLIP ViT-B/16-sized text tower (CLIPTextConfig defaults: width 512, 12 layers, 8 heads, projection 512), random
+    init, saved as a full CLIPModel (with a tiny vision tower, which stage 1 never loads) so the naive loop can call
+    `CLIPModel.get_text_features` as typical scripts do; the tokenizer is the real CLIP BPE."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    from tests import tiny
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = tiny.write_clip_tokenizer(folder, require_clip_merges())
+    smaller = {"num_hidden_layers": layers} if layers else {}
+    if width:  # smoke tests only: keep CLIP's shape ratios (4x MLP, 64-wide heads)
+        smaller.update(hidden_size=width, intermediate_size=4 * width, num_attention_heads=max(1, width // 64), projection_dim=width)
+    text = CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, **smaller)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=16,
+                  projection_dim=text.projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=text.projection_dim))
+    model.eval().save_pretrained(folder)
+    return Path(folder)
+
+
+def text_tower_flops(lengths, width: int, layers: int, intermediate: int, projection: int) -> float:
+    """Forward FLOPs of a CLIP text tower over real (unpadded) tokens.
+
+    Per token per layer: 2 x (4 w^2 attention projections + 2 w i MLP) matmul FLOPs, plus 4 T w for QK^T and AV over
+    the T tokens of its own caption (counted on the full T x T square as SDPA computes it); plus 2 w p for the
+    projection, once per caption. Embedding lookups, layer norms, softmax and activations are not counted.
+    """
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.float64)
+    per_token = 2 * layers * (4 * width * width + 2 * width * intermediate)
+    attention = layers * 4 * width * lengths**2
+    return float((per_token * lengths + attention).sum() + 2 * width * projection * len(lengths))
+
+
+def matmul_peak_flops(n: int | None = None, repeats: int = 5, device=None, dtype=None) -> float:
+    """FLOP/s of a square torch.mm (fp32 unless told) at torch's current thread count: the best of `repeats`.
+
+    The product goes into a preallocated tensor: a fresh n x n result would page-fault and understate the peak.
+    """
+    import torch
+
+    device = torch.device(device or "cpu")
+    n = n or (8192 if device.type == "cuda" else 4096)
+    a, b, c = (torch.randn(n, n, device=device, dtype=dtype or torch.float32) for _ in range(3))
+    best = math.inf
+    for _ in range(repeats + 1):  # the first call is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=c)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sig(x: float, digits: int = 4) -> float:
+    """x rounded to significant digits: ratios stay exact enough whether they are 0.0221 or 2210."""
+    return float(f"{x:.{digits}g}")
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def emit(summary: list[str], result: dict) -> None:
+    """A readable summary, then the JSON line (always the last line printed)."""
+    for line in summary:
+        print(line)
+    print(json.dumps(result, sort_keys=False), flush=True)

@@ -1,0 +1,56 @@
+"""The benchmark scripts under tests/bench run at tiny sizes and end with a JSON line holding the contract's keys."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+
+BENCH = Path(__file__).parent / "bench"
+
+EMBED_KEYS = {"captions_per_s", "naive_captions_per_s", "speedup_vs_naive", "fraction_of_peak", "peak_rss_mb_small", "peak_rss_mb_large"}
+RETRIEVAL_KEYS = {"faiss_qps", "numpy_qps", "ivf_recall_at_10", "ivf_speedup"}
+
+# Smallest sizes that still take every path: a 1-layer, 64-wide CLIP text tower with the real tokenizer, captions that
+# span two shards, both memory runs in their own processes, and an IVF index with more than one list.
+EMBED_ARGS = ["--quick", "--layers", "1", "--width", "64", "--captions", "24", "--rss-small", "8", "--rss-large", "24",
+              "--shard-size", "16", "--repeats", "1", "--peak-size", "256"]
+RETRIEVAL_ARGS = ["--quick", "--gallery", "500", "--queries", "20", "--ivf-vectors", "2000", "--nlist", "16", "--repeats", "1"]
+
+
+def _start(script: str, args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(BENCH / script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"{proc.args[1]} failed:\n{err[-2000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+@pytest.mark.slow
+def test_bench_scripts_print_their_contract():
+    if tiny.real_clip_merges() is None:
+        pytest.skip("bench_embed needs the real CLIP tokenizer: pip install --no-deps open-clip-torch")
+    embed = _start("bench_embed.py", EMBED_ARGS)  # both at once: most of the time is process start-up
+    retrieval = _start("bench_retrieval.py", RETRIEVAL_ARGS)
+    e, r = _result(embed), _result(retrieval)
+
+    assert EMBED_KEYS <= e.keys(), EMBED_KEYS - e.keys()
+    assert all(_positive(e[key]) for key in EMBED_KEYS), e
+    assert e["speedup_vs_naive"] == pytest.approx(e["captions_per_s"] / e["naive_captions_per_s"], rel=0.01)
+    assert e["captions"] == 24 and e["rss_captions"] == [8, 24]
+    assert e["max_abs_diff_vs_naive"] < 1e-2, "stage 1 and the naive loop must compute the same embeddings"
+
+    assert RETRIEVAL_KEYS <= r.keys(), RETRIEVAL_KEYS - r.keys()
+    assert all(_positive(r[key]) for key in RETRIEVAL_KEYS), r
+    assert 0 < r["ivf_recall_at_10"] <= 1
+    assert r["flat_vs_numpy_topk_agreement"] == pytest.approx(1.0), "FAISS Flat and numpy must find the same top 10"
+    assert r["ivf_factory"] == "IVF16,Flat"
