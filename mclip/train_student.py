@@ -599,7 +599,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
     last: dict = {}
     last_val: dict = {}
     trained_pairs, train_seconds = 0, 0.0
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0  # window_wait: seconds blocked on the DataLoader
     latest_checkpoint = resume_from
     epoch, epoch_step = divmod(step, steps_per_epoch)
     model.train()
@@ -609,7 +609,9 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                            config.grad_accum)
         loader = torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(epoch_step, len(plan)), num_workers=config.num_workers,
                                              pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
+        fetch_start = time.perf_counter()  # the first fetch also pays for starting the workers
         for batch in loader:
+            window_wait += time.perf_counter() - fetch_start
             if step >= total_steps:
                 break
             lr = lr_at(step, config, total_steps)
@@ -655,7 +657,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                 train_seconds += elapsed
                 last = {"kind": "train", "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "lr": lr, "loss": loss,
                         **{name: float(v) for name, v in zip(parts_sum, reduced)}, "temperature": float(model.temperature().detach()),
-                        "grad_norm": grad_norm, "pairs_per_s": window_steps * config.batch_size / max(elapsed, 1e-9)}
+                        "grad_norm": grad_norm, "pairs_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
+                        "data_wait": min(1.0, window_wait / max(elapsed, 1e-9))}  # share of the window spent waiting for batches
                 bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{last['pairs_per_s']:,.0f}", refresh=False)
                 if ctx.is_main:
                     _append(metrics_path, last)
@@ -675,7 +678,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                     latest_checkpoint = save_checkpoint(out, step, model, trainer, config.keep_last)
                 distributed.barrier()
             if window_steps and (step % config.log_every == 0 or step == total_steps):
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+            fetch_start = time.perf_counter()
         else:
             epoch, epoch_step = epoch + 1, 0
     bar.close()

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,7 @@ def test_loss_decreases_and_the_run_folder_is_complete(toy, tmp_path):
     assert result.steps == len(train) == train[-1]["step"] > 6
     first, last = np.mean([r["loss"] for r in train[:3]]), np.mean([r["loss"] for r in train[-3:]])
     assert last < 0.6 * first, (first, last)
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in train)  # num_workers=1: a worker makes the batches
     val = _records(out, "val")
     assert val[-1]["val_loss"] < val[0]["val_loss"] and {"val_r1_zh", "val_r1_de", "val_r1_en"} <= val[-1].keys()
     for name in ("config.json", "metrics.jsonl", "curves.png", "join.json", "summary.json", "final/mclip.json"):
@@ -189,6 +191,27 @@ def test_loss_decreases_and_the_run_folder_is_complete(toy, tmp_path):
     # the checkpoint of the last step holds the same student as final/
     assert _max_diff(_weights(out / "final"), _weights(checkpoints(out)[-1][1])) == 0.0
     assert load(out / "final").encode(toy["rows"][0]["caption_zh"]).shape == (manifest["dim"],)
+
+
+def test_train_records_hold_the_share_of_time_spent_waiting_for_batches(toy, tmp_path, monkeypatch):
+    from mclip import train_student
+
+    slow = 0.05  # seconds each batch takes to make, in the loop's own process (num_workers=0)
+    make = train_student.EpochSteps.__getitem__
+
+    def slow_batch(self, k):
+        time.sleep(slow)
+        return make(self, k)
+
+    monkeypatch.setattr(train_student.EpochSteps, "__getitem__", slow_batch)
+    out = tmp_path / "run"
+    run(_config(toy, out, max_steps=3, log_every=1))
+    records = _records(out, "train")
+    assert len(records) == 3
+    for r in records:
+        assert 0.0 <= r["data_wait"] <= 1.0
+        step_seconds = 16 / r["pairs_per_s"]  # batch_size 16, one step per record
+        assert r["data_wait"] * step_seconds >= 0.99 * slow, r  # the wait covers the fetch, whatever the machine's speed
 
 
 def test_validation_ids_are_never_trained_on(toy, tmp_path):
