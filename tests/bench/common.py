@@ -65,12 +65,16 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def write_captions(folder: Path, texts: list[str]) -> Path:
-    """Captions as a save_to_disk dataset (memory-mapped, no conversion step when stage 1 loads it)."""
-    import datasets
+    """Captions as a parquet file written by pyarrow (datasets' in-memory fingerprinting failed to pickle a pyarrow type
+    on the GPU machine's Python 3.12; stage 1 loads parquet through `datasets` all the same)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    datasets.disable_progress_bars()
-    datasets.Dataset.from_dict({"caption": texts}).save_to_disk(str(folder))
-    return Path(folder)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "captions.parquet"
+    pq.write_table(pa.table({"caption": pa.array(texts, pa.string())}), path)
+    return path
 
 
 def require_clip_merges():
