@@ -38,8 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="teacher width (default 512, the B/16 text tower); smaller only for smoke tests")
     p.add_argument("--threads", type=int, help="torch threads for both ways (default: torch's default)")
     p.add_argument("--batch-tokens", type=int, help="stage-1 token budget per batch (default: mclip's default for the device)")
-    p.add_argument("--shard-size", type=int, help="stage-1 captions per shard (default mclip's 10000; 100 with --quick, "
-                                                   "so that the large memory run still streams several shards)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="stage-1 captions per shard (mclip's default 10000)")
+    p.add_argument("--rss-shard-size", type=int, help="captions per shard in the memory runs (default --shard-size; 100 "
+                                                       "with --quick, so that the large memory run still streams shards)")
     p.add_argument("--max-batch-size", type=int, default=1024, help="stage-1 cap on captions per batch (mclip's default 1024)")
     p.add_argument("--naive-batch", type=int, default=64, help="naive loop batch size (padded to 77 tokens)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     for name, full, small in (("captions", 2000, 200), ("rss_small", 2000, 100), ("rss_large", 20000, 500), ("repeats", 3, 1),
-                              ("shard_size", 10_000, 100)):
+                              ("rss_shard_size", args.shard_size, 100)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     args.naive_captions = args.naive_captions or (min(64, args.captions) if quick else args.captions)
@@ -89,7 +90,7 @@ def measure_rss(args, runs: dict[str, tuple[Path, Path]]) -> dict[str, float]:
     procs = {}
     for name, (data, out) in runs.items():
         cmd = [sys.executable, __file__, "--rss-child", "--teacher", str(args.teacher), "--data", str(data), "--out", str(out),
-               "--device", args.device, "--precision", args.precision, "--shard-size", str(args.shard_size),
+               "--device", args.device, "--precision", args.precision, "--shard-size", str(args.rss_shard_size),
                "--max-batch-size", str(args.max_batch_size)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []
@@ -164,10 +165,11 @@ def main(argv=None) -> None:
     naive_texts = texts[: args.naive_captions]
     print(f"setup {time.perf_counter() - t0:.1f}s: teacher and {biggest:,} captions in {root}", file=sys.stderr)
 
+    # Token lengths for the FLOP count: stage 1 reports its exact real-token total; the small attention term (sum of
+    # squared lengths) comes from a sample, as tokenising a million captions here would take longer than embedding them.
     teacher = load_teacher(str(args.teacher), max_length=77)
-    config = teacher.model.config
-    lengths = np.array([len(t) for t in teacher.tokenize(texts[: args.captions])[0]])
-    flops = common.text_tower_flops(lengths, config.hidden_size, config.num_hidden_layers, config.intermediate_size, teacher.dim)
+    tower = teacher.model.config
+    lengths = np.array([len(t) for t in teacher.tokenize(texts[: min(args.captions, 20_000)], threads=os.cpu_count() or 1)[0]])
     del teacher
     naive = None if args.skip_naive else Naive(args.teacher, device, args.naive_batch)
 
@@ -205,6 +207,8 @@ def main(argv=None) -> None:
                                       "large": (rss_data[args.rss_large], root / "rss-large")})
         rss_small, rss_large = peaks_mb["small"], peaks_mb["large"]
 
+    flops = common.text_tower_flops(result.tokens, float(np.mean(lengths**2)) * result.captions, result.captions,
+                                    tower.hidden_size, tower.num_hidden_layers, tower.intermediate_size, tower.projection_dim)
     seconds = common.median(ours)
     captions_per_s = args.captions / seconds
     naive_per_s = common.median(naive_rates) if naive_rates else None
@@ -224,7 +228,9 @@ def main(argv=None) -> None:
         "captions": args.captions,
         "naive_captions": args.naive_captions,
         "rss_captions": [args.rss_small, args.rss_large],
-        "mean_tokens": common.sig(float(lengths.mean())),
+        "rss_shard_size": args.rss_shard_size,
+        "mean_tokens": common.sig(result.tokens / result.captions),
+        "unique_captions": result.captions,
         "max_abs_diff_vs_naive": common.sig(diff) if diff is not None else None,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
@@ -237,7 +243,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
     lines = [
-        f"stage 1 on {args.captions:,} captions (mean {lengths.mean():.1f} tokens, max {lengths.max()}), {precision}, "
+        f"stage 1 on {args.captions:,} captions (mean {res['mean_tokens']:.1f} tokens), {precision}, "
         f"{res['threads']} threads, {res['device']}:",
         f"  mclip embed-teacher  {captions_per_s:10,.1f} captions/s end to end (median of {args.repeats}; "
         f"{result.captions_per_s:,.1f} counting compute only)",
