@@ -1,6 +1,6 @@
 """Stage-2 benchmark: `mclip.train_student.run` reading cached teacher targets against the same loop running the teacher online.
 
-    python tests/bench/bench_train.py                  # B/16 text teacher, xlm-roberta-base-sized student, CPU: ~5-10 minutes
+    python tests/bench/bench_train.py                  # B/16 text teacher, xlm-roberta-base-sized student: ~13 min on a busy 2-core CPU
     python tests/bench/bench_train.py --quick          # under a minute on a 2-core CPU: 2-layer, half-width models, 1 thread
     python tests/bench/bench_train.py --device cuda    # bf16, batch 256: about 90 s on an H100, model builds included
 
@@ -11,7 +11,8 @@ it reads, which gives about the token counts XLM-R's SentencePiece gives (~1.1 p
 Captions: emoji names (the `emoji` package's CLDR translations) joined into English captions of about 12 words and their
 Chinese counterparts, fixed seed. Each caption gives two training pairs (zh and en), both with the English caption's target.
 
-Three runs of the same loop on the same pairs, batch and student init, all through `mclip.train_student.run`:
+Three runs of the same loop on the same pairs, batch and student init, all through `mclip.train_student.run` (after an
+untimed warm run over the same batches, on GPU and with --quick, so no timed run pays for first-use costs):
   cached   the product as shipped: targets read from the cache, batches made by --num-workers DataLoader workers;
   online   num_workers=0 and `EpochSteps` swapped for a subclass whose batches carry targets `teacher.embed` makes right
            then from the rows' English captions, in the training process on the training device (as a loop without a cache
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved; medians pool their steps")
     p.add_argument("--captions", type=int, help="parallel captions (default: enough for every run to stay in one epoch)")
     p.add_argument("--threads", type=int, help="torch threads for every way (default: torch's; 1 with --quick on CPU)")
+    p.add_argument("--warm-run", action=argparse.BooleanOptionalAction, help="first an untimed cached run over the same batches, so "
+                   "the first timed run does not pay for first-use costs (default: on, but off for full sizes on CPU)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of the cached run (train-student's default 2)")
     p.add_argument("--teacher-layers", type=int, help="teacher depth (default 12, the B/16 text tower)")
     p.add_argument("--teacher-width", type=int, help="teacher width (default 512; heads are 64 wide)")
@@ -100,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch_size = args.batch_size or batch
     args.warmup = warmup if args.warmup is None else args.warmup
     args.steps = args.steps or steps
+    # CUDA loads kernels lazily and cuBLAS picks them per shape: on an H100 the first run's steps took 2.5x as long as
+    # cached steps later in the same process. On CPU such costs are milliseconds: lost in a full-size step, not in a quick one.
+    args.warm_run = (kind == "gpu" or args.quick or args.tiny) if args.warm_run is None else args.warm_run
     if args.quick and kind == "cpu" and args.threads is None:
         # on a shared 2-core machine, OpenMP threads waiting for a descheduled sibling made steps 3x slower than one thread
         args.threads = 1
@@ -308,6 +314,8 @@ def main(argv=None) -> dict:
         online_vs_cache = float(np.abs(torch.nn.functional.normalize(emb, dim=-1).cpu().numpy() - cache.embeddings()[sample]).max())
         setup_s = time.perf_counter() - began
 
+        if args.warm_run:  # every run plans the same batches (same seed), so this one meets every shape the timed ones will
+            train_once("warm", args, paths, args.warmup, args.steps, args.num_workers)
         steps: dict[str, list[dict]] = {"cached": [], "online": [], "paired": []}
         for _ in range(args.repeats):  # interleaved, so a change in the machine's load does not fall on one way only
             steps["cached"] += train_once("cached", args, paths, args.warmup, args.steps, args.num_workers)
@@ -345,7 +353,7 @@ def main(argv=None) -> dict:
         "num_workers": args.num_workers, "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(), "precision": precision,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "repeats": args.repeats, "captions": args.captions, "mean_words_en": statistics.fmean(len(r["caption"].split()) for r in rows),
+        "repeats": args.repeats, "warm_run": args.warm_run, "captions": args.captions, "mean_words_en": statistics.fmean(len(r["caption"].split()) for r in rows),
         "teacher_tokens_mean": t_tokens, "student_tokens_mean": s_tokens,
         "teacher": {"layers": sizes["teacher"][0], "width": sizes["teacher"][1], "heads": sizes["teacher"][2], "dim": sizes["dim"],
                     "params": teacher_params[0], "params_non_embedding": teacher_params[1]},
@@ -373,7 +381,8 @@ def summary(r: dict) -> str:
         f"bench_train on {r['device']} ({r['device_name']}, {r['threads']} threads, {r['precision']}, load {r['load_avg_1m']:.1f}), {r['date']}",
         f"  teacher {t['layers']}x{t['width']} CLIP text ({t['params'] / 1e6:.1f}M params, {r['teacher_tokens_mean']:.1f} tokens/caption); "
         f"student {s['layers']}x{s['width']} XLM-R ({s['params'] / 1e6:.1f}M params, vocab {s['vocab']:,}, {r['student_tokens_mean']:.1f} tokens/pair)",
-        f"  batch {r['batch_size']}; {r['repeats']} x ({r['warmup_steps']} warm-up + {r['timed_steps']} timed steps) per way, medians; "
+        f"  batch {r['batch_size']}; {'an untimed warm run, then ' if r['warm_run'] else ''}{r['repeats']} x ({r['warmup_steps']} warm-up "
+        f"+ {r['timed_steps']} timed steps) per way, medians; "
         f"{r['captions']:,} captions of {r['mean_words_en']:.1f} English words on average",
         f"  cached, {r['num_workers']} workers: {r['pairs_per_s_cached']:9,.1f} pairs/s ({ms['cached']:7.0f} ms/step), "
         f"waiting for data {100 * r['data_wait_fraction']:.1f}% of the time",
