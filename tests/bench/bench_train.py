@@ -1,7 +1,7 @@
 """Stage-2 benchmark: `mclip.train_student.run` reading cached teacher targets against the same loop running the teacher online.
 
-    python tests/bench/bench_train.py                  # B/16 text teacher, xlm-roberta-base-sized student, CPU: ~5-10 minutes
-    python tests/bench/bench_train.py --quick          # about a minute on a 2-core CPU: 2-layer, half-width models
+    python tests/bench/bench_train.py                  # B/16 text teacher, xlm-roberta-base-sized student: ~13 min on a busy 2-core CPU
+    python tests/bench/bench_train.py --quick          # under a minute on a 2-core CPU: 2-layer, half-width models, 1 thread
     python tests/bench/bench_train.py --device cuda    # bf16, batch 256: about 90 s on an H100, model builds included
 
 Teacher: a CLIP ViT-B/16-sized text tower (CLIPTextConfig defaults, random init; weights do not change speed) with the real
@@ -11,13 +11,16 @@ it reads, which gives about the token counts XLM-R's SentencePiece gives (~1.1 p
 Captions: emoji names (the `emoji` package's CLDR translations) joined into English captions of about 12 words and their
 Chinese counterparts, fixed seed. Each caption gives two training pairs (zh and en), both with the English caption's target.
 
-Three runs of the same loop on the same pairs, batch and student init, all through `mclip.train_student.run`:
+Three runs of the same loop on the same pairs, batch and student init, all through `mclip.train_student.run` (after an
+untimed warm run over the same batches, on GPU and with --quick, so no timed run pays for first-use costs):
   cached   the product as shipped: targets read from the cache, batches made by --num-workers DataLoader workers;
   online   num_workers=0 and `EpochSteps` swapped for a subclass whose batches carry targets `teacher.embed` makes right
            then from the rows' English captions, in the training process on the training device (as a loop without a cache
            must: a GPU teacher cannot live in forked workers); the teacher runs once per distinct caption of the batch;
-  paired   num_workers=0, the teacher on odd steps only: cached and online steps interleaved in one process, so a shared
-           machine's changing load falls on both alike (`speedup_paired`, the figure to trust on a busy CPU).
+  paired   num_workers=0, each planned batch trained twice in a row, with cached then online targets: the two ways
+           interleaved step by step on the same batch shapes, so a shared machine's changing load falls on both alike
+           (`speedup_paired`; on CPU also `speedup_paired_cpu_time` from this process's CPU seconds, which other jobs do
+           not stretch: the figures to trust on a busy CPU).
 Speed is read from metrics.jsonl (log_every=1: one record per step): the median step time after --warmup steps, so model
 loading, worker start-up, first-call allocations and the final export are left out. data_wait_fraction is the share of those
 steps' time the loop spent blocked on the DataLoader (the `data_wait` field train-student writes), weighted by step time.
@@ -65,7 +68,7 @@ GLUE = [("with", "和"), ("and", "和"), ("next to", "旁边是"), ("near", "靠
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="about a minute on a 2-core CPU: 2-layer models, batch 32, 2 + 3 steps")
+    p.add_argument("--quick", action="store_true", help="under a minute on a 2-core CPU: 2-layer models, batch 32, 2 + 3 steps, 1 thread")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="training and teacher device")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--steps", type=int, help="timed steps per run (default 40 GPU, 3 CPU)")
@@ -73,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="pairs per step (default 256 GPU, 64 CPU)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved; medians pool their steps")
     p.add_argument("--captions", type=int, help="parallel captions (default: enough for every run to stay in one epoch)")
-    p.add_argument("--threads", type=int, help="torch threads for every way (default: torch's default); 1 is steadier on a busy CPU")
+    p.add_argument("--threads", type=int, help="torch threads for every way (default: torch's; 1 with --quick on CPU)")
+    p.add_argument("--warm-run", action=argparse.BooleanOptionalAction, help="first an untimed cached run over the same batches, so "
+                   "the first timed run does not pay for first-use costs (default: on, but off for full sizes on CPU)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of the cached run (train-student's default 2)")
     p.add_argument("--teacher-layers", type=int, help="teacher depth (default 12, the B/16 text tower)")
     p.add_argument("--teacher-width", type=int, help="teacher width (default 512; heads are 64 wide)")
@@ -98,6 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch_size = args.batch_size or batch
     args.warmup = warmup if args.warmup is None else args.warmup
     args.steps = args.steps or steps
+    # CUDA loads kernels lazily and cuBLAS picks them per shape: on an H100 the first run's steps took 2.5x as long as
+    # cached steps later in the same process. On CPU such costs are milliseconds: lost in a full-size step, not in a quick one.
+    args.warm_run = (kind == "gpu" or args.quick or args.tiny) if args.warm_run is None else args.warm_run
+    if args.quick and kind == "cpu" and args.threads is None:
+        # on a shared 2-core machine, OpenMP threads waiting for a descheduled sibling made steps 3x slower than one thread
+        args.threads = 1
     # each caption gives two pairs (zh and en): enough that no run (the paired one is the longest) crosses an epoch
     args.captions = args.captions or (args.warmup + 2 * args.steps + 1) * args.batch_size // 2 + args.batch_size
     return args
@@ -199,9 +210,11 @@ def params(folder: Path, exclude: str) -> tuple[int, int]:
 # ---- the runs ----
 
 
-def online_steps(teacher, english: list[str], every: int = 1):
-    """An EpochSteps whose batches (step k with k % every == every - 1) carry targets the teacher makes now from the rows'
-    English captions (the cache's text), instead of the cached ones."""
+def online_steps(teacher, english: list[str], paired: bool = False, cpu_clock: dict | None = None):
+    """An EpochSteps whose batches carry targets the teacher makes now from the rows' English captions (the cache's text)
+    instead of the cached ones. `paired`: steps 2j and 2j + 1 both train on planned batch j, with cached then online
+    targets, so both ways see the same batch shapes. With num_workers=0 batch k is made as step k starts, so
+    `cpu_clock[k]` (this process's CPU seconds then) brackets each step."""
     import torch
     import torch.nn.functional as F
 
@@ -209,8 +222,10 @@ def online_steps(teacher, english: list[str], every: int = 1):
 
     class OnlineSteps(EpochSteps):
         def __getitem__(self, k: int) -> dict:
-            batch = super().__getitem__(k)
-            if k % every != every - 1:
+            if cpu_clock is not None:
+                cpu_clock[k] = time.process_time()
+            batch = super().__getitem__(k // 2 if paired else k)
+            if paired and k % 2 == 0:
                 return batch
             unique, inverse = torch.unique(batch["rows"], return_inverse=True)  # an id's zh and en pairs share one target
             ids, _ = teacher.tokenize([english[r] for r in unique.tolist()])
@@ -221,14 +236,15 @@ def online_steps(teacher, english: list[str], every: int = 1):
     return OnlineSteps
 
 
-def train_once(name: str, args, paths: dict, steps: int, num_workers: int, steps_class=None) -> list[dict]:
-    """One `train_student.run` of --warmup + `steps` steps -> per timed step: k (its index in the epoch), seconds, seconds waited."""
+def train_once(name: str, args, paths: dict, warmup: int, steps: int, num_workers: int, steps_class=None) -> list[dict]:
+    """One `train_student.run` of `warmup` + `steps` steps -> per step after warm-up: k (its index in the epoch), seconds,
+    seconds waited for the batch."""
     from mclip import train_student
     from mclip.config import TrainConfig
 
     out = paths["tmp"] / f"run-{name}"
     config = TrainConfig(data=str(paths["data"]), cache=str(paths["cache"]), out=str(out), student=str(paths["student"]),
-                         languages=("zh",), batch_size=args.batch_size, max_steps=args.warmup + steps, log_every=1, eval_every=0,
+                         languages=("zh",), batch_size=args.batch_size, max_steps=warmup + steps, log_every=1, eval_every=0,
                          save_every=0, num_workers=num_workers, device=args.device, precision=args.precision, seed=args.seed,
                          num_threads=args.threads, progress=False, overwrite=True)
     with mock.patch.object(train_student, "EpochSteps", steps_class or train_student.EpochSteps):
@@ -236,7 +252,8 @@ def train_once(name: str, args, paths: dict, steps: int, num_workers: int, steps
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     shutil.rmtree(out)  # an xlm-roberta-base run leaves ~2 GB (the last checkpoint with optimizer state, final/)
     assert [r["step"] for r in records] == list(range(1, config.max_steps + 1)), "expected one train record per step"
-    timed = [(r["step"] - 1, args.batch_size / r["pairs_per_s"], r["data_wait"]) for r in records[args.warmup :]]
+    timed = [(r["step"] - 1, args.batch_size / r["pairs_per_s"], r["data_wait"]) for r in records[warmup:]]
+    print(f"bench_train: {name} run done, ms per timed step {[round(1000 * t[1]) for t in timed]}", file=sys.stderr, flush=True)
     return [{"k": k, "seconds": sec, "wait": wait * sec} for k, sec, wait in timed]
 
 
@@ -297,17 +314,26 @@ def main(argv=None) -> dict:
         online_vs_cache = float(np.abs(torch.nn.functional.normalize(emb, dim=-1).cpu().numpy() - cache.embeddings()[sample]).max())
         setup_s = time.perf_counter() - began
 
+        if args.warm_run:  # every run plans the same batches (same seed), so this one meets every shape the timed ones will
+            train_once("warm", args, paths, args.warmup, args.steps, args.num_workers)
         steps: dict[str, list[dict]] = {"cached": [], "online": [], "paired": []}
         for _ in range(args.repeats):  # interleaved, so a change in the machine's load does not fall on one way only
-            steps["cached"] += train_once("cached", args, paths, args.steps, args.num_workers)
-            steps["online"] += train_once("online", args, paths, args.steps, 0, online_steps(teacher, english))
-            steps["paired"] += train_once("paired", args, paths, 2 * args.steps, 0, online_steps(teacher, english, every=2))
+            steps["cached"] += train_once("cached", args, paths, args.warmup, args.steps, args.num_workers)
+            steps["online"] += train_once("online", args, paths, args.warmup, args.steps, 0, online_steps(teacher, english))
+            # an even warm-up, so timing starts on a cached step; one step more than timed, as the last one also writes
+            # the final checkpoint before the next batch is asked for
+            clock: dict[int, float] = {}
+            paired = train_once("paired", args, paths, args.warmup + args.warmup % 2, 2 * args.steps + 1, 0,
+                                online_steps(teacher, english, True, clock))[:-1]
+            steps["paired"] += [s | {"cpu_seconds": clock[s["k"] + 1] - clock[s["k"]]} for s in paired]
         t_tokens, s_tokens = token_counts(paths, rows)
         teacher_params, student_params = params(paths["teacher"], "token_embedding"), params(paths["student"], "word_embeddings")
 
     cached, online = pooled(steps["cached"], args.batch_size), pooled(steps["online"], args.batch_size)
     paired_cached = pooled([s for s in steps["paired"] if s["k"] % 2 == 0], args.batch_size)
     paired_online = pooled([s for s in steps["paired"] if s["k"] % 2 == 1], args.batch_size)
+    # CPU seconds of this process per step: what the other jobs of a shared machine do not stretch (GPU work is not in it)
+    cpu_seconds = {odd: statistics.median(s["cpu_seconds"] for s in steps["paired"] if s["k"] % 2 == odd) for odd in (0, 1)}
     # What the cache can save if every FLOP cost the same: the teacher's forward (2 per parameter and token) against the
     # student's forward and backward (6), embeddings left out; the speed-up is then 1 + this ratio.
     flop_ratio = (2 * teacher_params[1] * t_tokens) / (6 * student_params[1] * s_tokens)
@@ -316,7 +342,9 @@ def main(argv=None) -> dict:
         "speedup_vs_online": cached["pairs_per_s"] / online["pairs_per_s"], "data_wait_fraction": cached["data_wait_fraction"],
         "data_wait_fraction_online": online["data_wait_fraction"], "speedup_paired": paired_cached["pairs_per_s"] / paired_online["pairs_per_s"],
         "pairs_per_s_paired_cached": paired_cached["pairs_per_s"], "pairs_per_s_paired_online": paired_online["pairs_per_s"],
-        "data_wait_fraction_workers0": paired_cached["data_wait_fraction"], "flop_bound_speedup": 1 + flop_ratio,
+        "speedup_paired_cpu_time": cpu_seconds[1] / cpu_seconds[0] if args.device == "cpu" else None,
+        "cpu_seconds_per_step": {"paired_cached": cpu_seconds[0], "paired_online": cpu_seconds[1]},
+        "data_wait_fraction_workers0": paired_cached["data_wait_fraction"], "speedup_by_flop_count": 1 + flop_ratio,
         "max_abs_diff_online_vs_cache": online_vs_cache,
         "step_ms": {"cached": cached["step_ms"], "online": online["step_ms"], "paired_cached": paired_cached["step_ms"],
                     "paired_online": paired_online["step_ms"]},
@@ -325,7 +353,7 @@ def main(argv=None) -> dict:
         "num_workers": args.num_workers, "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(), "precision": precision,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "repeats": args.repeats, "captions": args.captions, "mean_words_en": statistics.fmean(len(r["caption"].split()) for r in rows),
+        "repeats": args.repeats, "warm_run": args.warm_run, "captions": args.captions, "mean_words_en": statistics.fmean(len(r["caption"].split()) for r in rows),
         "teacher_tokens_mean": t_tokens, "student_tokens_mean": s_tokens,
         "teacher": {"layers": sizes["teacher"][0], "width": sizes["teacher"][1], "heads": sizes["teacher"][2], "dim": sizes["dim"],
                     "params": teacher_params[0], "params_non_embedding": teacher_params[1]},
@@ -353,7 +381,8 @@ def summary(r: dict) -> str:
         f"bench_train on {r['device']} ({r['device_name']}, {r['threads']} threads, {r['precision']}, load {r['load_avg_1m']:.1f}), {r['date']}",
         f"  teacher {t['layers']}x{t['width']} CLIP text ({t['params'] / 1e6:.1f}M params, {r['teacher_tokens_mean']:.1f} tokens/caption); "
         f"student {s['layers']}x{s['width']} XLM-R ({s['params'] / 1e6:.1f}M params, vocab {s['vocab']:,}, {r['student_tokens_mean']:.1f} tokens/pair)",
-        f"  batch {r['batch_size']}; {r['repeats']} x ({r['warmup_steps']} warm-up + {r['timed_steps']} timed steps) per way, medians; "
+        f"  batch {r['batch_size']}; {'an untimed warm run, then ' if r['warm_run'] else ''}{r['repeats']} x ({r['warmup_steps']} warm-up "
+        f"+ {r['timed_steps']} timed steps) per way, medians; "
         f"{r['captions']:,} captions of {r['mean_words_en']:.1f} English words on average",
         f"  cached, {r['num_workers']} workers: {r['pairs_per_s_cached']:9,.1f} pairs/s ({ms['cached']:7.0f} ms/step), "
         f"waiting for data {100 * r['data_wait_fraction']:.1f}% of the time",
@@ -362,8 +391,9 @@ def summary(r: dict) -> str:
         f"  paired, 0 workers: cached {r['pairs_per_s_paired_cached']:,.1f} / online {r['pairs_per_s_paired_online']:,.1f} pairs/s "
         f"({ms['paired_cached']:.0f} / {ms['paired_online']:.0f} ms/step), waiting for data {100 * r['data_wait_fraction_workers0']:.1f}% "
         "on the cached steps",
-        f"  speed-up of the cache {r['speedup_vs_online']:.2f}x (separate runs), {r['speedup_paired']:.2f}x (interleaved steps); "
-        f"by FLOP count {r['flop_bound_speedup']:.2f}x; online vs cached targets max |diff| {r['max_abs_diff_online_vs_cache']:.1e}",
+        f"  speed-up of the cache {r['speedup_vs_online']:.2f}x (separate runs), {r['speedup_paired']:.2f}x (interleaved steps)"
+        + (f", {r['speedup_paired_cpu_time']:.2f}x (interleaved, CPU seconds)" if r["speedup_paired_cpu_time"] else "") + "; "
+        f"by FLOP count {r['speedup_by_flop_count']:.2f}x; online vs cached targets max |diff| {r['max_abs_diff_online_vs_cache']:.1e}",
     ])
 
 
