@@ -102,6 +102,7 @@ class TrainConfig:
     freeze_embeddings: bool = False  # freeze the word-embedding matrix
     extend_vocab: bool = False  # add training-text characters the student's tokenizer maps to [UNK] as new tokens
     extend_vocab_words: int = 0  # with extend_vocab: also add words seen this often that it splits into 3+ pieces (0 = off)
+    extend_vocab_init: str = "mean"  # new token rows start at: mean (transformers' default), aligned (their English captions' tokens)
     projection_init: str = "auto"  # auto (identity when student hidden == teacher dim), identity, random
     loss: str = "cl"  # mse | cosine | cl = (1 - alpha) * base + alpha * InfoNCE
     alpha: float = 0.1  # weight of InfoNCE in the cl loss, in [0, 1]
@@ -152,6 +153,7 @@ class TrainConfig:
         _check(self.val_max_ids >= 1, f"val_max_ids={self.val_max_ids} must be >= 1")
         _choice("pooler", self.pooler, ("mean", "cls"))
         _choice("projection_init", self.projection_init, ("auto", "identity", "random"))
+        _choice("extend_vocab_init", self.extend_vocab_init, ("mean", "aligned"))
         _check(self.extend_vocab_words >= 0, f"extend_vocab_words={self.extend_vocab_words} must be >= 0 (0 = characters only)")
         _check(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
         _choice("loss", self.loss, LOSSES)

@@ -185,13 +185,14 @@ def build_student(name_or_path: str, dim: int, pooler: str = "mean", max_length:
     return StudentEncoder(backbone, tokenizer, dim, pooler=pooler, max_length=max_length, projection=projection, meta=meta)
 
 
-def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0) -> list[str]:
+def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, english=None) -> list[str]:
     """Add new tokens to the student for what its tokenizer reads badly in `texts`; returns the added tokens.
 
     Always: the characters it can only map to its unknown token (an English-vocabulary student reads most Chinese as
     [UNK]). With min_word_count > 0 also: whitespace-separated words seen at least that often that it splits into 3+
     pieces (a Latin vocabulary spells Cyrillic, Arabic or Hangul words letter by letter), added as whole words. New rows
-    start at the old embeddings' mean and covariance (transformers' resize_token_embeddings).
+    start at the old embeddings' mean and covariance (transformers' resize_token_embeddings); with `english` (the English
+    caption of each text, same order) they start aligned instead (`align_new_tokens`).
     """
     from collections import Counter
 
@@ -217,7 +218,36 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0) -
     # single_word: a word token matches whole words only; normalized: it matches the text as the tokenizer normalises it
     tok.add_tokens([AddedToken(t, single_word=len(t) > 1, normalized=True) for t in added])
     student.backbone.resize_token_embeddings(len(tok))
+    if english is not None:
+        align_new_tokens(student, texts, list(english), len(tok) - len(added))
     return added
+
+
+@torch.no_grad()
+def align_new_tokens(student: StudentEncoder, texts: list[str], english: list[str], first_new: int) -> None:
+    """Start each new token's input embedding at the mean, over the training texts that contain it, of their English
+    captions' mean token embedding (the old vocabulary's own rows): "站" begins near the words its captions translate to,
+    not at a random point. A one-step alignment from parallel text, in the spirit of WECHSEL / FOCUS initialisation."""
+    assert len(texts) == len(english), f"{len(texts)} texts but {len(english)} English captions"
+    table = student.backbone.get_input_embeddings().weight  # (V, H), the new rows at first_new:
+    tok = student.tokenizer
+    special = set(tok.all_special_ids)
+    sums = torch.zeros(table.shape[0] - first_new, table.shape[1], dtype=torch.float64)
+    counts = torch.zeros(table.shape[0] - first_new, dtype=torch.float64)
+    unique = sorted(set(english))
+    where = {text: i for i, text in enumerate(unique)}
+    centroid = torch.zeros(len(unique), table.shape[1], dtype=torch.float64)  # mean old-token embedding per English caption
+    for i, ids in enumerate(tok(unique, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"]):
+        ids = [t for t in ids if t < first_new and t not in special]
+        if ids:
+            centroid[i] = table[ids].double().mean(0)
+    for ids, text in zip(tok(texts, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"], english):
+        new = sorted({t - first_new for t in ids if t >= first_new})
+        if new:
+            sums[new] += centroid[where[text]]
+            counts[new] += 1
+    seen = counts > 0
+    table[first_new:][seen] = (sums[seen] / counts[seen, None]).to(table.dtype)
 
 
 def load(path: str | Path, device: str | torch.device | None = None, trust_remote_code: bool = False) -> StudentEncoder:

@@ -250,7 +250,9 @@ def _student(config: TrainConfig, cache, checkpoint: Path | None, train: Pairs) 
         student = build_student(config.student, cache.dim, pooler=config.pooler, max_length=config.max_length,
                                 trust_remote_code=config.trust_remote_code, projection_init=config.projection_init)
         if config.extend_vocab:
-            student.meta["added_tokens"] = len(extend_vocabulary(student, train.texts.to_pylist(), config.extend_vocab_words))
+            english = cache.table(["text"]).column("text").take(pa.array(train.rows)).to_pylist() \
+                if config.extend_vocab_init == "aligned" else None
+            student.meta["added_tokens"] = len(extend_vocabulary(student, train.texts.to_pylist(), config.extend_vocab_words, english))
     if student.dim != cache.dim:
         raise UserError(f"student {checkpoint or config.student} projects to {student.dim} dims but cache {config.cache} holds "
                         f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student")
