@@ -114,6 +114,8 @@ CASES = [
     ("batch 0", lambda f, o: train(f, o, "--overwrite", **{"batch-size": 0}), ["batch_size=0 must be >= 1"], "run"),
     ("unknown loss", lambda f, o: train(f, o, "--overwrite", "--loss", "kl"), ["loss='kl' is not valid; choose one of mse, cosine, cl"], "run"),
     ("alpha outside [0, 1]", lambda f, o: train(f, o, "--overwrite", "--alpha", "1.5"), ["alpha=1.5 must be in [0, 1]"], "run"),
+    ("unknown extend_vocab_init", lambda f, o: train(f, o, "--overwrite", "--extend-vocab-init", "zeros"),
+     ["extend_vocab_init='zeros' is not valid; choose one of mean, aligned"], "run"),
     ("non-empty run folder without --resume/--overwrite", lambda f, o: train(f, o),
      ["is not empty; pass --resume to continue the run in it, --overwrite to replace it"], "run"),
     ("model/cache dimension mismatch (eval)", lambda f, o: eval_(f, o, "--overwrite", cache=f["cache16"]),

@@ -127,3 +127,26 @@ def test_extend_vocabulary_with_words_adds_frequent_long_words_as_whole_tokens(t
     assert added == ["флаг"]  # seen 3 times and spelt letter by letter; "dog" is 3 pieces but seen twice; "a" is one piece
     tokens = student.tokenizer.tokenize("Флаг Катар флагшток")
     assert tokens[0] == "флаг" and "флаг" not in tokens[1:]  # a whole word only, not inside another word
+
+
+def test_extend_vocabulary_aligned_starts_new_rows_at_their_english_captions_tokens(tmp_path):
+    folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["a dog", "a red dog", "woman standing"])
+    student = build_student(str(folder), 16)
+    table = student.backbone.get_input_embeddings().weight
+    old = table.shape[0]
+
+    def centroid(english):  # the mean of the English caption's own (old) token rows, special tokens excluded
+        ids = student.tokenizer(english, add_special_tokens=False)["input_ids"]
+        return table.detach()[ids].mean(0)
+
+    expected_dog, expected_woman = centroid("a dog"), centroid("woman standing")
+    texts, english = ["一只狗", "红色的狗", "站立的女人"], ["a dog", "a red dog", "woman standing"]
+    added = extend_vocabulary(student, texts, english=english)
+    rows = student.backbone.get_input_embeddings().weight.detach()
+    row = {t: rows[student.tokenizer.convert_tokens_to_ids(t)] for t in added}
+    assert rows.shape[0] == old + len(added) and "狗" in added
+    assert torch.allclose(row["女"], expected_woman, atol=1e-6)  # one caption contains 女: its English tokens' mean
+    assert torch.allclose(row["狗"], (expected_dog + centroid("a red dog")) / 2, atol=1e-6)  # two captions: their mean
+    assert not torch.allclose(row["狗"], row["女"])
+    with pytest.raises(AssertionError, match="English captions"):
+        extend_vocabulary(build_student(str(folder), 16), texts, english=english[:2])
