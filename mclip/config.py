@@ -100,6 +100,7 @@ class TrainConfig:
     pooler: str = "mean"  # student pooling: mean or cls
     max_length: int = 128  # student token limit (capped by the model's own)
     freeze_embeddings: bool = False  # freeze the word-embedding matrix
+    embedding_lr_scale: float = 1.0  # the word-embedding matrix learns at this multiple of lr (new tokens: try 5)
     extend_vocab: bool = False  # add training-text characters the student's tokenizer maps to [UNK] as new tokens
     extend_vocab_words: int = 0  # with extend_vocab: also add words seen this often that it splits into 3+ pieces (0 = off)
     extend_vocab_init: str = "mean"  # new token rows start at: mean (transformers' default), aligned (their English captions' tokens)
@@ -154,6 +155,7 @@ class TrainConfig:
         _choice("pooler", self.pooler, ("mean", "cls"))
         _choice("projection_init", self.projection_init, ("auto", "identity", "random"))
         _choice("extend_vocab_init", self.extend_vocab_init, ("mean", "aligned"))
+        _check(self.embedding_lr_scale > 0, f"embedding_lr_scale={self.embedding_lr_scale} must be > 0 (1 = the same lr as the rest)")
         _check(self.extend_vocab_words >= 0, f"extend_vocab_words={self.extend_vocab_words} must be >= 0 (0 = characters only)")
         _check(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
         _choice("loss", self.loss, LOSSES)

@@ -220,11 +220,16 @@ class Distiller(nn.Module):
         return emb, states, self.temperature()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norm weights and the temperature are not pulled towards zero."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+def param_groups(model: Distiller, weight_decay: float, embedding_lr_scale: float = 1.0) -> list[dict]:
+    """Decay matrices only: biases, norm weights and the temperature are not pulled towards zero. The input-embedding
+    matrix is a group of its own whose lr is `embedding_lr_scale` x lr (each row moves only on the steps its token is in
+    a batch, so new tokens seen a handful of times learn little at the body's lr)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    emb = model.student.backbone.get_input_embeddings().weight
+    groups = [{"params": [p for p in trainable if p.ndim >= 2 and p is not emb], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p is emb], "weight_decay": weight_decay, "lr_scale": embedding_lr_scale},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -309,6 +314,8 @@ def _check_out(config: TrainConfig, cache) -> tuple[Path | None, list[tuple[Path
         raise UserError(f"{out} holds checkpoints but no config.json; restore it, or pass --overwrite to start over")
     saved = json.loads(saved_path.read_text(encoding="utf-8"))
     old, new = saved["train"], to_dict(config)
+    defaults = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}  # a field newer than the run: its default
     if not new["student_layers"]:  # the default resolves the same way again; config.json holds the resolved layers
         new["student_layers"] = old.get("student_layers", [])
     diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in RUNTIME_FIELDS and old.get(k) != new[k]]
@@ -551,7 +558,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
     layer_targets = [shards.to_numpy(cache.table([c]).column(c), dtype=np.dtype(cache.manifest["dtype"]))
                      for c in (shards.layer_column(t) for t in (cache.layers if config.layer_kd else ()))]  # K x (N, H)
     # fused: one kernel over all parameters; on CPU it is ~6x faster than the per-tensor loop for a 22M-parameter student
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.embedding_lr_scale), lr=config.lr, betas=config.betas,
                                   fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     lengths = pc.utf8_length(train.texts).to_numpy(zero_copy_only=False)  # characters: a cheap proxy for tokens
@@ -564,7 +571,11 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                             "resume with the same --data and --cache, or --overwrite to start over")
         missing, unexpected = model.load_state_dict(state["extra"], strict=False)
         assert not unexpected and all(k.startswith("student.") for k in missing), f"trainer state mismatch: {unexpected} {missing}"
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # e.g. a checkpoint from an mclip version with other parameter groups
+            raise UserError(f"the optimizer state in {resume_from} does not fit this run ({str(exc).splitlines()[0]}); "
+                            "resume it with the mclip version that wrote it, or --overwrite to start over") from None
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
         _set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
@@ -618,7 +629,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                 break
             lr = lr_at(step, config, total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             rows = batch["rows"].to(device)  # (B,) the global batch's ids
             batch_targets = batch["targets"].to(device)  # (B, D) its teacher vectors: own targets and negatives
             parts_sum: dict[str, torch.Tensor] = {}

@@ -361,3 +361,33 @@ def test_bad_values_from_the_command_line(toy, tmp_path, capsys):
     assert "alpha=2.0 must be in [0, 1]" in _cli(_cli_args(toy, tmp_path / "b", "--alpha", "2"), capsys)
     assert "larger than the" in _cli(_cli_args(toy, tmp_path / "c", "--batch-size", "4096"), capsys)
     assert "loss='nope' is not valid" in _cli(_cli_args(toy, tmp_path / "d", "--loss", "nope"), capsys)
+
+
+def test_embedding_lr_scale_moves_only_the_embedding_matrix_faster(toy, tmp_path):
+    """One Adam step moves each weight by about lr: with embedding_lr_scale=10 the word-embedding rows move 10x as far,
+    and every other weight takes exactly the step it takes at scale 1."""
+    from safetensors.numpy import load_file
+
+    start = load_file(str(toy["student"] / "model.safetensors"))
+    moved = {}
+    for scale in (1.0, 10.0):
+        out = tmp_path / f"s{scale:g}"
+        run(_config(toy, out, max_steps=1, warmup_steps=1, clip_grad=0, weight_decay=0, embedding_lr_scale=scale))
+        moved[scale] = {k: v - start[k] for k, v in load_file(str(out / "final" / "model.safetensors")).items()}
+    emb = next(k for k in start if k.endswith("word_embeddings.weight"))
+    rows = np.abs(moved[1.0][emb]).max(1) > 0  # the tokens of the batch
+    assert rows.any() and not rows.all()
+    ratio = np.abs(moved[10.0][emb][rows]).mean() / np.abs(moved[1.0][emb][rows]).mean()
+    assert 9.0 < ratio < 11.0, ratio
+    assert all(np.array_equal(moved[1.0][k], moved[10.0][k]) for k in start if k != emb)
+
+
+def test_resume_accepts_a_run_written_before_a_setting_existed(toy, tmp_path):
+    out = tmp_path / "run"
+    run(_config(toy, out, max_steps=2, save_every=1))
+    saved = json.loads((out / "config.json").read_text())
+    del saved["train"]["embedding_lr_scale"]  # as an older mclip wrote it
+    (out / "config.json").write_text(json.dumps(saved))
+    assert run(_config(toy, out, max_steps=3, save_every=1, resume=True)).steps == 3
+    with pytest.raises(UserError, match="embedding_lr_scale: 1.0 -> 2.0"):  # the default stands in, so a real change is refused
+        run(_config(toy, out, max_steps=4, resume=True, embedding_lr_scale=2.0))
