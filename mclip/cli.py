@@ -103,7 +103,7 @@ def train_student(
     freeze_embeddings: bool = typer.Option(False, help="Freeze the word-embedding matrix."),
     embedding_lr_scale: float = typer.Option(1.0, help="The word-embedding matrix learns at this multiple of --lr (new tokens: try 5)."),
     extend_vocab: bool = typer.Option(False, help="Add training characters the student's tokenizer maps to [UNK] as new tokens."),
-    extend_vocab_words: int = typer.Option(0, help="With --extend-vocab, also add words seen this often that split into 3+ pieces."),
+    extend_vocab_words: int = typer.Option(0, help="With --extend-vocab, also add words seen this often that it splits into pieces."),
     extend_vocab_init: str = typer.Option("mean", help="New token rows start at: mean (the old rows' mean), aligned (their English captions' tokens)."),
     projection_init: str = typer.Option("auto", help="auto (identity when student width == teacher dim), identity, random."),
     loss: str = typer.Option("cl", help="mse, cosine, or cl = (1 - alpha) * base + alpha * InfoNCE."),

@@ -102,7 +102,7 @@ class TrainConfig:
     freeze_embeddings: bool = False  # freeze the word-embedding matrix
     embedding_lr_scale: float = 1.0  # the word-embedding matrix learns at this multiple of lr (new tokens: try 5)
     extend_vocab: bool = False  # add training-text characters the student's tokenizer maps to [UNK] as new tokens
-    extend_vocab_words: int = 0  # with extend_vocab: also add words seen this often that it splits into 3+ pieces (0 = off)
+    extend_vocab_words: int = 0  # with extend_vocab: also add words seen this often that it splits into pieces (0 = off)
     extend_vocab_init: str = "mean"  # new token rows start at: mean (transformers' default), aligned (their English captions' tokens)
     projection_init: str = "auto"  # auto (identity when student hidden == teacher dim), identity, random
     loss: str = "cl"  # mse | cosine | cl = (1 - alpha) * base + alpha * InfoNCE

@@ -189,10 +189,11 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
     """Add new tokens to the student for what its tokenizer reads badly in `texts`; returns the added tokens.
 
     Always: the characters it can only map to its unknown token (an English-vocabulary student reads most Chinese as
-    [UNK]). With min_word_count > 0 also: whitespace-separated words seen at least that often that it splits into 3+
-    pieces (a Latin vocabulary spells Cyrillic, Arabic or Hangul words letter by letter), added as whole words. New rows
-    start at the old embeddings' mean and covariance (transformers' resize_token_embeddings); with `english` (the English
-    caption of each text, same order) they start aligned instead (`align_new_tokens`).
+    [UNK]). With min_word_count > 0 also: whitespace-separated words seen at least that often that it splits into 2+
+    pieces (a Latin vocabulary spells Cyrillic, Arabic or Hangul words letter by letter, and cuts "Großbuchstabe" into
+    six), added as whole words. New rows start at the old embeddings' mean and covariance (transformers'
+    resize_token_embeddings); with `english` (the English caption of each text, same order) they start aligned instead
+    (`align_new_tokens`): with aligned rows, rare words are worth adding (min_word_count=1 lifted the demo most).
     """
     from collections import Counter
 
@@ -212,7 +213,7 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
         counts = Counter(w for text in normal for w in text.split() if not (set(w) & unknown))
         words = sorted(w for w, n in counts.items() if n >= min_word_count and len(w) > 1)
         pieces = tok(words, add_special_tokens=False)["input_ids"] if words else []
-        added += [w for w, seq in zip(words, pieces) if len(seq) >= 3]
+        added += [w for w, seq in zip(words, pieces) if len(seq) >= 2]
     if not added:
         return []
     # single_word: a word token matches whole words only; normalized: it matches the text as the tokenizer normalises it

@@ -613,6 +613,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
     last_val: dict = {}
     trained_pairs, train_seconds = 0, 0.0
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0  # window_wait: seconds blocked on the DataLoader
+    window_parts = None  # sum of the loss parts over the window's steps: records hold the window's mean, not one batch's
     latest_checkpoint = resume_from
     epoch, epoch_step = divmod(step, steps_per_epoch)
     model.train()
@@ -662,15 +663,17 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
             step += 1
             epoch_step += 1
             window_steps += 1
+            window_parts = reduced if window_parts is None else window_parts + reduced
             bar.update(1)
 
             if step % config.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 trained_pairs += window_steps * config.batch_size
                 train_seconds += elapsed
-                last = {"kind": "train", "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "lr": lr, "loss": loss,
-                        **{name: float(v) for name, v in zip(parts_sum, reduced)}, "temperature": float(model.temperature().detach()),
-                        "grad_norm": grad_norm, "pairs_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
+                mean_parts = window_parts / window_steps
+                last = {"kind": "train", "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "lr": lr,
+                        "loss": float(mean_parts.sum()), **{name: float(v) for name, v in zip(parts_sum, mean_parts)},
+                        "temperature": float(model.temperature().detach()), "grad_norm": grad_norm, "pairs_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
                         "data_wait": min(1.0, window_wait / max(elapsed, 1e-9))}  # share of the window spent waiting for batches
                 bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{last['pairs_per_s']:,.0f}", refresh=False)
                 if ctx.is_main:
@@ -691,7 +694,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                     latest_checkpoint = save_checkpoint(out, step, model, trainer, config.keep_last)
                 distributed.barrier()
             if window_steps and (step % config.log_every == 0 or step == total_steps):
-                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+                window_start, window_steps, window_wait, window_parts = time.perf_counter(), 0, 0.0, None
             fetch_start = time.perf_counter()
         else:
             epoch, epoch_step = epoch + 1, 0

@@ -122,9 +122,10 @@ def test_extend_vocabulary_adds_only_unknown_characters_and_survives_save(tmp_pa
 def test_extend_vocabulary_with_words_adds_frequent_long_words_as_whole_tokens(tmp_path):
     folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["флаг катар", "флаг франция", "флаг чили", "a dog"])
     student = build_student(str(folder), 16)
-    texts = ["флаг Катар", "флаг Франция", "флаг Чили", "a dog", "a dog"]
+    texts = ["флаг Катар", "флаг Франция", "флаг Чили", "a dog", "a dog go", "go go"]
+    assert student.tokenizer.tokenize("go") == ["g", "##o"]
     added = extend_vocabulary(student, texts, min_word_count=3)
-    assert added == ["флаг"]  # seen 3 times and spelt letter by letter; "dog" is 3 pieces but seen twice; "a" is one piece
+    assert added == ["go", "флаг"]  # seen 3 times and spelt in 2+ pieces; "dog" is 3 pieces but seen twice; "a" is one piece
     tokens = student.tokenizer.tokenize("Флаг Катар флагшток")
     assert tokens[0] == "флаг" and "флаг" not in tokens[1:]  # a whole word only, not inside another word
 

@@ -391,3 +391,12 @@ def test_resume_accepts_a_run_written_before_a_setting_existed(toy, tmp_path):
     assert run(_config(toy, out, max_steps=3, save_every=1, resume=True)).steps == 3
     with pytest.raises(UserError, match="embedding_lr_scale: 1.0 -> 2.0"):  # the default stands in, so a real change is refused
         run(_config(toy, out, max_steps=4, resume=True, embedding_lr_scale=2.0))
+
+
+def test_train_records_hold_the_mean_loss_of_their_window(toy, tmp_path):
+    every = _records((run(_config(toy, tmp_path / "a", max_steps=6, log_every=1))).out, "train")
+    windows = _records((run(_config(toy, tmp_path / "b", max_steps=6, log_every=3))).out, "train")
+    assert [r["step"] for r in windows] == [3, 6]
+    for record, steps in zip(windows, (every[:3], every[3:])):
+        assert record["loss"] == pytest.approx(np.mean([r["loss"] for r in steps]), rel=1e-5)
+        assert record["mse"] == pytest.approx(np.mean([r["mse"] for r in steps]), rel=1e-5)
