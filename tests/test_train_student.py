@@ -400,3 +400,21 @@ def test_train_records_hold_the_mean_loss_of_their_window(toy, tmp_path):
     for record, steps in zip(windows, (every[:3], every[3:])):
         assert record["loss"] == pytest.approx(np.mean([r["loss"] for r in steps]), rel=1e-5)
         assert record["mse"] == pytest.approx(np.mean([r["mse"] for r in steps]), rel=1e-5)
+
+
+def test_aligned_vocabulary_init_pairs_each_text_with_its_own_english_caption(toy, tmp_path, monkeypatch):
+    from mclip import train_student
+
+    seen = {}
+    real = train_student.extend_vocabulary
+
+    def spy(student, texts, min_word_count=0, english=None):
+        seen.update(texts=list(texts), english=english)
+        return real(student, texts, min_word_count, english)
+
+    monkeypatch.setattr(train_student, "extend_vocabulary", spy)
+    result = run(_config(toy, tmp_path / "run", max_steps=1, extend_vocab=True, extend_vocab_words=1, extend_vocab_init="aligned"))
+    english_of = {r[f"caption_{lang}"]: r["caption"] for r in toy["rows"] for lang in ("de", "zh")} | {r["caption"]: r["caption"] for r in toy["rows"]}
+    assert len(seen["texts"]) == len(seen["english"]) == result.join["train_pairs"]
+    assert all(english_of[text] == en for text, en in zip(seen["texts"], seen["english"]))
+    assert json.loads((result.final / "mclip.json").read_text())["added_tokens"] > 0
