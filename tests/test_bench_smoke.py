@@ -54,3 +54,15 @@ def test_bench_scripts_print_their_contract():
     assert 0 < r["ivf_recall_at_10"] <= 1
     assert r["flat_vs_numpy_topk_agreement"] == pytest.approx(1.0), "FAISS Flat and numpy must find the same top 10"
     assert r["ivf_factory"] == "IVF16,Flat"
+
+
+@pytest.mark.slow
+def test_profile_embed_times_the_parts_and_writes_the_profiler_table(tmp_path):
+    if tiny.real_clip_merges() is None:
+        pytest.skip("profile_embed needs the real CLIP tokenizer: pip install --no-deps open-clip-torch")
+    r = _result(_start("profile_embed.py", ["--quick", "--captions", "40", "--out", str(tmp_path), "--rows", "5"]))
+    assert all(_positive(r[k]) for k in ("captions_per_s", "compute_captions_per_s", "tokenize_captions_per_s")), r
+    assert r["captions"] == 40 and r["slowest_part"] in ("tokenize", "compute")
+    assert r["overlap_efficiency"] == pytest.approx(r["captions_per_s"] / min(r["compute_captions_per_s"], r["tokenize_captions_per_s"]), rel=0.01)
+    table = (tmp_path / "profile_embed.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one go (about 5 minutes on one H100): stage 1 (bench_embed) and stage 2 (bench_train) in bf16 with
+# GPU benchmarks in one go (about 6 minutes on one H100): stage 1 (bench_embed, profile_embed) and stage 2 (bench_train) in bf16 with
 # GPU-sized batches; each bench's JSON line goes to $1 (default ./gpu-out) as <name>.json, its full output to <name>.log.
 # Without CUDA it runs the same benches on CPU at --quick sizes, so the script is tested before device time is spent.
 #
@@ -96,6 +96,13 @@ run_bench() {  # name, script, args...: keep the whole output, and the last line
 run_bench embed tests/bench/bench_embed.py "${EMBED_ARGS[@]}"
 # the same stream with bigger batches: is mclip's default cap of 1024 captions per batch the GPU's limit?
 run_bench embed_maxbatch tests/bench/bench_embed.py "${EMBED_VARIANT_ARGS[@]}"
+
+# where stage 1's time goes: tokenising alone, compute alone, end to end, and the profiler's op table
+if [ "$DEVICE" = cuda ]; then
+  run_bench profile_embed tests/bench/profile_embed.py --device cuda --precision bf16 --captions 200000 --out "$OUT"
+else
+  run_bench profile_embed tests/bench/profile_embed.py --quick --out "$OUT"
+fi
 
 # ---- 3. stage 2: train-student from the cache against the teacher online (item 4) ----
 if [ -f tests/bench/bench_train.py ]; then
