@@ -673,7 +673,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                 mean_parts = window_parts / window_steps
                 last = {"kind": "train", "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "lr": lr,
                         "loss": float(mean_parts.sum()), **{name: float(v) for name, v in zip(parts_sum, mean_parts)},
-                        "temperature": float(model.temperature().detach()), "grad_norm": grad_norm, "pairs_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
+                        "temperature": float(model.temperature().detach()), "grad_norm": grad_norm,
+                        "pairs_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
                         "data_wait": min(1.0, window_wait / max(elapsed, 1e-9))}  # share of the window spent waiting for batches
                 bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{last['pairs_per_s']:,.0f}", refresh=False)
                 if ctx.is_main:
