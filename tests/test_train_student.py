@@ -418,3 +418,17 @@ def test_aligned_vocabulary_init_pairs_each_text_with_its_own_english_caption(to
     assert len(seen["texts"]) == len(seen["english"]) == result.join["train_pairs"]
     assert all(english_of[text] == en for text, en in zip(seen["texts"], seen["english"]))
     assert json.loads((result.final / "mclip.json").read_text())["added_tokens"] > 0
+
+
+def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_path):
+    from mclip import verify
+
+    out = tmp_path / "run"
+    run(_config(toy, out, max_steps=2, save_every=2))
+    folder = checkpoints(out)[-1][1]
+    state = torch.load(folder / "trainer.pt", weights_only=True)
+    state["optimizer"]["param_groups"].pop()  # as a checkpoint from a version with other parameter groups
+    torch.save(state, folder / "trainer.pt")
+    verify.write_checksums(folder)
+    with pytest.raises(UserError, match="optimizer state in .* does not fit this run .*--overwrite to start over"):
+        run(_config(toy, out, max_steps=3, resume=True))
