@@ -171,3 +171,41 @@ def test_tokenize_in_threads_matches_the_transformers_call(which, request):
         np.testing.assert_array_equal(truncated, ref_cut)
         assert [x for x, cut in zip(ids, ref_cut) if not cut] == [x for x, cut in zip(ref, ref_cut) if not cut]
         assert len(ids[-3]) == teacher.max_length and ids[-3][-1] == ref[-3][-1]  # cut, keeping the closing special token
+
+
+# Characters of every kind CLIP's two regexes tell apart: letters of several scripts, digits of several kinds (\p{N}
+# includes ², Ⅷ, ٣), punctuation and symbols, emoji, combining marks, joiners, controls, many spaces, apostrophes.
+FUZZ_PIECES = (list("aZéßжЖ中文カナ한글عربيहिन्दीไทย") + list("09²Ⅷ٣５½") + list(".,!?'’\"-_()[]<>|/\\@#$%^&*+=~`;:")
+               + ["🐶", "👩‍🚀", "\u0301", "\u0903", "\u200d", "\u200b", "\x00", "\x1c", "\x85"]
+               + [" ", "  ", "\t", "\n", "\r\n", "\xa0", "\u3000", "\u2028", "\u2009"]
+               + ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "<|endoftext|>", "<|startoftext|>", "<|", "|>"])
+
+
+def _fuzz_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(FUZZ_PIECES, size=rng.integers(0, 30))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("real_merges", [False, True])
+def test_clip_tokenizing_without_the_second_regex_gives_the_same_ids(tmp_path, real_merges):
+    """Stage 1 skips ByteLevel's GPT-2 split after CLIP's own split (see CLIP_SPLIT): the same ids on fuzzed text."""
+    from mclip.teacher import without_second_regex
+
+    merges = tiny.real_clip_merges() if real_merges else None
+    if real_merges and merges is None:
+        pytest.skip("the real CLIP merges come from open-clip-torch, which is not installed")
+    tok = tiny.write_clip_tokenizer(tmp_path, merges)
+    backend = tok.backend_tokenizer
+    fast = without_second_regex(backend)
+    assert fast is not backend and '"use_regex":false' in fast.to_str().replace(" ", "")  # the fast path is taken
+    texts = _fuzz_texts(5000) + TEXTS + [LONG, "it's a dog's life, isn't it? I'll say 'Hello' ＡＢＣ１２３"]
+    want = [e.ids for e in backend.encode_batch(texts)]
+    assert [e.ids for e in fast.encode_batch(texts)] == want
+    assert sum(len(x) for x in want) > 10 * len(texts)  # the texts are not trivially short (19-27 ids a text)
+
+
+def test_other_tokenizers_keep_their_pre_tokenizer(bert_teacher):
+    from mclip.teacher import without_second_regex
+
+    backend = load_teacher(str(bert_teacher)).tokenizer.backend_tokenizer
+    assert without_second_regex(backend) is backend
