@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import os
 import sys
 import time
@@ -43,15 +44,17 @@ class EmbedResult:
 
 @dataclass
 class _Work:
-    """One shard, read and tokenised, ready for the teacher."""
+    """One shard, read, tokenised and cut into padded batches in the reader thread, ready for the teacher."""
 
     index: int
     first_row: int
     end_row: int
-    ids: list[str]  # kept rows
-    texts: list[str]  # kept rows
+    ids: "pa.Array"  # kept rows (string)
+    texts: "pa.Array"  # kept rows (string)
     inverse: np.ndarray  # kept row -> unique text
-    tokens: list[list[int]]  # unique texts
+    unique: int  # unique texts
+    batches: list  # [(indices into the unique texts, input_ids (B, T), mask (B, T))], length-sorted
+    tokens: int  # real (unpadded) tokens over the unique texts
     skipped: int
     truncated: int
     images: list | None = None  # unique images (PIL) when embedding images
@@ -134,33 +137,48 @@ def _load_rows(config: EmbedConfig):
     return ds.with_format("arrow"), n
 
 
-def _ids(table_fmt, config: EmbedConfig, n: int) -> list[str]:
-    """One string id per input row: the id column, or the row index; refuse empty or duplicate ids."""
-    import pyarrow as pa
+def _check_ids(table_fmt, config: EmbedConfig, n: int) -> None:
+    """Refuse empty or duplicate ids in the id column (Arrow kernels: no Python string per row)."""
     import pyarrow.compute as pc
 
     if config.id_column is None:
-        return [str(i) for i in range(n)]
+        return
     column = table_fmt[:n][config.id_column]
     if column.null_count:
         row = pc.index(pc.is_null(column), True).as_py()
         raise UserError(f"id column {config.id_column!r} is empty at row {row}; fill every id or omit --id-column to use row numbers")
-    ids = pc.cast(column, pa.string()).to_pylist()
-    if len(set(ids)) != len(ids):
-        seen = set()
-        dup = next(x for x in ids if x in seen or seen.add(x))
+    column = _as_string(column)
+    if pc.count_distinct(column).as_py() != n:
+        counts = pc.value_counts(column)
+        dup = counts.field("values")[pc.index(pc.greater(counts.field("counts"), 1), True).as_py()].as_py()
         raise UserError(f"id {dup!r} appears more than once in column {config.id_column!r}; ids must be unique (omit --id-column to use row numbers)")
-    return ids
 
 
-def _check_strict(table_fmt, config: EmbedConfig, n: int, ids: list[str]) -> None:
+def _as_string(column):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return column if column.type == pa.string() else pc.cast(column, pa.string())
+
+
+def _shard_ids(part, config: EmbedConfig, a: int, b: int):
+    """The string ids of rows a..b: the id column, or the row numbers."""
+    import pyarrow as pa
+
+    if config.id_column is None:
+        return _as_string(pa.array(np.arange(a, b, dtype=np.int64)))
+    return _as_string(part[config.id_column].combine_chunks())
+
+
+def _check_strict(table_fmt, config: EmbedConfig, n: int) -> None:
     import pyarrow.compute as pc
 
     column = table_fmt[:n][config.caption_column]
     bad = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(pc.cast(column, "string")), ""))
     if pc.any(bad).as_py():
         row = pc.index(bad, True).as_py()
-        raise UserError(f"caption of id {ids[row]!r} (row {row}) is empty; fill it, or drop --strict to skip and count such rows")
+        ident = _shard_ids(table_fmt[row : row + 1], config, row, row + 1)[0].as_py()
+        raise UserError(f"caption of id {ident!r} (row {row}) is empty; fill it, or drop --strict to skip and count such rows")
 
 
 def _image_key(image) -> tuple[object, str]:
@@ -183,32 +201,57 @@ def _image_key(image) -> tuple[object, str]:
     raise UserError(f"image column holds {type(image).__name__} values; use images, image bytes or file paths")
 
 
-def _read_shard(k: int, table_fmt, ids: list[str], config: EmbedConfig, n: int, teacher, tokenize_threads: int = 1) -> _Work:
+# A caption that is all whitespace is skipped like an empty one. Python's `str.isspace` set (it has the \x1c-\x1f
+# separators, which Unicode's White_Space lacks) as an Arrow regex: the same rows as the `not text.strip()` it replaced.
+_BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x110000)) if c.isspace()) + "]*$"
+
+
+def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_tokens: int, pin: bool = False,
+                tokenize_threads: int = 1) -> _Work:
+    """Rows k*shard_size.. of the input -> kept captions, their unique texts tokenised and cut into padded batches.
+
+    Runs in the reader thread. Filtering, dedup and the id and text columns stay in Arrow, so the only per-caption
+    Python is the tokenizer's: with a GPU teacher every thread shares one interpreter lock with the thread that feeds it.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     a, b = k * config.shard_size, min(n, (k + 1) * config.shard_size)
     part = table_fmt[a:b]
-    texts = part[config.caption_column].to_pylist()
-    keep = []
-    for i, text in enumerate(texts):
-        if text is None or (isinstance(text, str) and not text.strip()):
-            continue
-        if not isinstance(text, str):
-            raise UserError(f"caption column {config.caption_column!r} holds {type(text).__name__} values (row {a + i}); point --caption-column at the text")
-        keep.append(i)
-    kept_texts = [texts[i] for i in keep]
-    if config.dedup:
-        position: dict[str, int] = {}
-        inverse = np.fromiter((position.setdefault(t, len(position)) for t in kept_texts), dtype=np.int64, count=len(kept_texts))
-        unique = list(position)
+    column = part[config.caption_column].combine_chunks()
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        valid = pc.is_valid(column)
+        if pc.any(valid).as_py():
+            row = a + pc.index(valid, True).as_py()
+            raise UserError(f"caption column {config.caption_column!r} holds {column.type} values (row {row}); point --caption-column at the text")
+    if pa.types.is_null(column.type):
+        column = pa.nulls(len(column), pa.string())
+    keep_mask = pc.invert(pc.or_kleene(pc.is_null(column), pc.match_substring_regex(column, _BLANK)).fill_null(True))
+    keep = np.flatnonzero(keep_mask.to_numpy(zero_copy_only=False))
+    kept = _as_string(column.filter(keep_mask))
+    if config.dedup:  # first-appearance order, as a dict would give
+        encoded = kept.dictionary_encode()
+        inverse, unique = encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
     else:
-        inverse, unique = np.arange(len(kept_texts)), kept_texts
+        inverse, unique = np.arange(len(kept)), kept.to_pylist()
     tokens, truncated = teacher.tokenize(unique, threads=tokenize_threads) if unique else ([], np.zeros(0, bool))
-    work = _Work(k, a, b, [ids[a + i] for i in keep], kept_texts, inverse, tokens, len(texts) - len(keep),
-                 int(truncated[inverse].sum()) if len(inverse) else 0)
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=int(lengths.sum()))
+    del tokens
+    starts = np.cumsum(lengths) - lengths
+    batches = []
+    for idx in _batches(lengths, batch_tokens, config.max_batch_size):
+        input_ids, mask = teacher.pad(flat, starts[idx], lengths[idx])
+        if pin:  # page-locked, so the copy to the GPU runs asynchronously beside the previous forward
+            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+        batches.append((idx, input_ids, mask))
+    work = _Work(k, a, b, _shard_ids(part, config, a, b).filter(keep_mask), kept, inverse, len(unique), batches,
+                 int(lengths.sum()), len(column) - len(keep), int(truncated[inverse].sum()) if len(inverse) else 0)
     if config.image_column is not None:
         raw = part[config.image_column].to_pylist()
         given = part[config.image_id_column].to_pylist() if config.image_id_column else None
         images, image_ids, index = [], [], {}
-        for i in keep:
+        for i in keep.tolist():
             image, digest = _image_key(raw[i])
             key = str(given[i]) if given is not None else digest
             if key not in index:
@@ -252,16 +295,15 @@ def _batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.
     return out
 
 
-def _embed(work: _Work, teacher, config: EmbedConfig, batch_tokens: int):
-    """Unique texts -> (U, D) embeddings and {layer: (U, H)} states, length-sorted token-budget batches."""
+def _embed(work: _Work, teacher, config: EmbedConfig):
+    """The shard's batches -> (U, D) embeddings and {layer: (U, H)} states of its unique texts (and images)."""
     import torch
 
-    lengths = np.fromiter((len(t) for t in work.tokens), dtype=np.int64, count=len(work.tokens))
-    emb = np.empty((len(lengths), teacher.dim), dtype=np.float32)
-    states = {layer: np.empty((len(lengths), teacher.hidden_size), dtype=np.float32) for layer in config.cache_layers}
+    emb = np.empty((work.unique, teacher.dim), dtype=np.float32)
+    states = {layer: np.empty((work.unique, teacher.hidden_size), dtype=np.float32) for layer in config.cache_layers}
     on_device = []  # copied back once per shard: a copy per batch would make a GPU wait for Python between batches
-    for idx in _batches(lengths, batch_tokens, config.max_batch_size):
-        out, layer_out = teacher.embed(*teacher.collate([work.tokens[i] for i in idx]), layers=config.cache_layers)
+    for idx, input_ids, mask in work.batches:
+        out, layer_out = teacher.embed(input_ids, mask, layers=config.cache_layers)
         if config.normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         on_device.append((idx, out, layer_out))
@@ -277,13 +319,13 @@ def _embed(work: _Work, teacher, config: EmbedConfig, batch_tokens: int):
             if config.normalize:
                 out = torch.nn.functional.normalize(out, dim=-1)
             image_emb[start : start + 64] = out.cpu().numpy()
-    return emb, states, image_emb, int(lengths.sum())
+    return emb, states, image_emb
 
 
 def _to_table(work: _Work, emb, states, image_emb, config: EmbedConfig, schema):
     import pyarrow as pa
 
-    columns = {"id": pa.array(work.ids, pa.string()), "text": pa.array(work.texts, pa.string()),
+    columns = {"id": work.ids, "text": work.texts,
                "embedding": shards.fixed_list(emb[work.inverse], config.dtype)}
     for layer in sorted(states):
         columns[shards.layer_column(layer)] = shards.fixed_list(states[layer][work.inverse], config.dtype)
@@ -328,9 +370,9 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     table_fmt, n = _load_rows(config)
-    ids = _ids(table_fmt, config, n)
+    _check_ids(table_fmt, config, n)
     if config.strict:
-        _check_strict(table_fmt, config, n, ids)
+        _check_strict(table_fmt, config, n)
     precision = distributed.resolve_precision(config.precision, device)
     teacher = load_teacher(config.teacher, device=str(device), precision=precision, need_images=config.image_column is not None,
                            max_length=config.max_length, trust_remote_code=config.trust_remote_code)
@@ -353,21 +395,21 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     captions = tokens = 0
     compute_start = time.perf_counter()
     with ThreadPoolExecutor(1, thread_name_prefix="mclip-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="mclip-write") as writer:
-        read = functools.partial(_read_shard, table_fmt=table_fmt, ids=ids, config=config, n=n, teacher=teacher,
-                                 tokenize_threads=_tokenize_threads(device))
+        read = functools.partial(_read_shard, table_fmt=table_fmt, config=config, n=n, teacher=teacher, batch_tokens=batch_tokens,
+                                 pin=device.type == "cuda", tokenize_threads=_tokenize_threads(device))
         pending_read: Future | None = reader.submit(read, todo[0]) if todo else None
         pending_write: Future | None = None
         for pos, k in enumerate(todo):
             work = pending_read.result()
             pending_read = reader.submit(read, todo[pos + 1]) if pos + 1 < len(todo) else None
-            emb, states, image_emb, n_tokens = _embed(work, teacher, config, batch_tokens)
+            emb, states, image_emb = _embed(work, teacher, config)
             stats = {"shard": k, "first_row": work.first_row, "end_row": work.end_row, "rows": len(work.ids),
-                     "skipped": work.skipped, "truncated": work.truncated, "duplicates": len(work.inverse) - len(work.tokens)}
+                     "skipped": work.skipped, "truncated": work.truncated, "duplicates": len(work.inverse) - work.unique}
             if pending_write is not None:
                 pending_write.result()
             pending_write = writer.submit(_write, out, k, work, emb, states, image_emb, config, schema, stats)
-            captions += len(work.tokens)
-            tokens += n_tokens
+            captions += work.unique
+            tokens += work.tokens
             bar.update(work.end_row - work.first_row)
         if pending_write is not None:
             pending_write.result()

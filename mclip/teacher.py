@@ -173,12 +173,19 @@ class TeacherEncoder:
     def collate(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to the longest sequence of this batch (never to max_length)."""
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        return self.pad(flat, np.cumsum(lengths) - lengths, lengths)
+
+    def pad(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences flat[starts[i] : starts[i] + lengths[i]] -> input_ids, mask (B, T) int64, right-padded to the longest.
+
+        One vectorised gather, no Python per row: on GPU a per-row loop left the device idle.
+        """
         width = int(lengths.max())
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         mask = np.arange(width) < lengths[:, None]  # (B, T)
-        input_ids = np.full((len(ids), width), pad, dtype=np.int64)
-        # One vectorised scatter instead of a tensor per row: on GPU the per-row loop left the device idle.
-        input_ids[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        source = np.minimum(starts[:, None] + np.arange(width), max(len(flat) - 1, 0))  # (B, T), clipped where padded
+        input_ids = np.where(mask, flat[source], pad)
         return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
 
     @torch.inference_mode()

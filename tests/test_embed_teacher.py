@@ -260,6 +260,24 @@ def test_empty_captions_are_skipped_and_counted(tmp_path, clip_text_teacher):
         _run(data, tmp_path / "strict", clip_text_teacher, id_column="id", strict=True)
 
 
+def test_blank_is_what_python_strip_calls_blank(tmp_path, clip_text_teacher):
+    """Blank captions are found by an Arrow regex; it skips exactly the captions `not text.strip()` calls blank."""
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    assert len(spaces) == 29 and "\x1c" in spaces and "\u3000" in spaces  # Python's set, wider than Unicode's White_Space
+    blank = spaces + ["".join(spaces), "\x1c\x1d \x85"]
+    kept = ["\u200b", "a", " x ", "\x1cb\x1c", "\u00a0\u00a0.", "_"]  # zero-width space and punctuation are text
+    rows = [{"id": f"b{i}", "caption": t} for i, t in enumerate(blank)] + [{"id": f"k{i}", "caption": t} for i, t in enumerate(kept)]
+    result = _run(tiny.write_captions(tmp_path / "rows.jsonl", rows), tmp_path / "out", clip_text_teacher, id_column="id")
+    assert result.totals["skipped"] == len(blank) == sum(not r["caption"].strip() for r in rows)
+    assert shards.open_cache(tmp_path / "out").ids() == [f"k{i}" for i in range(len(kept))]
+
+
+def test_a_caption_column_of_numbers_is_one_line(tmp_path, clip_text_teacher):
+    data = tiny.write_captions(tmp_path / "rows.jsonl", [{"caption": None}, {"caption": 3}, {"caption": 4}])
+    with pytest.raises(UserError, match=r"caption column 'caption' holds int64 values \(row 1\); point --caption-column at the text"):
+        _run(data, tmp_path / "out", clip_text_teacher)
+
+
 def test_rerun_is_a_no_op_other_arguments_are_refused(tmp_path, captions, clip_text_teacher):
     out = tmp_path / "out"
     _run(captions, out, clip_text_teacher, shard_size=8)

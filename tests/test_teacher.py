@@ -209,3 +209,19 @@ def test_other_tokenizers_keep_their_pre_tokenizer(bert_teacher):
 
     backend = load_teacher(str(bert_teacher)).tokenizer.backend_tokenizer
     assert without_second_regex(backend) is backend
+
+
+def test_pad_right_pads_each_sequence_of_a_flat_array(clip_teacher):
+    teacher = load_teacher(str(clip_teacher))
+    seqs = [[5, 6, 7], [8], [9, 10, 11, 12], [13, 14]]
+    flat = np.array([t for s in seqs for t in s])
+    lengths = np.array([len(s) for s in seqs])
+    starts = np.cumsum(lengths) - lengths
+    pad = teacher.tokenizer.pad_token_id
+    order = np.array([3, 0, 2])  # any subset, any order: a batch of stage 1
+    input_ids, mask = teacher.pad(flat, starts[order], lengths[order])
+    assert input_ids.tolist() == [[13, 14, pad, pad], [5, 6, 7, pad], [9, 10, 11, 12]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert input_ids.dtype == mask.dtype == torch.int64
+    ids, m = teacher.collate([seqs[1], seqs[2]])  # collate of lists takes the same path
+    assert ids.tolist() == [[8, pad, pad, pad], [9, 10, 11, 12]] and m.tolist() == [[1, 0, 0, 0], [1, 1, 1, 1]]
