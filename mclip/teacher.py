@@ -72,19 +72,21 @@ class QuickGELU(torch.nn.Module):
         return x.mul(1.702).sigmoid_().mul_(x)
 
 
-def without_second_regex(backend):
-    """A copy of a `tokenizers.Tokenizer` whose CLIP pre-tokenizer skips ByteLevel's redundant GPT-2 split (same ids,
-    faster); any other tokenizer is returned as it is."""
-    from tokenizers import Tokenizer
+def skip_second_regex(backend) -> bool:
+    """Give a `tokenizers.Tokenizer` with CLIP's pre-tokenizer one without ByteLevel's redundant GPT-2 split (the same
+    ids, faster), in place; True if it was CLIP's. Any other tokenizer is left as it is."""
+    from tokenizers import Regex, pre_tokenizers
 
-    spec = json.loads(backend.to_str())
-    pre = spec.get("pre_tokenizer") or {}
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
     parts = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else []
     clip_split = {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed", "invert": True}
     if len(parts) != 2 or parts[0] != clip_split or parts[1].get("type") != "ByteLevel" or not parts[1].get("use_regex", True):
-        return backend
-    parts[1]["use_regex"] = False
-    return Tokenizer.from_str(json.dumps(spec))
+        return False
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=parts[1].get("add_prefix_space", False),
+                                 trim_offsets=parts[1].get("trim_offsets", True), use_regex=False)])
+    return True
 
 
 def _use_inplace_activations(model: torch.nn.Module) -> None:
@@ -123,7 +125,8 @@ class TeacherEncoder:
         if self.max_length > limit:
             raise UserError(f"max_length={self.max_length} exceeds the teacher's limit of {limit} tokens; use --max-length {limit} or less")
         self._fingerprint = weights_fingerprint  # computed lazily from the weights as they are when not given
-        self._backend = None  # the Rust tokenizer stage 1 calls, made on first use
+        if getattr(tokenizer, "backend_tokenizer", None) is not None:
+            skip_second_regex(tokenizer.backend_tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -159,9 +162,6 @@ class TeacherEncoder:
             # a Python tokenizer, or a backend set to cut or pad (the transformers call resets both on every call)
             return self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         # The Rust backend directly: the same ids, without transformers' per-text Python post-processing under the GIL.
-        if self._backend is None:
-            self._backend = without_second_regex(backend)
-        backend = self._backend
         encode = functools.partial(getattr(backend, "encode_batch_fast", backend.encode_batch), add_special_tokens=True)
         chunk = 256  # a 10,000-caption shard gives 40 chunks: enough to keep 16 threads busy
         if threads <= 1 or len(texts) <= chunk:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mclip.errors import UserError
-from mclip.teacher import fingerprint, load_teacher
+from mclip.teacher import fingerprint, load_teacher, skip_second_regex
 from tests import tiny
 
 TEXTS = ["a photo of a dog", "x", "two children playing football on a sunny afternoon in the park", "站立的女人"]
@@ -189,15 +189,16 @@ def _fuzz_texts(n: int, seed: int = 0) -> list[str]:
 @pytest.mark.parametrize("real_merges", [False, True])
 def test_clip_tokenizing_without_the_second_regex_gives_the_same_ids(tmp_path, real_merges):
     """Stage 1 skips ByteLevel's GPT-2 split after CLIP's own split (see CLIP_SPLIT): the same ids on fuzzed text."""
-    from mclip.teacher import without_second_regex
+    from transformers import AutoTokenizer
 
     merges = tiny.real_clip_merges() if real_merges else None
     if real_merges and merges is None:
         pytest.skip("the real CLIP merges come from open-clip-torch, which is not installed")
-    tok = tiny.write_clip_tokenizer(tmp_path, merges)
-    backend = tok.backend_tokenizer
-    fast = without_second_regex(backend)
-    assert fast is not backend and '"use_regex":false' in fast.to_str().replace(" ", "")  # the fast path is taken
+    tiny.write_clip_tokenizer(tmp_path, merges)
+    backend = AutoTokenizer.from_pretrained(tmp_path).backend_tokenizer
+    fast = AutoTokenizer.from_pretrained(tmp_path).backend_tokenizer
+    assert skip_second_regex(fast) and '"use_regex":false' in fast.to_str().replace(" ", "")  # the fast path is taken
+    assert '"use_regex":true' in backend.to_str().replace(" ", "")
     texts = _fuzz_texts(5000) + TEXTS + [LONG, "it's a dog's life, isn't it? I'll say 'Hello' ＡＢＣ１２３"]
     want = [e.ids for e in backend.encode_batch(texts)]
     assert [e.ids for e in fast.encode_batch(texts)] == want
@@ -205,14 +206,14 @@ def test_clip_tokenizing_without_the_second_regex_gives_the_same_ids(tmp_path, r
 
 
 def test_other_tokenizers_keep_their_pre_tokenizer(bert_teacher):
-    from mclip.teacher import without_second_regex
-
     backend = load_teacher(str(bert_teacher)).tokenizer.backend_tokenizer
-    assert without_second_regex(backend) is backend
+    before = backend.to_str()
+    assert not skip_second_regex(backend) and backend.to_str() == before
 
 
 def test_pad_right_pads_each_sequence_of_a_flat_array(clip_teacher):
     teacher = load_teacher(str(clip_teacher))
+    assert '"use_regex":false' in teacher.tokenizer.backend_tokenizer.to_str().replace(" ", "")  # a CLIP teacher skips it
     seqs = [[5, 6, 7], [8], [9, 10, 11, 12], [13, 14]]
     flat = np.array([t for s in seqs for t in s])
     lengths = np.array([len(s) for s in seqs])

@@ -1,16 +1,20 @@
-"""Where stage 1's time goes: the end-to-end rate beside its parts, and a torch.profiler table of one run.
+"""Where stage 1's time goes: the end-to-end rate beside the model alone and the host side alone, and a profiler table.
 
     python tests/bench/profile_embed.py --device cuda --precision bf16 --captions 200000 --out gpu-out   # ~1 min on a GPU
     python tests/bench/profile_embed.py --quick --out /tmp/prof                                           # CPU, seconds
 
-Stage 1 overlaps three things: a reader thread that tokenises shard k+1, the forward of shard k on the device, a writer
-thread that builds and writes the Arrow shard k-1. When the end-to-end rate falls short of the compute-only rate, one
-of the other two is the bottleneck; this script times each alone on the same captions and teacher (B/16-sized text
-tower, random init, the real CLIP tokenizer, as bench_embed.py):
-  tokenize   `teacher.tokenize` with the threads stage 1 uses on this device;
-  compute    stage 1's own compute-only rate (forward + copy back, from its result);
-  end_to_end `mclip.embed_teacher.run`, loading and writing included;
-and writes the profiler's table (ops by self device time on GPU, by self CPU time otherwise) to OUT/profile_embed.txt.
+Stage 1 overlaps the host side (a reader thread that reads, tokenises and pads shard k+1; a writer thread that builds
+and writes shard k-1) with the teacher's forward of shard k. End to end it cannot beat the slower of the two, so this
+script times each alone on the same captions and teacher (B/16-sized text tower, random init, the real CLIP
+tokenizer, as bench_embed.py):
+  model      the teacher's forward over stage 1's own padded batches, already tokenised (device-synchronised);
+  host       `mclip.embed_teacher.run` with the forward replaced by zeros: reading, tokenising, padding, writing
+             (its shard loop's rate, as stage 1 reports it: loading the model and the data are not counted);
+  tokenize   `teacher.tokenize` alone, with the threads stage 1 uses on this device;
+  end_to_end `mclip.embed_teacher.run`, loading and writing included, and its shard loop's rate (`loop`), which
+             `overlap_efficiency` sets against the slower of model and host (1.0: the faster one is fully hidden);
+and writes the profiler's table of one end-to-end run (ops by self device time on GPU, by self CPU time otherwise) to
+OUT/profile_embed.txt; on GPU also the share of that run's wall time the device spent in kernels (`device_busy`).
 The last printed line is the JSON result.
 """
 
@@ -64,41 +68,108 @@ def main(argv=None) -> dict:
 
     embed_teacher.run(config(warm, root / "warm-out"))  # first-use costs: imports, allocator, kernel choice
 
-    teacher = load_teacher(str(teacher_dir), max_length=77)
+    teacher = load_teacher(str(teacher_dir), device=str(device), precision=distributed.resolve_precision(args.precision, device),
+                           max_length=77)
     threads = embed_teacher._tokenize_threads(device)
+    teacher.tokenize(texts[:10])  # builds the tokenizer stage 1 calls (once per run, ~0.5 s for CLIP's vocabulary)
     start = time.perf_counter()
-    teacher.tokenize(texts, threads=threads)
+    tokens, _ = teacher.tokenize(texts, threads=threads)
     tokenize_s = time.perf_counter() - start
+
+    model_s = min(model_seconds(teacher, tokens, device) for _ in range(2))  # the first pays for kernel choice
+    host = without_model(lambda: embed_teacher.run(config(data, root / "cache-host")))
 
     start = time.perf_counter()
     result = embed_teacher.run(config(data, root / "cache"))
     end_to_end_s = time.perf_counter() - start
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         embed_teacher.run(config(data, root / "cache-profiled"))
+    profiled_s = time.perf_counter() - start
+    events = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=args.rows)
+    table = events.table(sort_by=sort, row_limit=args.rows)
     (out_dir / "profile_embed.txt").write_text(table + "\n", encoding="utf-8")
+    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
 
-    rates = {"end_to_end": n / end_to_end_s, "compute": result.captions_per_s, "tokenize": n / tokenize_s}
+    # stage 1's own rate (`captions_per_s` of its result) counts the shard loop, not loading the model and the data
+    rates = {"end_to_end": n / end_to_end_s, "loop": result.captions_per_s, "model": n / model_s, "host": host.captions_per_s,
+             "tokenize": n / tokenize_s}
     res = {
         "captions_per_s": common.sig(rates["end_to_end"]),
-        "compute_captions_per_s": common.sig(rates["compute"]),
+        "loop_captions_per_s": common.sig(rates["loop"]),
+        "model_captions_per_s": common.sig(rates["model"]),
+        "host_captions_per_s": common.sig(rates["host"]),
         "tokenize_captions_per_s": common.sig(rates["tokenize"]),
         "tokenize_threads": threads,
-        "slowest_part": min(("tokenize", "compute"), key=rates.get),  # what end_to_end cannot beat
-        "overlap_efficiency": common.sig(rates["end_to_end"] / min(rates["tokenize"], rates["compute"])),  # 1.0: fully hidden
+        "slowest_part": min(("model", "host"), key=rates.get),  # what end_to_end cannot beat
+        "overlap_efficiency": common.sig(rates["loop"] / min(rates["model"], rates["host"])),  # 1.0: fully hidden
+        "device_busy": common.sig(device_us / 1e6 / profiled_s) if device.type == "cuda" else None,
         "captions": n,
         "device": str(device),
         "cpu_count": os.cpu_count(),
         "profile": str(out_dir / "profile_embed.txt"),
         "quick": args.quick,
     }
-    common.emit([f"stage 1 on {n:,} captions, {device}: end to end {rates['end_to_end']:,.0f} captions/s, compute only "
-                 f"{rates['compute']:,.0f}, tokenising alone ({threads} threads) {rates['tokenize']:,.0f}; profiler table in "
-                 f"{out_dir / 'profile_embed.txt'}", table], res)
+    busy = f", device busy {res['device_busy']:.0%} of a profiled run" if res["device_busy"] is not None else ""
+    common.emit([f"stage 1 on {n:,} captions, {device}: end to end {rates['end_to_end']:,.0f} captions/s (its shard loop "
+                 f"{rates['loop']:,.0f}); the model alone "
+                 f"{rates['model']:,.0f}, the host side alone {rates['host']:,.0f} (tokenising alone, {threads} threads, "
+                 f"{rates['tokenize']:,.0f}); slowest: {res['slowest_part']}, overlap {res['overlap_efficiency']:.2f}{busy}; "
+                 f"profiler table in {out_dir / 'profile_embed.txt'}", table], res)
     return res
+
+
+def model_seconds(teacher, tokens: list[list[int]], device) -> float:
+    """The teacher's forward over stage 1's batches of these token lists (inputs ready in host memory, pinned on CUDA;
+    outputs copied back once, as stage 1 does): the rate no host side can lift stage 1 above."""
+    import numpy as np
+    import torch
+
+    from mclip import embed_teacher
+
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
+    starts = np.cumsum(lengths) - lengths
+    batches = []
+    for idx in embed_teacher._batches(lengths, embed_teacher.default_batch_tokens(device), 1024):
+        input_ids, mask = teacher.pad(flat, starts[idx], lengths[idx])
+        batches.append((input_ids.pin_memory(), mask.pin_memory()) if device.type == "cuda" else (input_ids, mask))
+    _sync(device)
+    start = time.perf_counter()
+    outs = [torch.nn.functional.normalize(teacher.embed(input_ids, mask)[0], dim=-1) for input_ids, mask in batches]
+    for out in outs:
+        out.cpu()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def without_model(run):
+    """The result of one stage-1 run whose forward returns zeros on the device: everything but the model."""
+    import torch
+
+    from mclip.teacher import TeacherEncoder
+
+    real = TeacherEncoder.embed
+
+    def no_model(self, input_ids, mask, layers=()):
+        input_ids = input_ids.to(self.device, non_blocking=True)  # the copy to the device stays: it is the host's
+        return torch.zeros((input_ids.shape[0], self.dim), device=self.device), {}
+
+    TeacherEncoder.embed = no_model
+    try:
+        return run()
+    finally:
+        TeacherEncoder.embed = real
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":
