@@ -264,11 +264,14 @@ def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_t
 
 
 def _tokenize_threads(device) -> int:
-    """Threads that tokenise a shard: one core tokenises a few thousand CLIP captions a second, enough for a CPU teacher
-    (and more would take cores from it) but not for a GPU; torchrun ranks on one machine share its cores."""
+    """Threads that tokenise a shard: one core tokenises ~15k CLIP captions a second, enough for a CPU teacher (and
+    more would take cores from it) but not for a GPU. With a GPU, this rank's share of the cores it may run on, less
+    two: the thread that launches the forward and the writer keep a core each, so a burst of tokenising never delays a
+    launch. torchrun ranks on one machine share its cores."""
     if device.type == "cpu":
         return 1
-    return max(1, min(16, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 2))
 
 
 def default_batch_tokens(device) -> int:

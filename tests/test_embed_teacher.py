@@ -372,3 +372,18 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
         assert ta.schema.metadata == tb.schema.metadata and ta.select(["id", "text"]).equals(tb.select(["id", "text"]))
         for column in ("embedding", "layer_1"):
             np.testing.assert_allclose(shards.to_numpy(ta[column]), shards.to_numpy(tb[column]), atol=1e-5)
+
+
+def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkeypatch):
+    import torch
+
+    from mclip.embed_teacher import _tokenize_threads
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, want in [(16, 14), (128, 16), (3, 1), (1, 1)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert _tokenize_threads(cuda) == want and _tokenize_threads(cpu) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun ranks on one machine share it
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert _tokenize_threads(cuda) == 14
