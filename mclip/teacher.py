@@ -22,7 +22,7 @@ CLIP_TYPES = ("clip", "clip_text_model")
 # CLIP's pre-tokenizer splits a text into letter runs, single digits, contractions and runs of other non-space
 # characters, then runs ByteLevel, which splits each piece again with GPT-2's regex. No piece of the first split can be
 # cut by the second (each is one whole match of it: GPT-2's pattern has the same classes, and no piece holds a space),
-# so the second pass changes no id; it costs a third of tokenising (67 -> 44 us a caption on one core).
+# so the second pass changes no id; skipping it makes tokenising 1.25x faster (72 -> 58 us a caption on one core).
 CLIP_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
