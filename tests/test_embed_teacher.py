@@ -387,3 +387,29 @@ def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkey
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun ranks on one machine share it
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert _tokenize_threads(cuda) == 14
+
+
+def test_the_reader_pads_and_pins_the_batches_a_gpu_teacher_gets(tmp_path, clip_text_teacher, monkeypatch):
+    """Batches are made in the reader thread, length-sorted within the token budget, and page-locked for a CUDA teacher
+    (pin_memory needs CUDA, so here it is recorded instead)."""
+    import torch
+
+    from mclip import embed_teacher
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
+    texts = ["red apple", LONG, "a dog", "red apple", "", "green tree on a hill"]
+    data = tiny.write_captions(tmp_path / "rows.jsonl", [{"caption": t} for t in texts])
+    config = EmbedConfig(data=str(data), out=str(tmp_path / "out"), teacher=str(clip_text_teacher), max_batch_size=2)
+    table_fmt, n = embed_teacher._load_rows(config)
+    teacher = load_teacher(str(clip_text_teacher))
+    work = embed_teacher._read_shard(0, table_fmt, config, n, teacher, batch_tokens=4096, pin=True)
+    assert (work.unique, work.skipped, len(work.ids), work.inverse.tolist()) == (4, 1, 5, [0, 1, 2, 0, 3])
+    assert sorted(i for idx, _, _ in work.batches for i in idx.tolist()) == [0, 1, 2, 3] and len(work.batches) == 2
+    widths = [mask.sum(1).tolist() for _, _, mask in work.batches]
+    assert widths[0][-1] <= widths[1][0] and max(widths[1]) == 77  # sorted by length; the long caption cut to 77
+    assert len(pinned) == 2 * len(work.batches)
+    unpinned = embed_teacher._read_shard(0, table_fmt, config, n, teacher, batch_tokens=4096, pin=False)
+    assert len(pinned) == 2 * len(work.batches)
+    for (i1, ids1, m1), (i2, ids2, m2) in zip(work.batches, unpinned.batches):
+        assert i1.tolist() == i2.tolist() and torch.equal(ids1, ids2) and torch.equal(m1, m2)
