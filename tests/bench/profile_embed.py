@@ -129,12 +129,13 @@ def model_seconds(teacher, tokens: list[list[int]], device) -> float:
     import torch
 
     from mclip import embed_teacher
+    from mclip.config import EmbedConfig
 
     lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
     flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
     starts = np.cumsum(lengths) - lengths
     batches = []
-    for idx in embed_teacher._batches(lengths, embed_teacher.default_batch_tokens(device), 1024):
+    for idx in embed_teacher._batches(lengths, embed_teacher.default_batch_tokens(device), EmbedConfig.max_batch_size):
         input_ids, mask = teacher.pad(flat, starts[idx], lengths[idx])
         batches.append((input_ids.pin_memory(), mask.pin_memory()) if device.type == "cuda" else (input_ids, mask))
     _sync(device)
