@@ -170,11 +170,19 @@ def _shard_ids(part, config: EmbedConfig, a: int, b: int):
     return _as_string(part[config.id_column].combine_chunks())
 
 
+def _blank(column):
+    """Null or all-whitespace captions (a boolean array): skipped and counted, or refused with --strict. Arrow's
+    whitespace is Python's `str.isspace` set, code point for code point (\x1c-\x1f included): the rows
+    `not text.strip()` found."""
+    import pyarrow.compute as pc
+
+    return pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(column), "")).fill_null(True)
+
+
 def _check_strict(table_fmt, config: EmbedConfig, n: int) -> None:
     import pyarrow.compute as pc
 
-    column = table_fmt[:n][config.caption_column]
-    bad = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(pc.cast(column, "string")), ""))
+    bad = _blank(pc.cast(table_fmt[:n][config.caption_column], "string"))
     if pc.any(bad).as_py():
         row = pc.index(bad, True).as_py()
         ident = _shard_ids(table_fmt[row : row + 1], config, row, row + 1)[0].as_py()
@@ -201,11 +209,6 @@ def _image_key(image) -> tuple[object, str]:
     raise UserError(f"image column holds {type(image).__name__} values; use images, image bytes or file paths")
 
 
-# A caption that is all whitespace is skipped like an empty one. Python's `str.isspace` set (it has the \x1c-\x1f
-# separators, which Unicode's White_Space lacks) as an Arrow regex: the same rows as the `not text.strip()` it replaced.
-_BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x110000)) if c.isspace()) + "]*$"
-
-
 def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_tokens: int, pin: bool = False,
                 tokenize_threads: int = 1) -> _Work:
     """Rows k*shard_size.. of the input -> kept captions, their unique texts tokenised and cut into padded batches.
@@ -226,7 +229,7 @@ def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_t
             raise UserError(f"caption column {config.caption_column!r} holds {column.type} values (row {row}); point --caption-column at the text")
     if pa.types.is_null(column.type):
         column = pa.nulls(len(column), pa.string())
-    keep_mask = pc.invert(pc.or_kleene(pc.is_null(column), pc.match_substring_regex(column, _BLANK)).fill_null(True))
+    keep_mask = pc.invert(_blank(column))
     keep = np.flatnonzero(keep_mask.to_numpy(zero_copy_only=False))
     kept = _as_string(column.filter(keep_mask))
     if config.dedup:  # first-appearance order, as a dict would give
@@ -235,18 +238,9 @@ def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_t
     else:
         inverse, unique = np.arange(len(kept)), kept.to_pylist()
     tokens, truncated = teacher.tokenize(unique, threads=tokenize_threads) if unique else ([], np.zeros(0, bool))
-    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
-    flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=int(lengths.sum()))
-    del tokens
-    starts = np.cumsum(lengths) - lengths
-    batches = []
-    for idx in _batches(lengths, batch_tokens, config.max_batch_size):
-        input_ids, mask = teacher.pad(flat, starts[idx], lengths[idx])
-        if pin:  # page-locked, so the copy to the GPU runs asynchronously beside the previous forward
-            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-        batches.append((idx, input_ids, mask))
+    batches, n_tokens = padded_batches(tokens, teacher, batch_tokens, config.max_batch_size, pin)
     work = _Work(k, a, b, _shard_ids(part, config, a, b).filter(keep_mask), kept, inverse, len(unique), batches,
-                 int(lengths.sum()), len(column) - len(keep), int(truncated[inverse].sum()) if len(inverse) else 0)
+                 n_tokens, len(column) - len(keep), int(truncated[inverse].sum()) if len(inverse) else 0)
     if config.image_column is not None:
         raw = part[config.image_column].to_pylist()
         given = part[config.image_id_column].to_pylist() if config.image_id_column else None
@@ -261,6 +255,21 @@ def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_t
         work.images, work.image_ids = images, image_ids
         work.image_inverse = np.array([index[key] for key in image_ids], dtype=np.int64)
     return work
+
+
+def padded_batches(tokens: list[list[int]], teacher, batch_tokens: int, max_batch: int, pin: bool = False) -> tuple[list, int]:
+    """Token lists -> [(indices, input_ids (B, T), mask (B, T))] length-sorted within the token budget, and the real
+    token count. `pin`: page-locked, so each copy to the GPU runs asynchronously beside the previous forward."""
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=int(lengths.sum()))
+    starts = np.cumsum(lengths) - lengths
+    batches = []
+    for idx in _batches(lengths, batch_tokens, max_batch):
+        input_ids, mask = teacher.pad(flat, starts[idx], lengths[idx])
+        if pin:
+            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+        batches.append((idx, input_ids, mask))
+    return batches, int(lengths.sum())
 
 
 def _tokenize_threads(device) -> int:

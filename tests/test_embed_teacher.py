@@ -261,7 +261,7 @@ def test_empty_captions_are_skipped_and_counted(tmp_path, clip_text_teacher):
 
 
 def test_blank_is_what_python_strip_calls_blank(tmp_path, clip_text_teacher):
-    """Blank captions are found by an Arrow regex; it skips exactly the captions `not text.strip()` calls blank."""
+    """Blank captions are found by an Arrow kernel; it skips exactly the captions `not text.strip()` calls blank."""
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
     assert len(spaces) == 29 and "\x1c" in spaces and "\u3000" in spaces  # Python's set, wider than Unicode's White_Space
     blank = spaces + ["".join(spaces), "\x1c\x1d \x85"]
@@ -270,6 +270,10 @@ def test_blank_is_what_python_strip_calls_blank(tmp_path, clip_text_teacher):
     result = _run(tiny.write_captions(tmp_path / "rows.jsonl", rows), tmp_path / "out", clip_text_teacher, id_column="id")
     assert result.totals["skipped"] == len(blank) == sum(not r["caption"].strip() for r in rows)
     assert shards.open_cache(tmp_path / "out").ids() == [f"k{i}" for i in range(len(kept))]
+    # --strict refuses what the skip would drop: the same notion of blank, \x1c included
+    only_separator = tiny.write_captions(tmp_path / "sep.jsonl", [{"id": "a", "caption": "red apple"}, {"id": "b", "caption": "\x1c"}])
+    with pytest.raises(UserError, match=r"caption of id 'b' \(row 1\) is empty"):
+        _run(only_separator, tmp_path / "strict", clip_text_teacher, id_column="id", strict=True)
 
 
 def test_a_caption_column_of_numbers_is_one_line(tmp_path, clip_text_teacher):

@@ -125,22 +125,16 @@ def main(argv=None) -> dict:
 def model_seconds(teacher, tokens: list[list[int]], device) -> float:
     """The teacher's forward over stage 1's batches of these token lists (inputs ready in host memory, pinned on CUDA;
     outputs copied back once, as stage 1 does): the rate no host side can lift stage 1 above."""
-    import numpy as np
     import torch
 
     from mclip import embed_teacher
     from mclip.config import EmbedConfig
 
-    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
-    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
-    starts = np.cumsum(lengths) - lengths
-    batches = []
-    for idx in embed_teacher._batches(lengths, embed_teacher.default_batch_tokens(device), EmbedConfig.max_batch_size):
-        input_ids, mask = teacher.pad(flat, starts[idx], lengths[idx])
-        batches.append((input_ids.pin_memory(), mask.pin_memory()) if device.type == "cuda" else (input_ids, mask))
+    batches, _ = embed_teacher.padded_batches(tokens, teacher, embed_teacher.default_batch_tokens(device), EmbedConfig.max_batch_size,
+                                              pin=device.type == "cuda")
     _sync(device)
     start = time.perf_counter()
-    outs = [torch.nn.functional.normalize(teacher.embed(input_ids, mask)[0], dim=-1) for input_ids, mask in batches]
+    outs = [torch.nn.functional.normalize(teacher.embed(input_ids, mask)[0], dim=-1) for _, input_ids, mask in batches]
     for out in outs:
         out.cpu()
     _sync(device)
