@@ -97,7 +97,7 @@ run_bench embed tests/bench/bench_embed.py "${EMBED_ARGS[@]}"
 # the same stream with bigger batches: is mclip's default cap of 1024 captions per batch the GPU's limit?
 run_bench embed_maxbatch tests/bench/bench_embed.py "${EMBED_VARIANT_ARGS[@]}"
 
-# where stage 1's time goes: tokenising alone, compute alone, end to end, and the profiler's op table
+# where stage 1's time goes: the model alone, the host side alone, end to end, and the profiler's op table
 if [ "$DEVICE" = cuda ]; then
   run_bench profile_embed tests/bench/profile_embed.py --device cuda --precision bf16 --captions 200000 --out "$OUT"
 else
