@@ -77,6 +77,7 @@ class EmbedConfig:
 
 # ---- stage 2: TrainConfig (train-student) ----
 LOSSES = ("mse", "cosine", "cl")
+MIN_TEMPERATURE = 0.01  # floor of a learnt InfoNCE temperature (CLIP's cap of 100 on the logit scale)
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -162,6 +163,9 @@ class TrainConfig:
         _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")
         _choice("cl_base", self.cl_base, ("mse", "cosine"))
         _check(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        _check(self.fixed_temperature or self.loss != "cl" or self.temperature >= MIN_TEMPERATURE,
+               f"temperature={self.temperature} is below the floor {MIN_TEMPERATURE} of a learnt temperature; "
+               f"raise it, or pass --fixed-temperature to keep it fixed")
         _check(all(isinstance(i, int) and i >= 1 for i in self.student_layers),
                f"student_layers={list(self.student_layers)} must be layer numbers >= 1, e.g. --student-layers 4,8,12")
         _check(not self.student_layers or self.layer_kd, "student_layers is only used with --layer-kd; add --layer-kd or drop it")

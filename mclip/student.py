@@ -185,7 +185,7 @@ def build_student(name_or_path: str, dim: int, pooler: str = "mean", max_length:
     return StudentEncoder(backbone, tokenizer, dim, pooler=pooler, max_length=max_length, projection=projection, meta=meta)
 
 
-def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, english=None) -> list[str]:
+def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, english=None, keep=()) -> list[str]:
     """Add new tokens to the student for what its tokenizer reads badly in `texts`; returns the added tokens.
 
     Always: the characters it can only map to its unknown token (an English-vocabulary student reads most Chinese as
@@ -194,58 +194,86 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
     six), added as whole words. New rows start at the old embeddings' mean and covariance (transformers'
     resize_token_embeddings); with `english` (the English caption of each text, same order) they start aligned instead
     (`align_new_tokens`): with aligned rows, rare words are worth adding (min_word_count=1 lifted the demo most).
+
+    `keep`: texts whose tokens must not change (the English training captions): a candidate the extended tokenizer would
+    use in any of them is dropped, so a student initialised from the teacher still reads the teacher's English exactly
+    as the teacher does, and equals it at step 0.
     """
+    import copy
     from collections import Counter
 
     from tokenizers import AddedToken
 
     tok = student.tokenizer
-    texts = list(texts)
+    texts, keep = list(texts), sorted(set(keep))
     normalizer = getattr(getattr(tok, "backend_tokenizer", None), "normalizer", None)
     normal = [normalizer.normalize_str(t) for t in texts] if normalizer is not None else texts
     chars = sorted({c for text in normal for c in text if not c.isspace()})
     added: list = []
     if tok.unk_token_id is not None and chars:
         ids = tok(chars, add_special_tokens=False)["input_ids"]
-        added += [c for c, seq in zip(chars, ids) if seq == [tok.unk_token_id]]
+        added += [c for c, seq in zip(chars, ids) if tok.unk_token_id in seq]  # SentencePiece reads one as [▁, <unk>]
     if min_word_count > 0:
         unknown = set(added)
         counts = Counter(w for text in normal for w in text.split() if not (set(w) & unknown))
         words = sorted(w for w, n in counts.items() if n >= min_word_count and len(w) > 1)
         pieces = tok(words, add_special_tokens=False)["input_ids"] if words else []
-        added += [w for w, seq in zip(words, pieces) if len(seq) >= 2]
+        vocab = tok.get_vocab()  # a SentencePiece word that is one piece after a bare ▁ ([▁, und]) is no new token
+        added += [w for w, seq in zip(words, pieces) if len(seq) >= 2 and w not in vocab]
+
+    def token(t: str) -> AddedToken:  # single_word: a word matches whole words only; normalized: as the tokenizer normalises text
+        return AddedToken(t, single_word=len(t) > 1, normalized=True)
+
+    while added and keep:  # drop what would change a kept text; again, since a dropped word can uncover a character inside it
+        trial = copy.deepcopy(tok)
+        trial.add_tokens([token(t) for t in added])
+        first = len(tok)
+        used = {i - first for seq in trial(keep, add_special_tokens=False)["input_ids"] for i in seq if i >= first}
+        if not used:
+            break
+        new_ids = trial.convert_tokens_to_ids(added)
+        added = [t for t, i in zip(added, new_ids) if i - first not in used]
     if not added:
         return []
-    # single_word: a word token matches whole words only; normalized: it matches the text as the tokenizer normalises it
-    tok.add_tokens([AddedToken(t, single_word=len(t) > 1, normalized=True) for t in added])
+    old_ids = None
+    if english is not None:  # the English side in the old vocabulary, before any new token can claim its words
+        english = list(english)
+        unique = sorted(set(english))
+        old_ids = dict(zip(unique, tok(unique, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"]))
+    first_new = len(tok)
+    tok.add_tokens([token(t) for t in added])
     student.backbone.resize_token_embeddings(len(tok))
     if english is not None:
-        align_new_tokens(student, texts, list(english), len(tok) - len(added))
+        align_new_tokens(student, texts, [old_ids[e] for e in english], first_new)
     return added
 
 
 @torch.no_grad()
-def align_new_tokens(student: StudentEncoder, texts: list[str], english: list[str], first_new: int) -> None:
+def align_new_tokens(student: StudentEncoder, texts: list[str], english_ids: list[list[int]], first_new: int) -> None:
     """Start each new token's input embedding at the mean, over the training texts that contain it, of their English
     captions' mean token embedding (the old vocabulary's own rows): "站" begins near the words its captions translate to,
-    not at a random point. A one-step alignment from parallel text, in the spirit of WECHSEL / FOCUS initialisation."""
-    assert len(texts) == len(english), f"{len(texts)} texts but {len(english)} English captions"
+    not at a random point. A one-step alignment from parallel text, in the spirit of WECHSEL / FOCUS initialisation.
+
+    english_ids: each text's English caption tokenised with the vocabulary *before* the new tokens (so no English word
+    vanishes into a new row); captions with no ordinary token (all special or unknown) add nothing, and a new token no
+    such caption reaches keeps transformers' mean init."""
+    assert len(texts) == len(english_ids), f"{len(texts)} texts but {len(english_ids)} English captions"
     table = student.backbone.get_input_embeddings().weight  # (V, H), the new rows at first_new:
     tok = student.tokenizer
     special = set(tok.all_special_ids)
     sums = torch.zeros(table.shape[0] - first_new, table.shape[1], dtype=torch.float64)
     counts = torch.zeros(table.shape[0] - first_new, dtype=torch.float64)
-    unique = sorted(set(english))
-    where = {text: i for i, text in enumerate(unique)}
-    centroid = torch.zeros(len(unique), table.shape[1], dtype=torch.float64)  # mean old-token embedding per English caption
-    for i, ids in enumerate(tok(unique, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"]):
-        ids = [t for t in ids if t < first_new and t not in special]
-        if ids:
-            centroid[i] = table[ids].double().mean(0)
-    for ids, text in zip(tok(texts, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"], english):
+    centroids: dict[tuple, torch.Tensor | None] = {}  # mean old-token embedding per English caption
+    for ids, en in zip(tok(texts, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"], english_ids):
         new = sorted({t - first_new for t in ids if t >= first_new})
-        if new:
-            sums[new] += centroid[where[text]]
+        if not new:
+            continue
+        key = tuple(en)
+        if key not in centroids:
+            old = [t for t in en if t < first_new and t not in special]
+            centroids[key] = table[old].double().mean(0) if old else None
+        if centroids[key] is not None:
+            sums[new] += centroids[key]
             counts[new] += 1
     seen = counts > 0
     table[first_new:][seen] = (sums[seen] / counts[seen, None]).to(table.dtype)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclip import __version__, distributed, lock, losses, shards, verify
-from mclip.config import TrainConfig, to_dict
+from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
 from mclip.errors import UserError, writing
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 
@@ -34,9 +34,9 @@ TRAINER_STATE = "trainer.pt"
 CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
 ARTEFACTS = ("config.json", "metrics.jsonl", "curves.png", "join.json", "summary.json", CHECKPOINTS, "final", ".final.tmp", ".old-final")
 # Fields a resumed run may change: where the inputs live and how fast it runs, not what it learns.
+# Not epochs or max_steps: they set the length of the lr schedule, so changing them on resume would change what is learnt.
 RUNTIME_FIELDS = {"data", "cache", "val_data", "out", "device", "precision", "num_workers", "num_threads", "progress", "resume",
-                  "overwrite", "save_every", "keep_last", "eval_every", "log_every", "eval_batch_size", "epochs", "max_steps",
-                  "trust_remote_code"}
+                  "overwrite", "save_every", "keep_last", "eval_every", "log_every", "eval_batch_size", "trust_remote_code"}
 RESUME = "rerun the same command with --resume to continue from the last checkpoint"  # after a failed write
 CORRUPT = ".corrupt"  # suffix of a damaged checkpoint set aside on resume (kept for inspection, never loaded)
 
@@ -60,13 +60,23 @@ class Pairs:
     rows: np.ndarray  # (P,) int64 cache rows
     langs: np.ndarray  # (P,) int64 index into `languages`
     languages: list[str]
+    groups: np.ndarray  # (P,) int64: equal for pairs whose cache row has the same English caption (one target, as in stage 3)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def subset(self, keep: np.ndarray) -> Pairs:
         idx = np.flatnonzero(keep)
-        return Pairs(self.texts.take(pa.array(idx)), self.rows[idx], self.langs[idx], self.languages)
+        return Pairs(self.texts.take(pa.array(idx)), self.rows[idx], self.langs[idx], self.languages, self.groups[idx])
+
+    def digest(self) -> str:
+        """What the pairs are (texts, rows, languages, in order): a resumed run must train on exactly these."""
+        h = hashlib.blake2b(digest_size=16)
+        for buf in pa.concat_arrays([self.texts]).buffers()[1:]:
+            h.update(memoryview(buf) if buf is not None else b"")
+        h.update(self.rows.tobytes())
+        h.update(self.langs.tobytes())
+        return h.hexdigest()
 
 
 # ---- data: join captions to cache rows by id, split validation by id, plan the batches ----
@@ -96,7 +106,9 @@ def join_pairs(parallel, languages: list[str], cache_ids: list[str], cache_texts
         rows.append(en_rows)
         langs.append(np.full(len(en_rows), languages.index("en"), dtype=np.int64))
         report["en"] = {"pairs": len(en_rows), "source": "cache text", "targets_without_text": len(cache_ids) - len(en_rows)}
-    pairs = Pairs(pa.array(texts, pa.large_string()), np.concatenate(rows), np.concatenate(langs), list(languages))
+    rows = np.concatenate(rows)
+    text_group = pc.dictionary_encode(cache_texts).indices.to_numpy(zero_copy_only=False).astype(np.int64)  # (N,) per cache row
+    pairs = Pairs(pa.array(texts, pa.large_string()), rows, np.concatenate(langs), list(languages), text_group[rows])
     return pairs, report
 
 
@@ -149,17 +161,40 @@ def prepare_pairs(config: TrainConfig, cache) -> tuple[Pairs, Pairs | None, dict
     return train, val, report
 
 
-def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group: int) -> np.ndarray:
-    """(steps, batch_size) pair indices of one epoch, the same on every rank: a (seed, epoch) shuffle, sorted by length
-    inside mega-batches of `group` batches (less padding), batch order shuffled again; the last partial batch is dropped."""
+def plan_epoch(lengths: np.ndarray, langs: np.ndarray, batch_size: int, seed: int, epoch: int, group: int) -> np.ndarray:
+    """(steps, batch_size) pair indices of one epoch, the same on every rank and on resume: a (seed, epoch) shuffle, then
+    inside mega-batches of `group` batches pairs of alike token length are batched together (less padding), batch order
+    shuffled again; the last partial batch is dropped. lengths, langs: (P,) per pair.
+
+    Length grouping must not make batches single-language: short captions are mostly ja/ko/zh, so one sort of all pairs
+    by length gives batches of one script, with one-language negatives and gradients. A pair's sort key is instead its
+    length's quantile *within its language*, so a batch holds the k-th shortest slice of every language. Inside a batch
+    pairs are sorted by length, so ranks taking every world-th position get alike lengths."""
     rng = np.random.default_rng([seed, epoch])
     steps = len(lengths) // batch_size
     order = rng.permutation(len(lengths))[: steps * batch_size]
     chunk = group * batch_size
-    for start in range(0, len(order), chunk):
+    for start in range(0, len(order) if group > 1 else 0, chunk):
         part = order[start : start + chunk]
-        order[start : start + chunk] = part[np.argsort(-lengths[part], kind="stable")]
-    return order.reshape(steps, batch_size)[rng.permutation(steps)]
+        key = np.empty(len(part))
+        for lang in np.unique(langs[part]):
+            where = np.flatnonzero(langs[part] == lang)
+            rank = np.empty(len(where))
+            rank[np.argsort(lengths[part[where]], kind="stable")] = np.arange(len(where))  # ties keep the shuffled order
+            key[where] = (rank + 0.5) / len(where)
+        order[start : start + chunk] = part[np.argsort(-key, kind="stable")]
+    plan = order.reshape(steps, batch_size)
+    plan = np.take_along_axis(plan, np.argsort(-lengths[plan], axis=1, kind="stable"), axis=1)
+    return plan[rng.permutation(steps)]
+
+
+def token_lengths(tokenizer, texts: pa.Array, max_length: int, chunk: int = 10_000) -> np.ndarray:
+    """(P,) int32 token counts of the texts as the student reads them (special tokens included, cut at max_length)."""
+    out = np.empty(len(texts), dtype=np.int32)
+    for start in range(0, len(texts), chunk):
+        ids = tokenizer(texts.slice(start, chunk).to_pylist(), truncation=True, max_length=max_length)["input_ids"]
+        out[start : start + len(ids)] = [len(x) for x in ids]
+    return out
 
 
 class EpochSteps(torch.utils.data.Dataset):
@@ -187,7 +222,9 @@ class EpochSteps(torch.utils.data.Dataset):
             enc = self.tokenizer(self.pairs.texts.take(pa.array(index[pos])).to_pylist(), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
             micro.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pos": torch.from_numpy(pos)})
-        return {"rows": torch.from_numpy(rows), "targets": torch.from_numpy(self.targets[rows].astype(np.float32)),  # (B, D)
+        targets = torch.from_numpy(self.targets[rows].astype(np.float32))  # (B, D)
+        same = losses.same_target(targets, torch.from_numpy(self.pairs.groups[index]))  # (B, B): never each other's negatives
+        return {"rows": torch.from_numpy(rows), "targets": targets, "same": same,
                 "layers": [torch.from_numpy(t[rows].astype(np.float32)) for t in self.layer_targets], "micro": micro}
 
 
@@ -206,12 +243,19 @@ class Distiller(nn.Module):
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
-        self.min_temperature = min(0.01, temperature)  # CLIP's cap on the logit scale (100), so the learnt value cannot collapse
         self.student_layers = tuple(student_layers)
         self.layer_proj = nn.ModuleList(nn.Linear(student.hidden_size, teacher_width) for _ in self.student_layers)
 
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(min=self.min_temperature)
+        return self.log_temperature.exp()
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Keep a learnt temperature at or above MIN_TEMPERATURE by clamping the parameter after each step, as open_clip
+        clamps its logit scale: a clamp inside temperature() would have zero gradient below the floor, so a temperature
+        that momentum carried past it could never come back."""
+        if isinstance(self.log_temperature, nn.Parameter):
+            self.log_temperature.clamp_(min=math.log(MIN_TEMPERATURE))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """input_ids, attention_mask (B, T) -> embedding (B, D), K projected layer states (B, H_teacher), temperature ()."""
@@ -255,9 +299,14 @@ def _student(config: TrainConfig, cache, checkpoint: Path | None, train: Pairs) 
         student = build_student(config.student, cache.dim, pooler=config.pooler, max_length=config.max_length,
                                 trust_remote_code=config.trust_remote_code, projection_init=config.projection_init)
         if config.extend_vocab:
-            english = cache.table(["text"]).column("text").take(pa.array(train.rows)).to_pylist() \
-                if config.extend_vocab_init == "aligned" else None
-            student.meta["added_tokens"] = len(extend_vocabulary(student, train.texts.to_pylist(), config.extend_vocab_words, english))
+            # the new tokens come from the other languages only, and none may change how the English captions tokenise:
+            # English keeps the teacher's own reading (a teacher-initialised student still equals the teacher at step 0)
+            is_en = train.langs == (train.languages.index("en") if "en" in train.languages else -1)
+            other = train.subset(~is_en)
+            cache_text = cache.table(["text"]).column("text")
+            english = cache_text.take(pa.array(other.rows)).to_pylist() if config.extend_vocab_init == "aligned" else None
+            keep = cache_text.take(pa.array(np.unique(train.rows))).to_pylist()
+            student.meta["added_tokens"] = len(extend_vocabulary(student, other.texts.to_pylist(), config.extend_vocab_words, english, keep))
     if student.dim != cache.dim:
         raise UserError(f"student {checkpoint or config.student} projects to {student.dim} dims but cache {config.cache} holds "
                         f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student")
@@ -457,24 +506,26 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Distiller, val: Pairs, targets: np.ndarray, config: TrainConfig) -> dict:
+def evaluate(model: Distiller, val: Pairs, targets: np.ndarray, config: TrainConfig, normalized: bool = True) -> dict:
     """Validation loss (the distillation loss without layer-kd, in chunks of --batch-size) and R@1 of student(xx) -> teacher(en)
-    per language, by exact search over the validation ids' teacher vectors."""
+    per language, by exact search over the validation ids' teacher vectors; as in stage 3, identical English captions
+    are one target, so retrieving the twin of a caption's English counts as a hit."""
     emb = torch.from_numpy(model.student.encode(val.texts.to_pylist(), batch_size=config.eval_batch_size, normalize=False))  # (V, D)
-    rows = torch.from_numpy(val.rows)
     own = torch.from_numpy(targets[val.rows].astype(np.float32))  # (V, D)
+    groups = torch.from_numpy(val.groups)
     temperature = model.temperature().detach().cpu()
     total = 0.0
     for start in range(0, len(val), config.batch_size):
-        r = rows[start : start + config.batch_size]
-        parts = losses.distillation(emb[start : start + len(r)], own[start : start + len(r)], torch.arange(len(r)),
-                                    r[:, None] == r[None, :], config.loss, config.alpha, config.cl_base, temperature)
-        total += float(losses.total(parts)) * len(r)
-    gallery_rows = np.unique(val.rows)
-    gallery = F.normalize(torch.from_numpy(targets[gallery_rows].astype(np.float32)), dim=-1)  # (G, D)
+        chunk = slice(start, start + config.batch_size)
+        n = len(own[chunk])
+        parts = losses.distillation(emb[chunk], own[chunk], torch.arange(n), losses.same_target(own[chunk], groups[chunk]),
+                                    config.loss, config.alpha, config.cl_base, temperature, normalized)
+        total += float(losses.total(parts)) * n
+    gallery_groups, first = np.unique(val.groups, return_index=True)  # one gallery entry per distinct English caption
+    gallery = F.normalize(torch.from_numpy(targets[val.rows[first]].astype(np.float32)), dim=-1)  # (G, D)
     queries = F.normalize(emb, dim=-1)
     best = torch.cat([(queries[s : s + 4096] @ gallery.T).argmax(1) for s in range(0, len(queries), 4096)]).numpy()
-    hit = gallery_rows[best] == val.rows
+    hit = gallery_groups[best] == val.groups
     result = {"val_loss": total / len(val)}
     for k, lang in enumerate(val.languages):
         if (val.langs == k).any():
@@ -561,14 +612,17 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.embedding_lr_scale), lr=config.lr, betas=config.betas,
                                   fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lengths = pc.utf8_length(train.texts).to_numpy(zero_copy_only=False)  # characters: a cheap proxy for tokens
+    lengths = token_lengths(student.tokenizer, train.texts, student.max_length) if config.group_batches > 1 else np.ones(len(train))
+    normalized = bool(cache.manifest["normalized"])  # unit targets: the pointwise losses compare the normalised student
 
+    digest = train.digest() + (val.digest() if val is not None else "")  # which pairs train and which validate
     step = 0
     if resume_from is not None:
         state = _load_trainer(resume_from)
-        if state["train_pairs"] != len(train):
-            raise UserError(f"the training pairs changed since the checkpoint ({state['train_pairs']} then, {len(train)} now); "
-                            "resume with the same --data and --cache, or --overwrite to start over")
+        if state["train_pairs"] != len(train) or state.get("pairs_digest", digest) != digest:
+            raise UserError(f"the training or validation pairs changed since the checkpoint ({state['train_pairs']:,} training pairs "
+                            f"then, {len(train):,} now): --data, --val-data or --cache differ; resume with the same ones, or "
+                            "--overwrite to start over")
         missing, unexpected = model.load_state_dict(state["extra"], strict=False)
         assert not unexpected and all(k.startswith("student.") for k in missing), f"trainer state mismatch: {unexpected} {missing}"
         try:
@@ -618,7 +672,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
     epoch, epoch_step = divmod(step, steps_per_epoch)
     model.train()
     while step < total_steps:
-        plan = plan_epoch(lengths, config.batch_size, config.seed, epoch, config.group_batches)
+        plan = plan_epoch(lengths, train.langs, config.batch_size, config.seed, epoch, config.group_batches)
         steps = EpochSteps(plan, train, targets, layer_targets, student.tokenizer, student.max_length, ctx.rank, ctx.world_size,
                            config.grad_accum)
         loader = torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(epoch_step, len(plan)), num_workers=config.num_workers,
@@ -633,6 +687,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             rows = batch["rows"].to(device)  # (B,) the global batch's ids
             batch_targets = batch["targets"].to(device)  # (B, D) its teacher vectors: own targets and negatives
+            same = batch["same"].to(device)  # (B, B) True where two rows carry one target (same id or same caption)
             parts_sum: dict[str, torch.Tensor] = {}
             for i, micro in enumerate(batch["micro"]):
                 pos = micro["pos"].to(device)  # (m,) this micro-batch's positions in the global batch
@@ -641,8 +696,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         emb, states, temperature = ddp(micro["input_ids"].to(device, non_blocking=True),
                                                        micro["attention_mask"].to(device, non_blocking=True))
-                    parts = losses.distillation(emb, batch_targets, pos, rows[pos][:, None] == rows[None, :], config.loss,
-                                                config.alpha, config.cl_base, temperature)
+                    parts = losses.distillation(emb, batch_targets, pos, same[pos], config.loss, config.alpha, config.cl_base,
+                                                temperature, normalized)
                     if states:
                         parts |= losses.layer_kd(states, [t.to(device)[pos] for t in batch["layers"]], config.layer_kd_weight)
                     scaler.scale(losses.total(parts) / config.grad_accum).backward()
@@ -659,6 +714,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad)) if config.clip_grad > 0 else None
             scaler.step(optimizer)
             scaler.update()
+            model.clamp_temperature_()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch_step += 1
@@ -681,7 +737,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                     _append(metrics_path, last)
             if val is not None and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 if ctx.is_main:
-                    last_val = {"kind": "val", "step": step, **evaluate(model, val, targets, config)}
+                    last_val = {"kind": "val", "step": step, **evaluate(model, val, targets, config, normalized)}
                     _append(metrics_path, last_val)
                     model.train()
                 distributed.barrier()
@@ -689,7 +745,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                 rng = distributed.all_gather_objects(_rng_state())
                 if ctx.is_main:
                     trainer = {"format": "mclip-trainer", "step": step, "epoch": epoch, "epoch_step": epoch_step,
-                               "steps_per_epoch": steps_per_epoch, "train_pairs": len(train), "optimizer": optimizer.state_dict(),
+                               "steps_per_epoch": steps_per_epoch, "train_pairs": len(train), "pairs_digest": digest, "optimizer": optimizer.state_dict(),
                                "scaler": scaler.state_dict(), "rng": rng, "teacher_fingerprint": teacher["fingerprint"],
                                "extra": {k: v for k, v in model.state_dict().items() if not k.startswith("student.")}}
                     latest_checkpoint = save_checkpoint(out, step, model, trainer, config.keep_last)

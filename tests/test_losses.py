@@ -66,7 +66,7 @@ def test_cl_is_the_weighted_sum_and_cl_base_swaps_the_pointwise_part():
     positive, same = np.arange(4), np.eye(4, dtype=bool)
     alpha, temperature = 0.1, 0.05
     nce = _np_info_nce(s, t, positive, same, temperature)
-    parts = losses.distillation(_t(s), _t(t), _t(positive), _t(same), "cl", alpha, "mse", temperature)
+    parts = losses.distillation(_t(s), _t(t), _t(positive), _t(same), "cl", alpha, "mse", temperature, normalized=False)
     assert set(parts) == {"mse", "infonce"}
     assert parts["mse"].item() == pytest.approx((1 - alpha) * ((s - t) ** 2).mean(), rel=1e-5)
     assert parts["infonce"].item() == pytest.approx(alpha * nce, rel=1e-5)
@@ -76,8 +76,48 @@ def test_cl_is_the_weighted_sum_and_cl_base_swaps_the_pointwise_part():
     assert parts["cosine"].item() == pytest.approx((1 - alpha) * (1 - cos).mean(), rel=1e-5)
     # mse and cosine read each row's own target through `positive`
     shuffled = np.array([2, 0, 3, 1])
-    got = losses.distillation(_t(s), _t(t), _t(shuffled), _t(same), "mse")["mse"].item()
+    got = losses.distillation(_t(s), _t(t), _t(shuffled), _t(same), "mse", normalized=False)["mse"].item()
     assert got == pytest.approx(((s - t[shuffled]) ** 2).mean(), rel=1e-5)
+
+
+def test_mse_against_a_normalised_cache_ignores_the_students_norm():
+    # all-MiniLM-L6-v2's pooled output has a norm of ~6: a student that points exactly at its unit target must cost nothing
+    s, t = _data(b=4, n=4)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    positive, same = np.arange(4), np.eye(4, dtype=bool)
+    assert losses.distillation(_t(6.5 * t), _t(t), _t(positive), _t(same), "mse")["mse"].item() == pytest.approx(0.0, abs=1e-7)
+    unit = s / np.linalg.norm(s, axis=1, keepdims=True)
+    got = losses.distillation(_t(s), _t(t), _t(positive), _t(same), "mse")["mse"].item()
+    assert got == pytest.approx(((unit - t) ** 2).mean(), rel=1e-5)
+    cos = (unit * t).sum(1)
+    assert got == pytest.approx((2 * (1 - cos)).mean() / t.shape[1], rel=1e-4)  # ranks like cosine: 2 (1 - cos) / D
+    parts = losses.distillation(_t(6.5 * t), _t(t), _t(positive), _t(same), "cl", 0.5, "mse", 0.05)
+    assert parts["mse"].item() == pytest.approx(0.0, abs=1e-7)  # cl's pointwise part too
+    # an unnormalised cache (stage 1 --no-normalize) keeps the plain MSE
+    assert losses.distillation(_t(s), _t(t), _t(positive), _t(same), "mse", normalized=False)["mse"].item() == \
+        pytest.approx(((s - t) ** 2).mean(), rel=1e-5)
+
+
+def test_identical_targets_of_different_ids_are_not_negatives():
+    # stage 1 embeds identical captions once: ids 7 and 8 carry one bit-identical target. A perfect student must reach a
+    # loss near 0, not log 2 (the twin counted as a negative as good as the positive).
+    _, t = _data(b=4, n=4)
+    t[1] = t[0]
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    positive = np.arange(4)
+    by_id = np.eye(4, dtype=bool)  # 4 distinct ids
+    same = losses.same_target(_t(t))
+    assert same.numpy().tolist() == [[True, True, False, False], [True, True, False, False], [False, False, True, False],
+                                     [False, False, False, True]]
+    perfect = _t(t * 3.0)
+    masked = losses.info_nce(perfect, _t(t), _t(positive), same, 0.01)["infonce"].item()
+    by_id_only = losses.info_nce(perfect, _t(t), _t(positive), _t(by_id), 0.01)["infonce"].item()
+    assert masked < 1e-3 and by_id_only == pytest.approx(np.log(2) / 2, rel=1e-3)  # 2 of 4 rows stuck at log 2
+    # identical English captions embedded apart (another shard) join through their text group as in stage 3
+    t2 = t.copy()
+    t2[1] = t2[1] + 1e-2
+    groups = torch.tensor([5, 5, 6, 7])
+    assert not losses.same_target(_t(t2))[0, 1] and losses.same_target(_t(t2), groups)[0, 1]
 
 
 def test_learnable_temperature_gets_a_gradient():

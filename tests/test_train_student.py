@@ -98,16 +98,37 @@ def _free_port() -> int:
 
 
 def test_plan_epoch_is_a_seeded_length_grouped_partition():
-    lengths = np.random.default_rng(0).integers(1, 100, size=103)
-    plan = plan_epoch(lengths, batch_size=8, seed=1, epoch=0, group=4)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, size=103)
+    langs = np.zeros(103, np.int64)
+    plan = plan_epoch(lengths, langs, batch_size=8, seed=1, epoch=0, group=4)
     assert plan.shape == (12, 8)  # 103 // 8 batches; the partial one is dropped
     assert len(np.unique(plan)) == plan.size  # no pair twice in an epoch
-    assert np.array_equal(plan, plan_epoch(lengths, 8, 1, 0, 4))  # the same on every rank and on resume
-    assert not np.array_equal(plan, plan_epoch(lengths, 8, 1, 1, 4))  # reshuffled each epoch
+    assert np.array_equal(plan, plan_epoch(lengths, langs, 8, 1, 0, 4))  # the same on every rank and on resume
+    assert not np.array_equal(plan, plan_epoch(lengths, langs, 8, 1, 1, 4))  # reshuffled each epoch
     # inside a mega-batch of 4 batches lengths are sorted, so each batch's spread is far below a random batch's
     spread = np.mean([np.ptp(lengths[b]) for b in plan])
     random_spread = np.mean([np.ptp(lengths[b]) for b in np.random.default_rng(2).permutation(96).reshape(12, 8)])
     assert spread < random_spread / 2
+    assert all((np.diff(lengths[b]) <= 0).all() for b in plan)  # sorted inside a batch: ranks take alike lengths
+
+
+def test_length_grouping_keeps_every_language_in_every_batch():
+    # 300 ids x 6 languages; languages 0-2 are short (like ja, ko, zh captions), 3-5 three times longer. One sort of all
+    # pairs by length (the previous rule) gives batches of the short scripts only.
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(300), 6)
+    langs = np.tile(np.arange(6), 300)
+    lengths = np.where(langs < 3, 1, 3) * rng.integers(2, 30, size=300)[ids] + rng.integers(0, 3, size=ids.size)
+    plan = plan_epoch(lengths, langs, batch_size=24, seed=0, epoch=0, group=16)
+    assert len(np.unique(plan)) == plan.size == 1800
+    assert min(len(np.unique(langs[b])) for b in plan) == 6  # every batch holds every language ...
+    assert max(np.bincount(langs[b]).max() for b in plan) <= 6  # ... in about its share (4 of 24)
+    # and the padding (batch size x its longest pair) stays well below a random batching's
+    padded = lambda batches: sum(len(b) * lengths[b].max() for b in batches)  # noqa: E731
+    assert padded(plan) < 0.7 * padded(plan_epoch(lengths, langs, 24, 0, 0, group=1))
+    one_sort = np.argsort(-lengths, kind="stable").reshape(75, 24)
+    assert min(len(np.unique(langs[b])) for b in one_sort) <= 3
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -382,15 +403,46 @@ def test_embedding_lr_scale_moves_only_the_embedding_matrix_faster(toy, tmp_path
     assert all(np.array_equal(moved[1.0][k], moved[10.0][k]) for k in start if k != emb)
 
 
+def _killed_after(out: Path, step: int) -> None:
+    """Leave a finished run folder as a run killed after checkpoint `step` would: later checkpoints and final/ gone."""
+    import shutil
+
+    for s, folder in checkpoints(out):
+        if s > step:
+            shutil.rmtree(folder)
+    shutil.rmtree(out / "final")
+
+
 def test_resume_accepts_a_run_written_before_a_setting_existed(toy, tmp_path):
     out = tmp_path / "run"
-    run(_config(toy, out, max_steps=2, save_every=1))
+    run(_config(toy, out, max_steps=3, save_every=1))
+    _killed_after(out, 2)
     saved = json.loads((out / "config.json").read_text())
     del saved["train"]["embedding_lr_scale"]  # as an older mclip wrote it
     (out / "config.json").write_text(json.dumps(saved))
     assert run(_config(toy, out, max_steps=3, save_every=1, resume=True)).steps == 3
     with pytest.raises(UserError, match="embedding_lr_scale: 1.0 -> 2.0"):  # the default stands in, so a real change is refused
-        run(_config(toy, out, max_steps=4, resume=True, embedding_lr_scale=2.0))
+        run(_config(toy, out, max_steps=3, resume=True, embedding_lr_scale=2.0))
+
+
+def test_resume_refuses_what_would_change_the_schedule_or_the_pairs(toy, tmp_path):
+    # epochs and max_steps set the length of the lr schedule; another validation file of the same size moves ids
+    # between training and validation. Each is one line, and the run folder is left as it was.
+    out = tmp_path / "run"
+    rows = toy["rows"]
+    val_a = tiny.write_captions(tmp_path / "val_a.jsonl", rows[:6])
+    val_b = tiny.write_captions(tmp_path / "val_b.jsonl", rows[6:12])
+    run(_config(toy, out, max_steps=3, save_every=1, val_data=str(val_a)))
+    _killed_after(out, 2)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(UserError, match=r"other arguments \(max_steps: 3 -> 5\)"):
+        run(_config(toy, out, max_steps=5, resume=True, val_data=str(val_a)))
+    with pytest.raises(UserError, match=r"other arguments \(epochs: 1 -> 2\)"):
+        run(_config(toy, out, max_steps=3, epochs=2, resume=True, val_data=str(val_a)))
+    with pytest.raises(UserError, match="pairs changed since the checkpoint .*--val-data"):
+        run(_config(toy, out, max_steps=3, resume=True, val_data=str(val_b)))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert run(_config(toy, out, max_steps=3, resume=True, val_data=str(val_a))).steps == 3  # the same inputs resume
 
 
 def test_train_records_hold_the_mean_loss_of_their_window(toy, tmp_path):
@@ -408,24 +460,88 @@ def test_aligned_vocabulary_init_pairs_each_text_with_its_own_english_caption(to
     seen = {}
     real = train_student.extend_vocabulary
 
-    def spy(student, texts, min_word_count=0, english=None):
-        seen.update(texts=list(texts), english=english)
-        return real(student, texts, min_word_count, english)
+    def spy(student, texts, min_word_count=0, english=None, keep=()):
+        seen.update(texts=list(texts), english=english, keep=list(keep))
+        return real(student, texts, min_word_count, english, keep)
 
     monkeypatch.setattr(train_student, "extend_vocabulary", spy)
     result = run(_config(toy, tmp_path / "run", max_steps=1, extend_vocab=True, extend_vocab_words=1, extend_vocab_init="aligned"))
-    english_of = {r[f"caption_{lang}"]: r["caption"] for r in toy["rows"] for lang in ("de", "zh")} | {r["caption"]: r["caption"] for r in toy["rows"]}
-    assert len(seen["texts"]) == len(seen["english"]) == result.join["train_pairs"]
+    english_of = {r[f"caption_{lang}"]: r["caption"] for r in toy["rows"] for lang in ("de", "zh")}
+    # the new tokens come from the other languages only; the English captions are what they must leave as they were
+    assert len(seen["texts"]) == len(seen["english"]) == result.join["train_pairs"] - result.join["train_ids"]
     assert all(english_of[text] == en for text, en in zip(seen["texts"], seen["english"]))
+    assert sorted(seen["keep"]) == sorted({english_of[t] for t in seen["texts"]})
     assert json.loads((result.final / "mclip.json").read_text())["added_tokens"] > 0
+
+
+def test_a_teacher_initialised_student_equals_the_teacher_at_step_zero(toy, bert_teacher, tmp_path):
+    # the student is the teacher's own weights + identity projection + new tokens for the other languages (aligned):
+    # its English must still be the cache, bit for bit up to float error, and no new row may start at zero
+    from mclip import train_student
+
+    config = _config(toy, tmp_path / "run", student=str(bert_teacher), extend_vocab=True, extend_vocab_words=1,
+                     extend_vocab_init="aligned")
+    cache = shards.open_cache(config.cache)
+    train, _, _ = train_student.prepare_pairs(config, cache)
+    base = len(load_tokenizer(bert_teacher))
+    student = train_student._student(config, cache, None, train)
+    assert len(student.tokenizer) > base  # the toy's Chinese and German are read through new tokens
+    table = student.backbone.get_input_embeddings().weight.detach()
+    assert (table[base:].abs().sum(1) > 0).all()
+    en = train.subset(train.langs == train.languages.index("en"))
+    got = student.encode(en.texts.to_pylist())
+    want = shards.to_numpy(cache.table(["embedding"]).column("embedding"))[en.rows]
+    assert np.abs(got - want).max() < 1e-3  # the toy cache is float16
+    # and the losses agree: mse of the teacher's English against its own cache is 0 at step 0
+    from mclip import losses
+
+    emb = torch.from_numpy(student.encode(en.texts.to_pylist(), normalize=False))
+    assert float(np.linalg.norm(emb.numpy(), axis=1).mean()) > 1.5  # not unit: the loss must normalise it
+    parts = losses.distillation(emb, torch.from_numpy(want), torch.arange(len(want)), torch.eye(len(want), dtype=torch.bool), "mse")
+    assert parts["mse"].item() < 1e-7
+
+
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_a_learnt_temperature_pushed_below_the_floor_comes_back(toy, tmp_path):
+    from mclip.config import MIN_TEMPERATURE
+    from mclip.student import load as load_student
+
+    student = load_student(toy["root"] / "run-final") if (toy["root"] / "run-final").exists() else None
+    model = Distiller(student or _tiny_student(toy), 0.05, learn_temperature=True)
+    with torch.no_grad():
+        model.log_temperature.fill_(np.log(MIN_TEMPERATURE) - 0.5)  # where momentum can carry it
+    model.clamp_temperature_()
+    assert model.temperature().item() == pytest.approx(MIN_TEMPERATURE, rel=1e-6)
+    s, t = torch.randn(4, 8), torch.randn(4, 8)
+    from mclip import losses
+
+    losses.info_nce(s, t, torch.arange(4), torch.eye(4, dtype=torch.bool), model.temperature())["infonce"].backward()
+    assert model.log_temperature.grad.abs() > 0  # at the floor it still has a gradient, so it can move back up
+    fixed = Distiller(_tiny_student(toy), 0.001, learn_temperature=False)
+    fixed.clamp_temperature_()
+    assert fixed.temperature().item() == pytest.approx(0.001)  # a fixed temperature is the user's, floor or not
+    with pytest.raises(ConfigError, match="below the floor 0.01 of a learnt temperature"):
+        TrainConfig(data="d", cache="c", out="o", loss="cl", temperature=0.005)
+
+
+def _tiny_student(toy):
+    from mclip.student import build_student
+
+    return build_student(str(toy["student"]), 8, projection_init="random")
 
 
 def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_path):
     from mclip import verify
 
     out = tmp_path / "run"
-    run(_config(toy, out, max_steps=2, save_every=2))
-    folder = checkpoints(out)[-1][1]
+    run(_config(toy, out, max_steps=3, save_every=2))
+    folder = checkpoints(out)[0][1]  # step 2
+    _killed_after(out, 2)
     state = torch.load(folder / "trainer.pt", weights_only=True)
     state["optimizer"]["param_groups"].pop()  # as a checkpoint from a version with other parameter groups
     torch.save(state, folder / "trainer.pt")

@@ -2,6 +2,9 @@
 
 Nothing here downloads. The CLIP tokenizer is the real CLIP byte-level BPE format (vocab.json + merges.txt): with no
 merges it tokenises byte by byte; `real_clip_merges()` returns the real 48,894 merges when `open-clip-torch` is installed.
+The seed's two student families are here in miniature: `write_tiny_xlmr` (xlm-roberta-base: a SentencePiece Unigram
+vocabulary with the ▁ word-start marker, RoBERTa position ids, 514 positions) and `write_tiny_chinese_bert`
+(hfl/chinese-roberta-wwm-ext: a BERT whose WordPiece vocabulary holds one token per Chinese character, 512 positions).
 """
 
 from __future__ import annotations
@@ -116,6 +119,90 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, corpus: lis
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    BertModel(config).eval().save_pretrained(folder)
+    return Path(folder)
+
+
+def write_xlmr_tokenizer(folder: Path, corpus: list[str] | None = None, vocab_size: int = 400):
+    """A SentencePiece-style Unigram tokenizer trained on the corpus (Metaspace pre-tokenizer with the ▁ marker), in
+    XLM-R's layout: <s>=0 <pad>=1 </s>=2 <unk>=3, the pieces, <mask> last; returned loaded. Characters the corpus lacks
+    are <unk>, as scripts outside a SentencePiece vocabulary are."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import XLMRobertaTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spm = Tokenizer(models.Unigram())
+    spm.normalizer = normalizers.NFKC()  # what XLM-R's precompiled charsmap amounts to on these texts
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    spm.train_from_iterator(corpus or CORPUS, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                                                      unk_token="<unk>", max_piece_length=8))
+    vocab = [tuple(v) for v in json.loads(spm.to_str())["model"]["vocab"]] + [("<mask>", 0.0)]
+    assert [t for t, _ in vocab[:4]] == ["<s>", "<pad>", "</s>", "<unk>"], vocab[:4]
+    if "vocab" in inspect.signature(XLMRobertaTokenizerFast.__init__).parameters:  # transformers >= 5 builds it from the pieces
+        tok = XLMRobertaTokenizerFast(vocab=vocab, model_max_length=512)
+    else:
+        from tokenizers import decoders, processors
+
+        spm.model = models.Unigram(vocab, unk_id=3)
+        spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        spm.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                           special_tokens=[("<s>", 0), ("</s>", 2)])
+        tok = XLMRobertaTokenizerFast(tokenizer_object=spm, model_max_length=512)
+    tok.save_pretrained(folder)
+    return XLMRobertaTokenizerFast.from_pretrained(folder)
+
+
+def write_tiny_xlmr(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0,
+                    max_position_embeddings: int = 514, dropout: float = 0.1) -> Path:
+    """A tiny random XLMRobertaModel + Unigram tokenizer in `folder`, with xlm-roberta-base's position layout: padding_idx 1,
+    position ids from 2, so 514 positions hold 512 tokens."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    tok = write_xlmr_tokenizer(folder, corpus)
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3), tok
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                              intermediate_size=2 * hidden, max_position_embeddings=max_position_embeddings, type_vocab_size=1,
+                              pad_token_id=1, bos_token_id=0, eos_token_id=2, hidden_dropout_prob=dropout,
+                              attention_probs_dropout_prob=dropout)
+    XLMRobertaModel(config).eval().save_pretrained(folder)
+    return Path(folder)
+
+
+def write_chinese_bert_tokenizer(folder: Path, corpus: list[str] | None = None, latin: tuple[str, ...] = ("the", "on", "of", "red")):
+    """A WordPiece vocabulary in bert-base-chinese's manner, returned loaded: one token per CJK character of the corpus,
+    the special tokens, Latin letters and digits with their ## continuations, and a few whole Latin words."""
+    from transformers import BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cjk = sorted({c for text in (corpus or CORPUS) for c in text if "\u4e00" <= c <= "\u9fff"})
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *cjk, *letters, *latin, *("##" + c for c in letters), "##s", "##ing"]
+    vocab = list(dict.fromkeys(vocab))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5 ignores vocab_file
+        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=512)
+    else:
+        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=512)
+    tok.save_pretrained(folder)
+    return BertTokenizerFast.from_pretrained(folder)
+
+
+def write_tiny_chinese_bert(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0,
+                            max_position_embeddings: int = 512, dropout: float = 0.1) -> Path:
+    """A tiny random BertModel with a Chinese-character WordPiece vocabulary and 512 positions, as chinese-roberta-wwm-ext
+    (model_type bert despite its name)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = write_chinese_bert_tokenizer(folder, corpus)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=max_position_embeddings, pad_token_id=tok.pad_token_id,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).eval().save_pretrained(folder)
     return Path(folder)
 
