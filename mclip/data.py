@@ -6,7 +6,7 @@ import glob
 import json
 from pathlib import Path
 
-from mclip.errors import UserError
+from mclip.errors import UserError, first_line
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".txt": "text"}
 
@@ -66,7 +66,7 @@ def load_dataset(data: str, split: str = "train"):
     except UnicodeDecodeError as exc:
         raise UserError(f"{data} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"cannot load dataset {data!r} (split {split!r}): {first}") from None
     except Exception as exc:  # pyarrow/datasets parse errors of a malformed file have many types
         cause = exc
@@ -75,7 +75,7 @@ def load_dataset(data: str, split: str = "train"):
         if cause is not None:
             raise UserError(f"{data} is not valid UTF-8 text ({cause.reason}); re-encode the file as UTF-8") from None
         if type(exc).__module__.startswith(("pyarrow", "datasets")):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise UserError(f"cannot read dataset {data!r}: {first}; fix or re-export the file") from None
         raise
 

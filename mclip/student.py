@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mclip import __version__, trust
-from mclip.errors import UserError
+from mclip.errors import UserError, first_line
 
 POOLERS = ("mean", "cls")
 META = "mclip.json"
@@ -155,7 +155,7 @@ def _backbone(name_or_path: str, trust_remote_code: bool, ours: bool = False):
     except (OSError, ValueError) as exc:
         if trust.is_remote_code_error(exc):
             raise trust.refusal("student", str(name_or_path), "a model_type only its own code defines") from None
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200)
         raise UserError(f"cannot load student {str(name_or_path)!r}: {first}; pass a hub id or a folder with config.json") from None
     if hasattr(backbone, "text_model") and not hasattr(backbone.config, "hidden_size"):
         raise UserError(f"{name_or_path!r} is a two-tower model; pass a text encoder as --student")

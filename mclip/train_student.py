@@ -26,7 +26,7 @@ from torch import nn
 
 from mclip import __version__, distributed, lock, losses, shards, verify
 from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
-from mclip.errors import UserError, writing
+from mclip.errors import UserError, first_line, writing
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 
 CHECKPOINTS = "checkpoints"
@@ -490,7 +490,7 @@ def _load_trainer(folder: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200)
         raise UserError(f"cannot load {path} ({first}); it is damaged or was not written by mclip: delete {folder} to resume from "
                         "the checkpoint before it, or pass --overwrite to start over") from None
 
@@ -628,7 +628,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as exc:  # e.g. a checkpoint from an mclip version with other parameter groups
-            raise UserError(f"the optimizer state in {resume_from} does not fit this run ({str(exc).splitlines()[0]}); "
+            raise UserError(f"the optimizer state in {resume_from} does not fit this run ({first_line(exc)}); "
                             "resume it with the mclip version that wrote it, or --overwrite to start over") from None
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
