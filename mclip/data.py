@@ -1,10 +1,12 @@
-"""Loading captions with `datasets`: hub names, save_to_disk folders and local parquet/jsonl/csv/arrow files."""
+"""Loading captions with `datasets` (hub names, save_to_disk folders and local parquet/jsonl/csv/arrow files), and\njoining parallel captions to the teacher cache by id."""
 
 from __future__ import annotations
 
 import glob
 import json
 from pathlib import Path
+
+import numpy as np
 
 from mclip.errors import UserError, first_line
 
@@ -139,6 +141,15 @@ class ParallelCaptions:
 
     def pairs(self, lang: str) -> tuple[list[str], list[str]]:
         return self.by_lang[lang]
+
+    def join(self, lang: str, row_of: dict[str, int]) -> tuple[list[str], np.ndarray, list[str]]:
+        """One language's captions joined to the cache by id (never by row order): the texts whose id the cache holds and
+        their cache rows (`row_of`: cache id -> row), in data order, and the ids the cache lacks (left out, for the
+        caller to count)."""
+        ids, texts = self.by_lang[lang]
+        rows = np.fromiter((row_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        found = rows >= 0
+        return [t for t, ok in zip(texts, found) if ok], rows[found], [i for i, ok in zip(ids, found) if not ok]
 
 
 def load_parallel(data: str, split: str, languages: tuple[str, ...] | list[str], *, id_column: str = "id",

@@ -10,18 +10,16 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from mclip import __version__, distributed, lock, shards
-from mclip.config import EmbedConfig, to_dict
+from mclip import __version__, distributed, outputs, shards
+from mclip.config import EmbedConfig, request, to_dict
 from mclip.errors import UserError, writing
 
-# Fields that change how fast a run goes, not what it writes: a resumed run may change them.
-RUNTIME_FIELDS = {"device", "precision", "num_threads", "batch_tokens", "max_batch_size", "overwrite", "progress", "out"}
 RERUN = "rerun the same command to resume"  # what to do after a failed write: finished shards are kept
 
 
@@ -62,16 +60,10 @@ class _Work:
     image_inverse: np.ndarray | None = None  # kept row -> unique image
 
 
-def request_of(config: EmbedConfig) -> dict:
-    """The arguments that decide what the cache holds; a rerun must repeat them to resume."""
-    values = to_dict(config)
-    return {f.name: values[f.name] for f in fields(config) if f.name not in RUNTIME_FIELDS}
-
-
-def _clear(out: Path) -> None:
-    for path in [*shards.shard_files(out), *out.glob(".shard-*.tmp"), out / shards.MANIFEST]:
-        with writing(path, RERUN):
-            path.unlink(missing_ok=True)
+def is_complete(config: EmbedConfig) -> bool:
+    """Whether --out holds a finished cache of this very request (a rerun returns at once; `mclip run` reports it skipped)."""
+    manifest = shards.read_manifest(Path(config.out)) if Path(config.out).is_dir() else None
+    return bool(manifest and manifest.get("complete")) and not outputs.changed(manifest.get("request", {}), config)
 
 
 def _check_output(config: EmbedConfig) -> str:
@@ -79,21 +71,16 @@ def _check_output(config: EmbedConfig) -> str:
     another cache), 'resume' (a killed run of this request), 'repair' (a finished one with a missing or cut shard) or
     'complete'; refuse a mismatch. Nothing is removed before the inputs have been checked (`_claim_output`)."""
     out = Path(config.out)
-    request = request_of(config)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a folder")
-    if not out.is_dir() or not any(not lock.is_lock(p.name) for p in out.iterdir()):
+    if not outputs.contents(out):
         return "fresh"
     manifest = shards.read_manifest(out)
     if manifest is None:
-        if not config.overwrite:
-            raise UserError(f"--out {out} is not empty and holds no mclip cache; choose an empty folder or pass --overwrite")
+        outputs.check(out, config.overwrite, " and holds no mclip cache; choose an empty folder or pass --overwrite")
         return "replace"
-    if manifest.get("request") != request:
+    diff = outputs.changed(manifest.get("request", {}), config)
+    if diff:
         if not config.overwrite:
-            old = manifest.get("request", {})
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {request.get(k)!r}" for k in request if old.get(k) != request.get(k))
-            raise UserError(f"{out} holds a cache made with other arguments ({diff}); repeat them to resume, or pass --overwrite to replace it")
+            raise UserError(f"{out} holds a cache made with other arguments ({', '.join(diff)}); repeat them to resume, or pass --overwrite to replace it")
         return "replace"
     if not manifest.get("complete"):
         return "resume"
@@ -107,22 +94,19 @@ def _check_output(config: EmbedConfig) -> str:
 def _claim_output(config: EmbedConfig, status: str, info) -> None:
     """Make the folder this run's: clear a replaced cache, start a manifest (or reopen a killed run's), record the teacher."""
     out = Path(config.out)
-    if status == "replace":
-        _clear(out)
     manifest = shards.read_manifest(out) if status in ("resume", "repair") else None
     if manifest is None:
         manifest = {"format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "mclip_version": __version__, "complete": False,
-                    "request": request_of(config), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                    "request": request(config), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     elif manifest.get("teacher") and manifest["teacher"]["fingerprint"] != info.fingerprint:
         raise UserError(f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these")
-    for stale in out.glob(".shard-*.tmp"):  # left by a killed run; never visible as a shard
-        with writing(stale, RERUN):
-            stale.unlink(missing_ok=True)
+    replaced = [*shards.shard_files(out), out / shards.MANIFEST] if status == "replace" else []
+    outputs.claim(out, [*replaced, *out.glob(".shard-*.tmp")], RERUN)  # temp shards of a killed run were never visible as shards
     if status == "repair":  # finished, then a shard went missing or was cut: recompute it and finish again
         manifest = {k: v for k, v in manifest.items() if k not in ("shards", "totals")} | {"complete": False}
     manifest["teacher"] = info.__dict__
     with writing(out / shards.MANIFEST, RERUN):
-        shards.write_json(out / shards.MANIFEST, manifest)
+        shards.write_manifest(out, manifest)
 
 
 def _load_rows(config: EmbedConfig):
@@ -363,7 +347,7 @@ def run(config: EmbedConfig) -> EmbedResult:
     """Embed every caption once with the teacher; resume a killed run; split shards over torchrun ranks."""
     start = time.perf_counter()
     ctx, device = distributed.setup(config.device)
-    with lock.hold(config.out, "embed-teacher", ctx):
+    with outputs.hold(config.out, "embed-teacher", ctx):
         return _run(config, ctx, device, start)
 
 
@@ -445,7 +429,7 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teach
         if stats is None:
             raise UserError(f"shard {path} is missing or unreadable after the run; rerun the same command to recompute it")
         entries.append({"file": path.name, "rows": stats["rows"], "first_row": stats["first_row"], "end_row": stats["end_row"],
-                        "bytes": path.stat().st_size, "sha256": shards.file_sha256(path)})
+                        "bytes": path.stat().st_size, "sha256": outputs.file_sha256(path)})
         for key in ("rows", "skipped", "truncated", "duplicates"):
             totals[key] += stats[key]
     manifest = shards.read_manifest(out)
@@ -462,7 +446,7 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teach
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     with writing(out / shards.MANIFEST, RERUN):
-        shards.write_json(out / shards.MANIFEST, manifest)
+        shards.write_manifest(out, manifest)
     return manifest
 
 

@@ -295,3 +295,18 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
     model = StudentEncoder(backbone, tokenizer, meta["dim"], pooler=meta["pooler"], max_length=meta["max_length"],
                            projection=projection, meta=meta).eval()
     return model.to(device) if device is not None else model
+
+
+def model_folder(path: str | Path) -> Path:
+    """The student folder behind --model: an exported student or checkpoint (has mclip.json), or a run folder's final/."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model {path} does not exist; pass a run's final/ folder, a checkpoint folder or a run folder")
+    if (path / META).is_file():
+        return path
+    if (path / "final" / META).is_file():
+        return path / "final"
+    steps = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / META).is_file())
+    if steps:
+        raise UserError(f"run {path} has no final/ student yet; pass a checkpoint such as --model {steps[-1]}")
+    raise UserError(f"{path} is not an mclip student (no {META}, no final/{META}); pass a run's final/ folder or a checkpoint folder")

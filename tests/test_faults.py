@@ -22,7 +22,7 @@ import torch
 from mclip import lock, shards, verify
 from mclip.cli import main
 from mclip.student import load
-from mclip.train_student import checkpoints
+from mclip.checkpoint import checkpoints
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
