@@ -230,7 +230,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Stage 3: retrieval per language (student vs the cached teacher, optionally images), with baselines."""
+    """Stage 3: retrieval per language (R@K, MRR) of a student against the cached teacher (and images), with baselines; writes a report."""
 
     model: str = option("", "Student: a run's final/ folder, a checkpoint folder, or a run folder (its final/).", required=True)
     cache: str = option("", "Teacher cache from `mclip embed-teacher` (English targets; images when it has them).", required=True)
