@@ -134,12 +134,12 @@ def is_complete(config: EvalConfig) -> bool:
 
 def run(config: EvalConfig) -> EvalResult:
     """Score the student per language (and its teacher baseline) and write the report files to --out."""
-    with outputs.hold(config.out, "eval-retrieval"):
-        return _run(config)
-
-
-def _run(config: EvalConfig) -> EvalResult:
     start = time.perf_counter()
+    with outputs.hold(config.out, "eval-retrieval"):
+        return _run(config, start)
+
+
+def _run(config: EvalConfig, start: float) -> EvalResult:
     out = Path(config.out)
     outputs.check(out, config.overwrite, owned=lambda name: name in OUTPUTS, command="eval-retrieval")
     warnings: list[str] = []
