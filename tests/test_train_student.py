@@ -78,16 +78,6 @@ def _records(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def _cli(args: list[str], capsys) -> str:
-    """Run the CLI in-process; return its stderr after checking the exit code 2 and the one-line `mclip: error:` message."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2, err
-    assert err.startswith("mclip: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,16 +261,16 @@ def _cli_args(toy, out, *extra) -> list[str]:
             "--no-progress", *extra]
 
 
-def test_refuses_a_non_empty_run_folder(toy, tmp_path, capsys):
+def test_refuses_a_non_empty_run_folder(toy, tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert "--resume" in _cli(_cli_args(toy, out), capsys)
+    assert "--resume" in cli_error(_cli_args(toy, out))
     main(_cli_args(toy, out, "--overwrite"))
     assert (out / "notes.txt").read_text() == "mine" and (out / "final").is_dir()  # --overwrite replaces only the run's files
 
 
-def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, capsys):
+def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, cli_error):
     out = tmp_path / "run"
     main(_cli_args(toy, out, "--save-every", "1"))
     other_teacher = tiny.write_tiny_bert(tmp_path / "other_teacher", hidden=24, seed=7)
@@ -288,43 +278,43 @@ def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, capsys):
     embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(other), teacher=str(other_teacher), id_column="id", progress=False))
     args = _cli_args(toy, out, "--resume")
     args[args.index("--cache") + 1] = str(other)
-    assert "was made by teacher" in _cli(args, capsys)
-    assert "was trained with other arguments (lr: 0.0001 -> 0.001)" in _cli(_cli_args(toy, out, "--resume", "--lr", "1e-3"), capsys)
+    assert "was made by teacher" in cli_error(args)
+    assert "was trained with other arguments (lr: 0.0001 -> 0.001)" in cli_error(_cli_args(toy, out, "--resume", "--lr", "1e-3"))
 
 
-def test_resume_refuses_a_cache_of_another_dimension(toy, tmp_path, clip_text_teacher, capsys):
+def test_resume_refuses_a_cache_of_another_dimension(toy, tmp_path, clip_text_teacher, cli_error):
     out = tmp_path / "run"
     main(_cli_args(toy, out, "--save-every", "1"))
     clip_cache = tmp_path / "clip_cache"
     embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(clip_cache), teacher=str(clip_text_teacher), id_column="id", progress=False))
     args = _cli_args(toy, out, "--resume")
     args[args.index("--cache") + 1] = str(clip_cache)
-    assert "projects to 24 dims but cache" in _cli(args, capsys)
+    assert "projects to 24 dims but cache" in cli_error(args)
     # the same mismatch when continuing from an exported student
     args = _cli_args(toy, tmp_path / "continue")
     args[args.index("--cache") + 1], args[args.index("--student") + 1] = str(clip_cache), str(out / "final")
-    assert "projects to 24 dims" in _cli(args, capsys)
+    assert "projects to 24 dims" in cli_error(args)
 
 
-def test_missing_language_column(toy, tmp_path, capsys):
+def test_missing_language_column(toy, tmp_path, cli_error):
     args = _cli_args(toy, tmp_path / "run")
     args[args.index("--languages") + 1] = "zh,fr"
-    assert "'caption_fr' for language 'fr' not found" in _cli(args, capsys)
+    assert "'caption_fr' for language 'fr' not found" in cli_error(args)
 
 
-def test_empty_join(toy, tmp_path, capsys):
+def test_empty_join(toy, tmp_path, cli_error):
     other_ids = tiny.write_captions(tmp_path / "other.jsonl", [{**r, "id": "x" + r["id"]} for r in toy["rows"]])
     args = _cli_args(toy, tmp_path / "run")
     args[args.index("--data") + 1] = str(other_ids)
-    assert "no caption id in" in _cli(args, capsys)
+    assert "no caption id in" in cli_error(args)
     assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind, so the fixed command runs in the same --out
 
 
-def test_bad_values_from_the_command_line(toy, tmp_path, capsys):
-    assert "lr=-0.001 must be > 0" in _cli(_cli_args(toy, tmp_path / "a", "--lr", "-1e-3"), capsys)
-    assert "alpha=2.0 must be in [0, 1]" in _cli(_cli_args(toy, tmp_path / "b", "--alpha", "2"), capsys)
-    assert "larger than the" in _cli(_cli_args(toy, tmp_path / "c", "--batch-size", "4096"), capsys)
-    assert "loss='nope' is not valid" in _cli(_cli_args(toy, tmp_path / "d", "--loss", "nope"), capsys)
+def test_bad_values_from_the_command_line(toy, tmp_path, cli_error):
+    assert "lr=-0.001 must be > 0" in cli_error(_cli_args(toy, tmp_path / "a", "--lr", "-1e-3"))
+    assert "alpha=2.0 must be in [0, 1]" in cli_error(_cli_args(toy, tmp_path / "b", "--alpha", "2"))
+    assert "larger than the" in cli_error(_cli_args(toy, tmp_path / "c", "--batch-size", "4096"))
+    assert "loss='nope' is not valid" in cli_error(_cli_args(toy, tmp_path / "d", "--loss", "nope"))
 
 
 def test_embedding_lr_scale_moves_only_the_embedding_matrix_faster(toy, tmp_path):
