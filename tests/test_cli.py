@@ -1,4 +1,5 @@
-"""The `mclip` command line (embed-teacher): every bad input is one `mclip: error:` line and exit code 2, never a traceback."""
+"""The `mclip` command line: options are the config fields (names, types, defaults); every bad input is one `mclip: error:`
+line and exit code 2, never a traceback."""
 
 import json
 import os
@@ -137,3 +138,71 @@ def test_error_through_a_real_process_has_no_traceback(tmp_path, clip_text_teach
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("mclip: error: id '1' appears more than once in column 'id'")
+
+
+# ---- options are the config fields: names, types, defaults ----
+
+STAGES = [("embed-teacher", "embed_teacher", "EmbedConfig", ["--data", "d", "--out", "o"], dict(data="d", out="o")),
+          ("train-student", "train_student", "TrainConfig", ["--data", "d", "--cache", "c", "--out", "o"], dict(data="d", cache="c", out="o")),
+          ("eval-retrieval", "eval_retrieval", "EvalConfig", ["--model", "m", "--cache", "c", "--data", "d", "--out", "o", "--languages", "de"],
+           dict(model="m", cache="c", data="d", out="o", languages=("de",))),
+          ("encode", "encode", "EncodeConfig", ["--model", "m", "--out", "o", "--input", "t.txt"], dict(model="m", out="o", input="t.txt"))]
+
+
+def _config_of(argv, module, monkeypatch):
+    """The config the CLI hands to the stage's run() for argv (the stage itself does not run)."""
+    import importlib
+
+    seen = []
+    monkeypatch.setattr(importlib.import_module(f"mclip.{module}"), "run", seen.append)
+    main(argv)
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.mark.parametrize("verb, module, cls, required, values", STAGES, ids=[s[0] for s in STAGES])
+def test_an_option_left_out_takes_the_config_default(verb, module, cls, required, values, monkeypatch):
+    import mclip.config
+
+    assert _config_of([verb, *required], module, monkeypatch) == getattr(mclip.config, cls)(**values)
+
+
+@pytest.mark.parametrize("verb, module, cls, required, values", STAGES, ids=[s[0] for s in STAGES])
+def test_each_config_field_is_one_option_named_after_it(verb, module, cls, required, values):
+    import dataclasses
+
+    import typer
+
+    import mclip.config
+    from mclip.cli import app
+
+    command = typer.main.get_command(app).commands[verb]
+    fields = dataclasses.fields(getattr(mclip.config, cls))
+    assert [p.name for p in command.params] == [f.name for f in fields]
+    for param, field in zip(command.params, fields):
+        assert param.opts == [f"--{field.name.replace('_', '-')}"] and param.help == field.metadata["help"]
+        assert param.required == field.metadata["required"]
+
+
+def test_options_take_the_values_users_type(monkeypatch):
+    train = _config_of(["train-student", "--data", "d", "--cache", "c", "--out", "o", "--languages", "zh, de", "--betas", "0.8,0.99",
+                        "--layer-kd", "--student-layers", "1,2", "--no-include-english", "--no-progress", "--max-steps", "5",
+                        "--lr", "2e-4", "--val-data", "v.jsonl"], "train_student", monkeypatch)
+    assert (train.languages, train.betas, train.student_layers, train.layer_kd) == (("zh", "de"), (0.8, 0.99), (1, 2), True)
+    assert (train.include_english, train.progress, train.max_steps, train.lr, train.val_data) == (False, False, 5, 2e-4, "v.jsonl")
+    embed = _config_of(["embed-teacher", "--data", "d", "--out", "o", "--cache-layers", "4,8,12", "--no-normalize", "--no-dedup",
+                        "--batch-tokens", "64", "--id-column", "id"], "embed_teacher", monkeypatch)
+    assert (embed.cache_layers, embed.normalize, embed.dedup, embed.batch_tokens, embed.id_column) == ((4, 8, 12), False, False, 64, "id")
+    args = ["eval-retrieval", "--model", "m", "--cache", "c", "--data", "d", "--out", "o", "--languages", "de,fr", "--ks", "1,5"]
+    evaluated = _config_of([*args, "--no-images", "--no-faiss-gpu", "--nprobe", "4"], "eval_retrieval", monkeypatch)
+    assert (evaluated.languages, evaluated.ks, evaluated.images, evaluated.faiss_gpu, evaluated.nprobe) == (("de", "fr"), (1, 5), False, False, 4)
+    assert _config_of([*args, "--images"], "eval_retrieval", monkeypatch).images is True
+    encoded = _config_of(["encode", "--model", "m", "--out", "o", "--input", "t.txt", "--npy", "--dtype", "float16"], "encode", monkeypatch)
+    assert (encoded.input, encoded.npy, encoded.dtype) == ("t.txt", True, "float16")
+
+
+def test_a_bad_comma_separated_list_is_one_line(cli_error):
+    assert cli_error(["train-student", "--data", "d", "--cache", "c", "--out", "o", "--betas", "0.9,x"]) == \
+        "'0.9,x' is not a comma-separated list of numbers, e.g. 0.9,0.999"
+    assert "is not a comma-separated list of integers, e.g. 4,8,12" in cli_error(["eval-retrieval", "--model", "m", "--cache", "c",
+                                                                                 "--data", "d", "--out", "o", "--languages", "de", "--ks", "1,five"])
