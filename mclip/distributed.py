@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,15 @@ def setup(device: str = "auto") -> tuple[Dist, torch.device]:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
         ctx = Dist(ctx.rank, ctx.world_size, ctx.local_rank, owns_group=True)
     return ctx, dev
+
+
+@contextlib.contextmanager
+def group(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
+    """One stage's rank context and device (`setup`); when the block ends, the process group goes if this stage joined it
+    (`teardown`). On an error the process is about to end anyway, so nothing is torn down under the other ranks' feet."""
+    ctx, dev = setup(device)
+    yield ctx, dev
+    teardown(ctx)
 
 
 def barrier() -> None:

@@ -270,8 +270,7 @@ def _finished(out: Path, k: int, config: EmbedConfig) -> bool:
 def run(config: EmbedConfig) -> EmbedResult:
     """Embed every caption once with the teacher; resume a killed run; split shards over torchrun ranks."""
     start = time.perf_counter()
-    ctx, device = distributed.setup(config.device)
-    with outputs.hold(config.out, "embed-teacher", ctx):
+    with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "embed-teacher", ctx):
         return _run(config, ctx, device, start)
 
 

@@ -123,28 +123,25 @@ def run(config: PipelineConfig) -> PipelineResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
-    ctx, _ = distributed.setup(config.embed.device)  # under torchrun one process group serves all three stages
     stages = {}
     say = (lambda text: print(text, file=sys.stderr)) if config.embed.progress else (lambda text: None)
-
-    say(f"[1/3] embed-teacher -> {config.embed.out}")
-    stages["embed"] = "skipped" if embed_teacher.is_complete(config.embed) else "ran"
-    embed_teacher.run(config.embed)  # a complete cache made with the same arguments returns at once
-
-    say(f"[2/3] train-student -> {config.train.out}")
-    stages["train"] = "skipped" if train_student.is_complete(config.train) else "ran"
-    train_student.run(dataclasses.replace(config.train, resume=True))  # one command starts, resumes or finds the run done
-
-    say(f"[3/3] eval-retrieval -> {config.eval.out}")
     eval_dir = Path(config.eval.out)
-    if eval_retrieval.is_complete(config.eval):
-        stages["eval"] = "skipped"
-        report = (eval_dir / "report.md").read_text(encoding="utf-8")
-        print(report if config.eval.progress else "", end="")
-    else:
-        stages["eval"] = "ran"
-        eval_retrieval.run(dataclasses.replace(config.eval, overwrite=True))
-    distributed.teardown(ctx)
+    with distributed.group(config.embed.device):  # under torchrun one process group serves all three stages
+        say(f"[1/3] embed-teacher -> {config.embed.out}")
+        stages["embed"] = "skipped" if embed_teacher.is_complete(config.embed) else "ran"
+        embed_teacher.run(config.embed)  # a complete cache made with the same arguments returns at once
+
+        say(f"[2/3] train-student -> {config.train.out}")
+        stages["train"] = "skipped" if train_student.is_complete(config.train) else "ran"
+        train_student.run(dataclasses.replace(config.train, resume=True))  # one command starts, resumes or finds the run done
+
+        say(f"[3/3] eval-retrieval -> {config.eval.out}")
+        if eval_retrieval.is_complete(config.eval):
+            stages["eval"] = "skipped"
+            print((eval_dir / "report.md").read_text(encoding="utf-8") if config.eval.progress else "", end="")
+        else:
+            stages["eval"] = "ran"
+            eval_retrieval.run(dataclasses.replace(config.eval, overwrite=True))
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     result = PipelineResult(out, stages, metrics, time.perf_counter() - start)
     print(summary_table(config, metrics))

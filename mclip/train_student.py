@@ -201,11 +201,8 @@ def is_complete(config: TrainConfig) -> bool:
 def run(config: TrainConfig) -> TrainResult:
     """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over ranks."""
     started = time.perf_counter()
-    ctx, device = distributed.setup(config.device)
-    with outputs.hold(config.out, "train-student", ctx):
-        result = _run(config, ctx, device, started)
-    distributed.teardown(ctx)
-    return result
+    with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "train-student", ctx):
+        return _run(config, ctx, device, started)
 
 
 class _Window:

@@ -62,8 +62,9 @@ def test_a_stage_leaves_a_group_it_did_not_join(single_process):
     """`mclip run` (or any caller) may hold the group: a stage's teardown ends only the group its own setup joined."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        ctx, _ = distributed.setup("cpu")
-        assert not ctx.owns_group
+        with distributed.group("cpu") as (ctx, _):  # a stage run inside it (as under `mclip run`)
+            assert not ctx.owns_group
+        assert dist.is_initialized()
         values = torch.tensor([2.0, 4.0])
         assert distributed.mean_over_ranks(values).tolist() == [2.0, 4.0]  # all_reduce over one rank
         assert distributed.all_gather_objects({"rank": 0}) == [{"rank": 0}]
@@ -79,17 +80,16 @@ def test_a_stage_leaves_a_group_it_did_not_join(single_process):
 def _rank(rank: int, port: int, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        ctx, _ = distributed.setup("cpu")
-        mean = distributed.mean_over_ranks(torch.tensor([float(rank), 10.0 * rank])).tolist()
-        chosen = distributed.main_only(ctx, lambda: f"rank {ctx.rank} decided")
-        try:
-            distributed.main_only(ctx, lambda: (_ for _ in ()).throw(UserError("one line for every rank")))
-            refused = None
-        except UserError as exc:
-            refused = str(exc)
-        gathered = distributed.all_gather_objects(ctx.rank)
-        distributed.barrier()
-        distributed.teardown(ctx)
+        with distributed.group("cpu") as (ctx, _):  # what a stage's run() does
+            mean = distributed.mean_over_ranks(torch.tensor([float(rank), 10.0 * rank])).tolist()
+            chosen = distributed.main_only(ctx, lambda: f"rank {ctx.rank} decided")
+            try:
+                distributed.main_only(ctx, lambda: (_ for _ in ()).throw(UserError("one line for every rank")))
+                refused = None
+            except UserError as exc:
+                refused = str(exc)
+            gathered = distributed.all_gather_objects(ctx.rank)
+            distributed.barrier()
         results.put((rank, ctx.owns_group, mean, chosen, refused, gathered, dist.is_initialized()))
     except BaseException as exc:  # the parent reports it
         results.put((rank, "failed", repr(exc)))
@@ -107,5 +107,5 @@ def test_two_ranks_share_means_and_rank_zeros_answers_and_end_the_group_they_joi
         proc.join(timeout=60)
     assert all(len(r) == 7 for r in got), got
     for rank, owns, mean, chosen, refused, gathered, still_initialized in got:
-        assert owns and not still_initialized  # setup joined the group, so the stage's teardown ended it
+        assert owns and not still_initialized  # the stage's setup joined the group, so the end of its block ended it
         assert mean == [0.5, 5.0] and chosen == "rank 0 decided" and refused == "one line for every rank" and gathered == [0, 1]
