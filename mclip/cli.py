@@ -37,8 +37,8 @@ def _split(text: str | None, kind: type) -> tuple:
 
 
 def _option(field: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
-    """The annotation and typer.Option of a config field: a tuple is typed as one comma-separated string, `X | None` as
-    Optional[X], a bool as --name/--no-name (and `bool | None` too, its default None meaning "decide for me")."""
+    """The annotation and typer.Option of a config field: a tuple is one comma-separated string, `X | None` is Optional[X],
+    a bool is --name/--no-name (typer's default; spelled out for `bool | None`, whose None means "decide for me")."""
     default = ... if field.metadata["required"] else field.default
     decls = []
     if get_origin(hint) is tuple:
@@ -61,9 +61,10 @@ def _stage(name: str, config_cls: type, module: str) -> None:
               for f in fields for annotation, option in [_option(f, hints[f.name])]]
 
     def command(**values):
-        config = config_cls(**{f.name: _split(values[f.name], get_args(hints[f.name])[0]) if get_origin(hints[f.name]) is tuple
-                               else values[f.name] for f in fields})
-        importlib.import_module(f"mclip.{module}").run(config)
+        for f in fields:
+            if get_origin(hints[f.name]) is tuple:  # tuple[int, ...], tuple[float, float], tuple[str, ...]
+                values[f.name] = _split(values[f.name], get_args(hints[f.name])[0])
+        importlib.import_module(f"mclip.{module}").run(config_cls(**values))
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
