@@ -12,6 +12,9 @@ from mclip.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Stage 1's padded tokens per forward batch when --batch-tokens is not given (why 2048: embed_teacher.default_batch_tokens)
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 131072
 
 
 def _check(cond: bool, message: str) -> None:
@@ -27,34 +30,58 @@ def _device(value: str) -> None:
     _check(value in DEVICES or value.startswith("cuda:"), f"device={value!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
 
 
+def option(default: Any, help: str, *, runtime: bool = False, required: bool = False) -> Any:
+    """A config field that is also its CLI option (`--name`, typed and defaulted by the field), as transformers'
+    HfArgumentParser reads `field(metadata={"help": ...})`.
+
+    help: the option's --help text, and the field's documentation (meaning, unit).
+    runtime: the field says where the inputs live or how fast a run goes, not what it writes, so a resumed run (or a
+      rerun on a finished output) may change it; every other field must repeat the value the output was made with.
+    required: the CLI option has no default (the config still refuses the empty default in __post_init__).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "runtime": runtime, "required": required})
+
+
+def runtime_fields(config: Any) -> set[str]:
+    """The fields of a config (class or instance) that a resumed or rerun output may change (`option(runtime=True)`)."""
+    return {f.name for f in dataclasses.fields(config) if f.metadata.get("runtime")}
+
+
+def request(config: Any) -> dict:
+    """The JSON-ready values of the fields that decide what an output holds: what a resumed run must repeat."""
+    values = to_dict(config)
+    return {name: value for name, value in values.items() if name not in runtime_fields(config)}
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
     """Stage 1: run the teacher once over the English captions and write Arrow shards."""
 
-    data: str = ""  # dataset: hub name, save_to_disk folder, or parquet/jsonl/csv/arrow file(s) or glob
-    out: str = ""  # output folder for shards + manifest.json
-    teacher: str = "openai/clip-vit-base-patch16"  # hub id or local folder (CLIP, or any HF encoder)
-    split: str = "train"  # dataset split to read
-    caption_column: str = "caption"  # English text column
-    id_column: str | None = None  # unique id column; None = stable row index as id
-    image_column: str | None = None  # images to embed with the CLIP vision tower (CLIP teachers only)
-    image_id_column: str | None = None  # groups captions of one image; None = hash of the image
-    cache_layers: tuple[int, ...] = ()  # teacher layers (1-based) whose pooled states are cached for layer_kd
-    dtype: str = "float16"  # storage dtype of embeddings: float16 or float32
-    normalize: bool = True  # L2-normalise embeddings
-    max_length: int | None = None  # token limit; None = the teacher's own limit (77 for CLIP)
-    batch_tokens: int | None = None  # padded tokens per forward batch; None = 2048 on CPU, 131072 on GPU
-    max_batch_size: int = 1024  # cap on captions per forward batch
-    shard_size: int = 10_000  # captions per shard: the unit of resume, of rank split and of length sorting
-    dedup: bool = True  # embed identical captions once per shard; every id still gets its row
-    strict: bool = False  # refuse empty/None captions instead of skipping and counting them
-    limit: int | None = None  # use only the first N rows (smoke runs, benchmarks)
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
-    num_threads: int | None = None  # torch CPU threads; None = torch's default
-    overwrite: bool = False  # replace an existing output made with other arguments
-    trust_remote_code: bool = False  # allow model code shipped with a checkpoint to run
-    progress: bool = True  # show a progress bar
+    data: str = option("", "Captions: hub dataset name, save_to_disk folder, or parquet/jsonl/csv/arrow file(s) or glob.", required=True)
+    out: str = option("", "Output folder for the Arrow shards and manifest.json.", runtime=True, required=True)
+    teacher: str = option("openai/clip-vit-base-patch16", "Teacher: CLIP checkpoint or any HF encoder (hub id or folder).")
+    split: str = option("train", "Dataset split.")
+    caption_column: str = option("caption", "Column with the English captions.")
+    id_column: str | None = option(None, "Column with unique ids (default: the row number).")
+    image_column: str | None = option(None, "Column with images to embed with the CLIP vision tower (CLIP teachers only).")
+    image_id_column: str | None = option(None, "Column naming each caption's image (default: image content hash).")
+    cache_layers: tuple[int, ...] = option((), "Teacher layers (1-based) whose pooled states to cache for layer_kd, e.g. 4,8,12.")
+    dtype: str = option("float16", "Storage dtype of the embeddings: float16 or float32.")
+    normalize: bool = option(True, "L2-normalise the embeddings.")
+    max_length: int | None = option(None, "Token limit (default: the teacher's, 77 for CLIP).")
+    batch_tokens: int | None = option(None, f"Padded tokens per batch (default {CPU_BATCH_TOKENS} on CPU, {GPU_BATCH_TOKENS} on GPU).",
+                                      runtime=True)
+    max_batch_size: int = option(1024, "Most captions per batch.", runtime=True)
+    shard_size: int = option(10_000, "Captions per shard: the unit of resume, of rank split and of length sorting.")
+    dedup: bool = option(True, "Embed identical captions once per shard (every id still gets its row).")
+    strict: bool = option(False, "Refuse empty captions instead of skipping and counting them.")
+    limit: int | None = option(None, "Use only the first N rows (smoke runs, benchmarks).")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps.", runtime=True)
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", runtime=True)
+    num_threads: int | None = option(None, "CPU threads for torch (default: torch's).", runtime=True)
+    overwrite: bool = option(False, "Replace an existing cache made with other arguments.", runtime=True)
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint to run.")
+    progress: bool = option(True, "Show progress.", runtime=True)
 
     def __post_init__(self) -> None:
         _check(bool(self.data), "data is empty; pass --data with a dataset name, folder or file")
@@ -85,61 +112,64 @@ SCHEDULES = ("linear", "cosine", "constant")
 class TrainConfig:
     """Stage 2: train a multilingual student to reproduce the cached teacher embeddings from translated captions."""
 
-    data: str = ""  # parallel captions: wide (id, caption_<lang>...) or long (id, lang, text); anything `datasets` loads
-    cache: str = ""  # teacher cache folder written by `mclip embed-teacher`
-    out: str = ""  # run folder (config.json, metrics.jsonl, curves.png, checkpoints/, final/)
-    student: str = "xlm-roberta-base"  # HF encoder id or folder, or an exported mclip student to continue training
-    languages: tuple[str, ...] = ("zh",)  # language codes to train, e.g. zh,de,fr
-    include_english: bool = True  # also train student(en) -> teacher(en), English text taken from the cache
-    split: str = "train"  # dataset split of --data
-    id_column: str = "id"  # column joining captions to cache rows
-    text_column_template: str = "caption_{lang}"  # wide format: column of each language
-    val_data: str | None = None  # separate validation captions (same formats); its ids are never trained on
-    val_split: str = "train"  # dataset split of --val-data
-    val_fraction: float = 0.0  # else hold out this fraction of ids (hash of id and seed), 0 = no validation
-    val_max_ids: int = 5000  # ids used by the periodic evaluation (the smallest hashes; the rest stay held out)
-    pooler: str = "mean"  # student pooling: mean or cls
-    max_length: int = 128  # student token limit (capped by the model's own)
-    freeze_embeddings: bool = False  # freeze the word-embedding matrix
-    embedding_lr_scale: float = 1.0  # the word-embedding matrix learns at this multiple of lr (new tokens: try 5)
-    extend_vocab: bool = False  # add training-text characters the student's tokenizer maps to [UNK] as new tokens
-    extend_vocab_words: int = 0  # with extend_vocab: also add words seen this often that it splits into pieces (0 = off)
-    extend_vocab_init: str = "mean"  # new token rows start at: mean (transformers' default), aligned (their English captions' tokens)
-    projection_init: str = "auto"  # auto (identity when student hidden == teacher dim), identity, random
-    loss: str = "cl"  # mse | cosine | cl = (1 - alpha) * base + alpha * InfoNCE
-    alpha: float = 0.1  # weight of InfoNCE in the cl loss, in [0, 1]
-    cl_base: str = "mse"  # the cl loss's pointwise part: mse or cosine
-    temperature: float = 0.05  # InfoNCE temperature (initial value when learnable)
-    fixed_temperature: bool = False  # keep the temperature fixed instead of learning it (log-parametrised)
-    layer_kd: bool = False  # also distil the cache's layer_<i> states onto student layers
-    student_layers: tuple[int, ...] = ()  # student layers (1-based) for layer-kd; () = spaced like the teacher's
-    layer_kd_weight: float = 1.0  # weight of the layer-kd MSE
-    epochs: int = 1  # passes over the training pairs
-    max_steps: int | None = None  # cap on optimizer steps (None = epochs decide)
-    batch_size: int = 64  # global batch in pairs, split over ranks and accumulation steps
-    grad_accum: int = 1  # micro-batches per optimizer step on each rank
-    lr: float = 1e-4  # peak learning rate
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay (matrices only; not biases, norms, temperature)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    warmup_steps: int = 1000  # linear warmup from 0 to lr, in optimizer steps
-    schedule: str = "linear"  # decay after warmup: linear, cosine or constant
-    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
-    clip_grad: float = 1.0  # max global gradient norm; 0 = no clipping
-    seed: int = 42  # seeds init, dropout, data order and the validation split
-    group_batches: int = 64  # batches per length-sorted mega-batch (less padding); 1 = no length grouping
-    num_workers: int = 2  # DataLoader workers tokenising batches
-    log_every: int = 10  # steps between metrics.jsonl train records
-    eval_every: int = 1000  # steps between validations (0 = only at the end)
-    eval_batch_size: int = 256  # texts per forward pass in validation
-    save_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    keep_last: int = 2  # checkpoints kept
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
-    num_threads: int | None = None  # torch CPU threads; None = torch's default
-    resume: bool = False  # continue from the latest checkpoint in --out
-    overwrite: bool = False  # replace the runs' files in a non-empty --out
-    trust_remote_code: bool = False  # allow model code shipped with the student checkpoint to run
-    progress: bool = True  # show a progress bar
+    data: str = option("", "Parallel captions: wide (id, caption_<lang>...) or long (id, lang, text); file(s), folder or hub name.",
+                       runtime=True, required=True)
+    cache: str = option("", "Teacher cache folder written by `mclip embed-teacher`.", runtime=True, required=True)
+    out: str = option("", "Run folder: config.json, metrics.jsonl, curves.png, checkpoints/, final/.", runtime=True, required=True)
+    student: str = option("xlm-roberta-base", "Student: HF encoder id or folder, or an exported mclip student to continue training.")
+    languages: tuple[str, ...] = option(("zh",), "Languages to train, comma-separated, e.g. zh,de,fr.")
+    include_english: bool = option(True, "Also train student(en) -> teacher(en) on the cache's English text.")
+    split: str = option("train", "Dataset split of --data.")
+    id_column: str = option("id", "Column joining captions to the cache's ids.")
+    text_column_template: str = option("caption_{lang}", "Wide format: the column of each language.")
+    val_data: str | None = option(None, "Validation captions (same formats); their ids are never trained on.", runtime=True)
+    val_split: str = option("train", "Dataset split of --val-data.")
+    val_fraction: float = option(0.0, "Else hold out this fraction of ids (by hash of id and seed); 0 = no validation.")
+    val_max_ids: int = option(5000, "Validation ids used by the periodic evaluation (the smallest hashes; the rest stay held out).")
+    pooler: str = option("mean", "Student pooling: mean or cls.")
+    max_length: int = option(128, "Student token limit (capped by the model's).")
+    freeze_embeddings: bool = option(False, "Freeze the word-embedding matrix.")
+    embedding_lr_scale: float = option(1.0, "The word-embedding matrix learns at this multiple of --lr (new tokens: try 5).")
+    extend_vocab: bool = option(False, "Add training characters the student's tokenizer maps to [UNK] as new tokens.")
+    extend_vocab_words: int = option(0, "With --extend-vocab, also add words seen this often that it splits into pieces (0 = off).")
+    extend_vocab_init: str = option("mean", "New token rows start at: mean (the old rows' mean), aligned (their English captions' tokens).")
+    projection_init: str = option("auto", "auto (identity when student width == teacher dim), identity, random.")
+    loss: str = option("cl", "mse, cosine, or cl = (1 - alpha) * base + alpha * InfoNCE.")
+    alpha: float = option(0.1, "Weight of InfoNCE in the cl loss, in [0, 1].")
+    cl_base: str = option("mse", "The cl loss's pointwise part: mse or cosine.")
+    temperature: float = option(0.05, "InfoNCE temperature (initial value when learnt).")
+    fixed_temperature: bool = option(False, "Keep the temperature fixed instead of learning it (log-parametrised).")
+    layer_kd: bool = option(False, "Also distil the cache's teacher layer states (needs --cache-layers in stage 1).")
+    student_layers: tuple[int, ...] = option((), "Student layers (1-based) for layer-kd, one per cached teacher layer, e.g. 4,8,12 "
+                                                 "(default: spaced like the teacher's).")
+    layer_kd_weight: float = option(1.0, "Weight of the layer-kd loss.")
+    # Not runtime: epochs and max_steps set the length of the lr schedule, so a resumed run changing them would learn otherwise.
+    epochs: int = option(1, "Passes over the training pairs.")
+    max_steps: int | None = option(None, "Cap on optimizer steps (default: epochs decide).")
+    batch_size: int = option(64, "Global batch in pairs (split over ranks and accumulation).")
+    grad_accum: int = option(1, "Micro-batches per optimizer step on each rank.")
+    lr: float = option(1e-4, "Peak learning rate.")
+    weight_decay: float = option(1e-4, "AdamW decoupled weight decay (matrices only; not biases, norms, temperature).")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.")
+    warmup_steps: int = option(1000, "Linear warmup steps from 0 to lr, in optimizer steps.")
+    schedule: str = option("linear", "Decay after warmup: linear, cosine or constant.")
+    min_lr_ratio: float = option(0.0, "The decay ends at lr * this.")
+    clip_grad: float = option(1.0, "Max global gradient norm (0 = no clipping).")
+    seed: int = option(42, "Seed of init, dropout, data order and validation split.")
+    group_batches: int = option(64, "Batches per length-sorted mega-batch (1 = no length grouping).")
+    num_workers: int = option(2, "DataLoader workers tokenising batches.", runtime=True)
+    log_every: int = option(10, "Steps between metrics.jsonl records.", runtime=True)
+    eval_every: int = option(1000, "Steps between validations (0 = only at the end).", runtime=True)
+    eval_batch_size: int = option(256, "Texts per forward pass in validation.", runtime=True)
+    save_every: int = option(1000, "Steps between checkpoints (one is always written at the end).", runtime=True)
+    keep_last: int = option(2, "Checkpoints kept.", runtime=True)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N.", runtime=True)
+    precision: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", runtime=True)
+    num_threads: int | None = option(None, "CPU threads for torch (default: torch's).", runtime=True)
+    resume: bool = option(False, "Continue from the latest checkpoint in --out.", runtime=True)
+    overwrite: bool = option(False, "Replace the run files in a non-empty --out.", runtime=True)
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint to run.", runtime=True)
+    progress: bool = option(True, "Show progress.", runtime=True)
 
     def __post_init__(self) -> None:
         _check(bool(self.data), "data is empty; pass --data with the parallel captions")
@@ -200,33 +230,34 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Stage 3: retrieval per language (student vs the cached teacher, optionally images), with baselines."""
+    """Stage 3: retrieval per language (R@K, MRR) of a student against the cached teacher (and images), with baselines; writes a report."""
 
-    model: str = ""  # exported student folder (a run's final/), a checkpoint folder, or a run folder (its final/ is used)
-    cache: str = ""  # teacher cache folder written by embed-teacher (the gallery; images when it has them)
-    data: str = ""  # parallel captions: wide (id, caption, caption_<lang>) or long (id, lang, text)
-    out: str = ""  # output folder for metrics.json, report.md, r_at_1.png, eval.json
-    languages: tuple[str, ...] = ()  # languages to score, e.g. ("de", "fr"); English is always added when available
-    split: str = "test"  # dataset split to read
-    id_column: str = "id"  # id column joining the captions to the cache
-    caption_column: str = "caption"  # English column of the wide format
-    text_column_template: str = "caption_{lang}"  # per-language column of the wide format
-    lang_column: str = "lang"  # language column of the long format
-    text_column: str = "text"  # text column of the long format
-    ks: tuple[int, ...] = (1, 5, 10)  # recall cut-offs; MRR is cut at the largest
-    index: str = "Flat"  # FAISS index_factory string (inner product); Flat is exact, e.g. IVF256,Flat or HNSW32 for big galleries
-    nprobe: int | None = None  # IVF lists probed per query; None = max(16, nlist/16) capped at nlist
-    faiss_gpu: bool = True  # search on GPU FAISS when it is installed and sees a GPU
-    query_batch_size: int = 4096  # queries per FAISS search call (bounds memory)
-    teacher_baseline: bool = False  # also score the teacher applied directly to each language's text
-    teacher: str | None = None  # teacher for the baseline; None = the one named in the cache manifest
-    images: bool | None = None  # text<->image metrics: None = when the cache has image embeddings, True = require them
-    limit: int | None = None  # score only the first N captions of each language
-    batch_size: int = 64  # texts per encoder forward pass
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    overwrite: bool = False  # replace the files of a previous eval in --out
-    trust_remote_code: bool = False  # allow model code shipped with a checkpoint to run
-    progress: bool = True  # show progress bars
+    model: str = option("", "Student: a run's final/ folder, a checkpoint folder, or a run folder (its final/).", required=True)
+    cache: str = option("", "Teacher cache from `mclip embed-teacher` (English targets; images when it has them).", required=True)
+    data: str = option("", "Parallel captions: wide (id, caption, caption_<lang>) or long (id, lang, text).", required=True)
+    out: str = option("", "Output folder for metrics.json, report.md, r_at_1.png, eval.json.", required=True)
+    languages: tuple[str, ...] = option((), "Languages to score, comma-separated, e.g. de,fr,ja (English is added when present).",
+                                        required=True)
+    split: str = option("test", "Dataset split.")
+    id_column: str = option("id", "Column with the ids joining captions to the cache.")
+    caption_column: str = option("caption", "English column (wide format).")
+    text_column_template: str = option("caption_{lang}", "Per-language column (wide format).")
+    lang_column: str = option("lang", "Language column (long format).")
+    text_column: str = option("text", "Text column (long format).")
+    ks: tuple[int, ...] = option((1, 5, 10), "Recall cut-offs; MRR is cut at the largest.")
+    index: str = option("Flat", "FAISS index_factory string (inner product): Flat (exact), IVF256,Flat, HNSW32, IVF256,PQ16 ...")
+    nprobe: int | None = option(None, "IVF lists probed per query (default max(16, nlist/16), capped at nlist).")
+    faiss_gpu: bool = option(True, "Use GPU FAISS when installed and a GPU is visible.")
+    query_batch_size: int = option(4096, "Queries per FAISS search call (bounds memory).")
+    teacher_baseline: bool = option(False, "Also score the teacher applied directly to each language's text.")
+    teacher: str | None = option(None, "Teacher for the baseline (default: the one named in the cache).")
+    images: bool | None = option(None, "Text<->image metrics (default: when the cache has images; --images requires them).")
+    limit: int | None = option(None, "Score only the first N captions per language.")
+    batch_size: int = option(64, "Texts per forward pass.")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps.")
+    overwrite: bool = option(False, "Replace the files of a previous eval in --out.", runtime=True)
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint to run.")
+    progress: bool = option(True, "Show progress.", runtime=True)
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model is empty; pass --model with an exported student folder (a run's final/)")
@@ -255,23 +286,23 @@ class EvalConfig:
 class EncodeConfig:
     """Encode texts (a text file or a dataset column) with an exported student into Arrow files (and .npy)."""
 
-    model: str = ""  # exported student folder (a run's final/), a checkpoint folder, or a run folder
-    out: str = ""  # output folder for shard-*.arrow (id, text, embedding), encode.json and embeddings.npy
-    input: str | None = None  # UTF-8 text file, one text per line (empty lines skipped; id = 0-based line number)
-    data: str | None = None  # or a dataset: hub name, save_to_disk folder, or parquet/jsonl/csv/arrow file(s)
-    split: str = "train"  # dataset split (with data)
-    column: str = "text"  # text column (with data)
-    id_column: str | None = None  # id column (with data); None = row number
-    npy: bool = False  # also write embeddings.npy (rows in the order of the Arrow rows)
-    dtype: str = "float32"  # storage dtype: float32 or float16
-    normalize: bool = True  # L2-normalise the embeddings
-    batch_size: int = 64  # texts per forward pass
-    shard_size: int = 100_000  # rows per Arrow file
-    limit: int | None = None  # encode only the first N texts
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    overwrite: bool = False  # replace the files of a previous encode in --out
-    trust_remote_code: bool = False  # allow model code shipped with a checkpoint to run
-    progress: bool = True  # show a progress bar
+    model: str = option("", "Student: a run's final/ folder, a checkpoint folder, or a run folder.", required=True)
+    out: str = option("", "Output folder for shard-*.arrow (id, text, embedding), encode.json, embeddings.npy.", required=True)
+    input: str | None = option(None, "UTF-8 text file, one text per line (empty lines skipped; id = 0-based line number).")
+    data: str | None = option(None, "Or a dataset: hub name, save_to_disk folder, or parquet/jsonl/csv/arrow file(s).")
+    split: str = option("train", "Dataset split (with --data).")
+    column: str = option("text", "Text column (with --data).")
+    id_column: str | None = option(None, "Id column (with --data; default: the row number).")
+    npy: bool = option(False, "Also write embeddings.npy, rows in the order of the Arrow rows.")
+    dtype: str = option("float32", "Storage dtype: float32 or float16.")
+    normalize: bool = option(True, "L2-normalise the embeddings.")
+    batch_size: int = option(64, "Texts per forward pass.")
+    shard_size: int = option(100_000, "Rows per Arrow file.")
+    limit: int | None = option(None, "Encode only the first N texts.")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps.")
+    overwrite: bool = option(False, "Replace the files of a previous encode in --out.")
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint to run.")
+    progress: bool = option(True, "Show progress.")
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model is empty; pass --model with an exported student folder (a run's final/)")

@@ -1,12 +1,17 @@
-"""Loading captions with `datasets`: hub names, save_to_disk folders and local parquet/jsonl/csv/arrow files."""
+"""Captions in: loading with `datasets` (hub names, save_to_disk folders and local parquet/jsonl/csv/arrow files), column
+checks, stage 1's ids, blank captions and images in Arrow, and parallel captions joined to the teacher cache by id."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
 import json
 from pathlib import Path
 
-from mclip.errors import UserError
+import numpy as np
+
+from mclip.errors import UserError, first_line
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".txt": "text"}
 
@@ -66,7 +71,7 @@ def load_dataset(data: str, split: str = "train"):
     except UnicodeDecodeError as exc:
         raise UserError(f"{data} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"cannot load dataset {data!r} (split {split!r}): {first}") from None
     except Exception as exc:  # pyarrow/datasets parse errors of a malformed file have many types
         cause = exc
@@ -75,7 +80,7 @@ def load_dataset(data: str, split: str = "train"):
         if cause is not None:
             raise UserError(f"{data} is not valid UTF-8 text ({cause.reason}); re-encode the file as UTF-8") from None
         if type(exc).__module__.startswith(("pyarrow", "datasets")):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise UserError(f"cannot read dataset {data!r}: {first}; fix or re-export the file") from None
         raise
 
@@ -140,6 +145,15 @@ class ParallelCaptions:
     def pairs(self, lang: str) -> tuple[list[str], list[str]]:
         return self.by_lang[lang]
 
+    def join(self, lang: str, row_of: dict[str, int]) -> tuple[list[str], np.ndarray, list[str]]:
+        """One language's captions joined to the cache by id (never by row order): the texts whose id the cache holds and
+        their cache rows (`row_of`: cache id -> row), in data order, and the ids the cache lacks (left out, for the
+        caller to count)."""
+        ids, texts = self.by_lang[lang]
+        rows = np.fromiter((row_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        found = rows >= 0
+        return [t for t, ok in zip(texts, found) if ok], rows[found], [i for i, ok in zip(ids, found) if not ok]
+
 
 def load_parallel(data: str, split: str, languages: tuple[str, ...] | list[str], *, id_column: str = "id",
                   caption_column: str = "caption", text_column_template: str = "caption_{lang}", english: bool = True,
@@ -184,3 +198,79 @@ def _clean(rows: list[tuple[str, object]], missing: dict[str, int], lang: str) -
     kept = [(i, t) for i, t in rows if isinstance(t, str) and t.strip()]
     missing[lang] = len(rows) - len(kept)
     return [i for i, _ in kept], [t for _, t in kept]
+
+
+# ---- stage 1's captions, ids and images, in Arrow (no Python object per row) ----
+
+
+def check_ids(table_fmt, id_column: str | None, n: int) -> None:
+    """Refuse empty or duplicate ids in the first n rows of the id column (Arrow kernels: no Python string per row)."""
+    import pyarrow.compute as pc
+
+    if id_column is None:
+        return
+    column = table_fmt[:n][id_column]
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise UserError(f"id column {id_column!r} is empty at row {row}; fill every id or omit --id-column to use row numbers")
+    column = as_string(column)
+    if pc.count_distinct(column).as_py() != n:
+        counts = pc.value_counts(column)
+        dup = counts.field("values")[pc.index(pc.greater(counts.field("counts"), 1), True).as_py()].as_py()
+        raise UserError(f"id {dup!r} appears more than once in column {id_column!r}; ids must be unique (omit --id-column to use row numbers)")
+
+
+def as_string(column):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return column if column.type == pa.string() else pc.cast(column, pa.string())
+
+
+def row_ids(part, id_column: str | None, a: int, b: int):
+    """The string ids of rows a..b: the id column, or the row numbers."""
+    import pyarrow as pa
+
+    if id_column is None:
+        return as_string(pa.array(np.arange(a, b, dtype=np.int64)))
+    return as_string(part[id_column].combine_chunks())
+
+
+def blank(column):
+    """Null or all-whitespace captions (a boolean array): skipped and counted, or refused with --strict. Arrow's
+    whitespace is Python's `str.isspace` set, code point for code point (\x1c-\x1f included): the rows
+    `not text.strip()` found."""
+    import pyarrow.compute as pc
+
+    return pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(column), "")).fill_null(True)
+
+
+def check_strict(table_fmt, caption_column: str, id_column: str | None, n: int) -> None:
+    """Refuse the first blank caption of the first n rows (--strict), naming its id and row."""
+    import pyarrow.compute as pc
+
+    bad = blank(pc.cast(table_fmt[:n][caption_column], "string"))
+    if pc.any(bad).as_py():
+        row = pc.index(bad, True).as_py()
+        ident = row_ids(table_fmt[row : row + 1], id_column, row, row + 1)[0].as_py()
+        raise UserError(f"caption of id {ident!r} (row {row}) is empty; fill it, or drop --strict to skip and count such rows")
+
+
+def image_key(image) -> tuple[object, str]:
+    """A PIL image and a stable id (content hash) from what a dataset column may hold."""
+    from PIL import Image
+
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return Image.open(io.BytesIO(image)).convert("RGB"), hashlib.sha1(image).hexdigest()
+    if isinstance(image, str):
+        try:
+            data = Path(image).read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read image {image!r} ({exc.strerror}); check the image column's paths") from None
+        return Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha1(data).hexdigest()
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+        return image, hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+    raise UserError(f"image column holds {type(image).__name__} values; use images, image bytes or file paths")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this stage joined the process group, so it ends it (`teardown`)
 
     @property
     def is_main(self) -> bool:
@@ -49,7 +52,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def setup(device: str = "auto") -> tuple[Dist, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1; return this rank's context and device."""
+    """Join the torchrun process group when WORLD_SIZE > 1; return this rank's context and device. A group that is
+    already there (`mclip run` holds one for all three stages) is used as it is, and its owner ends it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ctx = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     dev = resolve_device(device, ctx.local_rank)
@@ -57,7 +61,17 @@ def setup(device: str = "auto") -> tuple[Dist, torch.device]:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        ctx = Dist(ctx.rank, ctx.world_size, ctx.local_rank, owns_group=True)
     return ctx, dev
+
+
+@contextlib.contextmanager
+def group(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
+    """One stage's rank context and device (`setup`); when the block ends, the process group goes if this stage joined it
+    (`teardown`). On an error the process is about to end anyway, so nothing is torn down under the other ranks' feet."""
+    ctx, dev = setup(device)
+    yield ctx, dev
+    teardown(ctx)
 
 
 def barrier() -> None:
@@ -96,6 +110,15 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def teardown() -> None:
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over all ranks, in place (identity without torchrun), so every rank logs the same numbers."""
     if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def teardown(ctx: Dist) -> None:
+    """End the process group that `setup` joined for `ctx` (after a stage's last collective); one it found is left."""
+    if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()

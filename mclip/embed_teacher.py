@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
 import itertools
 import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from mclip import __version__, distributed, lock, shards
-from mclip.config import EmbedConfig, to_dict
+from mclip import __version__, data, distributed, outputs, shards
+from mclip.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, EmbedConfig, request, to_dict
 from mclip.errors import UserError, writing
 
-# Fields that change how fast a run goes, not what it writes: a resumed run may change them.
-RUNTIME_FIELDS = {"device", "precision", "num_threads", "batch_tokens", "max_batch_size", "overwrite", "progress", "out"}
 RERUN = "rerun the same command to resume"  # what to do after a failed write: finished shards are kept
 
 
@@ -62,16 +58,10 @@ class _Work:
     image_inverse: np.ndarray | None = None  # kept row -> unique image
 
 
-def request_of(config: EmbedConfig) -> dict:
-    """The arguments that decide what the cache holds; a rerun must repeat them to resume."""
-    values = to_dict(config)
-    return {f.name: values[f.name] for f in fields(config) if f.name not in RUNTIME_FIELDS}
-
-
-def _clear(out: Path) -> None:
-    for path in [*shards.shard_files(out), *out.glob(".shard-*.tmp"), out / shards.MANIFEST]:
-        with writing(path, RERUN):
-            path.unlink(missing_ok=True)
+def is_complete(config: EmbedConfig) -> bool:
+    """Whether --out holds a finished cache of this very request (a rerun returns at once; `mclip run` reports it skipped)."""
+    manifest = shards.read_manifest(Path(config.out)) if Path(config.out).is_dir() else None
+    return bool(manifest and manifest.get("complete")) and not outputs.changed(manifest.get("request", {}), config)
 
 
 def _check_output(config: EmbedConfig) -> str:
@@ -79,21 +69,16 @@ def _check_output(config: EmbedConfig) -> str:
     another cache), 'resume' (a killed run of this request), 'repair' (a finished one with a missing or cut shard) or
     'complete'; refuse a mismatch. Nothing is removed before the inputs have been checked (`_claim_output`)."""
     out = Path(config.out)
-    request = request_of(config)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a folder")
-    if not out.is_dir() or not any(not lock.is_lock(p.name) for p in out.iterdir()):
+    if not outputs.contents(out):
         return "fresh"
     manifest = shards.read_manifest(out)
     if manifest is None:
-        if not config.overwrite:
-            raise UserError(f"--out {out} is not empty and holds no mclip cache; choose an empty folder or pass --overwrite")
+        outputs.check(out, config.overwrite, " and holds no mclip cache; choose an empty folder or pass --overwrite")
         return "replace"
-    if manifest.get("request") != request:
+    diff = outputs.changed(manifest.get("request", {}), config)
+    if diff:
         if not config.overwrite:
-            old = manifest.get("request", {})
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {request.get(k)!r}" for k in request if old.get(k) != request.get(k))
-            raise UserError(f"{out} holds a cache made with other arguments ({diff}); repeat them to resume, or pass --overwrite to replace it")
+            raise UserError(f"{out} holds a cache made with other arguments ({', '.join(diff)}); repeat them to resume, or pass --overwrite to replace it")
         return "replace"
     if not manifest.get("complete"):
         return "resume"
@@ -107,106 +92,29 @@ def _check_output(config: EmbedConfig) -> str:
 def _claim_output(config: EmbedConfig, status: str, info) -> None:
     """Make the folder this run's: clear a replaced cache, start a manifest (or reopen a killed run's), record the teacher."""
     out = Path(config.out)
-    if status == "replace":
-        _clear(out)
     manifest = shards.read_manifest(out) if status in ("resume", "repair") else None
     if manifest is None:
         manifest = {"format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "mclip_version": __version__, "complete": False,
-                    "request": request_of(config), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                    "request": request(config), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     elif manifest.get("teacher") and manifest["teacher"]["fingerprint"] != info.fingerprint:
         raise UserError(f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these")
-    for stale in out.glob(".shard-*.tmp"):  # left by a killed run; never visible as a shard
-        with writing(stale, RERUN):
-            stale.unlink(missing_ok=True)
+    replaced = [*shards.shard_files(out), out / shards.MANIFEST] if status == "replace" else []
+    outputs.claim(out, [*replaced, *out.glob(".shard-*.tmp")], RERUN)  # temp shards of a killed run were never visible as shards
     if status == "repair":  # finished, then a shard went missing or was cut: recompute it and finish again
         manifest = {k: v for k, v in manifest.items() if k not in ("shards", "totals")} | {"complete": False}
     manifest["teacher"] = info.__dict__
     with writing(out / shards.MANIFEST, RERUN):
-        shards.write_json(out / shards.MANIFEST, manifest)
+        shards.write_manifest(out, manifest)
 
 
 def _load_rows(config: EmbedConfig):
-    from mclip.data import load_dataset, require_columns
-
-    ds = load_dataset(config.data, config.split)
-    require_columns(ds, {"--caption-column": config.caption_column, "--id-column": config.id_column,
+    ds = data.load_dataset(config.data, config.split)
+    data.require_columns(ds, {"--caption-column": config.caption_column, "--id-column": config.id_column,
                          "--image-column": config.image_column, "--image-id-column": config.image_id_column}, config.data)
     n = len(ds) if config.limit is None else min(config.limit, len(ds))
     if n == 0:
         raise UserError(f"{config.data} (split {config.split!r}) has zero rows; check --data and --split")
     return ds.with_format("arrow"), n
-
-
-def _check_ids(table_fmt, config: EmbedConfig, n: int) -> None:
-    """Refuse empty or duplicate ids in the id column (Arrow kernels: no Python string per row)."""
-    import pyarrow.compute as pc
-
-    if config.id_column is None:
-        return
-    column = table_fmt[:n][config.id_column]
-    if column.null_count:
-        row = pc.index(pc.is_null(column), True).as_py()
-        raise UserError(f"id column {config.id_column!r} is empty at row {row}; fill every id or omit --id-column to use row numbers")
-    column = _as_string(column)
-    if pc.count_distinct(column).as_py() != n:
-        counts = pc.value_counts(column)
-        dup = counts.field("values")[pc.index(pc.greater(counts.field("counts"), 1), True).as_py()].as_py()
-        raise UserError(f"id {dup!r} appears more than once in column {config.id_column!r}; ids must be unique (omit --id-column to use row numbers)")
-
-
-def _as_string(column):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return column if column.type == pa.string() else pc.cast(column, pa.string())
-
-
-def _shard_ids(part, config: EmbedConfig, a: int, b: int):
-    """The string ids of rows a..b: the id column, or the row numbers."""
-    import pyarrow as pa
-
-    if config.id_column is None:
-        return _as_string(pa.array(np.arange(a, b, dtype=np.int64)))
-    return _as_string(part[config.id_column].combine_chunks())
-
-
-def _blank(column):
-    """Null or all-whitespace captions (a boolean array): skipped and counted, or refused with --strict. Arrow's
-    whitespace is Python's `str.isspace` set, code point for code point (\x1c-\x1f included): the rows
-    `not text.strip()` found."""
-    import pyarrow.compute as pc
-
-    return pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(column), "")).fill_null(True)
-
-
-def _check_strict(table_fmt, config: EmbedConfig, n: int) -> None:
-    import pyarrow.compute as pc
-
-    bad = _blank(pc.cast(table_fmt[:n][config.caption_column], "string"))
-    if pc.any(bad).as_py():
-        row = pc.index(bad, True).as_py()
-        ident = _shard_ids(table_fmt[row : row + 1], config, row, row + 1)[0].as_py()
-        raise UserError(f"caption of id {ident!r} (row {row}) is empty; fill it, or drop --strict to skip and count such rows")
-
-
-def _image_key(image) -> tuple[object, str]:
-    """A PIL image and a stable id (content hash) from what a dataset column may hold."""
-    from PIL import Image
-
-    if isinstance(image, dict):
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image)).convert("RGB"), hashlib.sha1(image).hexdigest()
-    if isinstance(image, str):
-        try:
-            data = Path(image).read_bytes()
-        except OSError as exc:
-            raise UserError(f"cannot read image {image!r} ({exc.strerror}); check the image column's paths") from None
-        return Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha1(data).hexdigest()
-    if hasattr(image, "convert"):
-        image = image.convert("RGB")
-        return image, hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
-    raise UserError(f"image column holds {type(image).__name__} values; use images, image bytes or file paths")
 
 
 def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_tokens: int, pin: bool = False,
@@ -229,9 +137,9 @@ def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_t
             raise UserError(f"caption column {config.caption_column!r} holds {column.type} values (row {row}); point --caption-column at the text")
     if pa.types.is_null(column.type):
         column = pa.nulls(len(column), pa.string())
-    keep_mask = pc.invert(_blank(column))
+    keep_mask = pc.invert(data.blank(column))
     keep = np.flatnonzero(keep_mask.to_numpy(zero_copy_only=False))
-    kept = _as_string(column.filter(keep_mask))
+    kept = data.as_string(column.filter(keep_mask))
     if config.dedup:  # first-appearance order, as a dict would give
         encoded = kept.dictionary_encode()
         inverse, unique = encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
@@ -239,14 +147,14 @@ def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_t
         inverse, unique = np.arange(len(kept)), kept.to_pylist()
     tokens, truncated = teacher.tokenize(unique, threads=tokenize_threads) if unique else ([], np.zeros(0, bool))
     batches, n_tokens = padded_batches(tokens, teacher, batch_tokens, config.max_batch_size, pin)
-    work = _Work(k, a, b, _shard_ids(part, config, a, b).filter(keep_mask), kept, inverse, len(unique), batches,
+    work = _Work(k, a, b, data.row_ids(part, config.id_column, a, b).filter(keep_mask), kept, inverse, len(unique), batches,
                  n_tokens, len(column) - len(keep), int(truncated[inverse].sum()) if len(inverse) else 0)
     if config.image_column is not None:
         raw = part[config.image_column].to_pylist()
         given = part[config.image_id_column].to_pylist() if config.image_id_column else None
         images, image_ids, index = [], [], {}
         for i in keep.tolist():
-            image, digest = _image_key(raw[i])
+            image, digest = data.image_key(raw[i])
             key = str(given[i]) if given is not None else digest
             if key not in index:
                 index[key] = len(images)
@@ -284,13 +192,13 @@ def _tokenize_threads(device) -> int:
 
 
 def default_batch_tokens(device) -> int:
-    """Padded tokens per forward batch when the config leaves it open.
+    """Padded tokens per forward batch when the config leaves it open (config.CPU_BATCH_TOKENS, GPU_BATCH_TOKENS).
 
     CPU: 2048. On the B/16 text tower (1 thread, CPU time, 1,000 realistic captions) 2048 ran 1.3x faster than 8192
     (median 44.9 against 33.4 captions per CPU-second): finer batches waste less on padding, and their (tokens, 2048)
     MLP tensors stay under glibc's 32 MiB mmap threshold instead of page-faulting on every allocation.
     """
-    return 131072 if device.type == "cuda" else 2048
+    return GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
 
 
 def _batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
@@ -362,8 +270,7 @@ def _finished(out: Path, k: int, config: EmbedConfig) -> bool:
 def run(config: EmbedConfig) -> EmbedResult:
     """Embed every caption once with the teacher; resume a killed run; split shards over torchrun ranks."""
     start = time.perf_counter()
-    ctx, device = distributed.setup(config.device)
-    with lock.hold(config.out, "embed-teacher", ctx):
+    with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "embed-teacher", ctx):
         return _run(config, ctx, device, start)
 
 
@@ -382,9 +289,9 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     table_fmt, n = _load_rows(config)
-    _check_ids(table_fmt, config, n)
+    data.check_ids(table_fmt, config.id_column, n)
     if config.strict:
-        _check_strict(table_fmt, config, n)
+        data.check_strict(table_fmt, config.caption_column, config.id_column, n)
     precision = distributed.resolve_precision(config.precision, device)
     teacher = load_teacher(config.teacher, device=str(device), precision=precision, need_images=config.image_column is not None,
                            max_length=config.max_length, trust_remote_code=config.trust_remote_code)
@@ -445,7 +352,7 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teach
         if stats is None:
             raise UserError(f"shard {path} is missing or unreadable after the run; rerun the same command to recompute it")
         entries.append({"file": path.name, "rows": stats["rows"], "first_row": stats["first_row"], "end_row": stats["end_row"],
-                        "bytes": path.stat().st_size, "sha256": shards.file_sha256(path)})
+                        "bytes": path.stat().st_size, "sha256": outputs.file_sha256(path)})
         for key in ("rows", "skipped", "truncated", "duplicates"):
             totals[key] += stats[key]
     manifest = shards.read_manifest(out)
@@ -462,7 +369,7 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teach
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     with writing(out / shards.MANIFEST, RERUN):
-        shards.write_json(out / shards.MANIFEST, manifest)
+        shards.write_manifest(out, manifest)
     return manifest
 
 

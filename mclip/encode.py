@@ -13,9 +13,10 @@ from typing import Iterator
 
 import numpy as np
 
-from mclip import lock, shards
+from mclip import outputs, shards
 from mclip.config import EncodeConfig, to_dict
 from mclip.errors import UserError, writing
+from mclip.student import load, model_folder
 
 SUMMARY = "encode.json"
 NPY = "embeddings.npy"
@@ -31,41 +32,6 @@ class EncodeResult:
     files: list[Path]  # Arrow files, in row order
     npy: Path | None
     seconds: float
-
-
-def model_folder(path: str | Path) -> Path:
-    """The student folder behind --model: an exported student or checkpoint (has mclip.json), or a run folder's final/."""
-    from mclip.student import META
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"model {path} does not exist; pass a run's final/ folder, a checkpoint folder or a run folder")
-    if (path / META).is_file():
-        return path
-    if (path / "final" / META).is_file():
-        return path / "final"
-    steps = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / META).is_file())
-    if steps:
-        raise UserError(f"run {path} has no final/ student yet; pass a checkpoint such as --model {steps[-1]}")
-    raise UserError(f"{path} is not an mclip student (no {META}, no final/{META}); pass a run's final/ folder or a checkpoint folder")
-
-
-def prepare_output(out: Path, owned, overwrite: bool, command: str) -> None:
-    """Refuse a non-empty folder unless --overwrite, and even then when it holds files that `owned(name)` does not claim.
-
-    Checks only: the caller creates the folder when it has something to write, so a run that fails leaves nothing behind.
-    """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a folder")
-    present = sorted(p.name for p in out.iterdir() if not lock.is_lock(p.name)) if out.is_dir() else []
-    if not present:
-        return
-    if not overwrite:
-        raise UserError(f"--out {out} is not empty; choose an empty folder, or pass --overwrite to replace a previous {command}'s files")
-    foreign = [name for name in present if not owned(name)]
-    if foreign:
-        raise UserError(f"--out {out} holds files {command} did not write ({', '.join(foreign[:5])}); "
-                        "choose another folder (--overwrite only replaces a previous run's own files)")
 
 
 def _owned(name: str) -> bool:
@@ -140,7 +106,7 @@ def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[
 
 def run(config: EncodeConfig) -> EncodeResult:
     """Encode every text with the student; write shard-NNNNN.arrow (id, text, embedding), encode.json and embeddings.npy."""
-    with lock.hold(config.out, "encode"):
+    with outputs.hold(config.out, "encode"):
         return _run(config)
 
 
@@ -149,7 +115,6 @@ def _run(config: EncodeConfig) -> EncodeResult:
     from tqdm.auto import tqdm
 
     from mclip import distributed
-    from mclip.student import load
 
     start = time.perf_counter()
     out = Path(config.out)
@@ -164,12 +129,9 @@ def _run(config: EncodeConfig) -> EncodeResult:
         pairs, total, skipped = _read_column(config)
     if total == 0:
         raise UserError(f"no texts to encode in {config.input or config.data} (all empty); check the file or --column")
-    prepare_output(out, _owned, config.overwrite, "encode")
+    outputs.check(out, config.overwrite, owned=_owned, command="encode")
     model = load(folder, device=distributed.resolve_device(config.device), trust_remote_code=config.trust_remote_code)
-    with writing(out, RERUN):  # a previous encode's files go only now, with the model loaded and the input read
-        out.mkdir(parents=True, exist_ok=True)
-        for old in shards.shard_files(out):  # only reached with --overwrite and only this command's own files present
-            old.unlink()
+    outputs.claim(out, shards.shard_files(out), RERUN)  # a previous encode's files go only now, with the model loaded and the input read
 
     schema = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),
                         pa.field("embedding", pa.list_(shards.ARROW_DTYPES[config.dtype], model.dim), nullable=False)])
@@ -200,7 +162,7 @@ def _run(config: EncodeConfig) -> EncodeResult:
                "normalized": config.normalize, "files": [f.name for f in files], "npy": NPY if config.npy else None,
                "student": {k: model.meta.get(k) for k in ("dim", "pooler", "teacher") if k in model.meta}, "config": to_dict(config)}
     with writing(out / SUMMARY, RERUN):
-        shards.write_json(out / SUMMARY, summary)
+        outputs.write_json(out / SUMMARY, summary)
     if not config.npy:
         (out / NPY).unlink(missing_ok=True)  # a stale one from an overwritten run would no longer match
     seconds = time.perf_counter() - start

@@ -16,6 +16,13 @@ class ConfigError(UserError, ValueError):
     """An invalid configuration value (raised from a config's __post_init__)."""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type's name when it has none: how a
+    library's error is quoted inside one of mclip's one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def write_error(exc: OSError, path: str | Path, then: str) -> UserError:
     """An OSError met while writing `path` as one line: what failed, where, and what to do (`then`: how to carry on)."""
     code = exc.errno

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mclip import lock, retrieval, shards
+from mclip import outputs, retrieval, shards
 from mclip.config import EvalConfig, to_dict
-from mclip.encode import model_folder, prepare_output
 from mclip.errors import UserError, writing
 
 OUTPUTS = ("metrics.json", "report.md", "r_at_1.png", "eval.json")
@@ -80,15 +79,12 @@ def _join(captions, languages: list[str], ids: list[str], texts: list[str], conf
             rows = np.array(wanted[: config.limit] if config.limit else wanted, dtype=np.int64)
             joined[lang] = _Lang([texts[r] for r in rows], rows, 0, 0)
             continue
-        lang_ids, lang_texts = captions.pairs(lang)
-        keep = [(row_of[i], t) for i, t in zip(lang_ids, lang_texts) if i in row_of]
-        missing = len(lang_ids) - len(keep)
-        if missing:
-            example = next(i for i in lang_ids if i not in row_of)
-            notes.append(f"{lang}: {missing:,} of {len(lang_ids):,} ids are not in the cache (e.g. {example!r}); they are left out")
-        keep = keep[: config.limit] if config.limit else keep
-        joined[lang] = _Lang([t for _, t in keep], np.array([r for r, _ in keep], dtype=np.int64), missing, captions.missing.get(lang, 0))
-        total += len(keep)
+        lang_texts, rows, lost = captions.join(lang, row_of)
+        if lost:
+            notes.append(f"{lang}: {len(lost):,} of {len(rows) + len(lost):,} ids are not in the cache (e.g. {lost[0]!r}); they are left out")
+        keep = slice(config.limit) if config.limit else slice(None)
+        joined[lang] = _Lang(lang_texts[keep], rows[keep], len(lost), captions.missing.get(lang, 0))
+        total += len(rows[keep])
     if total == 0:
         sample = next((captions.pairs(code)[0][0] for code in languages if code in captions.by_lang and captions.pairs(code)[0]), None)
         raise UserError(f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
@@ -124,19 +120,32 @@ def _gather(table, column: str, rows: np.ndarray) -> np.ndarray:
     return shards.to_numpy(table.column(column).take(pa.array(rows, pa.int64())))
 
 
+def is_complete(config: EvalConfig) -> bool:
+    """Whether --out holds the report of this very evaluation: made with the same settings (but the runtime ones) and
+    written after the model was, so a retrained model is scored again."""
+    from mclip.student import META
+
+    out, meta = Path(config.out), Path(config.model) / META
+    if not all(path.exists() for path in (out / "metrics.json", out / "eval.json", meta)):
+        return False
+    saved = json.loads((out / "eval.json").read_text(encoding="utf-8")).get("config", {})
+    return not outputs.changed(saved, config) and (out / "metrics.json").stat().st_mtime >= meta.stat().st_mtime
+
+
 def run(config: EvalConfig) -> EvalResult:
     """Score the student per language (and its teacher baseline) and write the report files to --out."""
-    with lock.hold(config.out, "eval-retrieval"):
-        return _run(config)
-
-
-def _run(config: EvalConfig) -> EvalResult:
     start = time.perf_counter()
+    with outputs.hold(config.out, "eval-retrieval"):
+        return _run(config, start)
+
+
+def _run(config: EvalConfig, start: float) -> EvalResult:
     out = Path(config.out)
-    prepare_output(out, lambda name: name in OUTPUTS, config.overwrite, "eval-retrieval")
+    outputs.check(out, config.overwrite, owned=lambda name: name in OUTPUTS, command="eval-retrieval")
     warnings: list[str] = []
+    from mclip.student import META, model_folder
+
     folder = model_folder(config.model)
-    from mclip.student import META
 
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
     cache = shards.open_cache(config.cache)
@@ -327,12 +336,11 @@ def _write(result: EvalResult, config: EvalConfig, folder: Path, meta: dict, cac
             "seconds": round(result.seconds, 3)}, indent=2, ensure_ascii=False) + "\n",
     }
     assert tuple(payloads) == OUTPUTS, f"{tuple(payloads)} != {OUTPUTS}"
-    with writing(result.out, RERUN):
-        result.out.mkdir(parents=True, exist_ok=True)
+    outputs.claim(result.out, (), RERUN)
     for name, payload in payloads.items():
         data = payload()
         with writing(result.out / name, RERUN):
-            shards.atomic_write_bytes(result.out / name, data.encode("utf-8") if isinstance(data, str) else data)
+            outputs.atomic_write_bytes(result.out / name, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _print_table(result: EvalResult, config: EvalConfig) -> None:

@@ -117,51 +117,37 @@ def run(config: PipelineConfig) -> PipelineResult:
     """embed-teacher -> train-student -> eval-retrieval into config.out, skipping what is already complete."""
     import time
 
-    from mclip import embed_teacher, eval_retrieval, shards, train_student
+    from mclip import distributed, embed_teacher, eval_retrieval, outputs, train_student
 
     start = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
+    outputs.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
     stages = {}
     say = (lambda text: print(text, file=sys.stderr)) if config.embed.progress else (lambda text: None)
-
-    say(f"[1/3] embed-teacher -> {config.embed.out}")
-    manifest = shards.read_manifest(Path(config.embed.out)) if Path(config.embed.out).is_dir() else None
-    stages["embed"] = "skipped" if manifest and manifest.get("complete") and manifest.get("request") == embed_teacher.request_of(config.embed) else "ran"
-    embed_teacher.run(config.embed)  # a complete cache made with the same arguments returns at once
-
-    say(f"[2/3] train-student -> {config.train.out}")
-    final = Path(config.train.out) / "final"
-    stages["train"] = "skipped" if (Path(config.train.out) / "summary.json").exists() and final.is_dir() else "ran"
-    train_student.run(dataclasses.replace(config.train, resume=True))  # one command starts, resumes or finds the run done
-
-    say(f"[3/3] eval-retrieval -> {config.eval.out}")
     eval_dir = Path(config.eval.out)
-    if _eval_is_current(eval_dir, config.eval, final):
-        stages["eval"] = "skipped"
-        report = (eval_dir / "report.md").read_text(encoding="utf-8")
-        print(report if config.eval.progress else "", end="")
-    else:
-        stages["eval"] = "ran"
-        eval_retrieval.run(dataclasses.replace(config.eval, overwrite=True))
+    with distributed.group(config.embed.device):  # under torchrun one process group serves all three stages
+        say(f"[1/3] embed-teacher -> {config.embed.out}")
+        stages["embed"] = "skipped" if embed_teacher.is_complete(config.embed) else "ran"
+        embed_teacher.run(config.embed)  # a complete cache made with the same arguments returns at once
+
+        say(f"[2/3] train-student -> {config.train.out}")
+        stages["train"] = "skipped" if train_student.is_complete(config.train) else "ran"
+        train_student.run(dataclasses.replace(config.train, resume=True))  # one command starts, resumes or finds the run done
+
+        say(f"[3/3] eval-retrieval -> {config.eval.out}")
+        if eval_retrieval.is_complete(config.eval):
+            stages["eval"] = "skipped"
+            print((eval_dir / "report.md").read_text(encoding="utf-8") if config.eval.progress else "", end="")
+        else:
+            stages["eval"] = "ran"
+            eval_retrieval.run(dataclasses.replace(config.eval, overwrite=True))
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     result = PipelineResult(out, stages, metrics, time.perf_counter() - start)
     print(summary_table(config, metrics))
     say(f"mclip run: {config.name} done in {result.seconds:.0f}s ({', '.join(f'{k} {v}' for k, v in stages.items())}); "
         f"metrics in {eval_dir / 'metrics.json'}")
     return result
-
-
-def _eval_is_current(eval_dir: Path, config: EvalConfig, final: Path) -> bool:
-    """The eval folder holds metrics of this very model and config (written after the model was)."""
-    metrics, record, meta = eval_dir / "metrics.json", eval_dir / "eval.json", final / "mclip.json"
-    if not (metrics.exists() and record.exists() and meta.exists()):
-        return False
-    saved = json.loads(record.read_text(encoding="utf-8")).get("config", {})
-    ours = to_dict(dataclasses.replace(config, overwrite=True))
-    same = {k: v for k, v in saved.items() if k not in ("overwrite", "progress")} == {k: v for k, v in ours.items() if k not in ("overwrite", "progress")}
-    return same and metrics.stat().st_mtime >= meta.stat().st_mtime
 
 
 def summary_table(config: PipelineConfig, metrics: dict) -> str:

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from mclip.errors import UserError
+from mclip.errors import UserError, first_line
 
 TIE_ATOL = 1e-6  # scores closer than this are equal: equal vectors may differ in the last bit through BLAS
 
@@ -82,7 +82,7 @@ def search_depth(gallery_labels: np.ndarray, k: int) -> int:
 
 def _faiss_message(exc: Exception) -> str:
     """FAISS's C++ error text without its 'Error in <signature> at <file>:<line>:' preamble."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
     return re.sub(r"^Error: ", "", text).strip()
 

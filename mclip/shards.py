@@ -4,23 +4,22 @@ Every stage reads and writes the cache through this module; nothing else opens s
 A cache folder holds `shard-00000.arrow`, `shard-00001.arrow`, ... (Arrow IPC *file* format, memory-mappable,
 readable by `pyarrow.dataset.dataset(files, format="arrow")` and `datasets.load_dataset("arrow", ...)`) and
 `manifest.json`, which is written first with `"complete": false` and rewritten atomically when the last shard lands.
+The atomic writes and checksums themselves are `mclip.outputs`'.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 
 from mclip.errors import UserError
+from mclip.outputs import atomic_file, file_sha256, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "mclip-teacher-cache"
@@ -69,68 +68,17 @@ def to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray
     return values.reshape(-1, width).astype(dtype, copy=False)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; shards and manifests are meant to be shared
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write then rename, so a reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write manifest.json atomically (readers see the previous manifest or this one)."""
+    write_json(Path(folder) / MANIFEST, manifest)
 
 
 def write_shard(folder: Path, index: int, table: pa.Table, stats: dict) -> Path:
     """Write one shard atomically (temp file in the same folder, fsync, rename); `stats` go in the schema metadata."""
-    folder = Path(folder)
-    path = folder / shard_name(index)
+    path = Path(folder) / shard_name(index)
     table = table.replace_schema_metadata({"mclip": json.dumps(stats)})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.fchmod(fd, FILE_MODE)
-    os.close(fd)
-    try:
-        with pa.OSFile(tmp, "wb") as sink:
-            with pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table, max_chunksize=8192)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
+    with atomic_file(path) as tmp, pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=8192)
     return path
 
 
@@ -145,14 +93,6 @@ def read_shard_stats(path: Path) -> dict | None:
     except (OSError, pa.ArrowInvalid, KeyError, ValueError):
         return None
     return stats if stats.get("rows") == rows else None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shard_files(folder: Path) -> list[Path]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mclip import __version__, trust
-from mclip.errors import UserError
+from mclip.errors import UserError, first_line
 
 POOLERS = ("mean", "cls")
 META = "mclip.json"
@@ -155,7 +155,7 @@ def _backbone(name_or_path: str, trust_remote_code: bool, ours: bool = False):
     except (OSError, ValueError) as exc:
         if trust.is_remote_code_error(exc):
             raise trust.refusal("student", str(name_or_path), "a model_type only its own code defines") from None
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200)
         raise UserError(f"cannot load student {str(name_or_path)!r}: {first}; pass a hub id or a folder with config.json") from None
     if hasattr(backbone, "text_model") and not hasattr(backbone.config, "hidden_size"):
         raise UserError(f"{name_or_path!r} is a two-tower model; pass a text encoder as --student")
@@ -295,3 +295,18 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
     model = StudentEncoder(backbone, tokenizer, meta["dim"], pooler=meta["pooler"], max_length=meta["max_length"],
                            projection=projection, meta=meta).eval()
     return model.to(device) if device is not None else model
+
+
+def model_folder(path: str | Path) -> Path:
+    """The student folder behind --model: an exported student or checkpoint (has mclip.json), or a run folder's final/."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model {path} does not exist; pass a run's final/ folder, a checkpoint folder or a run folder")
+    if (path / META).is_file():
+        return path
+    if (path / "final" / META).is_file():
+        return path / "final"
+    steps = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / META).is_file())
+    if steps:
+        raise UserError(f"run {path} has no final/ student yet; pass a checkpoint such as --model {steps[-1]}")
+    raise UserError(f"{path} is not an mclip student (no {META}, no final/{META}); pass a run's final/ folder or a checkpoint folder")

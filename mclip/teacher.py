@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mclip import trust
-from mclip.errors import UserError
+from mclip.errors import UserError, first_line
 
 CLIP_TYPES = ("clip", "clip_text_model")
 
@@ -281,7 +281,7 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
     except (OSError, ValueError) as exc:
         if trust.is_remote_code_error(exc):
             raise trust.refusal("teacher", str(name_or_path), "a model_type only its own code defines") from None
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; pass a hub id or a folder with config.json") from None
     trust.check_config(config, str(name_or_path), trust_remote_code, "teacher")
     kind = "clip" if config.model_type in CLIP_TYPES else "encoder"
@@ -311,7 +311,7 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
             model, processor = AutoModel.from_pretrained(name_or_path, **kwargs), None
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; check the id or folder (weights and tokenizer)") from None
     weights = fingerprint(model)
     model.to(device=device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))

@@ -1,17 +1,13 @@
-"""Stage 2: train a multilingual student on (caption, cached teacher vector) pairs: join by id, batches, loop, checkpoints, resume."""
+"""Stage 2: train a multilingual student on (caption, cached teacher vector) pairs, top to bottom: the inputs, the model
+and optimizer, the loop, the export. The pairs and the epoch plan are `mclip.pairs`', the run folder, checkpoints and
+resume `mclip.checkpoint`'s."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import pickle
 import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,26 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mclip import __version__, distributed, lock, losses, shards, verify
+from mclip import __version__, checkpoint, distributed, losses, outputs, shards
 from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
-from mclip.errors import UserError, writing
+from mclip.errors import UserError
+from mclip.pairs import EpochSteps, Pairs, plan_epoch, prepare_pairs, token_lengths
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
-
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer.pt"
-CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
-ARTEFACTS = ("config.json", "metrics.jsonl", "curves.png", "join.json", "summary.json", CHECKPOINTS, "final", ".final.tmp", ".old-final")
-# Fields a resumed run may change: where the inputs live and how fast it runs, not what it learns.
-# Not epochs or max_steps: they set the length of the lr schedule, so changing them on resume would change what is learnt.
-RUNTIME_FIELDS = {"data", "cache", "val_data", "out", "device", "precision", "num_workers", "num_threads", "progress", "resume",
-                  "overwrite", "save_every", "keep_last", "eval_every", "log_every", "eval_batch_size", "trust_remote_code"}
-RESUME = "rerun the same command with --resume to continue from the last checkpoint"  # after a failed write
-CORRUPT = ".corrupt"  # suffix of a damaged checkpoint set aside on resume (kept for inspection, never loaded)
 
 
 @dataclass
@@ -50,182 +35,6 @@ class TrainResult:
     pairs_per_s: float  # global training throughput of this run (0 when it had nothing left to do)
     seconds: float  # wall time of this run
     join: dict  # what joined and what did not (also in join.json)
-
-
-@dataclass
-class Pairs:
-    """(caption, teacher target) pairs: the text and the cache row of its id (cache ids are unique, so row == id)."""
-
-    texts: pa.Array  # (P,) strings
-    rows: np.ndarray  # (P,) int64 cache rows
-    langs: np.ndarray  # (P,) int64 index into `languages`
-    languages: list[str]
-    groups: np.ndarray  # (P,) int64: equal for pairs whose cache row has the same English caption (one target, as in stage 3)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def subset(self, keep: np.ndarray) -> Pairs:
-        idx = np.flatnonzero(keep)
-        return Pairs(self.texts.take(pa.array(idx)), self.rows[idx], self.langs[idx], self.languages, self.groups[idx])
-
-    def digest(self) -> str:
-        """What the pairs are (texts, rows, languages, in order): a resumed run must train on exactly these."""
-        h = hashlib.blake2b(digest_size=16)
-        for buf in pa.concat_arrays([self.texts]).buffers()[1:]:
-            h.update(memoryview(buf) if buf is not None else b"")
-        h.update(self.rows.tobytes())
-        h.update(self.langs.tobytes())
-        return h.hexdigest()
-
-
-# ---- data: join captions to cache rows by id, split validation by id, plan the batches ----
-
-
-def join_pairs(parallel, languages: list[str], cache_ids: list[str], cache_texts: pa.Array) -> tuple[Pairs, dict]:
-    """One pair per (id, language) with text and a target; "en" pairs take the cache's own text (what the teacher embedded)
-    for every id that joined in another language. Ids without a target and targets without text are counted, never shifted."""
-    row_of = {cid: r for r, cid in enumerate(cache_ids)}
-    texts, rows, langs, report, joined = [], [], [], {}, []
-    for k, lang in enumerate(languages):
-        if lang == "en":
-            continue
-        ids, lang_texts = parallel.pairs(lang)
-        found = np.fromiter((row_of.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
-        ok = found >= 0
-        texts += [t for t, good in zip(lang_texts, ok) if good]
-        rows.append(found[ok])
-        langs.append(np.full(int(ok.sum()), k, dtype=np.int64))
-        joined.append(found[ok])
-        report[lang] = {"pairs": int(ok.sum()), "empty_texts": int(parallel.missing.get(lang, 0)),
-                        "ids_without_target": int((~ok).sum()), "targets_without_text": len(cache_ids) - len(np.unique(found[ok])),
-                        "examples_without_target": [ids[i] for i in np.flatnonzero(~ok)[:20]]}
-    if "en" in languages:
-        en_rows = np.unique(np.concatenate(joined)) if joined else np.zeros(0, np.int64)
-        texts += cache_texts.take(pa.array(en_rows)).to_pylist()
-        rows.append(en_rows)
-        langs.append(np.full(len(en_rows), languages.index("en"), dtype=np.int64))
-        report["en"] = {"pairs": len(en_rows), "source": "cache text", "targets_without_text": len(cache_ids) - len(en_rows)}
-    rows = np.concatenate(rows)
-    text_group = pc.dictionary_encode(cache_texts).indices.to_numpy(zero_copy_only=False).astype(np.int64)  # (N,) per cache row
-    pairs = Pairs(pa.array(texts, pa.large_string()), rows, np.concatenate(langs), list(languages), text_group[rows])
-    return pairs, report
-
-
-def hash_unit(ids: list[str], seed: int) -> np.ndarray:
-    """A uniform number in [0, 1) per id from blake2b(seed:id): a split that holds across runs, machines and row order."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") / 2.0**64 for i in ids),
-                       dtype=np.float64, count=len(ids))
-
-
-def prepare_pairs(config: TrainConfig, cache) -> tuple[Pairs, Pairs | None, dict]:
-    """Train pairs, validation pairs (ids held out whole, so no caption of a validation id is trained on) and the join report."""
-    from mclip.data import load_parallel
-
-    languages = list(config.languages) + (["en"] if config.include_english and "en" not in config.languages else [])
-    table = cache.table(["id", "text"])
-    cache_ids, cache_texts = table.column("id").to_pylist(), table.column("text").combine_chunks()
-
-    def load_join(data: str, split: str) -> tuple[Pairs, dict]:
-        parallel = load_parallel(data, split, [lang for lang in languages if lang != "en"], id_column=config.id_column,
-                                 text_column_template=config.text_column_template, english=False)
-        pairs, report = join_pairs(parallel, languages, cache_ids, cache_texts)
-        if not any(report[lang]["pairs"] for lang in languages if lang != "en"):
-            sample = next((parallel.pairs(lang)[0][:3] for lang in parallel.languages if parallel.pairs(lang)[0]), [])
-            raise UserError(f"no caption id in {data} matches an id in the cache {config.cache} (data ids {sample} vs cache ids "
-                            f"{cache_ids[:3]}); build the cache from the same rows with `mclip embed-teacher --id-column {config.id_column}`")
-        return pairs, report
-
-    pairs, report = load_join(config.data, config.split)
-    val_rows = np.zeros(0, np.int64)
-    if config.val_data:
-        val_pairs, report["validation_join"] = load_join(config.val_data, config.val_split)
-        val_rows = np.unique(val_pairs.rows)
-    elif config.val_fraction > 0:
-        candidates = np.unique(pairs.rows)
-        val_rows = candidates[hash_unit([cache_ids[r] for r in candidates], config.seed) < config.val_fraction]
-        if len(val_rows) == 0:
-            raise UserError(f"val_fraction={config.val_fraction} holds out none of the {len(candidates)} ids; raise it or pass --val-data")
-        val_pairs = pairs
-    held_out = np.isin(pairs.rows, val_rows)
-    train = pairs.subset(~held_out)
-    val = None
-    if len(val_rows):
-        eval_rows = val_rows[np.argsort(hash_unit([cache_ids[r] for r in val_rows], config.seed), kind="stable")[: config.val_max_ids]]
-        val = val_pairs.subset(np.isin(val_pairs.rows, eval_rows))
-    report.update({"train_pairs": len(train), "train_ids": len(np.unique(train.rows)), "validation_ids": len(val_rows),
-                   "held_out_pairs": int(held_out.sum()), "eval_ids": len(np.unique(val.rows)) if val else 0,
-                   "eval_pairs": len(val) if val else 0, "languages": languages})
-    if len(train) == 0:
-        raise UserError("no training pairs are left after holding out validation ids; lower --val-fraction or check --val-data")
-    return train, val, report
-
-
-def plan_epoch(lengths: np.ndarray, langs: np.ndarray, batch_size: int, seed: int, epoch: int, group: int) -> np.ndarray:
-    """(steps, batch_size) pair indices of one epoch, the same on every rank and on resume: a (seed, epoch) shuffle, then
-    inside mega-batches of `group` batches pairs of alike token length are batched together (less padding), batch order
-    shuffled again; the last partial batch is dropped. lengths, langs: (P,) per pair.
-
-    Length grouping must not make batches single-language: short captions are mostly ja/ko/zh, so one sort of all pairs
-    by length gives batches of one script, with one-language negatives and gradients. A pair's sort key is instead its
-    length's quantile *within its language*, so a batch holds the k-th shortest slice of every language. Inside a batch
-    pairs are sorted by length, so ranks taking every world-th position get alike lengths."""
-    rng = np.random.default_rng([seed, epoch])
-    steps = len(lengths) // batch_size
-    order = rng.permutation(len(lengths))[: steps * batch_size]
-    chunk = group * batch_size
-    for start in range(0, len(order) if group > 1 else 0, chunk):
-        part = order[start : start + chunk]
-        key = np.empty(len(part))
-        for lang in np.unique(langs[part]):
-            where = np.flatnonzero(langs[part] == lang)
-            rank = np.empty(len(where))
-            rank[np.argsort(lengths[part[where]], kind="stable")] = np.arange(len(where))  # ties keep the shuffled order
-            key[where] = (rank + 0.5) / len(where)
-        order[start : start + chunk] = part[np.argsort(-key, kind="stable")]
-    plan = order.reshape(steps, batch_size)
-    plan = np.take_along_axis(plan, np.argsort(-lengths[plan], axis=1, kind="stable"), axis=1)
-    return plan[rng.permutation(steps)]
-
-
-def token_lengths(tokenizer, texts: pa.Array, max_length: int, chunk: int = 10_000) -> np.ndarray:
-    """(P,) int32 token counts of the texts as the student reads them (special tokens included, cut at max_length)."""
-    out = np.empty(len(texts), dtype=np.int32)
-    for start in range(0, len(texts), chunk):
-        ids = tokenizer(texts.slice(start, chunk).to_pylist(), truncation=True, max_length=max_length)["input_ids"]
-        out[start : start + len(ids)] = [len(x) for x in ids]
-    return out
-
-
-class EpochSteps(torch.utils.data.Dataset):
-    """Step k of an epoch -> this rank's micro-batches (tokenised, padded to their longest) and the global batch's targets.
-
-    Rank r takes positions r, r + world, ... of the length-sorted global batch, so ranks get alike lengths; every rank gets
-    all B targets because they are the InfoNCE negatives (fixed teacher vectors: the same as all_gathering them, minus the
-    communication, and it covers accumulation micro-batches too).
-    """
-
-    def __init__(self, plan: np.ndarray, pairs: Pairs, targets: np.ndarray, layer_targets: list[np.ndarray], tokenizer,
-                 max_length: int, rank: int, world_size: int, grad_accum: int):
-        self.plan, self.pairs, self.targets, self.layer_targets = plan, pairs, targets, layer_targets
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, k: int) -> dict:
-        index = self.plan[k]  # (B,) pair indices
-        rows = self.pairs.rows[index]  # (B,)
-        micro = []
-        for pos in np.array_split(np.arange(self.rank, len(index), self.world_size), self.grad_accum):
-            enc = self.tokenizer(self.pairs.texts.take(pa.array(index[pos])).to_pylist(), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-            micro.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pos": torch.from_numpy(pos)})
-        targets = torch.from_numpy(self.targets[rows].astype(np.float32))  # (B, D)
-        same = losses.same_target(targets, torch.from_numpy(self.pairs.groups[index]))  # (B, B): never each other's negatives
-        return {"rows": torch.from_numpy(rows), "targets": targets, "same": same,
-                "layers": [torch.from_numpy(t[rows].astype(np.float32)) for t in self.layer_targets], "micro": micro}
 
 
 # ---- model: what trains (student + temperature + layer-kd projections), one module so DDP syncs all of it ----
@@ -288,12 +97,12 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     return floor + (config.lr - floor) * shape
 
 
-def _student(config: TrainConfig, cache, checkpoint: Path | None, train: Pairs) -> StudentEncoder:
+def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs) -> StudentEncoder:
     """The checkpoint's student on resume; else an exported mclip student to continue, or a fresh HF encoder + projection."""
-    if checkpoint is not None or (Path(config.student) / META).exists():
-        source = checkpoint or Path(config.student)
+    if resume_from is not None or (Path(config.student) / META).exists():
+        source = resume_from or Path(config.student)
         student = load(source, trust_remote_code=config.trust_remote_code)
-        if student.pooler != config.pooler and checkpoint is None:
+        if student.pooler != config.pooler and resume_from is None:
             raise UserError(f"student {source} was exported with --pooler {student.pooler}; pass --pooler {student.pooler}")
     else:
         student = build_student(config.student, cache.dim, pooler=config.pooler, max_length=config.max_length,
@@ -308,7 +117,7 @@ def _student(config: TrainConfig, cache, checkpoint: Path | None, train: Pairs) 
             keep = cache_text.take(pa.array(np.unique(train.rows))).to_pylist()
             student.meta["added_tokens"] = len(extend_vocabulary(student, other.texts.to_pylist(), config.extend_vocab_words, english, keep))
     if student.dim != cache.dim:
-        raise UserError(f"student {checkpoint or config.student} projects to {student.dim} dims but cache {config.cache} holds "
+        raise UserError(f"student {resume_from or config.student} projects to {student.dim} dims but cache {config.cache} holds "
                         f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student")
     pooler_head = getattr(student.backbone, "pooler", None)
     if isinstance(pooler_head, nn.Module):  # the HF pooler head (BERT, XLM-R) is not on mclip's path: frozen, DDP needs no unused grads
@@ -333,173 +142,6 @@ def _layer_plan(config: TrainConfig, cache, student: StudentEncoder) -> tuple[in
     if max(chosen) > student.num_layers:
         raise UserError(f"--student-layers {','.join(map(str, chosen))} exceed the student's {student.num_layers} layers")
     return tuple(chosen)
-
-
-# ---- run folder, checkpoints, resume ----
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Finished checkpoints (step, folder), oldest first; temp folders of an interrupted save never match."""
-    root = Path(out) / CHECKPOINTS
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and (p / TRAINER_STATE).exists()] \
-        if root.is_dir() else []
-    return sorted(found)
-
-
-def _check_out(config: TrainConfig, cache) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """Refuse a non-empty run folder unless --resume or --overwrite; on resume check the run against the cache and the
-    checkpoint against its checksums. Read-only: nothing is created or removed before the inputs have been checked
-    (`_claim_out`). Returns the checkpoint to resume from and the damaged newer ones to set aside (folder, first problem)."""
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(not lock.is_lock(p.name) for p in out.iterdir()) and not (config.resume or config.overwrite):
-        raise UserError(f"--out {out} is not empty; pass --resume to continue the run in it, --overwrite to replace it, or choose another folder")
-    found = checkpoints(out) if config.resume else []
-    if not found:
-        return None, []  # --resume with nothing to resume starts the run, so one command serves a first start and a restart
-    saved_path = out / "config.json"
-    if not saved_path.exists():
-        raise UserError(f"{out} holds checkpoints but no config.json; restore it, or pass --overwrite to start over")
-    saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    old, new = saved["train"], to_dict(config)
-    defaults = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-    old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}  # a field newer than the run: its default
-    if not new["student_layers"]:  # the default resolves the same way again; config.json holds the resolved layers
-        new["student_layers"] = old.get("student_layers", [])
-    diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in RUNTIME_FIELDS and old.get(k) != new[k]]
-    if diff:
-        raise UserError(f"{out} was trained with other arguments ({', '.join(diff)}); repeat them to resume, or pass --overwrite to start over")
-    latest, damaged = _intact_checkpoint(found)
-    dim = json.loads((latest / META).read_text(encoding="utf-8"))["dim"]
-    if dim != cache.dim:
-        raise UserError(f"checkpoint {latest} projects to {dim} dims but cache {config.cache} holds {cache.dim}-dim targets; "
-                        "point --cache at the cache this run was trained on, or start a new run")
-    was, now = saved["teacher"], cache.manifest["teacher"]
-    if was["fingerprint"] != now["fingerprint"]:
-        raise UserError(f"cache {config.cache} was made by teacher {now['name']} ({now['fingerprint'][:12]}) but this run trained on "
-                        f"{was['name']} ({was['fingerprint'][:12]}); point --cache at the original cache, or --overwrite to start over")
-    return latest, damaged
-
-
-def _intact_checkpoint(found: list[tuple[int, Path]]) -> tuple[Path, list[tuple[Path, str]]]:
-    """The newest checkpoint whose files match its checksums, and the damaged newer ones. Falling back is safe: the run
-    resumes exactly from the older step (metrics after it are dropped) and the damaged folders are kept aside, not loaded."""
-    damaged = []
-    for _, folder in reversed(found):
-        problems = verify.check_folder(folder)
-        if not problems:
-            return folder, damaged
-        damaged.append((folder, problems[0]))
-    newest, problem = damaged[0]
-    raise UserError(f"checkpoint {newest} is damaged ({problem}) and no earlier checkpoint is intact; "
-                    "restore the file, or pass --overwrite to start over")
-
-
-def _claim_out(config: TrainConfig, damaged: list[tuple[Path, str]], resume_from: Path | None) -> None:
-    """Make the run folder; --overwrite removes the files of the run it held (and nothing else), a killed save's temp folders
-    go, damaged checkpoints are set aside (renamed, never deleted) so the run resumes from the last intact one."""
-    out = Path(config.out)
-    with writing(out, RESUME):
-        if config.overwrite:
-            for name in ARTEFACTS:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        for stale in [*(out / CHECKPOINTS).glob(".tmp-*"), *(out / CHECKPOINTS).glob(".old-*")]:  # a killed save's
-            shutil.rmtree(stale)
-        for folder, problem in damaged:
-            aside = folder.with_name(folder.name + CORRUPT)
-            shutil.rmtree(aside, ignore_errors=True)
-            folder.rename(aside)
-            print(f"mclip: warning: checkpoint {folder} is damaged ({problem}); set aside as {aside.name}, resuming from "
-                  f"{resume_from.name}", file=sys.stderr)
-
-
-def _rng_state() -> dict:
-    """This process's RNG states as tensors and plain lists, so the checkpoint loads with weights_only=True."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                      "cached": float(np_state[4])},
-            "python": [py_state[0], list(py_state[1]), py_state[2]]}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-
-
-def save_checkpoint(out: Path, step: int, model: Distiller, trainer: dict, keep_last: int) -> Path:
-    """checkpoints/step-XXXXXXX/: the student (loads like final/) + trainer.pt + checksums.sha256; written to a temp folder,
-    then renamed, so a checkpoint is whole or absent; a failed write leaves the earlier checkpoints as they were."""
-    root = out / CHECKPOINTS
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    with writing(final, RESUME):
-        try:
-            model.student.save(tmp)
-            torch.save(trainer, tmp / TRAINER_STATE)
-            verify.write_checksums(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _swap(tmp, final)
-        for _, old in checkpoints(out)[:-keep_last]:
-            shutil.rmtree(old)
-    return final
-
-
-def _swap(tmp: Path, final: Path) -> None:
-    """Put the finished folder `tmp` at `final`; an older `final` is moved aside first and deleted last."""
-    old = final.with_name(f".old-{final.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _export(out: Path, model: Distiller) -> Path:
-    final, tmp = out / "final", out / ".final.tmp"
-    with writing(final, RESUME):
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            model.student.save(tmp)
-            verify.write_checksums(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _swap(tmp, final)
-    return final
-
-
-def _append(path: Path, record: dict) -> None:
-    with writing(path, RESUME), path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _load_trainer(folder: Path) -> dict:
-    """trainer.pt as tensors and plain containers only (weights_only: a pickle that would run code is refused)."""
-    path = folder / TRAINER_STATE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load {path} ({first}); it is damaged or was not written by mclip: delete {folder} to resume from "
-                        "the checkpoint before it, or pass --overwrite to start over") from None
-
-
-def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
-        values /= torch.distributed.get_world_size()
-    return values
 
 
 # ---- evaluation and reporting ----
@@ -533,34 +175,12 @@ def evaluate(model: Distiller, val: Pairs, targets: np.ndarray, config: TrainCon
     return result
 
 
-def plot_curves(metrics_path: Path, png: Path) -> None:
-    """Train loss, validation loss and R@1 per language against step (matplotlib's Agg canvas: no display, no global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [r for r in records if r["kind"] == "train"]
-    val = [r for r in records if r["kind"] == "val"]
-    r1 = sorted({k for r in val for k in r if k.startswith("val_r1_")})
-    fig = Figure(figsize=(11 if r1 else 6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 2 if r1 else 1, 1)
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if val:
-        with_kd = any("layer_kd" in r for r in train)  # validation scores the distillation loss only
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss" + (" (no layer-kd)" if with_kd else ""))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    if r1:
-        ax2 = fig.add_subplot(1, 2, 2)
-        for key in r1:
-            ax2.plot([r["step"] for r in val if key in r], [r[key] for r in val if key in r], "o-", label=key[len("val_r1_"):])
-        ax2.set_xlabel("step")
-        ax2.set_ylabel("R@1 student(xx) -> teacher(en)")
-        ax2.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
+def _plan(report: dict, train: Pairs, total_steps: int, batch_size: int, step: int, out: Path) -> str:
+    langs = ", ".join(f"{lang} {report[lang]['pairs']:,}" for lang in report["languages"])
+    lost = sum(report[lang].get("ids_without_target", 0) for lang in report["languages"])
+    return (f"train-student: {len(train):,} training pairs ({langs}), {report['validation_ids']:,} validation ids, "
+            f"{lost:,} captions without a target (see {out / 'join.json'}); {total_steps:,} steps of {batch_size}"
+            f"{'; resuming at step ' + str(step) if step else ''}")
 
 
 def summary(result: TrainResult) -> str:
@@ -573,31 +193,48 @@ def summary(result: TrainResult) -> str:
 # ---- the run ----
 
 
+def is_complete(config: TrainConfig) -> bool:
+    """Whether --out holds a finished run (a rerun with --resume finds nothing to do; `mclip run` reports it skipped)."""
+    return checkpoint.is_finished(Path(config.out))
+
+
 def run(config: TrainConfig) -> TrainResult:
     """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over ranks."""
     started = time.perf_counter()
-    ctx, device = distributed.setup(config.device)
-    with lock.hold(config.out, "train-student", ctx):
+    with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "train-student", ctx):
         return _run(config, ctx, device, started)
 
 
+class _Window:
+    """The steps since the last train record, which holds their mean loss parts and speed, not one batch's."""
+
+    def __init__(self) -> None:
+        self.start, self.steps, self.wait, self.parts = time.perf_counter(), 0, 0.0, None  # wait: seconds blocked on the DataLoader
+
+    def add(self, parts: torch.Tensor) -> None:
+        self.steps += 1
+        self.parts = parts if self.parts is None else self.parts + parts
+
+
 def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> TrainResult:
+    # ---- the inputs, all checked before anything is written
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     out = Path(config.out)
     cache = shards.open_cache(config.cache)
-    resume_from, damaged = distributed.main_only(ctx, lambda: _check_out(config, cache))
+    resume_from, damaged = distributed.main_only(ctx, lambda: checkpoint.check_out(config, cache))
     if config.batch_size % (ctx.world_size * config.grad_accum):
         raise UserError(f"--batch-size {config.batch_size} must split evenly over {ctx.world_size} rank(s) x --grad-accum {config.grad_accum}")
     precision = distributed.resolve_precision(config.precision, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
     torch.manual_seed(config.seed)  # the same init on every rank (DDP broadcasts rank 0's weights anyway)
     train, val, report = prepare_pairs(config, cache)
     steps_per_epoch = len(train) // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {config.batch_size} is larger than the {len(train)} training pairs; lower it")
     total_steps = min(steps_per_epoch * config.epochs, config.max_steps or math.inf)
+
+    # ---- the model, the optimizer, and where a resumed run left them
     student = _student(config, cache, resume_from, train)
     config = dataclasses.replace(config, student_layers=_layer_plan(config, cache, student))
     teacher = cache.manifest["teacher"]
@@ -614,61 +251,30 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     lengths = token_lengths(student.tokenizer, train.texts, student.max_length) if config.group_batches > 1 else np.ones(len(train))
     normalized = bool(cache.manifest["normalized"])  # unit targets: the pointwise losses compare the normalised student
-
     digest = train.digest() + (val.digest() if val is not None else "")  # which pairs train and which validate
-    step = 0
     if resume_from is not None:
-        state = _load_trainer(resume_from)
-        if state["train_pairs"] != len(train) or state.get("pairs_digest", digest) != digest:
-            raise UserError(f"the training or validation pairs changed since the checkpoint ({state['train_pairs']:,} training pairs "
-                            f"then, {len(train):,} now): --data, --val-data or --cache differ; resume with the same ones, or "
-                            "--overwrite to start over")
-        missing, unexpected = model.load_state_dict(state["extra"], strict=False)
-        assert not unexpected and all(k.startswith("student.") for k in missing), f"trainer state mismatch: {unexpected} {missing}"
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as exc:  # e.g. a checkpoint from an mclip version with other parameter groups
-            raise UserError(f"the optimizer state in {resume_from} does not fit this run ({str(exc).splitlines()[0]}); "
-                            "resume it with the mclip version that wrote it, or --overwrite to start over") from None
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        _set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
+        step = checkpoint.restore(resume_from, model, optimizer, scaler, len(train), digest, ctx.rank)
     else:
+        step = 0
         torch.manual_seed(config.seed + ctx.rank)  # dropout differs between ranks, as it would over a bigger batch
         np.random.seed(config.seed + ctx.rank)
         random.seed(config.seed + ctx.rank)
-    metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
-        _claim_out(config, damaged, resume_from)
-        with writing(out / "config.json", RESUME):
-            shards.write_json(out / "config.json", {"mclip_version": __version__, "train": to_dict(config), "teacher": teacher,
-                                                    "cache": {"dim": cache.dim, "rows": len(cache), "layers": cache.layers},
-                                                    "world_size": ctx.world_size, "precision": precision, "total_steps": total_steps})
-        with writing(out / "join.json", RESUME):
-            shards.write_json(out / "join.json", report)
-        kept = [line for line in (metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else [])
-                if line.strip() and json.loads(line)["step"] <= step]  # records a killed run wrote after its last checkpoint go
-        with writing(metrics_path, RESUME):
-            shards.atomic_write_bytes(metrics_path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        checkpoint.claim(config, damaged, resume_from, {
+            "mclip_version": __version__, "train": to_dict(config), "teacher": teacher, "cache": {"dim": cache.dim, "rows": len(cache),
+            "layers": cache.layers}, "world_size": ctx.world_size, "precision": precision, "total_steps": total_steps}, report, step)
         if config.progress:
-            langs = ", ".join(f"{lang} {report[lang]['pairs']:,}" for lang in report["languages"])
-            lost = sum(report[lang].get("ids_without_target", 0) for lang in report["languages"])
-            print(f"train-student: {len(train):,} training pairs ({langs}), {report['validation_ids']:,} validation ids, "
-                  f"{lost:,} captions without a target (see {out / 'join.json'}); {total_steps:,} steps of {config.batch_size}"
-                  f"{'; resuming at step ' + str(step) if step else ''}", file=sys.stderr)
+            print(_plan(report, train, total_steps, config.batch_size, step, out), file=sys.stderr)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
     trainable = [p for p in model.parameters() if p.requires_grad]
 
+    # ---- the loop
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="train-student", dynamic_ncols=True, file=sys.stderr,
                disable=not (config.progress and ctx.is_main))
-    last: dict = {}
-    last_val: dict = {}
-    trained_pairs, train_seconds = 0, 0.0
-    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0  # window_wait: seconds blocked on the DataLoader
-    window_parts = None  # sum of the loss parts over the window's steps: records hold the window's mean, not one batch's
-    latest_checkpoint = resume_from
+    last, last_val, latest_checkpoint = {}, {}, resume_from
+    trained_pairs, train_seconds, window = 0, 0.0, _Window()
     epoch, epoch_step = divmod(step, steps_per_epoch)
     model.train()
     while step < total_steps:
@@ -679,14 +285,13 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                                              pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
         fetch_start = time.perf_counter()  # the first fetch also pays for starting the workers
         for batch in loader:
-            window_wait += time.perf_counter() - fetch_start
+            window.wait += time.perf_counter() - fetch_start
             if step >= total_steps:
                 break
             lr = lr_at(step, config, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            rows = batch["rows"].to(device)  # (B,) the global batch's ids
-            batch_targets = batch["targets"].to(device)  # (B, D) its teacher vectors: own targets and negatives
+            batch_targets = batch["targets"].to(device)  # (B, D) the global batch's teacher vectors: own targets and negatives
             same = batch["same"].to(device)  # (B, B) True where two rows carry one target (same id or same caption)
             parts_sum: dict[str, torch.Tensor] = {}
             for i, micro in enumerate(batch["micro"]):
@@ -703,7 +308,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                     scaler.scale(losses.total(parts) / config.grad_accum).backward()
                 for name, value in parts.items():
                     parts_sum[name] = parts_sum.get(name, 0.0) + value.detach() / config.grad_accum
-            reduced = _mean_over_ranks(torch.stack(list(parts_sum.values())))  # every rank sees the same numbers
+            reduced = distributed.mean_over_ranks(torch.stack(list(parts_sum.values())))  # every rank sees the same numbers
             loss = float(reduced.sum())
             if not math.isfinite(loss):
                 bar.close()
@@ -718,61 +323,54 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch_step += 1
-            window_steps += 1
-            window_parts = reduced if window_parts is None else window_parts + reduced
+            window.add(reduced)
             bar.update(1)
 
-            if step % config.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                trained_pairs += window_steps * config.batch_size
+            record_now = step % config.log_every == 0 or step == total_steps
+            if record_now:
+                elapsed = time.perf_counter() - window.start
+                trained_pairs += window.steps * config.batch_size
                 train_seconds += elapsed
-                mean_parts = window_parts / window_steps
+                mean_parts = window.parts / window.steps
                 last = {"kind": "train", "step": step, "epoch": epoch + epoch_step / steps_per_epoch, "lr": lr,
                         "loss": float(mean_parts.sum()), **{name: float(v) for name, v in zip(parts_sum, mean_parts)},
                         "temperature": float(model.temperature().detach()), "grad_norm": grad_norm,
-                        "pairs_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
-                        "data_wait": min(1.0, window_wait / max(elapsed, 1e-9))}  # share of the window spent waiting for batches
+                        "pairs_per_s": window.steps * config.batch_size / max(elapsed, 1e-9),
+                        "data_wait": min(1.0, window.wait / max(elapsed, 1e-9))}  # share of the window spent waiting for batches
                 bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{last['pairs_per_s']:,.0f}", refresh=False)
                 if ctx.is_main:
-                    _append(metrics_path, last)
+                    checkpoint.log(out, last)
             if val is not None and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 if ctx.is_main:
                     last_val = {"kind": "val", "step": step, **evaluate(model, val, targets, config, normalized)}
-                    _append(metrics_path, last_val)
+                    checkpoint.log(out, last_val)
                     model.train()
                 distributed.barrier()
             if (config.save_every and step % config.save_every == 0) or step == total_steps:
-                rng = distributed.all_gather_objects(_rng_state())
+                trainer = checkpoint.trainer_state(model, optimizer, scaler, step=step, epoch=epoch, epoch_step=epoch_step,
+                                                   steps_per_epoch=steps_per_epoch, train_pairs=len(train), pairs_digest=digest,
+                                                   teacher_fingerprint=teacher["fingerprint"])
                 if ctx.is_main:
-                    trainer = {"format": "mclip-trainer", "step": step, "epoch": epoch, "epoch_step": epoch_step,
-                               "steps_per_epoch": steps_per_epoch, "train_pairs": len(train), "pairs_digest": digest, "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "rng": rng, "teacher_fingerprint": teacher["fingerprint"],
-                               "extra": {k: v for k, v in model.state_dict().items() if not k.startswith("student.")}}
-                    latest_checkpoint = save_checkpoint(out, step, model, trainer, config.keep_last)
+                    latest_checkpoint = checkpoint.save(out, step, model, trainer, config.keep_last)
                 distributed.barrier()
-            if window_steps and (step % config.log_every == 0 or step == total_steps):
-                window_start, window_steps, window_wait, window_parts = time.perf_counter(), 0, 0.0, None
+            if record_now:  # the next window starts after this step's validation and checkpoint
+                window = _Window()
             fetch_start = time.perf_counter()
         else:
             epoch, epoch_step = epoch + 1, 0
     bar.close()
 
-    final = out / "final"
+    # ---- the export
     if not last:  # nothing left to train (a finished run resumed): report what it recorded
-        for record in map(json.loads, metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []):
+        for record in checkpoint.records(out):
             (last if record["kind"] == "train" else last_val).update(record)
     metrics = {k: v for k, v in {**last, **last_val}.items() if k != "kind"}
-    result = TrainResult(out, final, step, metrics, trained_pairs / train_seconds if train_seconds else 0.0,
+    result = TrainResult(out, out / "final", step, metrics, trained_pairs / train_seconds if train_seconds else 0.0,
                          time.perf_counter() - started, report)
-    if ctx.is_main and (trained_pairs or not (final / META).exists()):  # a finished run resumed leaves its final/ as it was
-        _export(out, model)
-        if metrics_path.read_text(encoding="utf-8").strip():
-            with writing(out / "curves.png", RESUME):
-                plot_curves(metrics_path, out / "curves.png")
-        with writing(out / "summary.json", RESUME):
-            shards.write_json(out / "summary.json", {"final": str(final), "steps": step, "total_steps": total_steps,
-                                                     "metrics": result.metrics, "pairs_per_s": result.pairs_per_s,
-                                                     "seconds": result.seconds, "train_pairs": len(train), "world_size": ctx.world_size})
+    if ctx.is_main and (trained_pairs or not (result.final / META).exists()):  # a finished run resumed leaves its final/ as it was
+        checkpoint.finish(out, model, {"final": str(result.final), "steps": step, "total_steps": total_steps, "metrics": result.metrics,
+                                       "pairs_per_s": result.pairs_per_s, "seconds": result.seconds, "train_pairs": len(train),
+                                       "world_size": ctx.world_size})
         if config.progress:
             print(summary(result), file=sys.stderr)
     distributed.barrier()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mclip import shards
 from mclip.errors import UserError
+from mclip.outputs import atomic_write_bytes, file_sha256
 
 CHECKSUMS = "checksums.sha256"
 STUDENT_META = "mclip.json"  # the student's marker file (mclip.student.META), named here so verify needs no torch
@@ -22,8 +23,8 @@ STUDENT_META = "mclip.json"  # the student's marker file (mclip.student.META), n
 def write_checksums(folder: Path) -> Path:
     """List the sha256 of every file under `folder` in `folder/checksums.sha256` (written atomically, last)."""
     folder = Path(folder)
-    lines = [f"{shards.file_sha256(path)}  {path.relative_to(folder).as_posix()}\n" for path in _files(folder)]
-    shards.atomic_write_bytes(folder / CHECKSUMS, "".join(lines).encode("utf-8"))
+    lines = [f"{file_sha256(path)}  {path.relative_to(folder).as_posix()}\n" for path in _files(folder)]
+    atomic_write_bytes(folder / CHECKSUMS, "".join(lines).encode("utf-8"))
     return folder / CHECKSUMS
 
 
@@ -47,7 +48,7 @@ def check_folder(folder: Path) -> list[str]:
         path = folder / name
         if not path.is_file():
             problems.append(f"{path}: missing")
-        elif shards.file_sha256(path) != digest:
+        elif file_sha256(path) != digest:
             problems.append(f"{path}: checksum differs from {CHECKSUMS} (file corrupted or changed)")
     for path in _files(folder):
         if path.relative_to(folder).as_posix() not in listed:

@@ -15,6 +15,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from tests import tiny  # noqa: E402
 
 
+@pytest.fixture
+def cli_error(capsys):
+    """Run the CLI in-process on argv, which must fail as a user error: exit code 2 and one stderr line
+    `mclip: error: ...`, no traceback. Returns the message after `mclip: error: `."""
+    from mclip.cli import main
+
+    def fails(argv: list[str]) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2, err
+        assert err.startswith("mclip: error: ") and "\n" not in err and "Traceback" not in err, err
+        return err[len("mclip: error: "):]
+
+    return fails
+
+
 @pytest.fixture(scope="session")
 def clip_teacher(tmp_path_factory):
     """Tiny CLIPModel (text + vision towers) with a CLIP-format tokenizer."""

@@ -22,7 +22,7 @@ import torch
 from mclip import lock, shards, verify
 from mclip.cli import main
 from mclip.student import load
-from mclip.train_student import checkpoints
+from mclip.checkpoint import checkpoints
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +31,6 @@ TEMP_SHARD = re.compile(r"^\.shard-\d{5}\.arrow\..+\.tmp$")
 
 def _env():
     return dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-
-
-def one_line_error(argv, capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and err.startswith("mclip: error: ") and "\n" not in err, err
-    return err[len("mclip: error: "):]
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
@@ -72,7 +63,7 @@ def embed_args(data, out, teacher, *extra) -> list[str]:
 
 
 @pytest.mark.parametrize("where", ["shard", "manifest"])
-def test_no_space_while_embedding_keeps_finished_shards(where, tmp_path, captions, clip_text_teacher, capsys, monkeypatch):
+def test_no_space_while_embedding_keeps_finished_shards(where, tmp_path, captions, clip_text_teacher, cli_error, monkeypatch):
     out = tmp_path / "out"
     args = embed_args(captions, out, clip_text_teacher, "--shard-size", "4")
     real_shard, real_json, calls = shards.write_shard, shards.write_json, []
@@ -95,7 +86,7 @@ def test_no_space_while_embedding_keeps_finished_shards(where, tmp_path, caption
     else:
         monkeypatch.setattr(shards, "write_json", full_disk_manifest)
         failed = out / "manifest.json"
-    assert one_line_error(args, capsys) == f"no space left on device writing {failed}; free space and rerun the same command to resume"
+    assert cli_error(args) == f"no space left on device writing {failed}; free space and rerun the same command to resume"
     monkeypatch.undo()
     kept = [p for p in shards.shard_files(out)]
     assert [p.name for p in kept] == (["shard-00000.arrow", "shard-00001.arrow"] if where == "shard" else
@@ -112,7 +103,7 @@ def test_no_space_while_embedding_keeps_finished_shards(where, tmp_path, caption
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_no_space_while_checkpointing_keeps_the_last_checkpoint(small_run, tmp_path, capsys, monkeypatch):
+def test_no_space_while_checkpointing_keeps_the_last_checkpoint(small_run, tmp_path, cli_error, monkeypatch):
     out = tmp_path / "run"
     args = ["train-student", *small_run["train_args"], "--out", str(out), "--max-steps", "6"]
     real_save, saves = torch.save, []
@@ -125,7 +116,7 @@ def test_no_space_while_checkpointing_keeps_the_last_checkpoint(small_run, tmp_p
         return real_save(obj, path, *a, **kw)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    assert one_line_error(args, capsys) == (f"no space left on device writing {out / 'checkpoints' / 'step-0000004'}; free space and "
+    assert cli_error(args) == (f"no space left on device writing {out / 'checkpoints' / 'step-0000004'}; free space and "
                                             "rerun the same command with --resume to continue from the last checkpoint")
     monkeypatch.undo()
     assert [step for step, _ in checkpoints(out)] == [2] and not (out / "final").exists()
@@ -149,22 +140,22 @@ def _verb_argv(verb: str, small_run, out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("verb", ["embed-teacher", "train-student", "eval-retrieval", "encode"])
-def test_an_output_path_under_a_file_is_one_line(verb, small_run, tmp_path, capsys):
+def test_an_output_path_under_a_file_is_one_line(verb, small_run, tmp_path, cli_error):
     (tmp_path / "file").write_text("mine", encoding="utf-8")
     out = tmp_path / "file" / "out"
-    assert one_line_error(_verb_argv(verb, small_run, out), capsys) == (
+    assert cli_error(_verb_argv(verb, small_run, out)) == (
         f"cannot write {out}: part of that path is a file, not a folder; choose another --out")
     assert (tmp_path / "file").read_text(encoding="utf-8") == "mine"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the path-under-a-file test covers unwritable --out")
 @pytest.mark.parametrize("verb", ["embed-teacher", "train-student", "eval-retrieval", "encode"])
-def test_a_read_only_output_folder_is_one_line(verb, small_run, tmp_path, capsys):
+def test_a_read_only_output_folder_is_one_line(verb, small_run, tmp_path, cli_error):
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o555)
     try:
-        assert one_line_error(_verb_argv(verb, small_run, out), capsys).startswith(f"permission denied writing {out / lock.LOCK_NAME}")
+        assert cli_error(_verb_argv(verb, small_run, out)).startswith(f"permission denied writing {out / lock.LOCK_NAME}")
     finally:
         out.chmod(0o755)
 
@@ -190,20 +181,20 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert [r["step"] for r in records if r["kind"] == "train"] == [4]  # logged once (log_every 10 logs the last step only)
 
 
-def test_no_intact_checkpoint_is_one_line_naming_the_file(small_run, tmp_path, capsys):
+def test_no_intact_checkpoint_is_one_line_naming_the_file(small_run, tmp_path, cli_error):
     run = shutil.copytree(small_run["run"], tmp_path / "run")
     for step in ("step-0000002", "step-0000004"):
         path = run / "checkpoints" / step / "trainer.pt"
         path.write_bytes(path.read_bytes()[:100])  # truncated
     before = snapshot(run)
     newest = run / "checkpoints" / "step-0000004"
-    assert one_line_error(["train-student", *small_run["train_args"], "--out", str(run), "--resume"], capsys) == (
+    assert cli_error(["train-student", *small_run["train_args"], "--out", str(run), "--resume"]) == (
         f"checkpoint {newest} is damaged ({newest / 'trainer.pt'}: checksum differs from checksums.sha256 (file corrupted or "
         "changed)) and no earlier checkpoint is intact; restore the file, or pass --overwrite to start over")
     assert snapshot(run) == before
 
 
-def test_a_cut_cache_shard_is_refused_at_open_and_repaired_by_a_rerun(small_run, tmp_path, capsys):
+def test_a_cut_cache_shard_is_refused_at_open_and_repaired_by_a_rerun(small_run, tmp_path, capsys, cli_error):
     cache = shutil.copytree(small_run["cache"], tmp_path / "cache")
     shard = cache / "shard-00002.arrow"
     size = shard.stat().st_size
@@ -212,9 +203,9 @@ def test_a_cut_cache_shard_is_refused_at_open_and_repaired_by_a_rerun(small_run,
                 f"delete it and rerun the same `mclip embed-teacher` command to recompute it (`mclip verify {cache}` checks every file)")
     args = list(small_run["train_args"])
     args[args.index("--cache") + 1] = str(cache)
-    assert one_line_error(["train-student", *args, "--out", str(tmp_path / "run")], capsys) == expected
-    assert one_line_error(["eval-retrieval", "--model", str(small_run["run"]), "--cache", str(cache), "--data", str(small_run["data"]),
-                           "--languages", "de", "--split", "train", "--out", str(tmp_path / "eval"), "--no-progress"], capsys) == expected
+    assert cli_error(["train-student", *args, "--out", str(tmp_path / "run")]) == expected
+    assert cli_error(["eval-retrieval", "--model", str(small_run["run"]), "--cache", str(cache), "--data", str(small_run["data"]),
+                           "--languages", "de", "--split", "train", "--out", str(tmp_path / "eval"), "--no-progress"]) == expected
     assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
     capsys.readouterr()
     main(embed_args(small_run["data"], cache, small_run["teacher"], "--shard-size", "8"))  # the command that made it
@@ -341,7 +332,7 @@ def _files_after_a_kill(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_run(tmp_path, clip_text_teacher, zygote, capsys):
+def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_run(tmp_path, clip_text_teacher, zygote, cli_error):
     n, size = 600, 4
     rows = [{"id": f"k{i}", "caption": f"{tiny.CORPUS[i % len(tiny.CORPUS)]} {i}"} for i in range(n)]
     data = tiny.write_captions(tmp_path / "rows.jsonl", rows)
@@ -356,7 +347,7 @@ def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_ru
         assert zygote.running(pid), log.read_text()
         time.sleep(0.002)  # the reader must not take the core the writer needs
     setup = time.monotonic() - started
-    assert one_line_error(embed_args(data, ref, clip_text_teacher, "--shard-size", str(size), "--max-batch-size", "1"), capsys) \
+    assert cli_error(embed_args(data, ref, clip_text_teacher, "--shard-size", str(size), "--max-batch-size", "1")) \
         .startswith(f"--out {ref} is in use by mclip embed-teacher (pid {pid} on host ")
     assert zygote.wait(pid) == {"signal": None, "code": 0}, log.read_text()
     assert shards.open_cache(ref).verify() == []  # the first run, unharmed by the refused second one
@@ -402,7 +393,7 @@ def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_ru
 
 
 @pytest.mark.slow
-def test_stage_two_killed_at_random_steps_and_resumed_equals_an_uninterrupted_run(small_run, tmp_path, zygote, capsys):
+def test_stage_two_killed_at_random_steps_and_resumed_equals_an_uninterrupted_run(small_run, tmp_path, zygote, cli_error):
     from mclip.config import EmbedConfig
     from mclip.embed_teacher import run as embed
 
@@ -415,7 +406,7 @@ def test_stage_two_killed_at_random_steps_and_resumed_equals_an_uninterrupted_ru
     while not (ref / "metrics.jsonl").exists():
         assert zygote.running(pid), log.read_text()
         time.sleep(0.002)
-    assert one_line_error([*common, "--out", str(ref)], capsys).startswith(f"--out {ref} is in use by mclip train-student (pid {pid}")
+    assert cli_error([*common, "--out", str(ref)]).startswith(f"--out {ref} is in use by mclip train-student (pid {pid}")
     assert zygote.wait(pid) == {"signal": None, "code": 0}, log.read_text()[-3000:]
 
     def last_step(started_ns: int) -> int:

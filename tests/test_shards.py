@@ -87,15 +87,6 @@ def test_shard_files_ignores_temp_and_other_files(tmp_path):
     assert shards.shard_files(tmp_path / "missing") == []
 
 
-def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
-    target = tmp_path / "manifest.json"
-    shards.write_json(target, {"a": 1})
-    shards.write_json(target, {"b": "é"})
-    assert json.loads(target.read_text(encoding="utf-8")) == {"b": "é"}
-    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
-    assert target.stat().st_mode & 0o777 == shards.FILE_MODE
-
-
 def test_cache_reader(tmp_path):
     cache = _write_cache(tmp_path / "cache", sizes=(5, 4))
     assert len(cache) == 9 and cache.dim == 8 and cache.layers == [] and not cache.has_images

@@ -14,7 +14,8 @@ from mclip import train_student
 from mclip.config import EmbedConfig, TrainConfig
 from mclip.embed_teacher import run as embed_teacher
 from mclip.student import build_student, load
-from mclip.train_student import checkpoints, run
+from mclip.checkpoint import checkpoints
+from mclip.train_student import run
 from tests import tiny
 from tests.test_student import _plain_transformers
 from tests.test_train_student import _max_diff, _records, _toy_rows, _weights

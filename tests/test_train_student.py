@@ -1,4 +1,4 @@
-"""Stage 2 end to end on a toy parallel set: join, split, batches, loss going down, layer-kd, DDP, kill-and-resume, errors."""
+"""Stage 2 end to end on a toy parallel set: split, loss going down, layer-kd, DDP, kill-and-resume, errors."""
 
 import dataclasses
 import json
@@ -16,11 +16,11 @@ import torch
 from mclip import shards
 from mclip.cli import main
 from mclip.config import EmbedConfig, TrainConfig
-from mclip.data import ParallelCaptions
 from mclip.embed_teacher import run as embed_teacher
 from mclip.errors import ConfigError, UserError
 from mclip.student import load
-from mclip.train_student import Distiller, checkpoints, hash_unit, join_pairs, lr_at, plan_epoch, run
+from mclip.checkpoint import checkpoints
+from mclip.train_student import Distiller, lr_at, run
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,16 +78,6 @@ def _records(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def _cli(args: list[str], capsys) -> str:
-    """Run the CLI in-process; return its stderr after checking the exit code 2 and the one-line `mclip: error:` message."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2, err
-    assert err.startswith("mclip: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,40 +85,6 @@ def _free_port() -> int:
 
 
 # ---- pure pieces ----
-
-
-def test_plan_epoch_is_a_seeded_length_grouped_partition():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 100, size=103)
-    langs = np.zeros(103, np.int64)
-    plan = plan_epoch(lengths, langs, batch_size=8, seed=1, epoch=0, group=4)
-    assert plan.shape == (12, 8)  # 103 // 8 batches; the partial one is dropped
-    assert len(np.unique(plan)) == plan.size  # no pair twice in an epoch
-    assert np.array_equal(plan, plan_epoch(lengths, langs, 8, 1, 0, 4))  # the same on every rank and on resume
-    assert not np.array_equal(plan, plan_epoch(lengths, langs, 8, 1, 1, 4))  # reshuffled each epoch
-    # inside a mega-batch of 4 batches lengths are sorted, so each batch's spread is far below a random batch's
-    spread = np.mean([np.ptp(lengths[b]) for b in plan])
-    random_spread = np.mean([np.ptp(lengths[b]) for b in np.random.default_rng(2).permutation(96).reshape(12, 8)])
-    assert spread < random_spread / 2
-    assert all((np.diff(lengths[b]) <= 0).all() for b in plan)  # sorted inside a batch: ranks take alike lengths
-
-
-def test_length_grouping_keeps_every_language_in_every_batch():
-    # 300 ids x 6 languages; languages 0-2 are short (like ja, ko, zh captions), 3-5 three times longer. One sort of all
-    # pairs by length (the previous rule) gives batches of the short scripts only.
-    rng = np.random.default_rng(0)
-    ids = np.repeat(np.arange(300), 6)
-    langs = np.tile(np.arange(6), 300)
-    lengths = np.where(langs < 3, 1, 3) * rng.integers(2, 30, size=300)[ids] + rng.integers(0, 3, size=ids.size)
-    plan = plan_epoch(lengths, langs, batch_size=24, seed=0, epoch=0, group=16)
-    assert len(np.unique(plan)) == plan.size == 1800
-    assert min(len(np.unique(langs[b])) for b in plan) == 6  # every batch holds every language ...
-    assert max(np.bincount(langs[b]).max() for b in plan) <= 6  # ... in about its share (4 of 24)
-    # and the padding (batch size x its longest pair) stays well below a random batching's
-    padded = lambda batches: sum(len(b) * lengths[b].max() for b in batches)  # noqa: E731
-    assert padded(plan) < 0.7 * padded(plan_epoch(lengths, langs, 24, 0, 0, group=1))
-    one_sort = np.argsort(-lengths, kind="stable").reshape(75, 24)
-    assert min(len(np.unique(langs[b])) for b in one_sort) <= 3
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -141,29 +97,6 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_at(60, cosine, 110) == pytest.approx(0.55)
     assert lr_at(110, cosine, 110) == pytest.approx(0.1)
     assert lr_at(500, dataclasses.replace(config, schedule="constant"), 110) == 1.0
-
-
-def test_join_counts_what_does_not_join_and_never_misaligns():
-    import pyarrow as pa
-
-    cache_ids = ["a", "b", "c", "d"]
-    cache_texts = pa.array(["en a", "en b", "en c", "en d"])
-    parallel = ParallelCaptions({"zh": (["b", "x", "a"], ["zh b", "zh x", "zh a"]), "de": (["c"], ["de c"])}, {"zh": 1, "de": 0})
-    pairs, report = join_pairs(parallel, ["zh", "de", "en"], cache_ids, cache_texts)
-    got = {(pairs.languages[l], t, cache_ids[r]) for t, r, l in zip(pairs.texts.to_pylist(), pairs.rows, pairs.langs)}
-    assert got == {("zh", "zh b", "b"), ("zh", "zh a", "a"), ("de", "de c", "c"),
-                   ("en", "en a", "a"), ("en", "en b", "b"), ("en", "en c", "c")}
-    assert report["zh"] == {"pairs": 2, "empty_texts": 1, "ids_without_target": 1, "targets_without_text": 2,
-                            "examples_without_target": ["x"]}
-    assert report["de"]["targets_without_text"] == 3 and report["en"]["targets_without_text"] == 1
-
-
-def test_hash_split_is_stable_and_seeded():
-    ids = [f"id{i}" for i in range(2000)]
-    u = hash_unit(ids, 42)
-    assert np.array_equal(u, hash_unit(ids, 42)) and not np.array_equal(u, hash_unit(ids, 43))
-    assert 0.07 < (u < 0.1).mean() < 0.13
-    assert np.array_equal(hash_unit(ids[::-1], 42), u[::-1])  # a property of the id, not of its row
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -328,16 +261,16 @@ def _cli_args(toy, out, *extra) -> list[str]:
             "--no-progress", *extra]
 
 
-def test_refuses_a_non_empty_run_folder(toy, tmp_path, capsys):
+def test_refuses_a_non_empty_run_folder(toy, tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert "--resume" in _cli(_cli_args(toy, out), capsys)
+    assert "--resume" in cli_error(_cli_args(toy, out))
     main(_cli_args(toy, out, "--overwrite"))
     assert (out / "notes.txt").read_text() == "mine" and (out / "final").is_dir()  # --overwrite replaces only the run's files
 
 
-def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, capsys):
+def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, cli_error):
     out = tmp_path / "run"
     main(_cli_args(toy, out, "--save-every", "1"))
     other_teacher = tiny.write_tiny_bert(tmp_path / "other_teacher", hidden=24, seed=7)
@@ -345,43 +278,43 @@ def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, capsys):
     embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(other), teacher=str(other_teacher), id_column="id", progress=False))
     args = _cli_args(toy, out, "--resume")
     args[args.index("--cache") + 1] = str(other)
-    assert "was made by teacher" in _cli(args, capsys)
-    assert "was trained with other arguments (lr: 0.0001 -> 0.001)" in _cli(_cli_args(toy, out, "--resume", "--lr", "1e-3"), capsys)
+    assert "was made by teacher" in cli_error(args)
+    assert "was trained with other arguments (lr: 0.0001 -> 0.001)" in cli_error(_cli_args(toy, out, "--resume", "--lr", "1e-3"))
 
 
-def test_resume_refuses_a_cache_of_another_dimension(toy, tmp_path, clip_text_teacher, capsys):
+def test_resume_refuses_a_cache_of_another_dimension(toy, tmp_path, clip_text_teacher, cli_error):
     out = tmp_path / "run"
     main(_cli_args(toy, out, "--save-every", "1"))
     clip_cache = tmp_path / "clip_cache"
     embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(clip_cache), teacher=str(clip_text_teacher), id_column="id", progress=False))
     args = _cli_args(toy, out, "--resume")
     args[args.index("--cache") + 1] = str(clip_cache)
-    assert "projects to 24 dims but cache" in _cli(args, capsys)
+    assert "projects to 24 dims but cache" in cli_error(args)
     # the same mismatch when continuing from an exported student
     args = _cli_args(toy, tmp_path / "continue")
     args[args.index("--cache") + 1], args[args.index("--student") + 1] = str(clip_cache), str(out / "final")
-    assert "projects to 24 dims" in _cli(args, capsys)
+    assert "projects to 24 dims" in cli_error(args)
 
 
-def test_missing_language_column(toy, tmp_path, capsys):
+def test_missing_language_column(toy, tmp_path, cli_error):
     args = _cli_args(toy, tmp_path / "run")
     args[args.index("--languages") + 1] = "zh,fr"
-    assert "'caption_fr' for language 'fr' not found" in _cli(args, capsys)
+    assert "'caption_fr' for language 'fr' not found" in cli_error(args)
 
 
-def test_empty_join(toy, tmp_path, capsys):
+def test_empty_join(toy, tmp_path, cli_error):
     other_ids = tiny.write_captions(tmp_path / "other.jsonl", [{**r, "id": "x" + r["id"]} for r in toy["rows"]])
     args = _cli_args(toy, tmp_path / "run")
     args[args.index("--data") + 1] = str(other_ids)
-    assert "no caption id in" in _cli(args, capsys)
+    assert "no caption id in" in cli_error(args)
     assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind, so the fixed command runs in the same --out
 
 
-def test_bad_values_from_the_command_line(toy, tmp_path, capsys):
-    assert "lr=-0.001 must be > 0" in _cli(_cli_args(toy, tmp_path / "a", "--lr", "-1e-3"), capsys)
-    assert "alpha=2.0 must be in [0, 1]" in _cli(_cli_args(toy, tmp_path / "b", "--alpha", "2"), capsys)
-    assert "larger than the" in _cli(_cli_args(toy, tmp_path / "c", "--batch-size", "4096"), capsys)
-    assert "loss='nope' is not valid" in _cli(_cli_args(toy, tmp_path / "d", "--loss", "nope"), capsys)
+def test_bad_values_from_the_command_line(toy, tmp_path, cli_error):
+    assert "lr=-0.001 must be > 0" in cli_error(_cli_args(toy, tmp_path / "a", "--lr", "-1e-3"))
+    assert "alpha=2.0 must be in [0, 1]" in cli_error(_cli_args(toy, tmp_path / "b", "--alpha", "2"))
+    assert "larger than the" in cli_error(_cli_args(toy, tmp_path / "c", "--batch-size", "4096"))
+    assert "loss='nope' is not valid" in cli_error(_cli_args(toy, tmp_path / "d", "--loss", "nope"))
 
 
 def test_embedding_lr_scale_moves_only_the_embedding_matrix_faster(toy, tmp_path):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from mclip import verify
-from mclip.cli import main
 from mclip.errors import UserError
 from tests import tiny
 
@@ -43,35 +42,26 @@ def with_code(folder: Path, marker: Path, model_type: str = "bert") -> Path:
     return folder
 
 
-def _one_line_error(argv, capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and err.startswith("mclip: error: ") and "\n" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("model_type", ["bert", "shippedbert"])  # a known type (transformers would silently use its own class) or not
-def test_teacher_code_runs_only_with_trust_remote_code(model_type, tmp_path, captions, capsys, modules_cache):
+def test_teacher_code_runs_only_with_trust_remote_code(model_type, tmp_path, captions, cli_error, modules_cache):
     from mclip.teacher import load_teacher
 
     marker = tmp_path / "marker"
     teacher = with_code(tiny.write_tiny_bert(tmp_path / "teacher", hidden=24), marker, model_type)
-    err = _one_line_error(["embed-teacher", "--data", str(captions), "--out", str(tmp_path / "out"), "--teacher", str(teacher),
-                           "--no-progress"], capsys)
+    err = cli_error(["embed-teacher", "--data", str(captions), "--out", str(tmp_path / "out"), "--teacher", str(teacher),
+                           "--no-progress"])
     assert f"teacher {teacher} ships its own Python code" in err and "--trust-remote-code" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
     load_teacher(str(teacher), trust_remote_code=True)  # the same folder with the flag: its code does run
     assert marker.read_text() == "model code ran"
 
 
-def test_student_code_runs_only_with_trust_remote_code(small_run, tmp_path, capsys, modules_cache):
+def test_student_code_runs_only_with_trust_remote_code(small_run, tmp_path, cli_error, modules_cache):
     marker = tmp_path / "marker"
     fresh = with_code(shutil.copytree(small_run["student"], tmp_path / "fresh"), marker)
     args = list(small_run["train_args"])
     args[args.index("--student") + 1] = str(fresh)
-    err = _one_line_error(["train-student", *args, "--out", str(tmp_path / "run")], capsys)
+    err = cli_error(["train-student", *args, "--out", str(tmp_path / "run")])
     assert f"student {fresh} ships its own Python code (auto_map in config.json: AutoConfig, AutoModel)" in err
     exported = with_code(shutil.copytree(small_run["run"] / "final", tmp_path / "final"), marker)
     source = tmp_path / "texts.txt"
@@ -79,7 +69,7 @@ def test_student_code_runs_only_with_trust_remote_code(small_run, tmp_path, caps
     for argv in (["encode", "--model", str(exported), "--input", str(source), "--out", str(tmp_path / "enc"), "--no-progress"],
                  ["eval-retrieval", "--model", str(exported), "--cache", str(small_run["cache"]), "--data", str(small_run["data"]),
                   "--languages", "de", "--split", "train", "--out", str(tmp_path / "eval"), "--no-progress"]):
-        assert "ships its own Python code" in _one_line_error(argv, capsys)
+        assert "ships its own Python code" in cli_error(argv)
     assert not marker.exists()
 
 
@@ -93,7 +83,7 @@ class _Payload:
         return (Path.write_text, (self.marker, "pickle code ran"))
 
 
-def test_own_students_load_from_safetensors_only(small_run, tmp_path, capsys):
+def test_own_students_load_from_safetensors_only(small_run, tmp_path, cli_error):
     from safetensors.torch import load_file
 
     marker = tmp_path / "marker"
@@ -103,19 +93,19 @@ def test_own_students_load_from_safetensors_only(small_run, tmp_path, capsys):
     torch.save({**weights, "payload": _Payload(marker)}, final / "pytorch_model.bin")
     source = tmp_path / "texts.txt"
     source.write_text("ein Hund\n", encoding="utf-8")
-    err = _one_line_error(["encode", "--model", str(final), "--input", str(source), "--out", str(tmp_path / "enc"), "--no-progress"], capsys)
+    err = cli_error(["encode", "--model", str(final), "--input", str(source), "--out", str(tmp_path / "enc"), "--no-progress"])
     assert "has no model.safetensors; mclip loads its own students from safetensors only" in err
     assert not marker.exists()
 
 
-def test_a_trainer_state_that_would_run_code_is_refused(small_run, tmp_path, capsys):
+def test_a_trainer_state_that_would_run_code_is_refused(small_run, tmp_path, cli_error):
     marker = tmp_path / "marker"
     run = shutil.copytree(small_run["run"], tmp_path / "run")
     checkpoint = run / "checkpoints" / "step-0000004"
     state = torch.load(checkpoint / "trainer.pt", weights_only=True)
     torch.save({**state, "payload": _Payload(marker)}, checkpoint / "trainer.pt")
     verify.write_checksums(checkpoint)  # whoever swapped the file can rewrite the checksums too
-    err = _one_line_error(["train-student", *small_run["train_args"], "--out", str(run), "--resume"], capsys)
+    err = cli_error(["train-student", *small_run["train_args"], "--out", str(run), "--resume"])
     assert f"cannot load {checkpoint / 'trainer.pt'} (" in err and "was not written by mclip" in err
     assert not marker.exists()
 
