@@ -121,11 +121,28 @@ def main(argv: Optional[list[str]] = None) -> None:
         print("mclip: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        click_errors, aborts = _click_exceptions()
+        if isinstance(exc, click_errors):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, aborts):
             sys.exit(1)
         raise
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Usage errors and aborts of click and of the copy of click that typer >= 0.29 bundles (typer._click), so a missing
+    option is click's one-line usage error, not a traceback, whichever click typer runs on."""
+    import importlib
+
+    errors, aborts = [], []
+    for name in ("click", "typer._click"):
+        try:
+            module = importlib.import_module(f"{name}.exceptions")
+        except ImportError:
+            continue
+        errors.append(module.ClickException)
+        aborts += [module.Abort] if hasattr(module, "Abort") else []
+    import typer
+
+    return tuple(errors), tuple(aborts + [typer.Abort])

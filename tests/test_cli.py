@@ -206,3 +206,11 @@ def test_a_bad_comma_separated_list_is_one_line(cli_error):
         "'0.9,x' is not a comma-separated list of numbers, e.g. 0.9,0.999"
     assert "is not a comma-separated list of integers, e.g. 4,8,12" in cli_error(["eval-retrieval", "--model", "m", "--cache", "c",
                                                                                  "--data", "d", "--out", "o", "--languages", "de", "--ks", "1,five"])
+
+
+def test_a_missing_required_option_is_clicks_usage_error_not_a_traceback(capsys):
+    # typer >= 0.29 raises the usage errors of its own bundled click copy, which `main` must catch too
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed-teacher", "--out", "o"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and "Missing option '--data'" in err, err
