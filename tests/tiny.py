@@ -95,17 +95,21 @@ def write_tiny_clip(folder: Path, with_vision: bool = True, projection_dim: int 
 
 def write_bert_tokenizer(folder: Path, corpus: list[str] | None = None):
     """A character-level WordPiece tokenizer (BERT format) covering the corpus, returned loaded."""
-    from transformers import BertTokenizerFast
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = sorted({c for text in (corpus or CORPUS) for c in text.lower() if not c.isspace()} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    return _wordpiece(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars], 64)
+
+
+def _wordpiece(folder: Path, vocab: list[str], max_length: int):
+    """Save a BertTokenizerFast over `vocab` (WordPiece, BERT's vocab.txt) in `folder` and return it loaded back."""
+    from transformers import BertTokenizerFast
+
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5 ignores vocab_file
-        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=64)
+        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=max_length)
     else:
-        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
+        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=max_length)
     tok.save_pretrained(folder)
     return BertTokenizerFast.from_pretrained(folder)
 
@@ -174,21 +178,12 @@ def write_tiny_xlmr(folder: Path, hidden: int = 32, layers: int = 2, corpus: lis
 def write_chinese_bert_tokenizer(folder: Path, corpus: list[str] | None = None, latin: tuple[str, ...] = ("the", "on", "of", "red")):
     """A WordPiece vocabulary in bert-base-chinese's manner, returned loaded: one token per CJK character of the corpus,
     the special tokens, Latin letters and digits with their ## continuations, and a few whole Latin words."""
-    from transformers import BertTokenizerFast
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cjk = sorted({c for text in (corpus or CORPUS) for c in text if "\u4e00" <= c <= "\u9fff"})
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *cjk, *letters, *latin, *("##" + c for c in letters), "##s", "##ing"]
-    vocab = list(dict.fromkeys(vocab))
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5 ignores vocab_file
-        tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=512)
-    else:
-        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=512)
-    tok.save_pretrained(folder)
-    return BertTokenizerFast.from_pretrained(folder)
+    return _wordpiece(folder, list(dict.fromkeys(vocab)), 512)
 
 
 def write_tiny_chinese_bert(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0,

@@ -46,7 +46,7 @@ def languages_of(path: Path) -> tuple[str, ...]:
 
 
 def model_teacher(model: str) -> str | None:
-    from mclip.encode import model_folder
+    from mclip.student import model_folder
     from mclip.student import META
 
     meta = json.loads((model_folder(model) / META).read_text(encoding="utf-8"))
