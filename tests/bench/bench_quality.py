@@ -1,6 +1,6 @@
 """Quality benchmark (issue #12): mclip's stage 2 beside sentence-transformers' own distillation trainer, same labels.
 
-    python tests/bench/bench_quality.py                # the whole emoji set, 1 epoch per run: ~20 min on a 2-core CPU
+    python tests/bench/bench_quality.py                # the whole emoji set, 1 epoch per run: ~14 min on an idle 2-core CPU
     python tests/bench/bench_quality.py --quick        # 3 languages + en, 30 steps, 1 thread: ~3 min on an idle 2-core CPU
     python tests/bench/bench_quality.py --out DIR      # keep the cache, the run folders and result.json in DIR
 
@@ -18,8 +18,8 @@ Runs, one after another in this process:
   ST-MSE        `SentenceTransformerTrainer` + `MSELoss` on a `datasets.Dataset` (sentence, label = the pair's cached
                 teacher vector), student `SentenceTransformer(teacher folder)` (Transformer, Pooling(mean), Normalize);
   mclip cosine, mclip cl (alpha 0.5, as the demo);
-  demo recipe   the [train] table of pipelines/demo.toml as mclip's pipeline loader reads it (vocabulary extension, cl,
-                weight decay 1e-4, validation on the validation split), on the same cache; only fields that mclip itself
+  demo recipe   the [train] table of pipelines/demo.toml as mclip's pipeline loader reads it (its own loss, lr, weight
+                decay, vocabulary extension, validation on the validation split), on the same cache; only fields that mclip itself
                 counts as runtime (`option(runtime=True)` in mclip/config.py: out, threads, progress, eval/save cadence) are changed,
                 plus cache; --quick (or --steps, --languages) also cuts its steps and languages.
 Equal on both sides: batch 64, 1 epoch (the same number of steps: both drop the last partial batch), lr 3e-4, linear
