@@ -43,9 +43,16 @@ class Pairs:
         return h.hexdigest()
 
 
-def join_pairs(parallel, languages: list[str], cache_ids: list[str], cache_texts: pa.Array) -> tuple[Pairs, dict]:
+def text_groups(cache_texts: pa.Array) -> np.ndarray:
+    """(N,) int64 per cache row: equal where two rows hold the same English caption."""
+    return pc.dictionary_encode(cache_texts).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def join_pairs(parallel, languages: list[str], cache_ids: list[str], cache_texts: pa.Array,
+               text_group: np.ndarray | None = None) -> tuple[Pairs, dict]:
     """One pair per (id, language) with text and a target; "en" pairs take the cache's own text (what the teacher embedded)
-    for every id that joined in another language. Ids without a target and targets without text are counted, never shifted."""
+    for every id that joined in another language. Ids without a target and targets without text are counted, never shifted.
+    text_group: `text_groups(cache_texts)`, when the caller joins more than one file against the same cache."""
     row_of = {cid: r for r, cid in enumerate(cache_ids)}
     texts, rows, langs, report, joined = [], [], [], {}, []
     for k, lang in enumerate(languages):
@@ -66,7 +73,7 @@ def join_pairs(parallel, languages: list[str], cache_ids: list[str], cache_texts
         langs.append(np.full(len(en_rows), languages.index("en"), dtype=np.int64))
         report["en"] = {"pairs": len(en_rows), "source": "cache text", "targets_without_text": len(cache_ids) - len(en_rows)}
     rows = np.concatenate(rows)
-    text_group = pc.dictionary_encode(cache_texts).indices.to_numpy(zero_copy_only=False).astype(np.int64)  # (N,) per cache row
+    text_group = text_groups(cache_texts) if text_group is None else text_group
     pairs = Pairs(pa.array(texts, pa.large_string()), rows, np.concatenate(langs), list(languages), text_group[rows])
     return pairs, report
 
@@ -84,11 +91,12 @@ def prepare_pairs(config: TrainConfig, cache) -> tuple[Pairs, Pairs | None, dict
     languages = list(config.languages) + (["en"] if config.include_english and "en" not in config.languages else [])
     table = cache.table(["id", "text"])
     cache_ids, cache_texts = table.column("id").to_pylist(), table.column("text").combine_chunks()
+    text_group = text_groups(cache_texts)  # once, for the training and the validation file
 
     def load_join(data: str, split: str) -> tuple[Pairs, dict]:
         parallel = load_parallel(data, split, [lang for lang in languages if lang != "en"], id_column=config.id_column,
                                  text_column_template=config.text_column_template, english=False)
-        pairs, report = join_pairs(parallel, languages, cache_ids, cache_texts)
+        pairs, report = join_pairs(parallel, languages, cache_ids, cache_texts, text_group)
         if not any(report[lang]["pairs"] for lang in languages if lang != "en"):
             sample = next((parallel.pairs(lang)[0][:3] for lang in parallel.languages if parallel.pairs(lang)[0]), [])
             raise UserError(f"no caption id in {data} matches an id in the cache {config.cache} (data ids {sample} vs cache ids "
