@@ -1,11 +1,11 @@
 """The bundled emoji caption set in data/emoji: loadable, well-formed, split by concept, and rebuilt byte for byte."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "data" / "emoji"
@@ -67,9 +67,7 @@ def test_rebuild_gives_byte_identical_files_without_torch(tmp_path, meta):
     if emoji.__version__ != meta["emoji_version"]:
         pytest.skip(f"installed emoji {emoji.__version__} differs from the {meta['emoji_version']} the bundle was built from")
     # run the script as the README says, in a fresh interpreter, and check it never pulled in torch
-    code = ("import runpy, sys; sys.argv = [sys.argv[1], '--out', sys.argv[2]]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__'); assert 'torch' not in sys.modules, 'imported torch'")
-    done = subprocess.run([sys.executable, "-c", code, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = tiny.run_script_without_torch(SCRIPT, "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     assert "300 rows" in done.stdout
     for name in [f"{split}.jsonl" for split in SPLITS] + ["meta.json"]:

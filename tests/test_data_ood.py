@@ -1,11 +1,11 @@
 """The bundled out-of-domain test sets in data/ood: loadable, well-formed, apart from data/emoji, CLDR part rebuilt byte for byte."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "data" / "ood"
@@ -88,9 +88,7 @@ def test_cldr_part_rebuilds_byte_identical_without_torch(tmp_path, meta):
     babel = pytest.importorskip("babel", reason="the rebuild needs babel (pip install babel)")
     if babel.__version__ != meta["babel_version"]:
         pytest.skip(f"installed babel {babel.__version__} differs from the {meta['babel_version']} the bundle was built from")
-    code = ("import runpy, sys; sys.argv = [sys.argv[1], '--skip-ddtp', '--out', sys.argv[2]]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__'); assert 'torch' not in sys.modules, 'imported torch'")
-    done = subprocess.run([sys.executable, "-c", code, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = tiny.run_script_without_torch(SCRIPT, "--skip-ddtp", "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     rebuilt = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))
     for name in CLDR:

@@ -224,3 +224,14 @@ def parallel_rows(n: int = 32) -> list[dict]:
     k = len(CORPUS)
     return [{"id": f"p{i:03d}", "caption": f"{CORPUS[i % k]} {i}", "caption_de": f"{CORPUS[(i + 6) % k]} {i}",
              "caption_zh": f"{CORPUS[(i + 8) % k]} {i}"} for i in range(n)]
+
+
+def run_script_without_torch(script: Path, *args: str):
+    """Run a data build script as its README says (`python SCRIPT ARGS`) in a fresh interpreter, failing if it imports
+    torch; returns the finished process (stdout, stderr, returncode)."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__'); assert 'torch' not in sys.modules, 'imported torch'")
+    return subprocess.run([sys.executable, "-c", code, str(script), *map(str, args)], capture_output=True, text=True, timeout=120)
