@@ -68,6 +68,60 @@ def to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray
     return values.reshape(-1, width).astype(dtype, copy=False)
 
 
+class Column:
+    """One cache column as its memory-mapped record batches: `take`/`gather` rows by global index, touching only the
+    batches those rows sit in. (Arrow's ChunkedArray.take concatenates every chunk first: a copy of the whole column.)"""
+
+    def __init__(self, chunks: list[pa.Array]):
+        self.chunks = [c for c in chunks if len(c)]
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])  # (C + 1,)
+        self._views: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def width(self) -> int:
+        return self.chunks[0].type.list_size if self.chunks else 0
+
+    def _split(self, rows: np.ndarray):
+        """(chunk, positions in `rows`, rows local to the chunk) per chunk that `rows` touch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        assert rows.ndim == 1 and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < len(self))), f"rows out of range 0..{len(self)}"
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk[order])) + 1
+        for part in np.split(order, bounds) if len(rows) else []:
+            c = int(chunk[part[0]])
+            yield c, part, rows[part] - self.starts[c]
+
+    def take(self, rows: np.ndarray) -> pa.Array:
+        """The values at `rows`, in that order (any type)."""
+        pieces, where = [], []
+        for c, part, local in self._split(rows):
+            pieces.append(self.chunks[c].take(pa.array(local)))
+            where.append(part)
+        if not pieces:
+            return pa.array([], self.chunks[0].type if self.chunks else pa.null())
+        inverse = np.empty(len(rows), dtype=np.int64)
+        inverse[np.concatenate(where)] = np.arange(len(rows))
+        return pa.concat_arrays(pieces).take(pa.array(inverse))
+
+    def _view(self, c: int) -> np.ndarray:
+        """(rows of chunk c, D) zero-copy numpy view of a fixed_size_list column's memory-mapped values."""
+        if c not in self._views:
+            chunk = self.chunks[c]
+            self._views[c] = chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), chunk.type.list_size)
+        return self._views[c]
+
+    def gather(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """(len(rows), D) vectors of a fixed_size_list column at `rows` (a copy of just those rows)."""
+        out = np.empty((len(rows), self.width), dtype=dtype)
+        for c, part, local in self._split(rows):
+            out[part] = self._view(c)[local]
+        return out
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Write manifest.json atomically (readers see the previous manifest or this one)."""
     write_json(Path(folder) / MANIFEST, manifest)
@@ -159,6 +213,14 @@ class TeacherCache:
         if not tables:
             return cache_schema(self.dim, self.manifest["dtype"]).empty_table()
         return pa.concat_tables(tables)
+
+    def column(self, name: str) -> Column:
+        """One column, memory-mapped batch by batch, for gathers by row (stage 2's targets, stage 3's gallery)."""
+        return Column(self.table([name]).column(name).chunks)
+
+    def targets(self, column: str = "embedding") -> Column:
+        """A vector column (embedding, layer_<i>, image_embedding) to `gather(rows)` from, with no copy of the rest."""
+        return self.column(column)
 
     def ids(self) -> list[str]:
         return self.table(["id"]).column("id").to_pylist()

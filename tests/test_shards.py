@@ -148,3 +148,25 @@ def test_open_cache_refusals(tmp_path):
     with pytest.raises(UserError, match="is not valid JSON") as err:
         shards.open_cache(cache.path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_column_gathers_rows_across_shards_as_the_whole_column_would(tmp_path, dtype):
+    cache = _write_cache(tmp_path / "c", sizes=(5, 1, 7), dim=4, dtype=dtype)
+    whole = cache.embeddings()
+    rows = np.array([12, 0, 5, 5, 4, 6, 11, 0])
+    column = cache.targets()
+    assert len(column) == 13 and column.width == 4
+    np.testing.assert_array_equal(column.gather(rows), whole[rows])
+    assert column.gather(np.zeros(0, np.int64)).shape == (0, 4)
+    assert cache.column("id").take(rows).to_pylist() == [f"r{r}" for r in rows]
+    with pytest.raises(AssertionError, match="out of range"):
+        column.gather(np.array([13]))
+
+
+def test_column_views_the_memory_map_without_copying(tmp_path):
+    cache = _write_cache(tmp_path / "c", sizes=(6,), dim=4)
+    column = cache.targets()
+    column.gather(np.array([1]))
+    view = column._view(0)
+    assert not view.flags.owndata and not view.flags.writeable  # a view of the mapped file, not a copy
