@@ -19,10 +19,10 @@ import numpy as np
 from mclip import outputs, retrieval, shards
 from mclip.config import EvalConfig, to_dict
 from mclip.errors import UserError, writing
+from mclip.eval_gallery import BASELINE
 
 OUTPUTS = ("metrics.json", "report.md", "r_at_1.png", "eval.json")
 DIRECTIONS = ("text_to_text", "text_to_text_reverse", "text_to_image", "image_to_text")
-BASELINE = "teacher_baseline"
 RERUN = "rerun the same command with --overwrite"  # after a failed write
 TIE_RULE = "ties count against the query: rank = 1 + non-relevant items scoring >= the best relevant one"
 
@@ -35,16 +35,6 @@ class EvalResult:
     counts: dict[str, dict]  # lang -> captions scored, ids missing from the cache, empty captions, images
     warnings: list[str]
     seconds: float
-
-
-@dataclass
-class _Lang:
-    """One language's captions joined to the cache: text per caption and the cache row of its id."""
-
-    texts: list[str]
-    rows: np.ndarray  # (N,) cache row per caption
-    missing: int  # captions whose id is not in the cache
-    empty: int  # captions left out as empty
 
 
 def _warn(warnings: list[str], message: str) -> None:
@@ -67,57 +57,6 @@ def _check_pair(meta: dict, folder: Path, cache: shards.TeacherCache, warnings: 
         raise UserError(f"cache {cache.path} was made by teacher {theirs.get('name')!r} ({str(theirs.get('fingerprint'))[:12]}) but "
                         f"model {folder} was distilled from {ours.get('name')!r} ({ours['fingerprint'][:12]}){hint}; "
                         "pass the cache made by the model's teacher")
-
-
-def _join(captions, languages: list[str], ids: list[str], texts: list[str], config: EvalConfig, warnings: list[str]) -> dict[str, _Lang]:
-    """Each language's captions with the cache row of their id; ids absent from the cache are counted and left out."""
-    row_of = {i: r for r, i in enumerate(ids)}
-    joined, total, notes = {}, 0, []  # notes become warnings only once the join is known to hold something
-    for lang in languages:
-        if lang == "en" and not captions.by_lang.get("en", ([], []))[0]:  # no English in the data: the cache's own captions of the scored ids
-            wanted = list(dict.fromkeys(i for other in joined.values() for i in other.rows))
-            rows = np.array(wanted[: config.limit] if config.limit else wanted, dtype=np.int64)
-            joined[lang] = _Lang([texts[r] for r in rows], rows, 0, 0)
-            continue
-        lang_texts, rows, lost = captions.join(lang, row_of)
-        if lost:
-            notes.append(f"{lang}: {len(lost):,} of {len(rows) + len(lost):,} ids are not in the cache (e.g. {lost[0]!r}); they are left out")
-        keep = slice(config.limit) if config.limit else slice(None)
-        joined[lang] = _Lang(lang_texts[keep], rows[keep], len(lost), captions.missing.get(lang, 0))
-        total += len(rows[keep])
-    if total == 0:
-        sample = next((captions.pairs(code)[0][0] for code in languages if code in captions.by_lang and captions.pairs(code)[0]), None)
-        raise UserError(f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
-                        f"(e.g. {ids[0] if ids else None!r}); pass the cache built from this data, or the right --id-column")
-    for note in notes:
-        _warn(warnings, note)
-    for lang in [code for code in joined if len(joined[code].rows) == 0]:
-        _warn(warnings, f"{lang}: no caption joins the cache; the language is left out")
-        del joined[lang]
-    return joined
-
-
-def _score(queries_text: np.ndarray, en_text: np.ndarray, en_label: np.ndarray, images, config: EvalConfig) -> dict:
-    """direction -> (metrics, queries, gallery) for one system's captions of one language."""
-    kw = dict(ks=config.ks, factory=config.index, nprobe=config.nprobe, use_gpu=config.faiss_gpu, batch_size=config.query_batch_size)
-    unique_en = np.arange(len(en_text))
-    out = {}
-    if en_label is not None:
-        out["text_to_text"] = (retrieval.retrieve(queries_text, en_text, en_label, unique_en, **kw)[0], len(queries_text), len(en_text))
-        out["text_to_text_reverse"] = (retrieval.retrieve(en_text, queries_text, unique_en, en_label, **kw)[0], len(en_text), len(queries_text))
-    if images is not None:
-        image_vec, image_label = images
-        unique_img = np.arange(len(image_vec))
-        out["text_to_image"] = (retrieval.retrieve(queries_text, image_vec, image_label, unique_img, **kw)[0], len(queries_text), len(image_vec))
-        out["image_to_text"] = (retrieval.retrieve(image_vec, queries_text, unique_img, image_label, **kw)[0], len(image_vec), len(queries_text))
-    return out
-
-
-def _gather(table, column: str, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), D) float32 from a vector column, touching only those rows of the memory-mapped cache."""
-    import pyarrow as pa
-
-    return shards.to_numpy(table.column(column).take(pa.array(rows, pa.int64())))
 
 
 def is_complete(config: EvalConfig) -> bool:
@@ -156,21 +95,16 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
     use_images = cache.has_images if config.images is None else config.images
     retrieval.make_index(config.index, cache.dim)  # a factory string FAISS rejects fails now, before any encoding
 
-    from mclip.data import load_parallel
+    import tempfile
 
-    captions = load_parallel(config.data, config.split, config.languages, id_column=config.id_column,
-                             caption_column=config.caption_column, text_column_template=config.text_column_template,
-                             english=True, lang_column=config.lang_column, text_column=config.text_column)
-    columns = ["id", "text", "embedding"] + (["image_id", "image_embedding"] if use_images else [])
-    table = cache.table(columns)
-    cache_ids = table.column("id").to_pylist()
-    cache_texts = table.column("text").to_pylist()
-    languages = [code for code in config.languages if code != "en"] + ["en"]
-    joined = _join(captions, languages, cache_ids, cache_texts, config, warnings)
-    image_ids = np.array(table.column("image_id").to_pylist(), dtype=object) if use_images else None
-
-    from mclip import distributed
+    from mclip import distributed, eval_captions, eval_gallery, join
     from mclip.student import load
+
+    languages = [code for code in config.languages if code != "en"] + ["en"]
+    with tempfile.TemporaryDirectory(prefix="mclip-eval-ids-") as workdir:  # the id index lives on disk, memory-mapped
+        id_index = join.IdIndex.build(cache, Path(workdir) / "ids")
+        joined = eval_captions.join(config, cache, id_index, languages, warnings, _warn)
+        del id_index  # its memory maps go with the folder
 
     device = distributed.resolve_device(config.device)
     model = load(folder, device=device, trust_remote_code=config.trust_remote_code)
@@ -180,23 +114,9 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
     rows: list[dict] = []
     counts: dict[str, dict] = {}
     for lang, part in joined.items():
-        en_text = np.array([cache_texts[r] for r in part.rows], dtype=object)
-        _, first, en_label = np.unique(en_text, return_index=True, return_inverse=True)  # identical English = one target
-        en_vec = _gather(table, "embedding", part.rows[first])
-        images = None
-        if use_images:
-            _, img_first, img_label = np.unique(image_ids[part.rows], return_index=True, return_inverse=True)
-            images = (_gather(table, "image_embedding", part.rows[img_first]), img_label)
-        counts[lang] = {"captions": len(part.rows), "english_targets": len(first), "missing_ids": part.missing, "empty": part.empty,
-                        **({"images": len(img_first)} if use_images else {})}
-        student_vec = model.encode(part.texts, batch_size=config.batch_size, normalize=True, show_progress=config.progress)
-        systems = [("student", _score(student_vec, en_vec, en_label, images, config))]
-        if teacher is not None and lang != "en":
-            systems.append((BASELINE, _score(teacher.encode(part.texts, batch_size=config.batch_size), en_vec, en_label, images, config)))
-        elif lang == "en" and images is not None:  # the cached teacher on its own English text: the ceiling the student aims at
-            systems.append((BASELINE, _score(_gather(table, "embedding", part.rows), en_vec, None, images, config)))
-        for system, scored in systems:
-            for direction, (values, n_queries, n_gallery) in scored.items():
+        scored, counts[lang] = eval_gallery.score(part, lang, cache, model, teacher, use_images, config)
+        for system, directions in scored.items():
+            for direction, (values, n_queries, n_gallery) in directions.items():
                 rows.append({"lang": lang, "system": system, "direction": direction, "queries": n_queries, "gallery": n_gallery, **values})
                 prefix = f"{lang}/{direction}" if system == "student" else f"{lang}/{system}/{direction}"
                 metrics.update({f"{prefix}/{name}": value for name, value in values.items()})

@@ -117,45 +117,115 @@ def _skip_polysemous_training(index) -> None:
         index = faiss.downcast_index(inner) if inner is not None else None
 
 
+TRAIN_PER_LIST = 64  # k-means points per IVF list an index is trained on (FAISS warns below 39 and uses at most 256)
+TRAIN_MIN = 1 << 15  # at least this many when an index trains at all: 128 points per centroid of a PQ codebook
+
+
+class IndexBuilder:
+    """A FAISS inner-product index filled batch by batch, so a gallery never has to be in memory as one array.
+
+    An index that needs training (IVF, PQ, ...) is trained on at most `train_size` vectors: a sample handed to `train`,
+    or else the first vectors added, held until that many have come (all of them for a smaller gallery, which trains it
+    exactly as one call with the whole gallery would). Memory is then the training sample plus the index itself: codes
+    for IVF,PQ (16 bytes a vector for PQ16, the choice for millions), every vector for Flat.
+    """
+
+    def __init__(self, factory: str, dim: int, nprobe: int | None = None, use_gpu: bool = True):
+        import faiss
+
+        self.factory = factory
+        self.index = make_index(factory, dim)
+        space = faiss.ParameterSpace()
+        space.initialize(self.index)  # lists the search-time knobs this index has (also inside PCA/OPQ pre-transforms)
+        self.knobs = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
+        self.nlist = faiss.extract_index_ivf(self.index).nlist if "nprobe" in self.knobs else None
+        self.nprobe = nprobe
+        self.on_gpu = False
+        if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+            try:
+                self.index, self.on_gpu = faiss.index_cpu_to_all_gpus(self.index), True
+            except (RuntimeError, AttributeError):  # e.g. HNSW has no GPU version: search it on CPU
+                pass
+        self.train_size = 0 if self.index.is_trained else max(TRAIN_MIN, TRAIN_PER_LIST * (self.nlist or 0))
+        self._held: list[np.ndarray] = []  # vectors added before the index is trained
+        self._held_rows = 0
+        self.ntotal = 0  # vectors added so far
+        self._depth = None
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train on `sample` (S, D), S <= train_size, before anything is added."""
+        assert self.ntotal == 0 and not self.index.is_trained, "train before adding, once"
+        self._train(sample)
+
+    def _train(self, sample: np.ndarray) -> None:
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        _skip_polysemous_training(self.index)
+        try:
+            self.index.train(sample)
+        except RuntimeError as exc:
+            raise UserError(f"index {self.factory!r} cannot be trained on this gallery of {len(sample):,} vectors "
+                            f"({_faiss_message(exc)}); use fewer IVF lists (e.g. IVF{max(1, len(sample) // 39)},Flat) "
+                            "or the exact Flat index") from None
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append (B, D) vectors; their ids follow on from the vectors added before."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.ntotal += len(vectors)
+        if self.index.is_trained:
+            self.index.add(vectors)
+            return
+        self._held.append(vectors)
+        self._held_rows += len(vectors)
+        if self._held_rows >= self.train_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        held = np.concatenate(self._held) if len(self._held) > 1 else self._held[0]
+        self._held, self._held_rows = [], 0
+        if not self.index.is_trained:
+            self._train(held[: self.train_size])
+        self.index.add(held)
+
+    def finish(self, depth: int = 10):
+        """The searchable index, tuned for lists of `depth` (nprobe for IVF, efSearch for HNSW: at least 2 x depth)."""
+        import faiss
+
+        assert self.ntotal > 0, "an empty gallery cannot be searched"
+        if self._held:
+            self._flush()
+        if depth == self._depth:
+            return self.index
+        self._depth = depth
+        params = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
+        probes = int(min(self.nprobe or default_nprobe(self.nlist), self.nlist)) if self.nlist is not None else 0
+        if self.nlist is not None:
+            params.set_index_parameter(self.index, "nprobe", probes)
+        if "efSearch" in self.knobs:
+            params.set_index_parameter(self.index, "efSearch", max(64, 2 * depth))
+        if "quantizer_efSearch" in self.knobs:  # an HNSW coarse quantizer must return at least nprobe lists
+            params.set_index_parameter(self.index, "quantizer_efSearch", max(64, 2 * probes))
+        return self.index
+
+    def ranks(self, queries: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, depth: int,
+              batch_size: int = 4096) -> np.ndarray:
+        """(Q,) ranks of L2-normalised `queries` against everything added (`gallery_labels` (G,), one per vector added)."""
+        assert len(gallery_labels) == self.ntotal, f"{len(gallery_labels)} gallery labels for {self.ntotal} vectors"
+        scores, ids = search(self.finish(depth), queries, depth, batch_size)
+        return ranks_from_topk(ids, scores, query_labels, gallery_labels)
+
+
 def build_index(gallery: np.ndarray, factory: str = "Flat", nprobe: int | None = None, use_gpu: bool = True,
                 depth: int = 10):
-    """gallery (G, D) float32 -> a searchable FAISS inner-product index, trained on the gallery when it needs training.
+    """gallery (G, D) float32 -> a searchable FAISS inner-product index, trained on the gallery when it needs training
+    (on its first `IndexBuilder.train_size` vectors).
 
     Sets nprobe (IVF) and efSearch (HNSW, at least 2 x the search depth); moves to GPU FAISS when one is visible.
     """
-    import faiss
-
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     assert len(gallery) > 0, "an empty gallery cannot be searched"
-    index = make_index(factory, gallery.shape[1])
-    space = faiss.ParameterSpace()
-    space.initialize(index)  # lists the search-time knobs this index has (also inside PCA/OPQ pre-transforms)
-    knobs = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
-    nlist = faiss.extract_index_ivf(index).nlist if "nprobe" in knobs else None
-    on_gpu = False
-    if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
-        try:
-            index, on_gpu = faiss.index_cpu_to_all_gpus(index), True
-        except (RuntimeError, AttributeError):  # e.g. HNSW has no GPU version: search it on CPU
-            pass
-    if not index.is_trained:
-        _skip_polysemous_training(index)
-        try:
-            index.train(gallery)
-        except RuntimeError as exc:
-            raise UserError(f"index {factory!r} cannot be trained on this gallery of {len(gallery):,} vectors "
-                            f"({_faiss_message(exc)}); use fewer IVF lists (e.g. IVF{max(1, len(gallery) // 39)},Flat) "
-                            "or the exact Flat index") from None
-    index.add(gallery)
-    params = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
-    probes = int(min(nprobe or default_nprobe(nlist), nlist)) if nlist is not None else 0
-    if nlist is not None:
-        params.set_index_parameter(index, "nprobe", probes)
-    if "efSearch" in knobs:
-        params.set_index_parameter(index, "efSearch", max(64, 2 * depth))
-    if "quantizer_efSearch" in knobs:  # an HNSW coarse quantizer must return at least nprobe lists
-        params.set_index_parameter(index, "quantizer_efSearch", max(64, 2 * probes))
-    return index
+    builder = IndexBuilder(factory, gallery.shape[1], nprobe, use_gpu)
+    builder.add(gallery)
+    return builder.finish(depth)
 
 
 def search(index, queries: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
