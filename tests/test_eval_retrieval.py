@@ -156,6 +156,64 @@ def test_a_bf16_cache_has_the_fp32_fingerprint_and_passes_the_baseline_check(set
     assert result.metrics["de/teacher_baseline/text_to_text/R@1"] == 1.0 and not result.warnings
 
 
+def test_tiny_batches_give_the_metrics_of_one_batch(setup, tmp_path):
+    """Queries encoded, searched and added in batches of 1 and 5, and galleries added 1 and 5 at a time: the same numbers."""
+    whole = run(config(setup, tmp_path / "whole", languages=("de", "sh", "fr"), teacher_baseline=True, limit=17))
+    for size in (1, 5):
+        parts = run(config(setup, tmp_path / f"b{size}", languages=("de", "sh", "fr"), teacher_baseline=True, limit=17,
+                           query_batch_size=size, batch_size=2))
+        assert parts.metrics == whole.metrics and parts.counts == whole.counts and parts.rows == whole.rows
+
+
+def test_an_index_trained_on_a_bounded_sample_probing_every_list_gives_the_exact_numbers(setup, tmp_path, monkeypatch):
+    exact = run(config(setup, tmp_path / "flat", languages=("fr",))).metrics
+    monkeypatch.setattr(retrieval, "TRAIN_MIN", 6)  # 24 targets and 24 captions: both indexes train on a sample of 6
+    monkeypatch.setattr(retrieval, "TRAIN_PER_LIST", 3)
+    assert run(config(setup, tmp_path / "ivf", languages=("fr",), index="IVF2,Flat", nprobe=2, query_batch_size=4)).metrics == exact
+
+
+def with_caption_groups(cache: Path, out: Path, group) -> Path:
+    """A copy of a cache with a caption_group column (stage 1's format_version 2): `group(text, row)` per row."""
+    import pyarrow as pa
+
+    out.mkdir()
+    manifest = json.loads((cache / shards.MANIFEST).read_text())
+    row = 0
+    for entry in manifest["shards"]:
+        table = pa.ipc.open_file(pa.memory_map(str(cache / entry["file"]))).read_all()
+        values = [group(text, row + i) for i, text in enumerate(table.column("text").to_pylist())]
+        table = table.append_column(pa.field("caption_group", pa.int64(), nullable=False), pa.array(values, pa.int64()))
+        path = shards.write_shard(out, int(entry["file"][6:11]), table.replace_schema_metadata(None), {"rows": table.num_rows,
+                                                                                                       "first_row": row})
+        entry.update(sha256=shards.file_sha256(path), bytes=path.stat().st_size)
+        row += table.num_rows
+    shards.write_manifest(out, dict(manifest, format_version=2))
+    return out
+
+
+def test_identical_english_captions_are_one_target_by_caption_group_or_else_by_text(setup, tmp_path):
+    rows = parallel_rows()
+    for i in range(1, N, 2):
+        rows[i]["caption"] = rows[i]["caption_de"] = rows[i - 1]["caption"]  # 12 English captions, each of two ids
+    data = tiny.write_captions(tmp_path / "dups.jsonl", rows)
+    embed(EmbedConfig(data=str(data), out=str(tmp_path / "cache"), teacher=str(setup["teacher"]), id_column="id", dtype="float32",
+                      shard_size=7, progress=False))
+    by_text = run(config(setup, tmp_path / "text", cache=str(tmp_path / "cache"), data=str(data)))  # no caption_group: the text
+    assert by_text.counts["de"]["english_targets"] == 12 and by_text.metrics["de/text_to_text/R@1"] == 1.0
+    text_ids = {}
+    same = with_caption_groups(tmp_path / "cache", tmp_path / "same", lambda text, row: text_ids.setdefault(text, 100 - len(text_ids)))
+    assert run(config(setup, tmp_path / "o1", cache=str(same), data=str(data))).metrics == by_text.metrics
+    fours = with_caption_groups(tmp_path / "cache", tmp_path / "fours", lambda text, row: row // 4)  # the column, not the text, decides
+    result = run(config(setup, tmp_path / "o2", cache=str(fours), data=str(data)))
+    assert result.counts["de"]["english_targets"] == N // 4
+    cached = retrieval.l2_normalize(shards.open_cache(fours).embeddings())  # cache rows follow the data rows, one per id
+    labels = np.arange(N) // 4
+    ranks = oracle_ranks(cached, cached[::4], labels, np.arange(N // 4))  # the identity student's de text is the English text
+    for k in (1, 5, 10):
+        assert result.metrics[f"de/text_to_text/R@{k}"] == pytest.approx(np.mean(ranks <= k), abs=1e-9)
+    assert result.metrics["de/text_to_text/R@1"] < 1.0
+
+
 def one_line_error(cfg: EvalConfig, match: str) -> str:
     with pytest.raises(UserError, match=match) as err:
         run(cfg)
@@ -254,3 +312,6 @@ def test_text_image_metrics_with_several_captions_per_image_match_the_oracle(ima
     no_images = run(EvalConfig(model=str(s["model"]), cache=str(s["cache"]), data=str(s["data"]), out=str(tmp_path / "out2"),
                                languages=("de",), images=False, progress=False))
     assert not any("image" in k for k in no_images.metrics)
+    batched = run(EvalConfig(model=str(s["model"]), cache=str(s["cache"]), data=str(s["data"]), out=str(tmp_path / "out3"),
+                             languages=("de",), ks=(1, 2), query_batch_size=2, progress=False))
+    assert batched.metrics == m  # images and captions searched and added two at a time
