@@ -74,22 +74,42 @@ def _scan(path: Path, limit: int | None) -> tuple[int, int]:
     return rows, skipped
 
 
+COLUMN_CHUNK = 1 << 16  # dataset rows turned into Python strings at once
+
+
 def _read_column(config: EncodeConfig) -> tuple[Iterator[tuple[str, str]], int, int]:
-    """(id, text) pairs from a dataset column (None/empty values skipped), their count and the skipped count."""
+    """(id, text) pairs from a dataset column (None/empty values skipped), their count and the skipped count. The column
+    stays memory-mapped Arrow: the count is an Arrow kernel, and the pairs are made a chunk of rows at a time."""
     import pyarrow.compute as pc
 
-    from mclip.data import load_dataset, require_columns
+    from mclip.data import blank, load_dataset, require_columns
 
     ds = load_dataset(config.data, config.split)
     require_columns(ds, {"--column": config.column, "--id-column": config.id_column}, config.data)
-    table = ds.with_format("arrow")
     n = len(ds) if config.limit is None else min(config.limit, len(ds))
-    texts = table[:n][config.column]
+    table = ds.with_format("arrow")[:n]  # a zero-copy slice of the memory-mapped data
+    texts = table[config.column]
     if not (texts.type == "string" or texts.type == "large_string"):
         raise UserError(f"column {config.column!r} holds {texts.type} values, not text; point --column at the text")
-    ids = pc.cast(table[:n][config.id_column], "string").to_pylist() if config.id_column else [str(i) for i in range(n)]
-    pairs = [(i, t) for i, t in zip(ids, texts.to_pylist()) if t is not None and t.strip()]
-    return iter(pairs), len(pairs), n - len(pairs)
+    skipped = int(pc.sum(blank(texts)).as_py() or 0)
+
+    def pairs() -> Iterator[tuple[str, str]]:
+        for start in range(0, n, COLUMN_CHUNK):
+            part = table.slice(start, COLUMN_CHUNK)
+            chunk = part[config.column].to_pylist()
+            ids = pc.cast(part[config.id_column], "string").to_pylist() if config.id_column else [str(i) for i in range(start, start + len(chunk))]
+            yield from ((i, t) for i, t in zip(ids, chunk) if t is not None and t.strip())
+
+    return pairs(), n - skipped, skipped
+
+
+def _open_npy(path: Path, dtype: str, shape: tuple[int, int]):
+    """embeddings.npy opened for appending rows in order: plain writes, so written rows leave memory with the page cache
+    (a memory map would keep every dirty page it wrote in this process's resident set)."""
+    handle = open(path, "wb")
+    np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                                  "shape": shape})
+    return handle
 
 
 def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[str], list[str]]]:
@@ -136,7 +156,7 @@ def _run(config: EncodeConfig) -> EncodeResult:
     schema = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),
                         pa.field("embedding", pa.list_(shards.ARROW_DTYPES[config.dtype], model.dim), nullable=False)])
     with writing(out / NPY, RERUN):
-        npy = np.lib.format.open_memmap(out / NPY, mode="w+", dtype=np.dtype(config.dtype), shape=(total, model.dim)) if config.npy else None
+        npy = _open_npy(out / NPY, config.dtype, (total, model.dim)) if config.npy else None
     bar = tqdm(total=total, unit="text", desc="encode", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
     files, row = [], 0
     for index, (ids, texts) in enumerate(_chunks(pairs, config.shard_size)):
@@ -150,14 +170,13 @@ def _run(config: EncodeConfig) -> EncodeResult:
         with writing(out / shards.shard_name(index), RERUN):
             files.append(shards.write_shard(out, index, table, {"rows": len(texts), "first_row": row}))
             if npy is not None:
-                npy[row : row + len(texts)] = emb
+                np.ascontiguousarray(emb, dtype=config.dtype).tofile(npy)
         row += len(texts)
     bar.close()
     assert row == total, f"encoded {row} texts, counted {total}"
     if npy is not None:
         with writing(out / NPY, RERUN):
-            npy.flush()
-        del npy
+            npy.close()
     summary = {"model": str(folder), "rows": row, "skipped": skipped, "dim": model.dim, "dtype": config.dtype,
                "normalized": config.normalize, "files": [f.name for f in files], "npy": NPY if config.npy else None,
                "student": {k: model.meta.get(k) for k in ("dim", "pooler", "teacher") if k in model.meta}, "config": to_dict(config)}

@@ -98,7 +98,7 @@ def _scan(table, lang: str, column: str, long: bool, config: EvalConfig, index) 
         missing += int((~hit).sum())
         data_rows.append(start + keep[hit])
         rows.append(found[hit])
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)
     return _Scan(column, cat(data_rows), cat(rows), missing, empty, first_id, first_lost)
 
 

@@ -11,7 +11,7 @@ most `retrieval.IndexBuilder.train_size` vectors, one batch, and int64 labels an
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

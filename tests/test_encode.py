@@ -69,6 +69,22 @@ def test_dataset_column_with_ids_float16_and_limit(model, tmp_path):
     assert limited.rows == 3
 
 
+def test_a_dataset_column_is_read_in_chunks_with_the_same_rows(model, tmp_path, monkeypatch):
+    import mclip.encode
+
+    rows = [{"sentence": None if i % 4 == 1 else tiny.CORPUS[i % len(tiny.CORPUS)] + f" {i}"} for i in range(11)]
+    data = tiny.write_captions(tmp_path / "d.jsonl", rows)
+    whole = run(EncodeConfig(model=str(model), out=str(tmp_path / "whole"), data=str(data), column="sentence", npy=True, progress=False))
+    monkeypatch.setattr(mclip.encode, "COLUMN_CHUNK", 3)  # 11 rows read 3 at a time, written in shards of 2
+    chunked = run(EncodeConfig(model=str(model), out=str(tmp_path / "chunked"), data=str(data), column="sentence", npy=True,
+                               shard_size=2, progress=False))
+    assert (chunked.rows, chunked.skipped) == (whole.rows, whole.skipped) == (8, 3)
+    ids, texts, emb = read_rows(tmp_path / "chunked")
+    assert ids == [str(i) for i in range(11) if i % 4 != 1] and (ids, texts) == read_rows(tmp_path / "whole")[:2]
+    np.testing.assert_allclose(np.load(tmp_path / "chunked" / "embeddings.npy"), np.load(tmp_path / "whole" / "embeddings.npy"), atol=1e-5)
+    np.testing.assert_array_equal(np.load(tmp_path / "chunked" / "embeddings.npy"), emb)
+
+
 def test_unnormalized_output_keeps_the_norms(model, tmp_path):
     source = tmp_path / "t.txt"
     source.write_text("red apple\ngreen tree\n", encoding="utf-8")
