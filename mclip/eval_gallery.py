@@ -71,8 +71,9 @@ def _metrics(ranks: list[np.ndarray], config: EvalConfig) -> dict[str, float]:
 
 
 def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher, use_images: bool,
-          config: EvalConfig) -> tuple[dict[str, dict[str, tuple]], dict]:
-    """system -> direction -> (metrics, queries, gallery) for one language, and its counts."""
+          config: EvalConfig, last: dict | None = None) -> tuple[dict[str, dict[str, tuple]], dict]:
+    """system -> direction -> (metrics, queries, gallery) for one language, and its counts. `last` keeps the English
+    gallery's index from one language to the next, which reuses it when its targets are the same (as English's are)."""
     k, batch, n = max(config.ks), config.query_batch_size, len(part)
     targets = cache.targets("embedding")
     en_first, en_label = english_groups(cache, part.rows)  # (G,), (N,)
@@ -83,7 +84,13 @@ def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher,
         img_rows = part.rows[img_first]
         image_vec = cache.targets("image_embedding")
         images = _gallery(lambda at: image_vec.gather(img_rows[at]), len(img_rows), config, cache.dim)
-    gallery = _gallery(lambda at: targets.gather(en_rows[at]), len(en_rows), config, cache.dim)
+    last = {} if last is None else last
+    if "rows" in last and np.array_equal(last["rows"], en_rows):
+        gallery = last["index"]
+    else:
+        last.clear()  # the previous language's index goes before this one is built
+        gallery = _gallery(lambda at: targets.gather(en_rows[at]), len(en_rows), config, cache.dim)
+        last.update(rows=en_rows, index=gallery)
     counts = {"captions": n, "english_targets": len(en_rows), "missing_ids": part.missing, "empty": part.empty,
               **({"images": len(img_rows)} if use_images else {})}
 

@@ -113,8 +113,9 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
     metrics: dict[str, float] = {}
     rows: list[dict] = []
     counts: dict[str, dict] = {}
+    last: dict = {}  # the English gallery's index, reused by the next language when it has the same targets
     for lang, part in joined.items():
-        scored, counts[lang] = eval_gallery.score(part, lang, cache, model, teacher, use_images, config)
+        scored, counts[lang] = eval_gallery.score(part, lang, cache, model, teacher, use_images, config, last)
         for system, directions in scored.items():
             for direction, (values, n_queries, n_gallery) in directions.items():
                 rows.append({"lang": lang, "system": system, "direction": direction, "queries": n_queries, "gallery": n_gallery, **values})
