@@ -135,3 +135,21 @@ def test_a_folder_in_use_is_noted(small_run, tmp_path, capsys):
     with lock.OutputLock(cache, "embed-teacher"):
         code, _, err = _verify(cache, capsys)
     assert code == 0 and err.startswith(f"mclip: note: {cache} is being written by mclip embed-teacher (pid ")
+
+
+def test_a_cache_is_hashed_in_blocks_never_a_whole_shard_in_memory(tmp_path):
+    """verify streams: its Python allocations stay within a few 4 MiB hash blocks while each shard is 30 MiB."""
+    import tracemalloc
+
+    from tests.test_shards import _write_cache
+
+    cache = _write_cache(tmp_path / "cache", sizes=(60_000, 60_000), dim=128)
+    assert min(f.stat().st_size for f in cache.files) > 30 * 2**20
+    tracemalloc.start()
+    try:
+        result = verify.run(cache.path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.ok and result.checked == 2
+    assert peak < 12 * 2**20, f"verify held {peak / 2**20:.1f} MiB at once"
