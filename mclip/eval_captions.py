@@ -102,10 +102,10 @@ def _scan(table, lang: str, column: str, long: bool, config: EvalConfig, index) 
     return _Scan(column, cat(data_rows), cat(rows), missing, empty, first_id, first_lost)
 
 
-def join(config: EvalConfig, cache: shards.TeacherCache, index, languages: list[str], warnings: list[str], warn) -> dict[str, Captions]:
-    """Each language's captions with the cache row of their id (`index`: a `join.IdIndex` of the cache); ids absent from
-    the cache are counted and left out. "en" without English captions in the data: the cache's own English text of the
-    ids the other languages scored."""
+def join(config: EvalConfig, cache: shards.TeacherCache, index, languages: list[str]) -> tuple[dict[str, Captions], list[str]]:
+    """Each language's captions with the cache row of their id (`index`: a `join.IdIndex` of the cache), and warnings;
+    ids absent from the cache are counted and left out. "en" without English captions in the data: the cache's own
+    English text of the ids the other languages scored."""
     import pyarrow.compute as pc
 
     from mclip.data import load_dataset
@@ -143,9 +143,7 @@ def join(config: EvalConfig, cache: shards.TeacherCache, index, languages: list[
         first_cache_id = cache.column("id").take(np.zeros(1, np.int64))[0].as_py() if len(cache) else None
         raise UserError(f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
                         f"(e.g. {first_cache_id!r}); pass the cache built from this data, or the right --id-column")
-    for note in notes:
-        warn(warnings, note)
     for lang in [code for code in joined if len(joined[code]) == 0]:
-        warn(warnings, f"{lang}: no caption joins the cache; the language is left out")
+        notes.append(f"{lang}: no caption joins the cache; the language is left out")
         del joined[lang]
-    return joined
+    return joined, notes

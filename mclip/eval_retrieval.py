@@ -103,8 +103,10 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
     languages = [code for code in config.languages if code != "en"] + ["en"]
     with tempfile.TemporaryDirectory(prefix="mclip-eval-ids-") as workdir:  # the id index lives on disk, memory-mapped
         id_index = join.IdIndex.build(cache, Path(workdir) / "ids")
-        joined = eval_captions.join(config, cache, id_index, languages, warnings, _warn)
+        joined, notes = eval_captions.join(config, cache, id_index, languages)
         del id_index  # its memory maps go with the folder
+    for note in notes:
+        _warn(warnings, note)
 
     device = distributed.resolve_device(config.device)
     model = load(folder, device=device, trust_remote_code=config.trust_remote_code)
