@@ -61,13 +61,25 @@ def _gallery(read: Callable[[np.ndarray], np.ndarray], size: int, config: EvalCo
     if builder.train_size and size > builder.train_size:
         sample = np.sort(np.random.default_rng(0).choice(size, builder.train_size, replace=False))
         builder.train(_normalized(read(sample)))
-    for start in range(0, size, config.query_batch_size):
-        builder.add(_normalized(read(np.arange(start, min(size, start + config.query_batch_size)))))
+    for at in _batches(size, config.query_batch_size):
+        builder.add(_normalized(read(at)))
     return builder
 
 
-def _metrics(ranks: list[np.ndarray], config: EvalConfig) -> dict[str, float]:
-    return retrieval.metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), config.ks)
+def _batches(size: int, batch: int):
+    """Positions 0..size in consecutive int64 runs of `batch`."""
+    for start in range(0, size, batch):
+        yield np.arange(start, min(size, start + batch))
+
+
+def _reverse(index: retrieval.IndexBuilder, read: Callable[[np.ndarray], np.ndarray], size: int, labels: np.ndarray,
+             config: EvalConfig) -> dict[str, float]:
+    """Metrics of `size` targets (target i has label i), read in batches, searching a system's own index of captions
+    (caption j has `labels[j]`): en→xx and img→xx."""
+    depth = retrieval.search_depth(labels, max(config.ks))
+    ranks = [index.ranks(_normalized(read(at)), at, labels, depth, config.query_batch_size)
+             for at in _batches(size, config.query_batch_size)]
+    return retrieval.metrics_from_ranks(np.concatenate(ranks), config.ks)
 
 
 def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher, use_images: bool,
@@ -101,15 +113,14 @@ def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher,
     elif lang == "en" and images is not None:  # the cached teacher on its own English text: the ceiling the student aims at
         systems.append((BASELINE, lambda texts, at: targets.gather(part.rows[at]), False))
     own = {name: retrieval.IndexBuilder(config.index, cache.dim, config.nprobe, config.faiss_gpu) for name, _, _ in systems}
-    ranks = {(name, d): [] for name, _, _ in systems for d in ("text_to_text", "text_to_text_reverse", "text_to_image", "image_to_text")}
+    ranks = {(name, d): [] for name, _, _ in systems for d in ("text_to_text", "text_to_image")}  # per batch: (B,) each
     en_ids = np.arange(len(en_rows))  # each English target is its own label
     img_ids = np.arange(len(img_rows)) if use_images else None
     en_depth = retrieval.search_depth(en_ids, k)
     img_depth = retrieval.search_depth(img_ids, k) if use_images else 0
     bar = _bar(n, lang, config)
-    for start in range(0, n, batch):
-        at = np.arange(start, min(n, start + batch))
-        texts = part.texts(start, start + batch)
+    for at in _batches(n, batch):
+        texts = part.texts(int(at[0]), int(at[-1]) + 1)
         for name, encode, text in systems:
             vectors = _normalized(encode(texts, at))  # (B, D)
             if text:
@@ -124,19 +135,13 @@ def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher,
     for name, _, text in systems:
         scored = out.setdefault(name, {})
         if text:
-            scored["text_to_text"] = (_metrics(ranks[name, "text_to_text"], config), n, len(en_rows))
-            depth = retrieval.search_depth(en_label, k)
-            for start in range(0, len(en_rows), batch):
-                at = np.arange(start, min(len(en_rows), start + batch))
-                ranks[name, "text_to_text_reverse"].append(own[name].ranks(_normalized(targets.gather(en_rows[at])), at, en_label, depth, batch))
-            scored["text_to_text_reverse"] = (_metrics(ranks[name, "text_to_text_reverse"], config), len(en_rows), n)
+            scored["text_to_text"] = (retrieval.metrics_from_ranks(np.concatenate(ranks[name, "text_to_text"]), config.ks), n, len(en_rows))
+            scored["text_to_text_reverse"] = (_reverse(own[name], lambda at: targets.gather(en_rows[at]), len(en_rows), en_label, config),
+                                              len(en_rows), n)
         if use_images:
-            scored["text_to_image"] = (_metrics(ranks[name, "text_to_image"], config), n, len(img_rows))
-            depth = retrieval.search_depth(img_label, k)
-            for start in range(0, len(img_rows), batch):
-                at = np.arange(start, min(len(img_rows), start + batch))
-                ranks[name, "image_to_text"].append(own[name].ranks(_normalized(image_vec.gather(img_rows[at])), at, img_label, depth, batch))
-            scored["image_to_text"] = (_metrics(ranks[name, "image_to_text"], config), len(img_rows), n)
+            scored["text_to_image"] = (retrieval.metrics_from_ranks(np.concatenate(ranks[name, "text_to_image"]), config.ks), n, len(img_rows))
+            scored["image_to_text"] = (_reverse(own[name], lambda at: image_vec.gather(img_rows[at]), len(img_rows), img_label, config),
+                                       len(img_rows), n)
         del own[name]  # one system's index at a time from here on
     return out, counts
 
