@@ -25,21 +25,25 @@ BASELINE = "teacher_baseline"
 
 def groups(values) -> tuple[np.ndarray, np.ndarray]:
     """(first, labels) of `np.unique(values, return_index=True, return_inverse=True)`: the position of each distinct value's
-    first occurrence, in sorted order of the values, and each position's label; for an Arrow string array without a Python
-    object per row (UTF-8 byte order is code point order, Python's string order)."""
+    first occurrence, in sorted order of the values, and each position's label. Also for an Arrow string array, sorted
+    by Arrow without a Python object per row (UTF-8 byte order is code point order, Python's string order; Arrow's sort
+    is stable, so the first of a run of equal values is its first occurrence)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if isinstance(values, np.ndarray):
         _, first, labels = np.unique(values, return_index=True, return_inverse=True)
         return first, labels.reshape(-1).astype(np.int64)
-    encoded = pc.dictionary_encode(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)  # codes in order of first appearance
-    order = pc.array_sort_indices(encoded.dictionary).to_numpy(zero_copy_only=False)  # sorted position -> code
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order))
-    _, first_of_code = np.unique(codes, return_index=True)
-    return first_of_code[order], rank[codes]
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    order = pc.array_sort_indices(values).to_numpy(zero_copy_only=False).astype(np.int64)  # (N,) stable
+    ordered = values.take(pa.array(order))
+    new = np.ones(len(order), bool)  # a run of equal values starts here
+    if len(order) > 1:
+        new[1:] = ~pc.equal(ordered.slice(1), ordered.slice(0, len(order) - 1)).to_numpy(zero_copy_only=False)
+    del ordered
+    labels = np.empty(len(order), np.int64)
+    labels[order] = np.cumsum(new) - 1
+    return order[new], labels
 
 
 def english_groups(cache: shards.TeacherCache, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
