@@ -2,8 +2,10 @@
 
 import numpy as np
 
-from mclip.data import ParallelCaptions
-from mclip.pairs import hash_unit, join_pairs, plan_epoch
+from mclip import shards
+from mclip.config import TrainConfig
+from mclip.pairs import hash_unit, plan_epoch, prepare_pairs
+from tests import tiny
 
 
 def test_plan_epoch_is_a_seeded_length_grouped_partition():
@@ -40,19 +42,71 @@ def test_length_grouping_keeps_every_language_in_every_batch():
     assert min(len(np.unique(langs[b])) for b in one_sort) <= 3
 
 
-def test_join_counts_what_does_not_join_and_never_misaligns():
+def _cache(folder, ids, texts, dim=4):
+    """A finished cache of these ids and English texts (as stage 1 lays it out), two shards."""
     import pyarrow as pa
 
-    cache_ids = ["a", "b", "c", "d"]
-    cache_texts = pa.array(["en a", "en b", "en c", "en d"])
-    parallel = ParallelCaptions({"zh": (["b", "x", "a"], ["zh b", "zh x", "zh a"]), "de": (["c"], ["de c"])}, {"zh": 1, "de": 0})
-    pairs, report = join_pairs(parallel, ["zh", "de", "en"], cache_ids, cache_texts)
-    got = {(pairs.languages[l], t, cache_ids[r]) for t, r, l in zip(pairs.texts.to_pylist(), pairs.rows, pairs.langs)}
-    assert got == {("zh", "zh b", "b"), ("zh", "zh a", "a"), ("de", "de c", "c"),
-                   ("en", "en a", "a"), ("en", "en b", "b"), ("en", "en c", "c")}
+    from mclip import outputs
+
+    folder.mkdir(parents=True)
+    entries, half = [], len(ids) // 2
+    for k, (a, b) in enumerate([(0, half), (half, len(ids))]):
+        table = pa.table({"id": pa.array(ids[a:b]), "text": pa.array(texts[a:b]),
+                          "embedding": shards.fixed_list(np.eye(len(ids), dim)[a:b], "float32")}, schema=shards.cache_schema(dim, "float32"))
+        path = shards.write_shard(folder, k, table, {"rows": b - a, "first_row": a})
+        entries.append({"file": path.name, "rows": b - a, "first_row": a, "end_row": b, "sha256": outputs.file_sha256(path)})
+    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "complete": True, "dim": dim, "dtype": "float32",
+                                                 "shards": entries, "totals": {"rows": len(ids)}})
+    return shards.open_cache(folder)
+
+
+def _config(tmp_path, data, **kw):
+    return TrainConfig(cache=str(tmp_path / "cache"), data=str(data), out=str(tmp_path / "run"), languages=("zh", "de"),
+                       **({"val_fraction": 0.0} | kw))
+
+
+def test_join_counts_what_does_not_join_and_never_misaligns(tmp_path):
+    cache = _cache(tmp_path / "cache", ["a", "b", "c", "d"], ["en a", "en b", "en c", "en d"])
+    data = tiny.write_captions(tmp_path / "data.jsonl", [
+        {"id": "b", "caption_zh": "zh b", "caption_de": ""}, {"id": "x", "caption_zh": "zh x", "caption_de": None},
+        {"id": "a", "caption_zh": "zh a", "caption_de": "  "}, {"id": "c", "caption_zh": None, "caption_de": "de c"}])
+    pairs, val, report = prepare_pairs(_config(tmp_path, data), cache)
+    ids = cache.ids()
+    got = [(pairs.languages[l], t, ids[r]) for t, r, l in zip(pairs.texts(), pairs.rows, pairs.langs)]
+    assert got == [("zh", "zh b", "b"), ("zh", "zh a", "a"), ("de", "de c", "c"),  # language by language, in data order
+                   ("en", "en a", "a"), ("en", "en b", "b"), ("en", "en c", "c")]
+    assert val is None
     assert report["zh"] == {"pairs": 2, "empty_texts": 1, "ids_without_target": 1, "targets_without_text": 2,
                             "examples_without_target": ["x"]}
-    assert report["de"]["targets_without_text"] == 3 and report["en"]["targets_without_text"] == 1
+    assert report["de"]["empty_texts"] == 3 and report["de"]["targets_without_text"] == 3 and report["en"]["targets_without_text"] == 1
+
+
+def test_pairs_built_a_chunk_at_a_time_equal_one_pass_and_read_the_long_format(tmp_path, monkeypatch):
+    from mclip import pairs as mpairs
+
+    n = 50
+    ids = [f"id{i}" for i in range(n)]
+    cache = _cache(tmp_path / "cache", ids, [f"en {i % 7}" for i in range(n)], dim=n)
+    rng = np.random.default_rng(0)
+    rows = [{"id": ids[i], "caption_zh": f"zh {i}" if rng.random() > 0.2 else "", "caption_de": f"de {i}"}
+            for i in rng.permutation(n + 5) if i < n] + [{"id": "nope", "caption_zh": "zh nope", "caption_de": "de nope"}]
+    wide = tiny.write_captions(tmp_path / "wide.jsonl", rows)
+    config = _config(tmp_path, wide, val_fraction=0.3)
+    whole = prepare_pairs(config, cache, tmp_path / "p1")
+    monkeypatch.setattr(mpairs, "CHUNK", 7)
+    chunked = prepare_pairs(config, cache, tmp_path / "p2")
+    long_rows = [{"id": r["id"], "lang": lang, "text": r[f"caption_{lang}"]} for lang in ("zh", "de") for r in rows]
+    long = prepare_pairs(_config(tmp_path, tiny.write_captions(tmp_path / "long.jsonl", long_rows), val_fraction=0.3), cache, tmp_path / "p3")
+    for other in (chunked, long):
+        for a, b in zip(whole[:2], other[:2]):
+            assert a.texts() == b.texts() and np.array_equal(a.rows, b.rows) and np.array_equal(a.langs, b.langs)
+        assert whole[2]["train_pairs"] == other[2]["train_pairs"] and whole[2]["held_out_pairs"] == other[2]["held_out_pairs"]
+    train, val, report = whole
+    assert not set(np.asarray(train.rows)) & set(np.asarray(val.rows))  # validation ids are held out whole
+    # the English caption groups: equal exactly where the cache's English texts are equal
+    texts = cache.column("text").take(np.asarray(train.rows)).to_pylist()
+    groups = train.groups(np.arange(len(train)))
+    assert all((groups[i] == groups[j]) == (texts[i] == texts[j]) for i in range(0, len(train), 3) for j in range(len(train)))
 
 
 def test_hash_split_is_stable_and_seeded():

@@ -422,13 +422,13 @@ def test_a_teacher_initialised_student_equals_the_teacher_at_step_zero(toy, bert
     table = student.backbone.get_input_embeddings().weight.detach()
     assert (table[base:].abs().sum(1) > 0).all()
     en = train.subset(train.langs == train.languages.index("en"))
-    got = student.encode(en.texts.to_pylist())
+    got = student.encode(en.texts())
     want = shards.to_numpy(cache.table(["embedding"]).column("embedding"))[en.rows]
     assert np.abs(got - want).max() < 1e-3  # the toy cache is float16
     # and the losses agree: mse of the teacher's English against its own cache is 0 at step 0
     from mclip import losses
 
-    emb = torch.from_numpy(student.encode(en.texts.to_pylist(), normalize=False))
+    emb = torch.from_numpy(student.encode(en.texts(), normalize=False))
     assert float(np.linalg.norm(emb.numpy(), axis=1).mean()) > 1.5  # not unit: the loss must normalise it
     parts = losses.distillation(emb, torch.from_numpy(want), torch.arange(len(want)), torch.eye(len(want), dtype=torch.bool), "mse")
     assert parts["mse"].item() < 1e-7
