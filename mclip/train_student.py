@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +22,8 @@ from torch import nn
 from mclip import __version__, checkpoint, distributed, losses, outputs, shards
 from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
 from mclip.errors import UserError
-from mclip.pairs import PAIRS_DIR, EpochSteps, Pairs, build_pairs, open_pairs, plan_epoch, prepare_pairs, token_lengths
+from mclip.batches import EpochSteps, plan_epoch, token_lengths
+from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 
 

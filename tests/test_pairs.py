@@ -4,7 +4,8 @@ import numpy as np
 
 from mclip import shards
 from mclip.config import TrainConfig
-from mclip.pairs import hash_unit, plan_epoch, prepare_pairs
+from mclip.batches import plan_epoch
+from mclip.pairs import hash_unit, prepare_pairs
 from tests import tiny
 
 

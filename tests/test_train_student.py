@@ -18,6 +18,7 @@ from mclip.cli import main
 from mclip.config import EmbedConfig, TrainConfig
 from mclip.embed_teacher import run as embed_teacher
 from mclip.errors import ConfigError, UserError
+from mclip.pairs import prepare_pairs
 from mclip.student import load
 from mclip.checkpoint import checkpoints
 from mclip.train_student import Distiller, lr_at, run
@@ -169,8 +170,6 @@ def test_train_records_hold_the_share_of_time_spent_waiting_for_batches(toy, tmp
 
 
 def test_validation_ids_are_never_trained_on(toy, tmp_path):
-    from mclip.train_student import prepare_pairs
-
     config = _config(toy, tmp_path / "unused", val_fraction=0.25)
     cache = shards.open_cache(toy["cache"])
     train, val, report = prepare_pairs(config, cache)
@@ -314,6 +313,7 @@ def test_bad_values_from_the_command_line(toy, tmp_path, cli_error):
     assert "lr=-0.001 must be > 0" in cli_error(_cli_args(toy, tmp_path / "a", "--lr", "-1e-3"))
     assert "alpha=2.0 must be in [0, 1]" in cli_error(_cli_args(toy, tmp_path / "b", "--alpha", "2"))
     assert "larger than the" in cli_error(_cli_args(toy, tmp_path / "c", "--batch-size", "4096"))
+    assert not (tmp_path / "c").exists()  # refused after the pairs were built: their scratch folder went with it
     assert "loss='nope' is not valid" in cli_error(_cli_args(toy, tmp_path / "d", "--loss", "nope"))
 
 
@@ -415,7 +415,7 @@ def test_a_teacher_initialised_student_equals_the_teacher_at_step_zero(toy, bert
     config = _config(toy, tmp_path / "run", student=str(bert_teacher), extend_vocab=True, extend_vocab_words=1,
                      extend_vocab_init="aligned")
     cache = shards.open_cache(config.cache)
-    train, _, _ = train_student.prepare_pairs(config, cache)
+    train, _, _ = prepare_pairs(config, cache)
     base = len(load_tokenizer(bert_teacher))
     student = train_student._student(config, cache, None, train)
     assert len(student.tokenizer) > base  # the toy's Chinese and German are read through new tokens
@@ -481,3 +481,24 @@ def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_p
     verify.write_checksums(folder)
     with pytest.raises(UserError, match="optimizer state in .* does not fit this run .*--overwrite to start over"):
         run(_config(toy, out, max_steps=3, resume=True))
+
+
+def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_column(toy, tmp_path, monkeypatch):
+    """At laion28m x 512 dims a float copy of the targets is 56 GB per rank: the run must only gather the rows it uses."""
+    from mclip import shards as mshards
+
+    def no_whole_column(*args, **kwargs):
+        raise AssertionError("a whole cache column was copied")
+
+    monkeypatch.setattr(mshards, "to_numpy", no_whole_column)
+    monkeypatch.setattr(mshards.TeacherCache, "embeddings", no_whole_column)
+    gathered = []
+    real = mshards.Column.gather
+    monkeypatch.setattr(mshards.Column, "gather", lambda self, rows, *a: gathered.append(len(rows)) or real(self, rows, *a))
+    out = tmp_path / "run"
+    config = _config(toy, out, loss="cl", layer_kd=True, max_steps=3, num_workers=0, val_fraction=0.25, eval_every=2)
+    _, val, _ = prepare_pairs(config, mshards.open_cache(config.cache), tmp_path / "pairs")
+    validation = {len(val), len(np.unique(val.groups(np.arange(len(val)))))}  # evaluate(): its pairs' targets, then the gallery
+    run(config)
+    assert gathered and set(gathered) <= {16} | validation, gathered  # a batch's targets and layers, or the validation's
+    assert not (out / ".pairs").exists()  # the pairs' scratch folder goes when the run finishes
