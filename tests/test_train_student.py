@@ -232,15 +232,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path,
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2], ids=["1-node-x-2", "2-nodes-x-1"])
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp_path, nodes):
     args = ["--data", str(toy["data"]), "--cache", str(toy["cache"]), "--student", str(toy["student"]), "--languages", "zh,de",
             "--batch-size", "16", "--epochs", "1", "--warmup-steps", "2", "--lr", "2e-3", "--num-workers", "0", "--eval-every", "0",
             "--save-every", "0", "--log-every", "1", "--no-progress", "--loss", "cl", "--alpha", "0.5", "--layer-kd", "--num-threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "mclip",
-           "train-student", "--out", str(tmp_path / "ddp"), *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    port = str(_free_port())
+    # two nodes: two torchrun launchers, as on two machines (node ranks 0 and 1, the master on 127.0.0.1), over gloo
+    layout = [["--nproc-per-node", "2"]] if nodes == 1 else [["--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
+                                                            "--master-addr", "127.0.0.1"] for r in range(2)]
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *flags, "--master-port", port, "-m", "mclip",
+                                   "train-student", "--out", str(tmp_path / "ddp"), *args], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flags in layout]
+    for launcher in launchers:
+        _, stderr = launcher.communicate(timeout=240)
+        assert launcher.returncode == 0, stderr[-3000:]
     single = run(_config(toy, tmp_path / "single", loss="cl", alpha=0.5, layer_kd=True))
     ddp_records, single_records = _records(tmp_path / "ddp", "train"), _records(tmp_path / "single", "train")
     assert len(ddp_records) == len(single_records) == single.steps
