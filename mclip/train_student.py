@@ -22,7 +22,7 @@ from torch import nn
 from mclip import __version__, checkpoint, distributed, losses, outputs, shards
 from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
 from mclip.errors import UserError
-from mclip.batches import EpochSteps, plan_epoch, token_lengths
+from mclip.batches import EpochSteps, open_lengths, plan_epoch, token_lengths
 from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 
@@ -262,8 +262,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                                   fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if config.group_batches > 1:
-        distributed.main_only(ctx, lambda: token_lengths(student.tokenizer, train, student.max_length, folder / "lengths") is None)
-        lengths = np.memmap(folder / "lengths", dtype="<i4", mode="r", shape=(len(train),))
+        token_lengths(student.tokenizer, train, student.max_length, folder / "lengths", ctx.rank, ctx.world_size)
+        lengths = open_lengths(folder / "lengths", len(train))
     else:
         lengths = np.broadcast_to(np.int32(1), (len(train),))
     normalized = bool(cache.manifest["normalized"])  # unit targets: the pointwise losses compare the normalised student

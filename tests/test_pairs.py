@@ -116,3 +116,21 @@ def test_hash_split_is_stable_and_seeded():
     assert np.array_equal(u, hash_unit(ids, 42)) and not np.array_equal(u, hash_unit(ids, 43))
     assert 0.07 < (u < 0.1).mean() < 0.13
     assert np.array_equal(hash_unit(ids[::-1], 42), u[::-1])  # a property of the id, not of its row
+
+
+def test_token_lengths_are_the_tokenizers_own_counts_cut_at_max_length(tmp_path, bert_student):
+    from transformers import AutoTokenizer
+
+    from mclip.batches import open_lengths, token_lengths
+
+    texts = ["a red cat", "", "ein sehr langer Satz " * 20, "红色的猫", "🙂 emoji", "x"]
+    ids = [f"i{k}" for k in range(len(texts))]
+    cache = _cache(tmp_path / "cache", ids, texts)
+    data = tiny.write_captions(tmp_path / "d.jsonl", [{"id": i, "caption_zh": t or "-", "caption_de": t or "-"} for i, t in zip(ids, texts)])
+    train, _, _ = prepare_pairs(_config(tmp_path, data), cache)
+    xlmr = tiny.write_tiny_xlmr(tmp_path / "xlmr", corpus=texts)
+    for folder in (bert_student, xlmr):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        token_lengths(tokenizer, train, 16, tmp_path / "lengths")
+        want = [len(x) for x in tokenizer(train.texts(), truncation=True, max_length=16)["input_ids"]]
+        assert open_lengths(tmp_path / "lengths", len(train)).tolist() == want and max(want) == 16
