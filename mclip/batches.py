@@ -23,7 +23,10 @@ def plan_epoch(lengths: np.ndarray, langs: np.ndarray, batch_size: int, seed: in
     length's quantile *within its language*, so a batch holds the k-th shortest slice of every language. Inside a batch
     pairs are sorted by length, so ranks taking every world-th position get alike lengths.
 
-    Memory: the plan is the one array per pair a run holds (int32, 4 bytes a pair); it is built and shuffled in place."""
+    Memory: the plan is the one array per pair a run holds (int32, 4 bytes a pair), built and shuffled in place; while it
+    is built the lengths (int16) and languages (int8) are read in too, 3 bytes a pair, then dropped."""
+    if group > 1:  # random gathers, a mega-batch at a time: from memory (a pread each would take a minute per 2M pairs)
+        lengths, langs = np.asarray(lengths), np.asarray(langs)
     rng = np.random.default_rng([seed, epoch])
     n = len(lengths)
     steps = n // batch_size
@@ -68,14 +71,18 @@ def _permute_rows(plan: np.ndarray, perm: np.ndarray) -> None:
 
 
 def token_lengths(tokenizer, pairs: Pairs, max_length: int, path: Path, rank: int = 0, world_size: int = 1) -> None:
-    """Write the (P,) int32 token counts of the pairs' captions as the student reads them (special tokens included, cut
+    """Write the (P,) int16 token counts of the pairs' captions as the student reads them (special tokens included, cut
     at max_length) to `path`: rank r of `world_size` counts its own slice, a chunk at a time, so the pass takes 1/world
-    of the time; after a barrier every rank memory-maps the file (`open_lengths`)."""
+    of the time; after a barrier every rank reads the file (`open_lengths`)."""
     n = len(pairs)
+    if max_length >= 2**15:
+        from mclip.errors import UserError
+
+        raise UserError(f"--max-length {max_length} is over the 32767 tokens length grouping counts to; lower it or pass --group-batches 1")
     bounds = np.linspace(0, n, world_size + 1).astype(np.int64)
     if rank == 0:
         with open(path, "wb") as handle:
-            handle.truncate(4 * n)
+            handle.truncate(2 * n)
     from mclip import distributed
 
     distributed.barrier()
@@ -85,13 +92,17 @@ def token_lengths(tokenizer, pairs: Pairs, max_length: int, path: Path, rank: in
         for start in range(int(bounds[rank]), int(bounds[rank + 1]), CHUNK):
             texts = pairs.texts(np.arange(start, min(int(bounds[rank + 1]), start + CHUNK)))
             counts = [len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-            handle.seek(4 * start)
-            handle.write(np.asarray(counts, dtype="<i4").tobytes())
+            handle.seek(2 * start)
+            handle.write(np.asarray(counts, dtype="<i2").tobytes())
     distributed.barrier()
 
 
-def open_lengths(path: Path, n: int) -> np.ndarray:
-    return np.memmap(path, dtype="<i4", mode="r", shape=(n,)) if n else np.zeros(0, np.int32)
+def open_lengths(path: Path, n: int):
+    from mclip.shards import RawArray
+
+    lengths = RawArray(path, "<i2")
+    assert len(lengths) == n, f"{path} holds {len(lengths)} lengths for {n} pairs"
+    return lengths
 
 
 class EpochSteps(torch.utils.data.Dataset):

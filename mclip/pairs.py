@@ -100,10 +100,8 @@ class _PairWriter:
                     part.unlink()
 
 
-def _open(folder: Path, sources: list, languages: list[str], cache_groups: np.ndarray) -> Pairs:
-    n = (folder / "rows").stat().st_size // 8
-    arrays = {name: np.memmap(folder / name, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-              for name, dtype in PAIR_FILES.items()}
+def _open(folder: Path, sources: list, languages: list[str], cache_groups) -> Pairs:
+    arrays = {name: shards.RawArray(folder / name, dtype) for name, dtype in PAIR_FILES.items()}  # read by pread: flat RSS
     return Pairs(sources, arrays["src"], arrays["rows"], arrays["langs"], languages, cache_groups)
 
 
@@ -123,7 +121,7 @@ def _cache_groups(cache, folder: Path) -> np.ndarray:
                 handle.write(chunk.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     else:
         text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8").tofile(path)
-    return np.memmap(path, dtype="<i8", mode="r", shape=(len(cache),)) if len(cache) else np.zeros(0, np.int64)
+    return shards.RawArray(path, "<i8")
 
 
 def _schema_names(cache) -> list[str]:
@@ -150,6 +148,7 @@ class _Captions:
         if getattr(ds, "_indices", None) is not None:  # a selected or shuffled dataset: give it its own rows
             ds = ds.flatten_indices()
         self.table, self.data = ds.data.table if hasattr(ds.data, "table") else ds.data, data
+        self.files = [f["filename"] for f in ds.cache_files]  # the Arrow files `datasets` memory-maps, when it has them
         have = set(self.table.column_names)
         if config.id_column not in have:
             raise UserError(f"column {config.id_column!r} not found in {data}; it has {', '.join(self.table.column_names)} (use --id-column)")
@@ -162,23 +161,43 @@ class _Captions:
                 raise UserError(f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(self.table.column_names)} "
                                 "(fix --languages or --text-column-template)")
             self.columns[lang] = column
-        if self.long:
-            found = set(pc.unique(self.table.column("lang")).to_pylist())
-            for lang in languages:
-                if lang not in found:
-                    raise UserError(f"language {lang!r} has no rows in {data} (column 'lang' has {', '.join(sorted(map(str, found))[:20])}); fix --languages")
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def source(self, lang: str):
-        return shards.Column(self.table.column(self.columns[lang]).chunks)
+        """The caption column of `lang`, read by row from the dataset's own Arrow files (flat RSS), else from memory."""
+        name = self.columns[lang]
+        if self.files:
+            column = shards.Column.from_files(self.files, name)
+            if len(column) == len(self):
+                return column
+        return shards.Column(self.table.column(name).chunks)
 
     def chunks(self):
-        """(first row, ids (string array), table slice) per CHUNK rows."""
-        for start in range(0, len(self), CHUNK):
-            part = self.table.slice(start, CHUNK)
-            yield start, pc.cast(part.column(self.id_column), pa.string()).combine_chunks(), part
+        """(first row, ids (string array), rows) per CHUNK rows or record batch. The dataset's own Arrow files are read in
+        order through plain reads, not its memory map: a pass over every row would leave all its pages in RSS."""
+        def batches():
+            if self.files and sum(_rows_of(f) for f in self.files) == len(self):
+                for path in self.files:
+                    with pa.OSFile(path, "rb") as source:
+                        try:
+                            reader = pa.ipc.open_file(source)
+                            parts = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                        except pa.ArrowInvalid:
+                            source.seek(0)
+                            parts = iter(pa.ipc.open_stream(source))
+                        for batch in parts:
+                            for start in range(0, batch.num_rows, CHUNK):
+                                yield batch.slice(start, CHUNK)
+            else:
+                for start in range(0, len(self), CHUNK):
+                    yield self.table.slice(start, CHUNK)
+
+        first = 0
+        for part in batches():
+            yield first, pc.cast(part.column(self.id_column), pa.string()), part
+            first += part.num_rows
 
     def kept(self, part, lang: str) -> np.ndarray:
         """Rows of the slice that hold a caption of `lang` (blank and None captions are left out and counted)."""
@@ -189,6 +208,17 @@ class _Captions:
         if self.long:
             ok = pc.and_(ok, pc.fill_null(pc.equal(part.column("lang"), lang), False))
         return np.flatnonzero(ok.to_numpy(zero_copy_only=False) if isinstance(ok, pa.Array) else ok.combine_chunks().to_numpy(zero_copy_only=False))
+
+
+def _rows_of(path: str) -> int:
+    """Rows of an Arrow IPC file (file or stream format), from its batch headers (memory-mapped: no data page is read)."""
+    with pa.memory_map(path, "r") as source:
+        try:
+            reader = pa.ipc.open_file(source)
+            return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            source.seek(0)
+            return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
 
 
 def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: np.ndarray | None,
@@ -203,7 +233,10 @@ def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder
     trained = np.zeros(n_cache, dtype=bool)  # cache rows with a training pair
     report = {lang: {"pairs": 0, "empty_texts": 0, "ids_without_target": 0, "examples_without_target": []} for lang in others}
     seen = {lang: np.zeros(n_cache, dtype=bool) for lang in others}
+    long_langs: set = set()  # the long format's languages, to name them when one asked for has no rows
     for start, ids, part in captions.chunks():
+        if captions.long:
+            long_langs |= set(pc.unique(part.column("lang")).to_pylist())
         rows = index.lookup(ids)  # (chunk,) cache row per data row, -1 where the cache lacks the id
         if is_val is not None and val_fraction > 0:
             found = np.flatnonzero(rows >= 0)
@@ -228,6 +261,9 @@ def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder
             seen[lang][r] = True
             stats["pairs"] += len(r)
     for lang in others:
+        if captions.long and lang not in long_langs:
+            raise UserError(f"language {lang!r} has no rows in {captions.data} (column 'lang' has "
+                            f"{', '.join(sorted(map(str, long_langs))[:20])}); fix --languages")
         report[lang]["targets_without_text"] = int(n_cache - seen[lang].sum())
     if "en" in languages:
         k = languages.index("en")
@@ -272,8 +308,8 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
         val_report = load_join(config.val_data, config.val_split, "val", None, None)
         held = np.zeros(n, dtype=bool)
         val_pairs = _open(folder / "val" / "all", [], languages, np.zeros(0))
-        for start in range(0, len(val_pairs), CHUNK):
-            held[np.asarray(val_pairs.rows[start : start + CHUNK])] = True
+        for _, rows in val_pairs.rows.blocks(CHUNK):
+            held[rows] = True
     elif config.val_fraction > 0:
         is_val = np.zeros(n, dtype=bool)
     report = load_join(config.data, config.split, "train", held, is_val)
@@ -306,7 +342,7 @@ def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs |
     languages = _languages(config)
     report = json.loads((folder / "report.json").read_text())
     n = len(cache)
-    cache_groups = np.memmap(folder / "cache_groups", dtype="<i8", mode="r", shape=(n,)) if n else np.zeros(0, np.int64)
+    cache_groups = shards.RawArray(folder / "cache_groups", "<i8")
     en_source = cache.column("text")
 
     def sources(data: str, split: str) -> list:
@@ -322,7 +358,7 @@ def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs |
             else _open(folder / "train" / "held", train_sources, languages, cache_groups)
         mask = np.zeros(n, dtype=bool)
         mask[eval_rows] = True
-        keep = np.concatenate([mask[np.asarray(held.rows[s : s + CHUNK])] for s in range(0, len(held), CHUNK)]) if len(held) else np.zeros(0, bool)
+        keep = np.concatenate([mask[rows] for _, rows in held.rows.blocks(CHUNK)]) if len(held) else np.zeros(0, bool)
         val = held.subset(keep)
     report.update({"eval_ids": len(np.unique(val.rows)) if val else 0, "eval_pairs": len(val) if val else 0})
     if len(train) == 0:

@@ -133,4 +133,15 @@ def test_token_lengths_are_the_tokenizers_own_counts_cut_at_max_length(tmp_path,
         tokenizer = AutoTokenizer.from_pretrained(folder)
         token_lengths(tokenizer, train, 16, tmp_path / "lengths")
         want = [len(x) for x in tokenizer(train.texts(), truncation=True, max_length=16)["input_ids"]]
-        assert open_lengths(tmp_path / "lengths", len(train)).tolist() == want and max(want) == 16
+        assert np.asarray(open_lengths(tmp_path / "lengths", len(train))).tolist() == want and max(want) == 16
+
+
+def test_a_language_the_long_format_lacks_is_one_line(tmp_path):
+    import pytest
+
+    from mclip.errors import UserError
+
+    cache = _cache(tmp_path / "cache", ["a", "b"], ["en a", "en b"])
+    data = tiny.write_captions(tmp_path / "long.jsonl", [{"id": "a", "lang": "zh", "text": "zh a"}, {"id": "b", "lang": "fr", "text": "fr b"}])
+    with pytest.raises(UserError, match=r"language 'de' has no rows in .*long.jsonl \(column 'lang' has fr, zh\); fix --languages"):
+        prepare_pairs(_config(tmp_path, data), cache)

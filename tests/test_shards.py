@@ -164,9 +164,43 @@ def test_column_gathers_rows_across_shards_as_the_whole_column_would(tmp_path, d
         column.gather(np.array([13]))
 
 
-def test_column_views_the_memory_map_without_copying(tmp_path):
-    cache = _write_cache(tmp_path / "c", sizes=(6,), dim=4)
+def test_column_reads_rows_from_the_file_not_from_a_mapping(tmp_path):
+    """Rows are read with pread (flat RSS), and equal what Arrow holds, for vectors, strings and large strings, in the
+    file format (cache shards) and the stream format (a `datasets` cache file), sliced or not."""
+    cache = _write_cache(tmp_path / "c", sizes=(6, 5), dim=4, dtype="float16")
+    rows = np.array([10, 0, 3, 4, 5, 6, 6, 1])
     column = cache.targets()
-    column.gather(np.array([1]))
-    view = column._view(0)
-    assert not view.flags.owndata and not view.flags.writeable  # a view of the mapped file, not a copy
+    np.testing.assert_array_equal(column.gather(rows), cache.embeddings()[rows])
+    assert {column._layout_of(c)[0] for c in range(len(column.chunks))} == {"list"}  # from the file, every chunk
+    ids = cache.column("id")
+    assert ids.take(rows).to_pylist() == [f"r{r}" for r in rows] and ids._layout_of(0)[0] == "str"
+    texts = [f"текст {i} 猫" * (i % 3) for i in range(40)]
+    for kind in (pa.string(), pa.large_string()):
+        table = pa.table({"text": pa.array(texts, kind)})
+        path = tmp_path / f"stream-{kind}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=7)
+        from_file = shards.Column.from_files([path], "text")
+        picks = np.array([39, 0, 1, 2, 20, 21, 22, 8, 8])
+        assert from_file.take(picks).to_pylist() == [texts[i] for i in picks]
+        assert from_file._layout_of(3)[0] == "str"
+        in_memory = shards.Column(table.column("text").slice(3).chunks)  # sliced chunks, nothing on disk
+        assert in_memory.take(picks - 3 * (picks >= 3)).to_pylist() == [texts[3:][i] for i in picks - 3 * (picks >= 3)]
+
+
+def test_raw_array_reads_like_the_numpy_array_it_stores(tmp_path):
+    values = np.random.default_rng(0).integers(-1000, 1000, 50).astype("<i8")
+    values.tofile(tmp_path / "a")
+    a = shards.RawArray(tmp_path / "a", "<i8")
+    index = np.array([[3, 4, 4, 49], [0, 1, 2, 10]])
+    assert len(a) == 50 and a[7] == values[7] and a[-1] == values[-1]
+    np.testing.assert_array_equal(a[index], values[index])
+    np.testing.assert_array_equal(a[5:20:3], values[5:20:3])
+    np.testing.assert_array_equal(a[values > 0], values[values > 0])
+    np.testing.assert_array_equal(np.asarray(a), values)
+    np.testing.assert_array_equal(a == values[0], values == values[0])
+    assert a[np.zeros(0, np.int64)].shape == (0,)
+    with pytest.raises(IndexError):
+        a[50]
+    with pytest.raises(IndexError):
+        a[np.array([1, 50])]
