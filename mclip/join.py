@@ -63,20 +63,6 @@ def hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
         return _splitmix(h ^ (lengths * np.uint64(0x9E3779B97F4A7C15)))
 
 
-def _id_batches(cache):
-    """(first row, id array) per record batch of the cache, read without touching the other columns' bytes."""
-    row = 0
-    for path in cache.files:
-        with pa.OSFile(str(path), "rb") as source:
-            reader = pa.ipc.open_file(source)
-            field = reader.schema.get_field_index("id")
-            reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[field]))
-            for i in range(reader.num_record_batches):
-                ids = reader.get_batch(i).column(0)
-                yield row, ids
-                row += len(ids)
-
-
 def _fingerprint(cache) -> str:
     """Which cache an index belongs to: its shards' checksums (or names and sizes when a manifest has no checksums)."""
     return json.dumps([[s["file"], s.get("sha256"), s["rows"]] for s in cache.manifest["shards"]])
@@ -105,7 +91,7 @@ class IdIndex:
         parts = [open(tmp / f"part-{k:05d}.bin", "wb") for k in range(1 << bits)]
         pair = np.dtype([("hash", "<u8"), ("row", "<i8")])
         try:
-            for first, ids in _id_batches(cache):
+            for first, ids in cache.batches("id"):
                 chunk = np.empty(len(ids), pair)
                 chunk["hash"], chunk["row"] = hash64(ids), np.arange(first, first + len(ids))
                 which = (chunk["hash"] >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(ids), np.int64)

@@ -115,10 +115,9 @@ def _cache_groups(cache, folder: Path) -> np.ndarray:
     (streamed, bounded), else grouped by text here (caches of mclip before format 2: a hash table of the texts)."""
     path = folder / "cache_groups"
     if "caption_group" in _schema_names(cache):
-        column = cache.column("caption_group")
         with open(path, "wb") as handle:
-            for chunk in column.chunks:
-                handle.write(chunk.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+            for _, values in cache.batches("caption_group"):
+                handle.write(values.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     else:
         text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8").tofile(path)
     return shards.RawArray(path, "<i8")

@@ -373,6 +373,19 @@ class TeacherCache:
             return cache_schema(self.dim, self.manifest["dtype"]).empty_table()
         return pa.concat_tables(tables)
 
+    def batches(self, name: str):
+        """(first row, array) per record batch of one column, read in order with plain reads of just that column's
+        buffers: a pass over every row in bounded memory, with nothing left mapped."""
+        row = 0
+        for path in self.files:
+            with pa.OSFile(str(path), "rb") as source:
+                field = pa.ipc.open_file(source).schema.get_field_index(name)
+                reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[field]))
+                for i in range(reader.num_record_batches):
+                    values = reader.get_batch(i).column(0)
+                    yield row, values
+                    row += len(values)
+
     def column(self, name: str) -> Column:
         """One column, read by row (stage 2's targets and texts, stage 3's gallery) with no copy of the rest."""
         return Column.from_files(self.files, name)

@@ -145,3 +145,28 @@ def test_a_language_the_long_format_lacks_is_one_line(tmp_path):
     data = tiny.write_captions(tmp_path / "long.jsonl", [{"id": "a", "lang": "zh", "text": "zh a"}, {"id": "b", "lang": "fr", "text": "fr b"}])
     with pytest.raises(UserError, match=r"language 'de' has no rows in .*long.jsonl \(column 'lang' has fr, zh\); fix --languages"):
         prepare_pairs(_config(tmp_path, data), cache)
+
+
+def test_the_caches_caption_groups_are_used_when_it_has_them(tmp_path):
+    """Stage 1 (format 2) records caption_group; without it (older caches) the English texts are grouped here."""
+    import pyarrow as pa
+
+    from mclip import outputs
+    from mclip.pairs import _cache_groups
+
+    old = _cache(tmp_path / "old", ["a", "b", "c"], ["same", "other", "same"])
+    assert np.asarray(_cache_groups(old, tmp_path)).tolist() == [0, 1, 0]
+    folder = tmp_path / "new"
+    folder.mkdir()
+    table = pa.table({"id": ["a", "b", "c"], "text": ["same", "other", "same"], "embedding": shards.fixed_list(np.eye(3), "float32"),
+                      "caption_group": pa.array([0, 1, 0], pa.int64())})
+    path = shards.write_shard(folder, 0, table, {"rows": 3, "first_row": 0})
+    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "complete": True, "dim": 3, "dtype": "float32", "totals": {"rows": 3},
+                                                 "shards": [{"file": path.name, "rows": 3, "sha256": outputs.file_sha256(path)}]})
+    new = shards.open_cache(folder)
+    groups = np.asarray(_cache_groups(new, tmp_path))
+    assert groups.tolist() == [0, 1, 0]
+    # read from the column, not recomputed: a cache whose groups say otherwise is believed
+    table = table.set_column(3, "caption_group", pa.array([5, 5, 7], pa.int64()))
+    shards.write_shard(folder, 0, table, {"rows": 3, "first_row": 0})
+    assert np.asarray(_cache_groups(shards.TeacherCache(folder, new.manifest), tmp_path)).tolist() == [5, 5, 7]
