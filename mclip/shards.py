@@ -89,6 +89,13 @@ class RawArray:
     def __getstate__(self) -> dict:  # a DataLoader worker started with spawn opens the file itself
         return {**self.__dict__, "_fd": None}
 
+    def __del__(self) -> None:
+        import os
+
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def __len__(self) -> int:
         return self.n
 
@@ -167,7 +174,7 @@ class Column:
         """Column `name` of IPC files (file or stream format), read zero-copy to learn where each buffer lies."""
         import os
 
-        chunks, where = [], []
+        chunks, where, paths = [], [], list(paths)
         for path in paths:
             source = pa.memory_map(str(path), "r")
             base = source.read_buffer(1).address if source.size() else 0  # zero-copy: the mapping's first byte
@@ -181,10 +188,25 @@ class Column:
             for chunk in table.column(name).chunks:
                 chunks.append(chunk)
                 where.append((fd, base, source.size()))
-        return cls(chunks, where)
+        column = cls(chunks, where)
+        column._source = ([str(p) for p in paths], name)
+        return column
+
+    def __reduce__(self):  # to a DataLoader worker started with spawn: reopen the files there (file descriptors do not travel)
+        source = getattr(self, "_source", None)
+        return (Column.from_files, source) if source is not None else (Column, (self.chunks,))
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def __del__(self) -> None:
+        import os
+
+        for fd in {w[0] for w in getattr(self, "where", []) if w is not None}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @property
     def width(self) -> int:

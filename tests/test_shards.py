@@ -204,3 +204,15 @@ def test_raw_array_reads_like_the_numpy_array_it_stores(tmp_path):
         a[50]
     with pytest.raises(IndexError):
         a[np.array([1, 50])]
+
+
+def test_columns_and_raw_arrays_travel_to_a_spawned_worker(tmp_path):
+    import pickle
+
+    cache = _write_cache(tmp_path / "c", sizes=(3, 4), dim=4)
+    column = pickle.loads(pickle.dumps(cache.targets()))  # what a spawn-started DataLoader worker receives
+    np.testing.assert_array_equal(column.gather(np.array([6, 0])), cache.embeddings()[[6, 0]])
+    np.arange(5, dtype="<i8").tofile(tmp_path / "a")
+    raw = shards.RawArray(tmp_path / "a", "<i8")
+    raw[0]
+    assert pickle.loads(pickle.dumps(raw))[4] == 4

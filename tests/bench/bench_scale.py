@@ -116,18 +116,18 @@ def synthetic_cache(folder: Path, rows: int, template: Path, distinct: int | Non
     dim, dtype = int(manifest["dim"]), manifest["dtype"]
     schema = shards.cache_schema(dim, dtype)
     rng = np.random.default_rng(seed)
+    pool = rng.standard_normal((65_536, dim), dtype=np.float32)  # rows are drawn from a pool: the values do not matter here
+    pool = shards.fixed_list(pool / np.linalg.norm(pool, axis=1, keepdims=True), dtype)
     entries = []
     for k, first in enumerate(range(0, rows, SHARD_ROWS)):
         n = min(SHARD_ROWS, rows - first)
         index = np.arange(first, first + n)
-        vectors = rng.standard_normal((n, dim), dtype=np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         text_of = index % distinct if distinct else index
         columns = {"id": pa.array(np.char.add("r", index.astype(str))), "text": pa.array(np.char.add("caption ", text_of.astype(str))),
-                   "embedding": shards.fixed_list(vectors, dtype)}
-        if "caption_group" in schema.names:
-            columns["caption_group"] = pa.array(text_of.astype(np.int64))  # the input row of the caption's first appearance
-        table = pa.table({name: columns[name] for name in schema.names}, schema=schema)
+                   "embedding": pool.take(pa.array(rng.integers(0, len(pool), n))),
+                   "caption_group": pa.array(text_of.astype(np.int64))}  # stage 1's: the input row of the caption's first appearance
+        names = list(schema.names) + [name for name in columns if name not in schema.names]
+        table = pa.table({name: columns[name] for name in names})
         path = shards.write_shard(folder, k, table, {"shard": k, "first_row": first, "end_row": first + n, "rows": n, "skipped": 0,
                                                      "truncated": 0, "duplicates": 0})
         entries.append({"file": path.name, "rows": n, "first_row": first, "end_row": first + n, "bytes": path.stat().st_size,
