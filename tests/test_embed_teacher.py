@@ -1,5 +1,6 @@
 """Stage 1 end to end: the cache contract, input formats, dedup, batching invariance, layers, images, resume, torchrun."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -67,7 +68,9 @@ def test_cache_contract(tmp_path, clip_teacher, captions, dtype, arrow, atol):
         "format": shards.FORMAT, "complete": True, "kind": "clip", "pooling": "clip_projection", "dim": 16, "dtype": dtype,
         "normalized": True, "max_length": 77, "caption_column": "caption", "id_column": "id", "image_column": None, "layers": [],
         "mclip_version": mclip.__version__}
-    assert manifest["totals"] == {"input_rows": 20, "rows": 20, "skipped": 0, "truncated": 0, "duplicates": 0}
+    assert manifest["totals"] == {"input_rows": 20, "rows": 20, "skipped": 0, "truncated": 0, "duplicates": 0,
+                                  "distinct_captions": 20, "embedded": 20}
+    assert manifest["format_version"] == shards.FORMAT_VERSION == 2
     assert [(s["file"], s["rows"], s["first_row"], s["end_row"]) for s in manifest["shards"]] == [
         ("shard-00000.arrow", 7, 0, 7), ("shard-00001.arrow", 7, 7, 14), ("shard-00002.arrow", 6, 14, 20)]
     assert all(s["sha256"] == shards.file_sha256(out / s["file"]) for s in manifest["shards"])
@@ -75,7 +78,8 @@ def test_cache_contract(tmp_path, clip_teacher, captions, dtype, arrow, atol):
 
     files = [str(out / s["file"]) for s in manifest["shards"]]
     table = pads.dataset(files, format="arrow").to_table()
-    assert table.schema.names == ["id", "text", "embedding"]
+    assert table.schema.names == ["id", "text", "caption_group", "embedding"]
+    assert table.column("caption_group").to_pylist() == list(range(20))  # twenty distinct captions: each its own group
     assert table.schema.field("id").type == pa.string() and table.schema.field("embedding").type == pa.list_(arrow, 16)
     rows = _rows(captions)
     assert table.column("id").to_pylist() == [r["id"] for r in rows] and table.column("text").to_pylist() == [r["caption"] for r in rows]
@@ -180,7 +184,7 @@ def test_cache_layers_hold_the_pooled_hidden_state(tmp_path, captions, which, re
     hidden = {"clip_teacher": 32, "bert_teacher": 24}[which]
     assert cache.layers == [2, 1] and result.manifest["layer_dim"] == hidden
     assert result.manifest["layer_pooling"] == ("eos_token" if which == "clip_teacher" else "mean")
-    assert cache.table().schema.names == ["id", "text", "embedding", "layer_1", "layer_2"]
+    assert cache.table().schema.names == ["id", "text", "caption_group", "embedding", "layer_1", "layer_2"]
     texts = [r["caption"] for r in _rows(captions)]
     tok = AutoTokenizer.from_pretrained(path)
     model = (CLIPTextModel if which == "clip_teacher" else AutoModel).from_pretrained(path).eval()
@@ -254,7 +258,9 @@ def test_empty_captions_are_skipped_and_counted(tmp_path, clip_text_teacher):
                                                          {"id": "c", "caption": None}, {"id": "d", "caption": "  "},
                                                          {"id": "e", "caption": "green tree"}])
     result = _run(data, tmp_path / "out", clip_text_teacher, id_column="id")
-    assert result.totals == {"input_rows": 5, "rows": 2, "skipped": 3, "truncated": 0, "duplicates": 0}
+    assert result.totals == {"input_rows": 5, "rows": 2, "skipped": 3, "truncated": 0, "duplicates": 0, "distinct_captions": 2,
+                             "embedded": 2}
+    assert shards.open_cache(tmp_path / "out").table(["caption_group"]).column(0).to_pylist() == [0, 4]  # input rows
     assert shards.open_cache(tmp_path / "out").ids() == ["a", "e"]
     with pytest.raises(UserError, match=r"caption of id 'b' \(row 1\) is empty"):
         _run(data, tmp_path / "strict", clip_text_teacher, id_column="id", strict=True)
@@ -395,25 +401,31 @@ def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkey
 
 def test_the_reader_pads_and_pins_the_batches_a_gpu_teacher_gets(tmp_path, clip_text_teacher, monkeypatch):
     """Batches are made in the reader thread, length-sorted within the token budget, and page-locked for a CUDA teacher
-    (pin_memory needs CUDA, so here it is recorded instead)."""
+    (pin_memory needs CUDA, so here it is recorded instead): a unit of distinct captions with --dedup, a shard without."""
     import torch
 
-    from mclip import embed_teacher
+    from mclip import dedup, embed_teacher
 
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
     texts = ["red apple", LONG, "a dog", "red apple", "", "green tree on a hill"]
     data = tiny.write_captions(tmp_path / "rows.jsonl", [{"caption": t} for t in texts])
     config = EmbedConfig(data=str(data), out=str(tmp_path / "out"), teacher=str(clip_text_teacher), max_batch_size=2)
-    table_fmt, n = embed_teacher._load_rows(config)
+    rows, n = embed_teacher._load_rows(config)
     teacher = load_teacher(str(clip_text_teacher))
-    work = embed_teacher._read_shard(0, table_fmt, config, n, teacher, batch_tokens=4096, pin=True)
-    assert (work.unique, work.skipped, len(work.ids), work.inverse.tolist()) == (4, 1, 5, [0, 1, 2, 0, 3])
+    plan = dedup.build(rows, n, config, tmp_path / "out", "fingerprint")
+    assert plan.groups(0, n).tolist() == [0, 1, 2, 0, -1, 5] and (plan.distinct, plan.units) == (4, 1)
+    work = embed_teacher._read_unit(0, plan, config, teacher, batch_tokens=4096, pin=True)
+    assert work.unique == 4 and work.flags.tolist() == [False, True, False, False]  # the distinct captions by first row
     assert sorted(i for idx, _, _ in work.batches for i in idx.tolist()) == [0, 1, 2, 3] and len(work.batches) == 2
     widths = [mask.sum(1).tolist() for _, _, mask in work.batches]
     assert widths[0][-1] <= widths[1][0] and max(widths[1]) == 77  # sorted by length; the long caption cut to 77
     assert len(pinned) == 2 * len(work.batches)
-    unpinned = embed_teacher._read_shard(0, table_fmt, config, n, teacher, batch_tokens=4096, pin=False)
+    unpinned = embed_teacher._read_unit(0, plan, config, teacher, batch_tokens=4096, pin=False)
     assert len(pinned) == 2 * len(work.batches)
     for (i1, ids1, m1), (i2, ids2, m2) in zip(work.batches, unpinned.batches):
         assert i1.tolist() == i2.tolist() and torch.equal(ids1, ids2) and torch.equal(m1, m2)
+    plain = dataclasses.replace(config, dedup=False)  # without --dedup a shard tokenises every kept row itself
+    shard = embed_teacher._read_shard(0, rows, plain, n, teacher, batch_tokens=4096, plan=plan)
+    assert (shard.unique, shard.skipped, len(shard.ids), shard.inverse.tolist(), shard.groups.tolist()) == (5, 1, 5, [0, 1, 2, 3, 4],
+                                                                                                          [0, 1, 2, 0, 5])
