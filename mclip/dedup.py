@@ -282,25 +282,18 @@ class Plan:
             needed[self.locate(slots[slots >= 0])[0]] = True
         return np.flatnonzero(needed).tolist()
 
-    def gather(self, slots: np.ndarray, columns: list[str], dtype: str) -> dict[str, np.ndarray]:
-        """Column -> (len(slots), width) values from the parts (dtype as stored; bool for `truncated`), one part file
-        memory-mapped at a time."""
+    def gather(self, slots: np.ndarray, widths: dict[str, int | None], dtype: str) -> dict[str, np.ndarray]:
+        """Column -> (len(slots), width) values from the parts (`dtype` as stored; a width of None: one bool per row,
+        `truncated`), one part file memory-mapped at a time."""
         import pyarrow as pa
 
+        out = {c: np.empty((len(slots), w), np.dtype(dtype)) if w else np.empty(len(slots), bool) for c, w in widths.items()}
         units, positions = self.locate(slots)
         order = np.argsort(units, kind="stable")
-        out: dict[str, np.ndarray] = {}
         for u, start, end in _runs(units[order]):
             idx = order[start:end]
             with pa.memory_map(str(self.parts / shards.shard_name(u))) as source:
                 taken = pa.ipc.open_file(source).read_all().take(pa.array(positions[idx]))
-            for column in columns:
-                values = taken[column]
-                if pa.types.is_fixed_size_list(values.type):
-                    values = shards.to_numpy(values, np.dtype(dtype))
-                else:
-                    values = values.to_numpy()
-                if column not in out:
-                    out[column] = np.empty((len(slots), *values.shape[1:]), values.dtype)
-                out[column][idx] = values
+            for column, width in widths.items():
+                out[column][idx] = shards.to_numpy(taken[column], np.dtype(dtype)) if width else taken[column].to_numpy()
         return out

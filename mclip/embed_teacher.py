@@ -9,8 +9,6 @@ vectors from those units; without it, over the row shards, each embedding its ow
 from __future__ import annotations
 
 import functools
-import itertools
-import os
 import shutil
 import sys
 import time
@@ -22,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from mclip import __version__, data, dedup, distributed, outputs, shards
-from mclip.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, EmbedConfig, request, to_dict
+from mclip.batches import _tokenize_threads, default_batch_tokens, padded_batches
+from mclip.config import EmbedConfig, request, to_dict
 from mclip.errors import UserError, writing
 
 RERUN = "rerun the same command to resume"  # what to do after a failed write: finished shards are kept
@@ -171,7 +170,8 @@ def _read_shard(k: int, rows: data.Rows, config: EmbedConfig, n: int, teacher, b
     groups = plan.groups(a, b)[keep]
     assert (groups >= 0).all() and (plan.groups(a, b) >= 0).sum() == len(keep), f"shard {k}: the plan's kept rows differ"
     if config.dedup:
-        values = plan.gather(plan.slots(a, b)[keep], [*_vector_columns(config), "truncated"], config.dtype)
+        widths = {"embedding": teacher.dim, **{shards.layer_column(i): teacher.hidden_size for i in config.cache_layers}, "truncated": None}
+        values = plan.gather(plan.slots(a, b)[keep], widths, config.dtype)
         work = _Work(k, a, b, [], 0, 0, np.zeros(0, bool), values=values, duplicates=int((groups != a + keep).sum()))
     else:
         work = _Work(k, a, b, **_tokenized(kept.to_pylist(), teacher, config, batch_tokens, pin, tokenize_threads),
@@ -193,56 +193,6 @@ def _read_shard(k: int, rows: data.Rows, config: EmbedConfig, n: int, teacher, b
         work.image_inverse = np.array([index[key] for key in image_ids], dtype=np.int64)
     rows.release()
     return work
-
-
-def padded_batches(tokens: list[list[int]], teacher, batch_tokens: int, max_batch: int, pin: bool = False) -> tuple[list, int]:
-    """Token lists -> [(indices, input_ids (B, T), mask (B, T))] length-sorted within the token budget, and the real
-    token count. `pin`: page-locked, so each copy to the GPU runs asynchronously beside the previous forward."""
-    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
-    flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=int(lengths.sum()))
-    starts = np.cumsum(lengths) - lengths
-    batches = []
-    for idx in _batches(lengths, batch_tokens, max_batch):
-        input_ids, mask = teacher.pad(flat, starts[idx], lengths[idx])
-        if pin:
-            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-        batches.append((idx, input_ids, mask))
-    return batches, int(lengths.sum())
-
-
-def _tokenize_threads(device) -> int:
-    """Threads that tokenise a shard: one core tokenises ~15k CLIP captions a second, enough for a CPU teacher (and
-    more would take cores from it) but not for a GPU. With a GPU, this rank's share of the cores it may run on, less
-    two: the thread that launches the forward and the writer keep a core each, so a burst of tokenising never delays a
-    launch. torchrun ranks on one machine share its cores."""
-    if device.type == "cpu":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 2))
-
-
-def default_batch_tokens(device) -> int:
-    """Padded tokens per forward batch when the config leaves it open (config.CPU_BATCH_TOKENS, GPU_BATCH_TOKENS).
-
-    CPU: 2048. On the B/16 text tower (1 thread, CPU time, 1,000 realistic captions) 2048 ran 1.3x faster than 8192
-    (median 44.9 against 33.4 captions per CPU-second): finer batches waste less on padding, and their (tokens, 2048)
-    MLP tensors stay under glibc's 32 MiB mmap threshold instead of page-faulting on every allocation.
-    """
-    return GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
-
-
-def _batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
-    """Indices sorted by length, cut so that (count x longest) stays within the token budget."""
-    order = np.argsort(lengths, kind="stable")
-    out, start = [], 0
-    for end in range(1, len(order) + 1):
-        width = lengths[order[end - 1]]
-        if end - start > 1 and ((end - start) * width > batch_tokens or end - start > max_batch):
-            out.append(order[start : end - 1])
-            start = end - 1
-    if start < len(order):
-        out.append(order[start:])
-    return out
 
 
 def _embed(work: _Work, teacher, config: EmbedConfig):
@@ -347,7 +297,7 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     schema = shards.cache_schema(teacher.dim, config.dtype, {layer: teacher.hidden_size for layer in config.cache_layers},
                                  teacher.dim if config.image_column else None)
     n_shards = -(-n // config.shard_size)
-    span = lambda k: (k * config.shard_size, min(n, (k + 1) * config.shard_size))  # noqa: E731
+    span = [(k * config.shard_size, min(n, (k + 1) * config.shard_size)) for k in range(n_shards)]  # input rows of each shard
     todo = [k for k in range(ctx.rank, n_shards, ctx.world_size) if not _finished(out, k, config)]
     pin, threads = device.type == "cuda", _tokenize_threads(device)
     captions = tokens = 0
@@ -355,7 +305,7 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     if config.dedup:  # every distinct caption once, by the rank of its unit; then the row shards gather them
         def units_todo():
             plan.parts.mkdir(exist_ok=True)
-            unfinished = [span(k) for k in range(n_shards) if not _finished(out, k, config)]
+            unfinished = [span[k] for k in range(n_shards) if not _finished(out, k, config)]
             return [u for u in plan.needed_units(unfinished) if not plan.unit_done(u)]
 
         units = [u for u in distributed.main_only(ctx, units_todo) if u % ctx.world_size == ctx.rank]
@@ -365,7 +315,7 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
         distributed.barrier()
     read = functools.partial(_read_shard, rows=rows, config=config, n=n, teacher=teacher, batch_tokens=batch_tokens, plan=plan,
                              pin=pin, tokenize_threads=threads)
-    more = _stream(todo, read, out, teacher, config, schema, ctx, "rows", sum(span(k)[1] - span(k)[0] for k in todo))
+    more = _stream(todo, read, out, teacher, config, schema, ctx, "rows", sum(span[k][1] - span[k][0] for k in todo))
     captions, tokens = captions + more[0], tokens + more[1]
     compute_seconds = time.perf_counter() - compute_start
     distributed.barrier()
@@ -442,7 +392,7 @@ def summary(result: EmbedResult, wall: float) -> str:
     m = result.manifest or {}
     return (f"embed-teacher: {t.get('rows', 0):,} captions in {result.shards} shard(s) at {result.out} "
             f"({m.get('teacher', {}).get('name', '?')}, {m.get('pooling', '?')}, dim {m.get('dim', '?')}, {m.get('dtype', '?')}); "
-            f"this run embedded {result.captions:,} captions for {result.computed_shards} shard(s) "
+            f"this run embedded {result.captions:,} unique captions for {result.computed_shards} shard(s) "
             f"at {result.captions_per_s:,.0f} captions/s ({wall:.1f}s wall); "
             f"skipped {t.get('skipped', 0):,} empty, truncated {t.get('truncated', 0):,} over {m.get('max_length', '?')} tokens, "
             f"{t.get('duplicates', 0):,} repeated captions served by an earlier row's embedding.")

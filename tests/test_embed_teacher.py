@@ -162,6 +162,62 @@ def test_dedup_embeds_each_caption_once(tmp_path, bert_teacher):
     _assert_same(_by_id(tmp_path / "plain"), emb, atol=1e-6)
 
 
+def _repeats(n: int) -> list[dict]:
+    """n rows whose captions repeat across shards (and a few blank ones), ids k0.."""
+    pool = ["red apple", "green tree", "blue car on the street", "", "a dog", "red apple", None, LONG]
+    return [{"id": f"k{i}", "caption": pool[(i * 5) % len(pool)]} for i in range(n)]
+
+
+def _groups_oracle(rows: list[dict]) -> list[int]:
+    first: dict[str, int] = {}
+    return [first.setdefault(r["caption"], i) for i, r in enumerate(rows) if r["caption"] and r["caption"].strip()]
+
+
+def test_each_distinct_caption_is_embedded_once_per_cache(tmp_path, bert_teacher, monkeypatch):
+    from mclip import data, dedup
+
+    monkeypatch.setattr(dedup, "PARTITION_ROWS", 4)  # several partitions, row buckets and input chunks
+    monkeypatch.setattr(dedup, "BUCKET_ROWS", 8)
+    monkeypatch.setattr(data, "CHUNK_ROWS", 5)
+    rows = _repeats(30)
+    source = tiny.write_captions(tmp_path / "rows.jsonl", rows)
+    dedup_run = _run(source, tmp_path / "dedup", bert_teacher, id_column="id", dtype="float32", shard_size=4)
+    kept = len(_groups_oracle(rows))
+    assert dedup_run.captions == 5 and dedup_run.totals == {"input_rows": 30, "rows": kept, "skipped": 30 - kept, "truncated": 4,
+                                                            "duplicates": kept - 5, "distinct_captions": 5, "embedded": 5}
+    plain = _run(source, tmp_path / "plain", bert_teacher, id_column="id", dtype="float32", shard_size=4, dedup=False)
+    assert plain.captions == kept and plain.totals | {"duplicates": kept - 5, "embedded": 5} == dedup_run.totals
+    for out in ("dedup", "plain"):  # caption_group is the same contract with or without --dedup
+        table = shards.open_cache(tmp_path / out).table(["caption_group"])
+        assert table.column(0).to_pylist() == _groups_oracle(rows)
+        assert not (tmp_path / out / dedup.PLAN).exists()
+    _assert_same(_by_id(tmp_path / "dedup"), _by_id(tmp_path / "plain"), atol=1e-6)
+
+
+def test_a_killed_run_reuses_its_plan_and_finished_parts(tmp_path, bert_teacher, monkeypatch):
+    from mclip import dedup, embed_teacher
+
+    source = tiny.write_captions(tmp_path / "rows.jsonl", _repeats(30))
+    ref = _run(source, tmp_path / "ref", bert_teacher, id_column="id", dtype="float32", shard_size=2)
+    read_shard = embed_teacher._read_shard
+
+    def dies_at_shard_3(k, *args, **kwargs):
+        if k == 3:
+            raise KeyboardInterrupt  # stands in for a kill after the units are embedded
+        return read_shard(k, *args, **kwargs)
+
+    monkeypatch.setattr(embed_teacher, "_read_shard", dies_at_shard_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(source, tmp_path / "out", bert_teacher, id_column="id", dtype="float32", shard_size=2)
+    parts = tmp_path / "out" / dedup.PLAN / "parts"  # five distinct captions, units of two
+    assert sorted(p.name for p in parts.iterdir()) == ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
+    monkeypatch.setattr(embed_teacher, "_read_shard", read_shard)
+    again = _run(source, tmp_path / "out", bert_teacher, id_column="id", dtype="float32", shard_size=2)
+    assert again.captions == 0 and ref.captions == 5 and again.totals == ref.totals  # plan and every unit reused
+    assert not (tmp_path / "out" / dedup.PLAN).exists() and shards.open_cache(tmp_path / "out").verify() == []
+    _assert_same(_by_id(tmp_path / "out"), _by_id(tmp_path / "ref"), atol=0)
+
+
 @pytest.mark.parametrize("which", ["clip_teacher", "bert_teacher"])
 def test_results_do_not_depend_on_batching(tmp_path, captions, which, request):
     teacher = request.getfixturevalue(which)
@@ -387,7 +443,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
 def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkeypatch):
     import torch
 
-    from mclip.embed_teacher import _tokenize_threads
+    from mclip.batches import _tokenize_threads
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -429,3 +485,38 @@ def test_the_reader_pads_and_pins_the_batches_a_gpu_teacher_gets(tmp_path, clip_
     shard = embed_teacher._read_shard(0, rows, plain, n, teacher, batch_tokens=4096, plan=plan)
     assert (shard.unique, shard.skipped, len(shard.ids), shard.inverse.tolist(), shard.groups.tolist()) == (5, 1, 5, [0, 1, 2, 3, 4],
                                                                                                           [0, 1, 2, 0, 5])
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_equal_one_process(tmp_path, clip_teacher):
+    """Two torchrun launchers on this machine stand in for two nodes (--nnodes 2, one process each, gloo on CPU):
+    the plan, the distinct-caption units split over the nodes' ranks and the gathered shards equal one process's."""
+    data = tiny.write_captions(tmp_path / "rows.jsonl", _repeats(40))
+    common = ["--data", str(data), "--teacher", str(clip_teacher), "--id-column", "id", "--dtype", "float32", "--shard-size", "3",
+              "--cache-layers", "1", "--device", "cpu", "--no-progress"]
+    port = _free_port()
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                                   "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                                   "-m", "mclip", "embed-teacher", "--out", str(tmp_path / "dist"), *common],
+                                  cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                 for node in (0, 1)]
+    deadline, errors = time.monotonic() + 90, []
+    for proc in launchers:
+        try:
+            errors.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[1])
+        except subprocess.TimeoutExpired:
+            for other in launchers:
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            pytest.fail(f"two-node torchrun did not finish within 90 s: {proc.communicate()[1][-3000:]}")
+    assert [proc.returncode for proc in launchers] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    single = _run(data, tmp_path / "single", clip_teacher, id_column="id", dtype="float32", shard_size=3, cache_layers=(1,), device="cpu")
+    dist = shards.open_cache(tmp_path / "dist")
+    assert single.captions == 5 and dist.manifest["totals"] == single.totals and dist.verify() == []  # 2 units: one per node
+    assert len(dist.files) == 14 and [p.name for p in dist.files] == [p.name for p in shards.open_cache(tmp_path / "single").files]
+    for a, b in zip(dist.files, shards.open_cache(tmp_path / "single").files):  # shard by shard: same rows, groups, vectors
+        ta, tb = (pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in (a, b))
+        assert ta.schema.metadata == tb.schema.metadata and ta.select(["id", "text", "caption_group"]).equals(tb.select(["id", "text", "caption_group"]))
+        for column in ("embedding", "layer_1"):
+            np.testing.assert_allclose(shards.to_numpy(ta[column]), shards.to_numpy(tb[column]), atol=1e-5)
+    assert not (tmp_path / "dist" / ".plan").exists()

@@ -68,7 +68,7 @@ def _sample(pid: int, peaks: dict, stop: threading.Event) -> None:
             except (FileNotFoundError, ProcessLookupError):
                 continue
             for key in ("RssAnon", "RssFile"):
-                found = re.search(rf"^{key}:\s+(\d+) kB", status, re.M)
+                found = re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE)
                 if found:
                     peaks[key] = max(peaks.get(key, 0.0), int(found.group(1)) / 1024)
 
