@@ -28,6 +28,8 @@ import numpy as np
 
 from mclip import data, shards
 from mclip.config import request
+from mclip.errors import writing
+from mclip.outputs import write_json
 
 PLAN = ".plan"  # the work folder inside --out
 PARTITION_ROWS = 1 << 16  # records per hash partition: each is sorted alone in memory (~20 MB at this size)
@@ -168,55 +170,60 @@ def _runs(sorted_keys: np.ndarray):
 def build(rows: data.Rows, n: int, config, out: Path, fingerprint: str) -> Plan:
     """The plan of this request in `out/.plan` (reused when a killed run of the same request finished it), the
     duplicate-id and --strict checks included; a UserError leaves no `.plan` behind."""
-    import pyarrow as pa
-
     folder = Path(out) / PLAN
     key = {"request": request(config), "rows": n, "teacher": fingerprint}
     plan = Plan.open(folder)
     if plan is not None and plan.meta["key"] == key:
         return plan
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     try:
-        data.check_ids(rows, config.id_column, n, folder / "ids")
-        if config.strict:
-            data.check_strict(rows, config.caption_column, config.id_column, n)
-        spill = Spill(folder / "captions", n)
-        for a in range(0, n, data.CHUNK_ROWS):
-            b = min(n, a + data.CHUNK_ROWS)
-            column = data.caption_strings(rows[a:b][config.caption_column].combine_chunks(), config.caption_column, a)
-            keep = data.blank(column).to_numpy(zero_copy_only=False) == 0
-            texts = column.filter(pa.array(keep))
-            spill.add(hash64(texts), a + np.flatnonzero(keep), texts)
-            rows.release()
-        base, unit_base, size = [0], [0], config.shard_size
-
-        def partitions():
-            for p in range(spill.k):
-                hashes, kept, strings = spill.partition(p)
-                first = first_equal(hashes, strings)
-                owners = np.flatnonzero(first == np.arange(len(first)))
-                owners = owners[np.argsort(kept[owners], kind="stable")]  # the partition's distinct captions, by first row
-                slot = np.empty(len(first), np.int64)
-                slot[owners] = base[-1] + np.arange(len(owners))
-                with pa.OSFile(str(folder / f"distinct-{p:05d}.arrow"), "wb") as sink:
-                    texts = strings.take(pa.array(owners))
-                    with pa.ipc.new_file(sink, pa.schema([("text", pa.large_string())])) as writer:
-                        for start in range(0, len(owners), size):  # batch c = unit c of the partition
-                            writer.write_batch(pa.record_batch([texts[start : start + size]], names=["text"]))
-                base.append(base[-1] + len(owners))
-                unit_base.append(unit_base[-1] + -(-len(owners) // size))
-                yield kept, kept[first], slot[first]
-                del hashes, kept, strings, first, owners, slot, texts  # before the next partition is read
-
-        _bucket_pass(folder, n, partitions())
-        spill.remove()
-        pa.default_memory_pool().release_unused()
+        with writing(folder, "rerun the same command"):
+            return _build(rows, n, config, folder, key)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _build(rows: data.Rows, n: int, config, folder: Path, key: dict) -> Plan:
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    data.check_ids(rows, config.id_column, n, folder / "ids")
+    if config.strict:
+        data.check_strict(rows, config.caption_column, config.id_column, n)
+    spill = Spill(folder / "captions", n)
+    for a in range(0, n, data.CHUNK_ROWS):
+        b = min(n, a + data.CHUNK_ROWS)
+        column = data.caption_strings(rows[a:b][config.caption_column].combine_chunks(), config.caption_column, a)
+        keep = ~data.blank(column).to_numpy(zero_copy_only=False)
+        texts = column.filter(pa.array(keep))
+        spill.add(hash64(texts), a + np.flatnonzero(keep), texts)
+        rows.release()
+    base, unit_base, size = [0], [0], config.shard_size
+
+    def partitions():
+        for p in range(spill.k):
+            hashes, kept, strings = spill.partition(p)
+            first = first_equal(hashes, strings)
+            owners = np.flatnonzero(first == np.arange(len(first)))
+            owners = owners[np.argsort(kept[owners], kind="stable")]  # the partition's distinct captions, by first row
+            slot = np.empty(len(first), np.int64)
+            slot[owners] = base[-1] + np.arange(len(owners))
+            with pa.OSFile(str(folder / f"distinct-{p:05d}.arrow"), "wb") as sink:
+                texts = strings.take(pa.array(owners))
+                with pa.ipc.new_file(sink, pa.schema([("text", pa.large_string())])) as writer:
+                    for start in range(0, len(owners), size):  # batch c = unit c of the partition
+                        writer.write_batch(pa.record_batch([texts[start : start + size]], names=["text"]))
+            base.append(base[-1] + len(owners))
+            unit_base.append(unit_base[-1] + -(-len(owners) // size))
+            yield kept, kept[first], slot[first]
+            del hashes, kept, strings, first, owners, slot, texts  # before the next partition is read
+
+    _bucket_pass(folder, n, partitions())
+    spill.remove()
+    pa.default_memory_pool().release_unused()
     meta = {"key": key, "rows": n, "unit_size": size, "base": base, "unit_base": unit_base, "distinct": base[-1]}
-    (folder / "plan.json").write_text(json.dumps(meta), encoding="utf-8")  # last: a plan without it is rebuilt
+    write_json(folder / "plan.json", meta)  # last, atomically: a plan without it is rebuilt
     return Plan(folder, meta)
 
 
