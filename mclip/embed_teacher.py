@@ -167,8 +167,9 @@ def _read_shard(k: int, rows: data.Rows, config: EmbedConfig, n: int, teacher, b
     keep_mask = pc.invert(data.blank(column))
     keep = np.flatnonzero(keep_mask.to_numpy(zero_copy_only=False))
     kept = column.filter(keep_mask)
-    groups = plan.groups(a, b)[keep]
-    assert (groups >= 0).all() and (plan.groups(a, b) >= 0).sum() == len(keep), f"shard {k}: the plan's kept rows differ"
+    groups = plan.groups(a, b)
+    assert np.array_equal(np.flatnonzero(groups >= 0), keep), f"shard {k}: the plan's kept rows differ"
+    groups = groups[keep]
     if config.dedup:
         widths = {"embedding": teacher.dim, **{shards.layer_column(i): teacher.hidden_size for i in config.cache_layers}, "truncated": None}
         values = plan.gather(plan.slots(a, b)[keep], widths, config.dtype)
