@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from mclip import __version__, data, dedup, distributed, outputs, shards
-from mclip.batches import _tokenize_threads, default_batch_tokens, padded_batches
 from mclip.config import EmbedConfig, request, to_dict
 from mclip.errors import UserError, writing
+from mclip.teacher_batches import _tokenize_threads, default_batch_tokens, padded_batches
 
 RERUN = "rerun the same command to resume"  # what to do after a failed write: finished shards are kept
 
@@ -56,8 +56,8 @@ class _Work:
     unique: int  # texts to embed
     tokens: int  # real (unpadded) tokens over them
     flags: np.ndarray  # (unique,) truncated, per text to embed
-    ids: "pa.Array | None" = None  # kept rows (string); None for a unit
-    texts: "pa.Array | None" = None  # kept rows (string)
+    ids: object = None  # kept rows (Arrow string array); None for a unit
+    texts: object = None  # kept rows (Arrow string array)
     groups: np.ndarray | None = None  # kept row -> caption_group
     inverse: np.ndarray | None = None  # kept row -> text embedded here (without --dedup)
     values: dict | None = None  # kept row -> vectors and `truncated`, gathered from the units (with --dedup)

@@ -443,7 +443,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
 def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkeypatch):
     import torch
 
-    from mclip.batches import _tokenize_threads
+    from mclip.teacher_batches import _tokenize_threads
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -101,6 +101,20 @@ def test_cache_reader(tmp_path):
     assert cache.verify() == []
 
 
+def test_a_version_1_cache_without_caption_group_still_reads(tmp_path):
+    """Format version 2 added `caption_group`; a version-1 cache (no such column) opens and reads as it did."""
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    table = _table(4, 8, "float32").drop_columns(["caption_group"])
+    path = shards.write_shard(folder, 0, table, {"rows": 4, "first_row": 0})
+    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "format_version": 1, "complete": True, "dim": 8,
+                                                 "dtype": "float32", "totals": {"rows": 4},
+                                                 "shards": [{"file": path.name, "rows": 4, "first_row": 0, "end_row": 4}]})
+    cache = shards.open_cache(folder)
+    assert cache.table().column_names == ["id", "text", "embedding"] and "caption_group" not in cache.dataset().schema.names
+    assert cache.ids() == ["r0", "r1", "r2", "r3"] and cache.embeddings().shape == (4, 8) and cache.verify() == []
+
+
 def test_shards_are_readable_by_pyarrow_dataset_and_hf_datasets(tmp_path):
     import datasets
     import pyarrow.dataset as pads
@@ -151,16 +165,3 @@ def test_open_cache_refusals(tmp_path):
         shards.open_cache(cache.path)
     assert "\n" not in str(err.value)
 
-
-def test_a_version_1_cache_without_caption_group_still_reads(tmp_path):
-    """Format version 2 added `caption_group`; a version-1 cache (no such column) opens and reads as it did."""
-    folder = tmp_path / "v1"
-    folder.mkdir()
-    table = _table(4, 8, "float32").drop_columns(["caption_group"])
-    path = shards.write_shard(folder, 0, table, {"rows": 4, "first_row": 0})
-    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "format_version": 1, "complete": True, "dim": 8,
-                                                 "dtype": "float32", "totals": {"rows": 4},
-                                                 "shards": [{"file": path.name, "rows": 4, "first_row": 0, "end_row": 4}]})
-    cache = shards.open_cache(folder)
-    assert cache.table().column_names == ["id", "text", "embedding"] and "caption_group" not in cache.dataset().schema.names
-    assert cache.ids() == ["r0", "r1", "r2", "r3"] and cache.embeddings().shape == (4, 8) and cache.verify() == []

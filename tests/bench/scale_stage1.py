@@ -25,7 +25,10 @@ import threading
 import time
 from pathlib import Path
 
-import common  # tests/bench is the script's folder; also puts this checkout first on sys.path
+try:
+    import common  # run as a script: tests/bench is the script's folder; also puts this checkout first on sys.path
+except ImportError:  # imported as tests.bench.scale_stage1 (tests/bench/bench_scale.py)
+    from tests.bench import common
 
 
 def write_input(path: Path, rows: int, distinct: int, seed: int = 0) -> Path:
