@@ -164,4 +164,3 @@ def test_open_cache_refusals(tmp_path):
     with pytest.raises(UserError, match="is not valid JSON") as err:
         shards.open_cache(cache.path)
     assert "\n" not in str(err.value)
-
