@@ -73,7 +73,7 @@ class EmbedConfig:
                                       runtime=True)
     max_batch_size: int = option(1024, "Most captions per batch.", runtime=True)
     shard_size: int = option(10_000, "Captions per shard: the unit of resume, of rank split and of length sorting.")
-    dedup: bool = option(True, "Embed identical captions once per shard (every id still gets its row).")
+    dedup: bool = option(True, "Embed identical captions once per cache (every id still gets its row); off: embed every row.")
     strict: bool = option(False, "Refuse empty captions instead of skipping and counting them.")
     limit: int | None = option(None, "Use only the first N rows (smoke runs, benchmarks).")
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps.", runtime=True)

@@ -5,6 +5,11 @@ A cache folder holds `shard-00000.arrow`, `shard-00001.arrow`, ... (Arrow IPC *f
 readable by `pyarrow.dataset.dataset(files, format="arrow")` and `datasets.load_dataset("arrow", ...)`) and
 `manifest.json`, which is written first with `"complete": false` and rewritten atomically when the last shard lands.
 The atomic writes and checksums themselves are `mclip.outputs`'.
+
+Columns: `id`, `text`, `caption_group`, `embedding`, optional `layer_<i>`, `image_id` and `image_embedding`.
+`caption_group` (int64, format version 2) is the input row index of the first row, in input order, whose caption is
+the identical string: two rows have equal `caption_group` exactly when their English captions are identical, across
+the whole cache (whether or not --dedup was on). A version-1 cache has no such column; it is read as before.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from mclip.outputs import atomic_file, file_sha256, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "mclip-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the caption_group column
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.arrow$")
 ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
@@ -37,11 +42,13 @@ def layer_column(layer: int) -> str:
 
 
 def cache_schema(dim: int, dtype: str, layer_dims: dict[int, int] | None = None, image_dim: int | None = None) -> pa.Schema:
-    """The Arrow schema of a shard: id, text, embedding (D), optional layer_<i> (H) and image_id/image_embedding (D)."""
+    """The Arrow schema of a shard: id, text, caption_group, embedding (D), optional layer_<i> (H) and
+    image_id/image_embedding (D)."""
     value = ARROW_DTYPES[dtype]
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("text", pa.string(), nullable=False),
+        pa.field("caption_group", pa.int64(), nullable=False),
         pa.field("embedding", pa.list_(value, dim), nullable=False),
     ]
     for layer, width in sorted((layer_dims or {}).items()):

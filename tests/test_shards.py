@@ -14,6 +14,7 @@ def _table(n: int, dim: int, dtype: str, first: int = 0, layers: dict | None = N
     rng = np.random.default_rng(first)
     schema = shards.cache_schema(dim, dtype, layers, image_dim)
     columns = {"id": pa.array([f"r{first + i}" for i in range(n)]), "text": pa.array([f"caption {first + i}" for i in range(n)]),
+               "caption_group": pa.array(np.arange(first, first + n), pa.int64()),
                "embedding": shards.fixed_list(rng.standard_normal((n, dim)), dtype)}
     for layer, width in (layers or {}).items():
         columns[shards.layer_column(layer)] = shards.fixed_list(rng.standard_normal((n, width)), dtype)
@@ -39,12 +40,13 @@ def _write_cache(folder, sizes=(5, 4), dim=8, dtype="float32") -> shards.Teacher
 @pytest.mark.parametrize("dtype,arrow", [("float16", pa.float16()), ("float32", pa.float32())])
 def test_schema_by_dtype(dtype, arrow):
     schema = shards.cache_schema(16, dtype, {2: 32, 1: 32}, image_dim=16)
-    assert schema.names == ["id", "text", "embedding", "layer_1", "layer_2", "image_id", "image_embedding"]
+    assert schema.names == ["id", "text", "caption_group", "embedding", "layer_1", "layer_2", "image_id", "image_embedding"]
     assert schema.field("id").type == pa.string() and schema.field("image_id").type == pa.string()
+    assert schema.field("caption_group").type == pa.int64() and not schema.field("caption_group").nullable
     assert schema.field("embedding").type == pa.list_(arrow, 16)
     assert schema.field("layer_2").type == pa.list_(arrow, 32)
     assert schema.field("image_embedding").type == pa.list_(arrow, 16)
-    assert shards.cache_schema(4, dtype).names == ["id", "text", "embedding"]
+    assert shards.cache_schema(4, dtype).names == ["id", "text", "caption_group", "embedding"]
 
 
 def test_fixed_list_round_trip():
@@ -97,6 +99,20 @@ def test_cache_reader(tmp_path):
     assert cache.table(["id", "text"]).column_names == ["id", "text"]
     assert cache.dataset().count_rows() == 9
     assert cache.verify() == []
+
+
+def test_a_version_1_cache_without_caption_group_still_reads(tmp_path):
+    """Format version 2 added `caption_group`; a version-1 cache (no such column) opens and reads as it did."""
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    table = _table(4, 8, "float32").drop_columns(["caption_group"])
+    path = shards.write_shard(folder, 0, table, {"rows": 4, "first_row": 0})
+    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "format_version": 1, "complete": True, "dim": 8,
+                                                 "dtype": "float32", "totals": {"rows": 4},
+                                                 "shards": [{"file": path.name, "rows": 4, "first_row": 0, "end_row": 4}]})
+    cache = shards.open_cache(folder)
+    assert cache.table().column_names == ["id", "text", "embedding"] and "caption_group" not in cache.dataset().schema.names
+    assert cache.ids() == ["r0", "r1", "r2", "r3"] and cache.embeddings().shape == (4, 8) and cache.verify() == []
 
 
 def test_shards_are_readable_by_pyarrow_dataset_and_hf_datasets(tmp_path):
