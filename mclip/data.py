@@ -231,28 +231,10 @@ class Rows:
     def release(self) -> None:
         import pyarrow as pa
 
-        _drop_mapped_pages(self.files)
+        from mclip.shards import drop_mapped_pages
+
+        drop_mapped_pages(self.files)
         pa.default_memory_pool().release_unused()
-
-
-def _drop_mapped_pages(files: set[str]) -> None:
-    """madvise(MADV_DONTNEED) on this process's read-only mappings of `files`: safe, since pages of an unwritable file
-    mapping are read again from the file on the next access."""
-    import ctypes
-    import mmap
-
-    if not files or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        lines = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and "w" not in fields[1] and fields[5] in files:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 def caption_strings(column, caption_column: str, first_row: int):

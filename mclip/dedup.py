@@ -29,19 +29,13 @@ import numpy as np
 from mclip import data, shards
 from mclip.config import request
 from mclip.errors import writing
+from mclip.join import hash64  # the project's one string hash (vectorised over Arrow's buffers; the same in every process)
 from mclip.outputs import write_json
 
 PLAN = ".plan"  # the work folder inside --out
 PARTITION_ROWS = 1 << 16  # records per hash partition: each is sorted alone in memory (~20 MB at this size)
 MAX_PARTITIONS = 256  # open spill files at a time; beyond 16M rows the partitions grow instead (110k rows at 28M)
 BUCKET_ROWS = 1 << 17  # input rows per bucket of the row-order pass
-
-
-def hash64(strings) -> np.ndarray:
-    """64-bit hashes of an Arrow string array (pandas' SipHash with its fixed key, so the same in every process)."""
-    import pandas as pd
-
-    return pd.util.hash_array(strings.to_numpy(zero_copy_only=False), categorize=False)
 
 
 def first_equal(hashes: np.ndarray, strings) -> np.ndarray:

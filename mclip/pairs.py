@@ -18,7 +18,8 @@ from mclip.config import TrainConfig
 from mclip.errors import UserError
 
 PAIR_FILES = {"rows": "<i8", "src": "<i8", "langs": "<i1"}  # one raw little-endian array per field, P values each
-CHUNK = 1 << 16  # data rows (or pairs) handled at once while building: bounded memory whatever the data's size
+CHUNK = 1 << 16  # pairs handled at once in a pass over them: bounded memory whatever the data's size
+JOIN_ROWS = 1 << 20  # caption rows joined at once: one sequential pass over the id index each (~25 MB of ids and captions)
 
 
 @dataclass
@@ -148,6 +149,7 @@ class _Captions:
             ds = ds.flatten_indices()
         self.table, self.data = ds.data.table if hasattr(ds.data, "table") else ds.data, data
         self.files = [f["filename"] for f in ds.cache_files]  # the Arrow files `datasets` memory-maps, when it has them
+        shards.drop_mapped_pages(self.files)  # loading read every batch header through the map: give those pages back
         have = set(self.table.column_names)
         if config.id_column not in have:
             raise UserError(f"column {config.id_column!r} not found in {data}; it has {', '.join(self.table.column_names)} (use --id-column)")
@@ -174,29 +176,36 @@ class _Captions:
         return shards.Column(self.table.column(name).chunks)
 
     def chunks(self):
-        """(first row, ids (string array), rows) per CHUNK rows or record batch. The dataset's own Arrow files are read in
-        order through plain reads, not its memory map: a pass over every row would leave all its pages in RSS."""
+        """(first row, ids (string array), rows) per JOIN_ROWS rows, in order. The dataset's own Arrow files are read
+        through plain reads, not its memory map: a pass over every row would leave all its pages in RSS."""
         def batches():
-            if self.files and sum(_rows_of(f) for f in self.files) == len(self):
+            if self.files:
                 for path in self.files:
                     with pa.OSFile(path, "rb") as source:
                         try:
                             reader = pa.ipc.open_file(source)
-                            parts = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                            yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
                         except pa.ArrowInvalid:
                             source.seek(0)
-                            parts = iter(pa.ipc.open_stream(source))
-                        for batch in parts:
-                            for start in range(0, batch.num_rows, CHUNK):
-                                yield batch.slice(start, CHUNK)
+                            yield from pa.ipc.open_stream(source)
             else:
-                for start in range(0, len(self), CHUNK):
-                    yield self.table.slice(start, CHUNK)
+                yield from self.table.to_batches(max_chunksize=JOIN_ROWS)
 
-        first = 0
-        for part in batches():
-            yield first, pc.cast(part.column(self.id_column), pa.string()), part
-            first += part.num_rows
+        first, pending, count = 0, [], 0
+        for batch in batches():
+            pending.append(batch)
+            count += batch.num_rows
+            if count >= JOIN_ROWS:
+                yield first, *self._chunk(pending)
+                first, pending, count = first + count, [], 0
+        if pending:
+            yield first, *self._chunk(pending)
+            first += count
+        assert first == len(self), f"{self.data}: read {first} rows from {self.files}, the dataset has {len(self)}"
+
+    def _chunk(self, batches: list) -> tuple:
+        part = pa.Table.from_batches(batches).combine_chunks()
+        return pc.cast(part.column(self.id_column), pa.string()).combine_chunks(), part
 
     def kept(self, part, lang: str) -> np.ndarray:
         """Rows of the slice that hold a caption of `lang` (blank and None captions are left out and counted)."""
@@ -207,17 +216,6 @@ class _Captions:
         if self.long:
             ok = pc.and_(ok, pc.fill_null(pc.equal(part.column("lang"), lang), False))
         return np.flatnonzero(ok.to_numpy(zero_copy_only=False) if isinstance(ok, pa.Array) else ok.combine_chunks().to_numpy(zero_copy_only=False))
-
-
-def _rows_of(path: str) -> int:
-    """Rows of an Arrow IPC file (file or stream format), from its batch headers (memory-mapped: no data page is read)."""
-    with pa.memory_map(path, "r") as source:
-        try:
-            reader = pa.ipc.open_file(source)
-            return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-        except pa.ArrowInvalid:
-            source.seek(0)
-            return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
 
 
 def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: np.ndarray | None,

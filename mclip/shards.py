@@ -75,6 +75,29 @@ def to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray
     return values.reshape(-1, width).astype(dtype, copy=False)
 
 
+def drop_mapped_pages(files) -> None:
+    """madvise(MADV_DONTNEED) on this process's read-only mappings of `files`: safe, since pages of an unwritable file
+    mapping are read again from the file on the next access. Opening an Arrow IPC file through a memory map reads every
+    record batch's header, and on kernels that map whole folios that maps most of the file (a dataset's 0.26 GB at 10M
+    rows): this gives those pages back, so only what is read later counts in RSS."""
+    import ctypes
+    import mmap
+
+    files = {str(Path(f).resolve()) for f in files}
+    if not files or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        lines = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and "w" not in fields[1] and fields[5] in files:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
 class RawArray:
     """A 1-D little-endian array in a raw file, read with pread: `a[i]`, `a[start:stop]`, `a[index array or mask]`,
     `len(a)`, `np.asarray(a)` (the whole file: for small arrays). Like `np.memmap` without the mapping, whose touched
@@ -195,6 +218,7 @@ class Column:
             for chunk in table.column(name).chunks:
                 chunks.append(chunk)
                 where.append((fd, base, source.size()))
+        drop_mapped_pages(paths)  # reading the batch headers through the map touched them all
         column = cls(chunks, where)
         column._source = ([str(p) for p in paths], name)
         return column

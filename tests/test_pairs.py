@@ -43,17 +43,24 @@ def test_length_grouping_keeps_every_language_in_every_batch():
     assert min(len(np.unique(langs[b])) for b in one_sort) <= 3
 
 
-def _cache(folder, ids, texts, dim=4):
-    """A finished cache of these ids and English texts (as stage 1 lays it out), two shards."""
+def _cache(folder, ids, texts, dim=4, groups=True):
+    """A finished cache of these ids and English texts (as stage 1 lays it out), two shards; groups=False: a cache of
+    format 1, before stage 1 recorded caption_group."""
     import pyarrow as pa
 
     from mclip import outputs
 
     folder.mkdir(parents=True)
     entries, half = [], len(ids) // 2
+    first = {}
+    group = [first.setdefault(t, i) for i, t in enumerate(texts)]  # the input row of each caption's first appearance
+    schema = shards.cache_schema(dim, "float32")
+    if not groups:
+        schema = schema.remove(schema.get_field_index("caption_group"))
     for k, (a, b) in enumerate([(0, half), (half, len(ids))]):
-        table = pa.table({"id": pa.array(ids[a:b]), "text": pa.array(texts[a:b]),
-                          "embedding": shards.fixed_list(np.eye(len(ids), dim)[a:b], "float32")}, schema=shards.cache_schema(dim, "float32"))
+        columns = {"id": pa.array(ids[a:b]), "text": pa.array(texts[a:b]), "caption_group": pa.array(group[a:b], pa.int64()),
+                   "embedding": shards.fixed_list(np.eye(len(ids), dim)[a:b], "float32")}
+        table = pa.table({name: columns[name] for name in schema.names}, schema=schema)
         path = shards.write_shard(folder, k, table, {"rows": b - a, "first_row": a})
         entries.append({"file": path.name, "rows": b - a, "first_row": a, "end_row": b, "sha256": outputs.file_sha256(path)})
     shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "complete": True, "dim": dim, "dtype": "float32",
@@ -95,6 +102,7 @@ def test_pairs_built_a_chunk_at_a_time_equal_one_pass_and_read_the_long_format(t
     config = _config(tmp_path, wide, val_fraction=0.3)
     whole = prepare_pairs(config, cache, tmp_path / "p1")
     monkeypatch.setattr(mpairs, "CHUNK", 7)
+    monkeypatch.setattr(mpairs, "JOIN_ROWS", 5)
     chunked = prepare_pairs(config, cache, tmp_path / "p2")
     long_rows = [{"id": r["id"], "lang": lang, "text": r[f"caption_{lang}"]} for lang in ("zh", "de") for r in rows]
     long = prepare_pairs(_config(tmp_path, tiny.write_captions(tmp_path / "long.jsonl", long_rows), val_fraction=0.3), cache, tmp_path / "p3")
@@ -154,7 +162,7 @@ def test_the_caches_caption_groups_are_used_when_it_has_them(tmp_path):
     from mclip import outputs
     from mclip.pairs import _cache_groups
 
-    old = _cache(tmp_path / "old", ["a", "b", "c"], ["same", "other", "same"])
+    old = _cache(tmp_path / "old", ["a", "b", "c"], ["same", "other", "same"], groups=False)
     assert np.asarray(_cache_groups(old, tmp_path)).tolist() == [0, 1, 0]
     folder = tmp_path / "new"
     folder.mkdir()
