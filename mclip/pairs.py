@@ -19,7 +19,7 @@ from mclip.errors import UserError
 
 PAIR_FILES = {"rows": "<i8", "src": "<i8", "langs": "<i1"}  # one raw little-endian array per field, P values each
 CHUNK = 1 << 16  # pairs handled at once in a pass over them: bounded memory whatever the data's size
-JOIN_ROWS = 1 << 20  # caption rows joined at once: one sequential pass over the id index each (~25 MB of ids and captions)
+JOIN_ROWS = 1 << 18  # caption rows joined at once: one sequential pass over the id index each (~25 MB of work arrays)
 
 
 @dataclass
@@ -218,26 +218,53 @@ class _Captions:
         return np.flatnonzero(ok.to_numpy(zero_copy_only=False) if isinstance(ok, pa.Array) else ok.combine_chunks().to_numpy(zero_copy_only=False))
 
 
-def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: np.ndarray | None,
-          is_val: np.ndarray | None, seed: int, val_fraction: float, cache_text) -> tuple[dict, dict]:
+class Bits:
+    """A set of cache rows 0..n-1 in n/8 bytes (a bool array would take n: 28 MB a set at laion28m, and the join keeps
+    a few)."""
+
+    def __init__(self, n: int):
+        self.n, self.words = n, np.zeros((n + 7) // 8, dtype=np.uint8)
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        np.bitwise_or.at(self.words, rows >> 3, np.left_shift(1, rows & 7).astype(np.uint8))
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return ((self.words[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1).astype(bool)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The members in [start, stop), ascending."""
+        stop = self.n if stop is None else min(stop, self.n)
+        low = start // 8 * 8
+        flags = np.unpackbits(self.words[low // 8 : (stop + 7) // 8], bitorder="little")[start - low : stop - low]
+        return start + np.flatnonzero(flags)
+
+    def count(self) -> int:
+        return int(sum(np.unpackbits(self.words[i : i + CHUNK], bitorder="little").sum() for i in range(0, len(self.words), CHUNK)))
+
+
+def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: Bits | None,
+          is_val: Bits | None, seed: int, val_fraction: float, cache_text) -> tuple[dict, dict]:
     """Stream one caption file into pair files under folder/"all" (and folder/"held" for held-out ids): per language,
     each non-blank caption whose id is in the cache. "en" pairs take the cache's own text (what the teacher embedded) for
-    every id joined in another language. `held`: (N,) bool, ids held out for validation (from --val-data), else the
-    ids with hash_unit < val_fraction are held out and marked in `is_val`."""
+    every id joined in another language. `held`: the cache rows held out for validation (from --val-data), else the
+    rows with hash_unit(id) < val_fraction are held out and added to `is_val`."""
     others = [lang for lang in languages if lang != "en"]
     writers = {"all": _PairWriter(folder / "all", languages), "held": _PairWriter(folder / "held", languages)}
-    joined = np.zeros(n_cache, dtype=bool)  # cache rows that joined in some language: the English pairs' rows
-    trained = np.zeros(n_cache, dtype=bool)  # cache rows with a training pair
+    joined = Bits(n_cache)  # cache rows that joined in some language: the English pairs' rows
+    trained = Bits(n_cache)  # cache rows with a training pair
     report = {lang: {"pairs": 0, "empty_texts": 0, "ids_without_target": 0, "examples_without_target": []} for lang in others}
-    seen = {lang: np.zeros(n_cache, dtype=bool) for lang in others}
+    seen = {lang: Bits(n_cache) for lang in others}
     long_langs: set = set()  # the long format's languages, to name them when one asked for has no rows
     for start, ids, part in captions.chunks():
         if captions.long:
             long_langs |= set(pc.unique(part.column("lang")).to_pylist())
         rows = index.lookup(ids)  # (chunk,) cache row per data row, -1 where the cache lacks the id
         if is_val is not None and val_fraction > 0:
-            found = np.flatnonzero(rows >= 0)
-            is_val[rows[found]] = hash_unit(ids.take(pa.array(found)).to_pylist(), seed) < val_fraction
+            for at in range(0, len(rows), CHUNK):  # a Python string per id for blake2b: a slice of them at a time
+                found = at + np.flatnonzero(rows[at : at + CHUNK] >= 0)
+                is_val.add(rows[found][hash_unit(ids.take(pa.array(found)).to_pylist(), seed) < val_fraction])
         for lang in others:
             keep = captions.kept(part, lang)
             r = rows[keep]
@@ -253,26 +280,26 @@ def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder
             k = languages.index(lang)
             writers["all"].add(k, src[~out], r[~out])
             writers["held"].add(k, src[out], r[out])
-            joined[r] = True
-            trained[r[~out]] = True
-            seen[lang][r] = True
+            joined.add(r)
+            trained.add(r[~out])
+            seen[lang].add(r)
             stats["pairs"] += len(r)
     for lang in others:
         if captions.long and lang not in long_langs:
             raise UserError(f"language {lang!r} has no rows in {captions.data} (column 'lang' has "
                             f"{', '.join(sorted(map(str, long_langs))[:20])}); fix --languages")
-        report[lang]["targets_without_text"] = int(n_cache - seen[lang].sum())
+        report[lang]["targets_without_text"] = n_cache - seen[lang].count()
     if "en" in languages:
         k = languages.index("en")
         for start in range(0, n_cache, CHUNK):
-            r = start + np.flatnonzero(joined[start : start + CHUNK])
+            r = joined.rows(start, start + CHUNK)
             out = held[r] if held is not None else (is_val[r] if is_val is not None else np.zeros(len(r), bool))
             writers["all"].add(k, r[~out], r[~out])  # an English pair's caption is the cache's text of its own row
             writers["held"].add(k, r[out], r[out])
-        report["en"] = {"pairs": int(joined.sum()), "source": "cache text", "targets_without_text": int(n_cache - joined.sum())}
+        report["en"] = {"pairs": joined.count(), "source": "cache text", "targets_without_text": n_cache - joined.count()}
     for writer in writers.values():
         writer.close()
-    return report, {name: int(w.count.sum()) for name, w in writers.items()} | {"train_ids": int(trained.sum())}
+    return report, {name: int(w.count.sum()) for name, w in writers.items()} | {"train_ids": trained.count()}
 
 
 def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
@@ -303,15 +330,15 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
     val_report = None
     if config.val_data:
         val_report = load_join(config.val_data, config.val_split, "val", None, None)
-        held = np.zeros(n, dtype=bool)
+        held = Bits(n)
         val_pairs = _open(folder / "val" / "all", [], languages, np.zeros(0))
         for _, rows in val_pairs.rows.blocks(CHUNK):
-            held[rows] = True
+            held.add(rows)
     elif config.val_fraction > 0:
-        is_val = np.zeros(n, dtype=bool)
+        is_val = Bits(n)
     report = load_join(config.data, config.split, "train", held, is_val)
     held_rows = held if held is not None else is_val
-    val_rows = np.flatnonzero(held_rows) if held_rows is not None else np.zeros(0, np.int64)
+    val_rows = held_rows.rows() if held_rows is not None else np.zeros(0, np.int64)
     if config.val_fraction > 0 and not config.val_data and len(val_rows) == 0:
         candidates = report["en"]["pairs"] if "en" in report else sum(report[lang]["pairs"] for lang in others)
         raise UserError(f"val_fraction={config.val_fraction} holds out none of the {candidates} ids; raise it or pass --val-data")

@@ -15,6 +15,7 @@ the whole cache (whether or not --dedup was on). A version-1 cache has no such c
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,6 @@ class RawArray:
 
     @property
     def fd(self) -> int:
-        import os
-
         if self._fd is None:
             self._fd = os.open(str(self.path), os.O_RDONLY)
         return self._fd
@@ -120,8 +119,6 @@ class RawArray:
         return {**self.__dict__, "_fd": None}
 
     def __del__(self) -> None:
-        import os
-
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
@@ -130,8 +127,6 @@ class RawArray:
         return self.n
 
     def _range(self, start: int, stop: int) -> np.ndarray:
-        import os
-
         if stop <= start:
             return np.zeros(0, self.dtype)
         size = self.dtype.itemsize
@@ -202,8 +197,6 @@ class Column:
     @classmethod
     def from_files(cls, paths: Iterable[Path], name: str) -> Column:
         """Column `name` of IPC files (file or stream format), read zero-copy to learn where each buffer lies."""
-        import os
-
         chunks, where, paths = [], [], list(paths)
         for path in paths:
             source = pa.memory_map(str(path), "r")
@@ -231,8 +224,6 @@ class Column:
         return int(self.starts[-1])
 
     def __del__(self) -> None:
-        import os
-
         for fd in {w[0] for w in getattr(self, "where", []) if w is not None}:
             try:
                 os.close(fd)
@@ -292,8 +283,6 @@ class Column:
 
     def take(self, rows: np.ndarray) -> pa.Array:
         """The values at `rows`, in that order (nulls read back as what the file stores under them)."""
-        import os
-
         rows = np.asarray(rows, dtype=np.int64)
         pieces, where = [], []
         for c, part, local in self._split(rows):
@@ -318,8 +307,6 @@ class Column:
 
     def gather(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
         """(len(rows), D) vectors of a fixed_size_list column at `rows` (a copy of just those rows)."""
-        import os
-
         out = np.empty((len(rows), self.width), dtype=dtype)
         for c, part, local in self._split(rows):
             layout = self._layout_of(c)

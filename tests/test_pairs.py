@@ -178,3 +178,20 @@ def test_the_caches_caption_groups_are_used_when_it_has_them(tmp_path):
     table = table.set_column(3, "caption_group", pa.array([5, 5, 7], pa.int64()))
     shards.write_shard(folder, 0, table, {"rows": 3, "first_row": 0})
     assert np.asarray(_cache_groups(shards.TeacherCache(folder, new.manifest), tmp_path)).tolist() == [5, 5, 7]
+
+
+def test_bits_is_a_set_of_rows_in_an_eighth_of_a_bool_array():
+    from mclip.pairs import Bits
+
+    rng = np.random.default_rng(0)
+    members = rng.integers(0, 1003, 400)
+    bits = Bits(1003)
+    bits.add(members[:200])
+    bits.add(members[200:])
+    bits.add(np.zeros(0, np.int64))
+    want = np.zeros(1003, bool)
+    want[members] = True
+    assert len(bits.words) == 126 and bits.count() == want.sum()
+    np.testing.assert_array_equal(bits[np.arange(1003)], want)
+    np.testing.assert_array_equal(bits.rows(), np.flatnonzero(want))
+    np.testing.assert_array_equal(bits.rows(512, 900), 512 + np.flatnonzero(want[512:900]))
