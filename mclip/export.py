@@ -176,7 +176,7 @@ def model_folder(path: str | Path) -> Path:
 
 def _owned(name: str) -> bool:
     """What a previous export wrote (what --overwrite may replace)."""
-    return name in (META, "onnx", "config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    return name in (META, "onnx", "checksums.sha256", "config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                     "1_Pooling", "2_Dense", "3_Normalize", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja") \
         or name.startswith(("tokenizer", "vocab", "merges", "sentencepiece", "spiece"))
 
@@ -356,6 +356,9 @@ def run(config: ExportConfig) -> ExportResult:
         meta["verification"] = {"texts": len(PROBES), "min_cosine": round(float(cos.min()), 7), "mean_cosine": round(float(cos.mean()), 7),
                                 "thresholds": {"min": least, "mean": mean}, "against": "mclip.load(source).encode"}
         outputs.write_json(tmp / META, meta)
+        from mclip.verify import write_checksums
+
+        write_checksums(tmp)  # last, as for a final/: `mclip verify DIR` (and sha256sum -c) check the export
 
     import shutil
 

@@ -110,6 +110,9 @@ def test_the_folder_holds_the_tokenizer_and_its_json(fp32, student):
     assert meta["teacher"] == {"name": "tiny", "dim": 16} and meta["verification"]["min_cosine"] >= 0.9999
     assert (fp32.out / "tokenizer.json").is_file() and (fp32.out / "onnx" / "model.onnx").is_file()
     assert not (fp32.out / "model.safetensors").exists()  # the graph carries the weights
+    from mclip.verify import check_folder
+
+    assert check_folder(fp32.out) == []  # checksums.sha256 written last: `mclip verify DIR` checks an export
     assert not any(p.name.startswith(".") for p in fp32.out.parent.iterdir())  # no workspace or temp sibling left
 
 
@@ -279,8 +282,11 @@ def test_a_non_empty_out_needs_overwrite_and_overwrite_replaces_a_previous_expor
     (out / "onnx" / "model.onnx").write_bytes(b"stale")
     monkeypatch.setattr(export, "_export_graph", lambda s, path, opset: (path.parent.mkdir(parents=True, exist_ok=True),
                                                                           shutil.copy(fp32.graph, path)))
-    result = export.run(ExportConfig(model=str(student), out=str(out), overwrite=True, progress=False))
-    assert result.min_cosine >= 0.9999 and (out / "onnx" / "model.onnx").read_bytes() == fp32.graph.read_bytes()
+    from mclip.cli import main
+
+    main(["export", str(student), "--format", "onnx", "--out", str(out), "--overwrite", "--no-progress"])  # MODEL is positional
+    assert (out / "onnx" / "model.onnx").read_bytes() == fp32.graph.read_bytes()
+    assert json.loads((out / "mclip.json").read_text())["verification"]["min_cosine"] >= 0.9999
     assert _leftovers(tmp_path) == ["x"]
 
 
@@ -289,3 +295,33 @@ def test_config_refusals():
         ExportConfig(model="m", out="o", quantize="int4")
     with pytest.raises(UserError, match="format='tflite' is not valid"):
         ExportConfig(model="m", out="o", format="tflite")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["xlmr", "chinese_bert"])
+def test_the_seed_student_families_export(family, tmp_path):
+    """The seed's two student families in miniature (RoBERTa position ids from 2 and a SentencePiece vocabulary; a
+    Chinese-character WordPiece BERT), mean pooled: the graph equals the student on every script."""
+    from mclip.student import build_student
+
+    write = tiny.write_tiny_xlmr if family == "xlmr" else tiny.write_tiny_chinese_bert
+    backbone = write(tmp_path / "backbone", corpus=tiny.CORPUS + TEXTS, dropout=0.0)
+    final = build_student(str(backbone), dim=16, pooler="mean").save(tmp_path / "final")
+    result = export.run(ExportConfig(model=str(final), out=str(tmp_path / "onnx"), progress=False))
+    texts = TEXTS + [" ".join(["一只狗 woman standing"] * 200)]  # past the 512-token cap
+    assert export.cosines(mclip.load(result.out).encode(texts), mclip.load(final).encode(texts)).min() >= 0.9999
+
+
+@pytest.mark.slow
+def test_the_export_bench_prints_its_contract():
+    """tests/bench/bench_export.py on a tiny student: its last line is the JSON the README's table is read from."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "bench_export.py"), "--tiny", "--quick", "--texts", "64"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rates = ("torch_texts_per_s", "onnx_fp32_texts_per_s", "onnx_int8_texts_per_s")
+    assert all(result[k] > 0 for k in rates) and result["texts"] == 64
+    assert result["fp32_vs_torch"] == pytest.approx(result["onnx_fp32_texts_per_s"] / result["torch_texts_per_s"], rel=0.01)
+    assert result["fp32_min_cosine"] >= 0.9999 and result["int8_min_cosine"] >= 0.97
+    assert 0 < result["onnx_int8_mb"] < result["onnx_fp32_mb"]
+    assert set(result["r_at_1"]) == {"torch", "fp32", "int8"} and "avg" in result["r_at_1"]["int8"]
