@@ -51,7 +51,7 @@ def _option(field: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     else:
         annotation = hint
     if field.metadata.get("argument"):
-        return annotation, typer.Argument(default, help=field.metadata["help"], show_default=False)
+        return annotation, typer.Argument(default, help=field.metadata["help"], show_default=False, metavar=field.name.upper())
     return annotation, typer.Option(default, *decls, help=field.metadata["help"])
 
 

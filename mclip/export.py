@@ -219,8 +219,9 @@ def _graph_module(student):
     return Graph().eval()
 
 
-def _export_graph(student, path: Path, opset: int) -> None:
-    """torch.onnx (the torch.export-based exporter) with dynamic batch and sequence axes."""
+def _export_graph(student, path: Path, opset: int) -> bool:
+    """torch.onnx (the torch.export-based exporter) with dynamic batch and sequence axes; True when the weights went to
+    an external data file beside the graph (students over 1.8 GiB: protobuf's limit is 2 GiB)."""
     import contextlib
     import io
     import logging
@@ -231,7 +232,7 @@ def _export_graph(student, path: Path, opset: int) -> None:
     sample = student.tokenize(["a photo of a dog on the grass", "一只狗"])  # batch 2 != length: neither axis is specialised
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    weights = sum(p.numel() * p.element_size() for p in student.parameters())
+    large = sum(p.numel() * p.element_size() for p in student.parameters()) > 1.8 * 2**30
     path.parent.mkdir(parents=True, exist_ok=True)
     quiet = logging.getLogger("torch.onnx"), logging.getLogger("onnxscript")
     levels = [log.level for log in quiet]
@@ -243,8 +244,7 @@ def _export_graph(student, path: Path, opset: int) -> None:
             program = torch.onnx.export(_graph_module(student), (sample["input_ids"], sample["attention_mask"]), None,
                                         input_names=list(INPUTS), output_names=list(OUTPUTS), opset_version=opset,
                                         dynamic_shapes=shapes, dynamo=True, verbose=False)
-        # one self-contained file while protobuf allows it (2 GiB); larger students keep their weights beside it
-        program.save(str(path), external_data=weights > 1.8 * 2**30)
+        program.save(str(path), external_data=large)  # else one self-contained file
     except Exception as exc:  # torch.export raises many types; any of them means this student cannot be traced here
         if isinstance(exc, OSError):
             raise
@@ -253,6 +253,7 @@ def _export_graph(student, path: Path, opset: int) -> None:
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
+    return large
 
 
 def _ffn_down_projections(model) -> list[str]:
@@ -265,7 +266,7 @@ def _ffn_down_projections(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and activation(producer.get(n.input[0]))]
 
 
-def _quantize(fp32: Path, int8: Path) -> None:
+def _quantize(fp32: Path, int8: Path, large: bool = False) -> None:
     """onnxruntime's dynamic quantisation: int8 weights, activations quantised per batch at run time.
 
     Its defaults (per-tensor weights, every MatMul) moved all-MiniLM-L6-v2's embeddings to a mean cosine of 0.94 with the
@@ -280,11 +281,12 @@ def _quantize(fp32: Path, int8: Path) -> None:
     # runs first) contradicts ("Inferred shape and existing shape differ"); they are hints only, so drop them.
     model = onnx.load(str(fp32))
     del model.graph.value_info[:]
-    onnx.save(model, str(fp32))
+    onnx.save(model, str(fp32), save_as_external_data=large)
     int8.parent.mkdir(parents=True, exist_ok=True)
     try:
         quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gather"],
-                         nodes_to_exclude=_ffn_down_projections(model), extra_options={"MatMulConstBOnly": True})
+                         nodes_to_exclude=_ffn_down_projections(model), extra_options={"MatMulConstBOnly": True},
+                         use_external_data_format=large)
     except Exception as exc:  # onnx's and onnxruntime's own error types; any means this graph cannot be quantised here
         if isinstance(exc, OSError):
             raise
@@ -325,8 +327,8 @@ def run(config: ExportConfig) -> ExportResult:
     def fill(tmp: Path) -> None:
         graph = tmp / GRAPH
         if config.quantize:
-            _export_graph(student, workspace / "fp32" / "model.onnx", config.opset)
-            _quantize(workspace / "fp32" / "model.onnx", graph)
+            large = _export_graph(student, workspace / "fp32" / "model.onnx", config.opset)
+            _quantize(workspace / "fp32" / "model.onnx", graph, large)
         else:
             _export_graph(student, graph, config.opset)
         opset = _opset(graph)
