@@ -335,3 +335,24 @@ def test_an_unsupported_pooling_mode_is_refused(bert_teacher, tmp_path):
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 24, "pooling_mode": ["cls", "mean"]}))
     with pytest.raises(UserError, match="combines pooling modes"):
         load_teacher(str(folder))
+
+
+def test_a_lowercasing_sentence_transformers_teacher_lowercases(tmp_path):
+    """An older sentence-transformers folder's sentence_bert_config.json (max_seq_length, do_lower_case): it lowercases
+    the text before its (here case-sensitive SentencePiece) tokenizer; so does the teacher. (Version 6 folds both into
+    the saved tokenizer instead, which the teacher loads as it is.)"""
+    import json
+
+    from sentence_transformers import SentenceTransformer, models
+
+    base = tiny.write_tiny_xlmr(tmp_path / "xlmr", dropout=0.0)
+    transformer = models.Transformer(str(base))
+    folder = tmp_path / "st"
+    SentenceTransformer(modules=[transformer, models.Pooling(32, pooling_mode="mean")], device="cpu").save(str(folder))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 6, "do_lower_case": True}))
+    assert load_teacher(str(folder)).max_length == 6
+    texts = ["A PHOTO OF A DOG", "Woman Standing", "a photo of a dog"]
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+    got = load_teacher(str(folder)).encode(texts, normalize=False)
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    np.testing.assert_allclose(got[0], got[2], atol=1e-6)
