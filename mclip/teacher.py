@@ -96,10 +96,6 @@ class SentenceHead(torch.nn.Module):
         """The output width: the last Dense layer's, or None (the backbone's width) without one."""
         return int(self.denses[-1].out_features) if self.denses else None
 
-    @property
-    def normalizes(self) -> bool:
-        return "normalize" in self.kinds
-
     def describe(self) -> str:
         """What the manifest's pooling field records, e.g. "cls + dense(32->16, tanh) + normalize"."""
         return " + ".join([self.pooling, *self.names])
@@ -416,8 +412,8 @@ def read_modules(source: str, teacher: str) -> SentenceModules | None:
         raise UserError(f"teacher {teacher!r}: modules.json runs {' -> '.join(kinds)}; mclip applies Transformer -> Pooling -> "
                         "Dense / Normalize in that order")
     sub = str(modules[0].get("path") or "").strip("/")
-    bert = _st_file(source, f"{sub}/sentence_bert_config.json" if sub else "sentence_bert_config.json")
-    bert_config = json.loads(bert.read_text(encoding="utf-8")) if bert is not None else {}
+    bert_name = f"{sub}/sentence_bert_config.json" if sub else "sentence_bert_config.json"
+    bert_config = _st_json(source, bert_name, teacher) if _st_file(source, bert_name) is not None else {}
     pool_path = str(modules[1].get("path") or "")
     pooling = _pooling_mode(_st_json(source, f"{pool_path}/config.json", teacher), f"{pool_path}/config.json", teacher)
     steps = []
