@@ -2,16 +2,21 @@
 
 __version__ = "0.1.0"
 
-from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, TrainConfig  # noqa: E402  (configs import nothing heavy)
+from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, ExportConfig, TrainConfig  # noqa: E402  (configs import nothing heavy)
 
 # Heavy modules (torch, transformers, faiss) load on first use, so `import mclip` and `mclip --help` stay instant.
 # The stages are exported as modules (`mclip.embed_teacher.run(config)`): a function under a submodule's name would be
 # shadowed as soon as that submodule is imported.
-_STAGES = ("embed_teacher", "train_student", "eval_retrieval", "encode")
+_STAGES = ("embed_teacher", "train_student", "eval_retrieval", "encode", "export")
 
 
 def load(path, device=None, trust_remote_code: bool = False):
-    """Load an exported student (a run's final/ folder): `mclip.load(path).encode(texts)`."""
+    """Load an exported student (a run's final/ folder), or an `mclip export` ONNX folder (run by onnxruntime, without
+    importing torch): `mclip.load(path).encode(texts)`."""
+    from mclip.export import is_export, load_onnx
+
+    if is_export(path):
+        return load_onnx(path, device=device)
     from mclip.student import load as _load
 
     return _load(path, device=device, trust_remote_code=trust_remote_code)
@@ -25,4 +30,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'mclip' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "EmbedConfig", "TrainConfig", "EvalConfig", "EncodeConfig", "load", *_STAGES]
+__all__ = ["__version__", "EmbedConfig", "TrainConfig", "EvalConfig", "EncodeConfig", "ExportConfig", "load", *_STAGES]

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import typer
 
-from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, TrainConfig
+from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, ExportConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil an English CLIP text tower into a multilingual student, from cached teacher embeddings.")
@@ -50,6 +50,8 @@ def _option(field: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
         decls = [f"--{name}/--no-{name}"] if annotation == Optional[bool] else []
     else:
         annotation = hint
+    if field.metadata.get("argument"):
+        return annotation, typer.Argument(default, help=field.metadata["help"], show_default=False, metavar=field.name.upper())
     return annotation, typer.Option(default, *decls, help=field.metadata["help"])
 
 
@@ -76,6 +78,7 @@ _stage("embed-teacher", EmbedConfig, "embed_teacher")
 _stage("train-student", TrainConfig, "train_student")
 _stage("eval-retrieval", EvalConfig, "eval_retrieval")
 _stage("encode", EncodeConfig, "encode")
+_stage("export", ExportConfig, "export")
 
 
 # ---- pipelines: run; hardening: verify ----

@@ -30,7 +30,7 @@ def _device(value: str) -> None:
     _check(value in DEVICES or value.startswith("cuda:"), f"device={value!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
 
 
-def option(default: Any, help: str, *, runtime: bool = False, required: bool = False) -> Any:
+def option(default: Any, help: str, *, runtime: bool = False, required: bool = False, argument: bool = False) -> Any:
     """A config field that is also its CLI option (`--name`, typed and defaulted by the field), as transformers'
     HfArgumentParser reads `field(metadata={"help": ...})`.
 
@@ -38,8 +38,9 @@ def option(default: Any, help: str, *, runtime: bool = False, required: bool = F
     runtime: the field says where the inputs live or how fast a run goes, not what it writes, so a resumed run (or a
       rerun on a finished output) may change it; every other field must repeat the value the output was made with.
     required: the CLI option has no default (the config still refuses the empty default in __post_init__).
+    argument: on the command line it is a positional argument (`mclip export MODEL`), not an --option.
     """
-    return dataclasses.field(default=default, metadata={"help": help, "runtime": runtime, "required": required})
+    return dataclasses.field(default=default, metadata={"help": help, "runtime": runtime, "required": required, "argument": argument})
 
 
 def runtime_fields(config: Any) -> set[str]:
@@ -73,7 +74,7 @@ class EmbedConfig:
                                       runtime=True)
     max_batch_size: int = option(1024, "Most captions per batch.", runtime=True)
     shard_size: int = option(10_000, "Captions per shard: the unit of resume, of rank split and of length sorting.")
-    dedup: bool = option(True, "Embed identical captions once per shard (every id still gets its row).")
+    dedup: bool = option(True, "Embed identical captions once per cache (every id still gets its row); off: embed every row.")
     strict: bool = option(False, "Refuse empty captions instead of skipping and counting them.")
     limit: int | None = option(None, "Use only the first N rows (smoke runs, benchmarks).")
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps.", runtime=True)
@@ -315,6 +316,37 @@ class EncodeConfig:
         _check(self.shard_size >= 1, f"shard_size={self.shard_size} must be >= 1")
         _check(self.limit is None or self.limit >= 1, f"limit={self.limit} must be >= 1")
         _device(self.device)
+
+
+# ---- export: ExportConfig (mclip export) ----
+EXPORT_FORMATS = ("onnx",)
+QUANTIZE = ("int8",)
+# torch's ONNX exporter writes opset 18 at the least (it silently raised a lower request to 18), and newer opsets than 23
+# came out broken or unrunnable by onnxruntime 1.31 (no adapter for Gelu, an Attention node it cannot load)
+OPSETS = (18, 23)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Export a student to an ONNX folder whose graph gives the finished embedding, run by onnxruntime without torch."""
+
+    model: str = option("", "Student: a run's final/ folder, a checkpoint folder, or a run folder.", required=True, argument=True)
+    out: str = option("", "Output folder: onnx/model.onnx, the tokenizer files, mclip.json, sentence-transformers modules.",
+                      required=True)
+    format: str = option("onnx", "Export format: onnx.")
+    quantize: str | None = option(None, "Quantise the weights: int8 (onnxruntime dynamic quantisation); default fp32.")
+    opset: int = option(18, f"ONNX opset, {OPSETS[0]} to {OPSETS[1]}.")
+    overwrite: bool = option(False, "Replace a previous export in --out.")
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint to run.")
+    progress: bool = option(True, "Print what was written and the verification figures.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model is empty; pass a student folder (a run's final/) as MODEL")
+        _check(bool(self.out), "out is empty; pass --out with an output folder")
+        _choice("format", self.format, EXPORT_FORMATS)
+        _check(self.quantize is None or self.quantize in QUANTIZE, f"quantize={self.quantize!r} is not valid; use int8 or leave it out (fp32)")
+        _check(isinstance(self.opset, int) and OPSETS[0] <= self.opset <= OPSETS[1],
+               f"opset={self.opset} is not supported; use --opset {OPSETS[0]} to {OPSETS[1]} (torch's exporter and onnxruntime)")
 
 
 # ---- pipelines: PipelineConfig (mclip run) ----

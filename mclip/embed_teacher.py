@@ -1,10 +1,15 @@
-"""Stage 1: run the teacher once over the English captions; write resumable, rank-sharded Arrow shards and manifest.json."""
+"""Stage 1: run the teacher once over the English captions; write resumable, rank-sharded Arrow shards and manifest.json.
+
+A planning pass (`mclip.dedup`) first groups the rows by caption over the whole input, in memory that does not grow
+with it, and checks the ids the same way. Then reader thread -> teacher -> writer thread: with --dedup (the default)
+over units of distinct captions, each embedded once per cache, and then over the row shards, which gather their
+vectors from those units; without it, over the row shards, each embedding its own rows.
+"""
 
 from __future__ import annotations
 
 import functools
-import itertools
-import os
+import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mclip import __version__, data, distributed, outputs, shards
-from mclip.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, EmbedConfig, request, to_dict
+from mclip import __version__, data, dedup, distributed, outputs, shards
+from mclip.config import EmbedConfig, request, to_dict
 from mclip.errors import UserError, writing
+from mclip.teacher_batches import _tokenize_threads, default_batch_tokens, padded_batches
 
 RERUN = "rerun the same command to resume"  # what to do after a failed write: finished shards are kept
 
@@ -27,7 +33,7 @@ class EmbedResult:
     rows: int  # rows in the finished cache
     shards: int  # shards in the finished cache
     computed_shards: int  # shards this run computed (the rest were already there)
-    captions: int  # captions this rank embedded in this run (after dedup: unique texts)
+    captions: int  # captions this rank embedded in this run (with dedup: distinct captions of the whole cache)
     tokens: int  # real (unpadded) tokens this rank ran through the teacher
     seconds: float
     totals: dict
@@ -40,22 +46,32 @@ class EmbedResult:
 
 @dataclass
 class _Work:
-    """One shard, read, tokenised and cut into padded batches in the reader thread, ready for the teacher."""
+    """A row shard, or (with --dedup) a unit of distinct captions, read, tokenised and cut into padded batches in the
+    reader thread, ready for the teacher."""
 
     index: int
     first_row: int
     end_row: int
-    ids: "pa.Array"  # kept rows (string)
-    texts: "pa.Array"  # kept rows (string)
-    inverse: np.ndarray  # kept row -> unique text
-    unique: int  # unique texts
-    batches: list  # [(indices into the unique texts, input_ids (B, T), mask (B, T))], length-sorted
-    tokens: int  # real (unpadded) tokens over the unique texts
-    skipped: int
-    truncated: int
+    batches: list  # [(indices into the texts to embed, input_ids (B, T), mask (B, T))], length-sorted
+    unique: int  # texts to embed
+    tokens: int  # real (unpadded) tokens over them
+    flags: np.ndarray  # (unique,) truncated, per text to embed
+    ids: object = None  # kept rows (Arrow string array); None for a unit
+    texts: object = None  # kept rows (Arrow string array)
+    groups: np.ndarray | None = None  # kept row -> caption_group
+    inverse: np.ndarray | None = None  # kept row -> text embedded here (without --dedup)
+    values: dict | None = None  # kept row -> vectors and `truncated`, gathered from the units (with --dedup)
+    skipped: int = 0
+    duplicates: int = 0  # kept rows whose caption an earlier row's embedding serves (with --dedup)
     images: list | None = None  # unique images (PIL) when embedding images
     image_ids: list[str] | None = None  # per kept row
     image_inverse: np.ndarray | None = None  # kept row -> unique image
+
+    @property
+    def truncated(self) -> int:
+        if self.values is not None:
+            return int(self.values["truncated"].sum())
+        return int(self.flags[self.inverse].sum()) if self.ids is not None else int(self.flags.sum())
 
 
 def is_complete(config: EmbedConfig) -> bool:
@@ -69,7 +85,7 @@ def _check_output(config: EmbedConfig) -> str:
     another cache), 'resume' (a killed run of this request), 'repair' (a finished one with a missing or cut shard) or
     'complete'; refuse a mismatch. Nothing is removed before the inputs have been checked (`_claim_output`)."""
     out = Path(config.out)
-    if not outputs.contents(out):
+    if not [name for name in outputs.contents(out) if name != dedup.PLAN]:  # a plan alone: killed while planning
         return "fresh"
     manifest = shards.read_manifest(out)
     if manifest is None:
@@ -114,41 +130,55 @@ def _load_rows(config: EmbedConfig):
     n = len(ds) if config.limit is None else min(config.limit, len(ds))
     if n == 0:
         raise UserError(f"{config.data} (split {config.split!r}) has zero rows; check --data and --split")
-    return ds.with_format("arrow"), n
+    rows = data.Rows(ds)
+    rows.release()  # loading maps every page of the dataset's Arrow files (its record-batch headers fault them in)
+    return rows, n
 
 
-def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_tokens: int, pin: bool = False,
-                tokenize_threads: int = 1) -> _Work:
-    """Rows k*shard_size.. of the input -> kept captions, their unique texts tokenised and cut into padded batches.
+def _tokenized(texts: list[str], teacher, config: EmbedConfig, batch_tokens: int, pin: bool, threads: int) -> dict:
+    tokens, truncated = teacher.tokenize(texts, threads=threads) if texts else ([], np.zeros(0, bool))
+    batches, n_tokens = padded_batches(tokens, teacher, batch_tokens, config.max_batch_size, pin)
+    return {"batches": batches, "unique": len(texts), "tokens": n_tokens, "flags": np.asarray(truncated, dtype=bool)}
 
-    Runs in the reader thread. Filtering, dedup and the id and text columns stay in Arrow, so the only per-caption
-    Python is the tokenizer's: with a GPU teacher every thread shares one interpreter lock with the thread that feeds it.
+
+def _read_unit(u: int, plan: dedup.Plan, config: EmbedConfig, teacher, batch_tokens: int, pin: bool = False,
+               tokenize_threads: int = 1) -> _Work:
+    """Unit u of the distinct captions (--dedup), tokenised and cut into padded batches, in the reader thread."""
+    return _Work(u, 0, 0, **_tokenized(plan.unit_texts(u).to_pylist(), teacher, config, batch_tokens, pin, tokenize_threads))
+
+
+def _vector_columns(config: EmbedConfig) -> list[str]:
+    return ["embedding", *(shards.layer_column(layer) for layer in sorted(config.cache_layers))]
+
+
+def _read_shard(k: int, rows: data.Rows, config: EmbedConfig, n: int, teacher, batch_tokens: int, plan: dedup.Plan,
+                pin: bool = False, tokenize_threads: int = 1) -> _Work:
+    """Rows k*shard_size.. of the input -> kept captions with their caption groups; with --dedup their vectors gathered
+    from the units, without it their texts tokenised and cut into padded batches.
+
+    Runs in the reader thread. Filtering and the id and text columns stay in Arrow, so the only per-caption Python is the
+    tokenizer's: with a GPU teacher every thread shares one interpreter lock with the thread that feeds it.
     """
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     a, b = k * config.shard_size, min(n, (k + 1) * config.shard_size)
-    part = table_fmt[a:b]
-    column = part[config.caption_column].combine_chunks()
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
-        valid = pc.is_valid(column)
-        if pc.any(valid).as_py():
-            row = a + pc.index(valid, True).as_py()
-            raise UserError(f"caption column {config.caption_column!r} holds {column.type} values (row {row}); point --caption-column at the text")
-    if pa.types.is_null(column.type):
-        column = pa.nulls(len(column), pa.string())
+    part = rows[a:b]
+    column = data.caption_strings(part[config.caption_column].combine_chunks(), config.caption_column, a)
     keep_mask = pc.invert(data.blank(column))
     keep = np.flatnonzero(keep_mask.to_numpy(zero_copy_only=False))
-    kept = data.as_string(column.filter(keep_mask))
-    if config.dedup:  # first-appearance order, as a dict would give
-        encoded = kept.dictionary_encode()
-        inverse, unique = encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
+    kept = column.filter(keep_mask)
+    groups = plan.groups(a, b)
+    assert np.array_equal(np.flatnonzero(groups >= 0), keep), f"shard {k}: the plan's kept rows differ"
+    groups = groups[keep]
+    if config.dedup:
+        widths = {"embedding": teacher.dim, **{shards.layer_column(i): teacher.hidden_size for i in config.cache_layers}, "truncated": None}
+        values = plan.gather(plan.slots(a, b)[keep], widths, config.dtype)
+        work = _Work(k, a, b, [], 0, 0, np.zeros(0, bool), values=values, duplicates=int((groups != a + keep).sum()))
     else:
-        inverse, unique = np.arange(len(kept)), kept.to_pylist()
-    tokens, truncated = teacher.tokenize(unique, threads=tokenize_threads) if unique else ([], np.zeros(0, bool))
-    batches, n_tokens = padded_batches(tokens, teacher, batch_tokens, config.max_batch_size, pin)
-    work = _Work(k, a, b, data.row_ids(part, config.id_column, a, b).filter(keep_mask), kept, inverse, len(unique), batches,
-                 n_tokens, len(column) - len(keep), int(truncated[inverse].sum()) if len(inverse) else 0)
+        work = _Work(k, a, b, **_tokenized(kept.to_pylist(), teacher, config, batch_tokens, pin, tokenize_threads),
+                     inverse=np.arange(len(kept)))
+    work.ids, work.texts, work.groups = data.row_ids(part, config.id_column, a, b).filter(keep_mask), kept, groups
+    work.skipped = len(column) - len(keep)
     if config.image_column is not None:
         raw = part[config.image_column].to_pylist()
         given = part[config.image_id_column].to_pylist() if config.image_id_column else None
@@ -162,57 +192,8 @@ def _read_shard(k: int, table_fmt, config: EmbedConfig, n: int, teacher, batch_t
             image_ids.append(key)
         work.images, work.image_ids = images, image_ids
         work.image_inverse = np.array([index[key] for key in image_ids], dtype=np.int64)
+    rows.release()
     return work
-
-
-def padded_batches(tokens: list[list[int]], teacher, batch_tokens: int, max_batch: int, pin: bool = False) -> tuple[list, int]:
-    """Token lists -> [(indices, input_ids (B, T), mask (B, T))] length-sorted within the token budget, and the real
-    token count. `pin`: page-locked, so each copy to the GPU runs asynchronously beside the previous forward."""
-    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
-    flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=int(lengths.sum()))
-    starts = np.cumsum(lengths) - lengths
-    batches = []
-    for idx in _batches(lengths, batch_tokens, max_batch):
-        input_ids, mask = teacher.pad(flat, starts[idx], lengths[idx])
-        if pin:
-            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-        batches.append((idx, input_ids, mask))
-    return batches, int(lengths.sum())
-
-
-def _tokenize_threads(device) -> int:
-    """Threads that tokenise a shard: one core tokenises ~15k CLIP captions a second, enough for a CPU teacher (and
-    more would take cores from it) but not for a GPU. With a GPU, this rank's share of the cores it may run on, less
-    two: the thread that launches the forward and the writer keep a core each, so a burst of tokenising never delays a
-    launch. torchrun ranks on one machine share its cores."""
-    if device.type == "cpu":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 2))
-
-
-def default_batch_tokens(device) -> int:
-    """Padded tokens per forward batch when the config leaves it open (config.CPU_BATCH_TOKENS, GPU_BATCH_TOKENS).
-
-    CPU: 2048. On the B/16 text tower (1 thread, CPU time, 1,000 realistic captions) 2048 ran 1.3x faster than 8192
-    (median 44.9 against 33.4 captions per CPU-second): finer batches waste less on padding, and their (tokens, 2048)
-    MLP tensors stay under glibc's 32 MiB mmap threshold instead of page-faulting on every allocation.
-    """
-    return GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
-
-
-def _batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
-    """Indices sorted by length, cut so that (count x longest) stays within the token budget."""
-    order = np.argsort(lengths, kind="stable")
-    out, start = [], 0
-    for end in range(1, len(order) + 1):
-        width = lengths[order[end - 1]]
-        if end - start > 1 and ((end - start) * width > batch_tokens or end - start > max_batch):
-            out.append(order[start : end - 1])
-            start = end - 1
-    if start < len(order):
-        out.append(order[start:])
-    return out
 
 
 def _embed(work: _Work, teacher, config: EmbedConfig):
@@ -243,28 +224,41 @@ def _embed(work: _Work, teacher, config: EmbedConfig):
 
 
 def _to_table(work: _Work, emb, states, image_emb, config: EmbedConfig, schema):
+    """A row shard's table, or a unit's (its vectors and truncation flags, in unit order)."""
     import pyarrow as pa
 
-    columns = {"id": work.ids, "text": work.texts,
-               "embedding": shards.fixed_list(emb[work.inverse], config.dtype)}
-    for layer in sorted(states):
-        columns[shards.layer_column(layer)] = shards.fixed_list(states[layer][work.inverse], config.dtype)
+    vectors = {"embedding": emb, **{shards.layer_column(layer): states[layer] for layer in states}}
+    if work.ids is None:
+        return pa.table({**{k: shards.fixed_list(v, config.dtype) for k, v in vectors.items()}, "truncated": work.flags})
+    if work.values is None:
+        vectors = {k: v[work.inverse] for k, v in vectors.items()}
+    else:
+        vectors = {k: work.values[k] for k in _vector_columns(config)}
+    columns = {"id": work.ids, "text": work.texts, "caption_group": pa.array(work.groups, pa.int64()),
+               **{k: shards.fixed_list(v, config.dtype) for k, v in vectors.items()}}
     if image_emb is not None:
         columns["image_id"] = pa.array(work.image_ids, pa.string())
         columns["image_embedding"] = shards.fixed_list(image_emb[work.image_inverse], config.dtype)
     return pa.table(columns, schema=schema)
 
 
-def _write(out: Path, k: int, work: _Work, emb, states, image_emb, config: EmbedConfig, schema, stats: dict) -> Path:
-    """Build and write one shard in the writer thread: the float16 conversion and Arrow arrays overlap the next forward."""
-    path = out / shards.shard_name(k)
+def _write(folder: Path, work: _Work, emb, states, image_emb, config: EmbedConfig, schema) -> Path:
+    """Build and write one shard (or unit) in the writer thread: the float16 conversion and Arrow arrays overlap the next
+    forward."""
+    if work.ids is None:
+        stats = {"unit": work.index, "rows": work.unique}
+    else:
+        stats = {"shard": work.index, "first_row": work.first_row, "end_row": work.end_row, "rows": len(work.ids),
+                 "skipped": work.skipped, "truncated": work.truncated, "duplicates": work.duplicates,
+                 "format_version": shards.FORMAT_VERSION}
+    path = folder / shards.shard_name(work.index)
     with writing(path, RERUN):  # a failed write leaves no shard (the temp file goes), so the rerun recomputes just this one
-        return shards.write_shard(out, k, _to_table(work, emb, states, image_emb, config, schema), stats)
+        return shards.write_shard(folder, work.index, _to_table(work, emb, states, image_emb, config, schema), stats)
 
 
 def _finished(out: Path, k: int, config: EmbedConfig) -> bool:
     stats = shards.read_shard_stats(out / shards.shard_name(k))
-    return stats is not None and stats.get("first_row") == k * config.shard_size
+    return stats is not None and stats.get("first_row") == k * config.shard_size and stats.get("format_version") == shards.FORMAT_VERSION
 
 
 def run(config: EmbedConfig) -> EmbedResult:
@@ -278,6 +272,8 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     out = Path(config.out)
     status = distributed.main_only(ctx, lambda: _check_output(config))
     if status == "complete":
+        if ctx.is_main:  # a run killed between its last manifest and removing its plan
+            shutil.rmtree(out / dedup.PLAN, ignore_errors=True)
         manifest = shards.read_manifest(out)
         return EmbedResult(out, manifest["totals"]["rows"], len(manifest["shards"]), 0, 0, 0, time.perf_counter() - start,
                            manifest["totals"], manifest if ctx.is_main else None)
@@ -288,10 +284,7 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    table_fmt, n = _load_rows(config)
-    data.check_ids(table_fmt, config.id_column, n)
-    if config.strict:
-        data.check_strict(table_fmt, config.caption_column, config.id_column, n)
+    rows, n = _load_rows(config)
     precision = distributed.resolve_precision(config.precision, device)
     teacher = load_teacher(config.teacher, device=str(device), precision=precision, need_images=config.image_column is not None,
                            max_length=config.max_length, trust_remote_code=config.trust_remote_code)
@@ -299,43 +292,35 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     if bad_layers:
         raise UserError(f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick layers 1..{teacher.num_layers}")
     info = teacher.info()
+    plan = distributed.main_only(ctx, lambda: dedup.build(rows, n, config, out, info.fingerprint))  # checks the ids too
     distributed.main_only(ctx, lambda: _claim_output(config, status, info))  # only now, with every input checked, is anything written
     batch_tokens = config.batch_tokens or default_batch_tokens(device)
     schema = shards.cache_schema(teacher.dim, config.dtype, {layer: teacher.hidden_size for layer in config.cache_layers},
                                  teacher.dim if config.image_column else None)
     n_shards = -(-n // config.shard_size)
+    span = [(k * config.shard_size, min(n, (k + 1) * config.shard_size)) for k in range(n_shards)]  # input rows of each shard
     todo = [k for k in range(ctx.rank, n_shards, ctx.world_size) if not _finished(out, k, config)]
-    todo_rows = sum(min(n, (k + 1) * config.shard_size) - k * config.shard_size for k in todo)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=todo_rows, unit="cap", desc=f"embed-teacher[{ctx.rank}]" if ctx.enabled else "embed-teacher",
-               disable=not config.progress or not ctx.is_main, file=sys.stderr, dynamic_ncols=True)
+    pin, threads = device.type == "cuda", _tokenize_threads(device)
     captions = tokens = 0
     compute_start = time.perf_counter()
-    with ThreadPoolExecutor(1, thread_name_prefix="mclip-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="mclip-write") as writer:
-        read = functools.partial(_read_shard, table_fmt=table_fmt, config=config, n=n, teacher=teacher, batch_tokens=batch_tokens,
-                                 pin=device.type == "cuda", tokenize_threads=_tokenize_threads(device))
-        pending_read: Future | None = reader.submit(read, todo[0]) if todo else None
-        pending_write: Future | None = None
-        for pos, k in enumerate(todo):
-            work = pending_read.result()
-            pending_read = reader.submit(read, todo[pos + 1]) if pos + 1 < len(todo) else None
-            emb, states, image_emb = _embed(work, teacher, config)
-            stats = {"shard": k, "first_row": work.first_row, "end_row": work.end_row, "rows": len(work.ids),
-                     "skipped": work.skipped, "truncated": work.truncated, "duplicates": len(work.inverse) - work.unique}
-            if pending_write is not None:
-                pending_write.result()
-            pending_write = writer.submit(_write, out, k, work, emb, states, image_emb, config, schema, stats)
-            captions += work.unique
-            tokens += work.tokens
-            bar.update(work.end_row - work.first_row)
-        if pending_write is not None:
-            pending_write.result()
-    bar.close()
+    if config.dedup:  # every distinct caption once, by the rank of its unit; then the row shards gather them
+        def units_todo():
+            plan.parts.mkdir(exist_ok=True)
+            unfinished = [span[k] for k in range(n_shards) if not _finished(out, k, config)]
+            return [u for u in plan.needed_units(unfinished) if not plan.unit_done(u)]
+
+        units = [u for u in distributed.main_only(ctx, units_todo) if u % ctx.world_size == ctx.rank]
+        read = functools.partial(_read_unit, plan=plan, config=config, teacher=teacher, batch_tokens=batch_tokens, pin=pin,
+                                 tokenize_threads=threads)
+        captions, tokens = _stream(units, read, plan.parts, teacher, config, schema, ctx, "distinct")
+        distributed.barrier()
+    read = functools.partial(_read_shard, rows=rows, config=config, n=n, teacher=teacher, batch_tokens=batch_tokens, plan=plan,
+                             pin=pin, tokenize_threads=threads)
+    more = _stream(todo, read, out, teacher, config, schema, ctx, "rows", sum(span[k][1] - span[k][0] for k in todo))
+    captions, tokens = captions + more[0], tokens + more[1]
     compute_seconds = time.perf_counter() - compute_start
     distributed.barrier()
-    manifest = _finalize(config, out, n, n_shards, info, teacher, precision) if ctx.is_main else None
+    manifest = _finalize(config, out, n, n_shards, info, plan, precision) if ctx.is_main else None
     distributed.barrier()
     totals = manifest["totals"] if manifest else {}
     result = EmbedResult(out, totals.get("rows", 0), n_shards, len(todo), captions, tokens, compute_seconds, totals, manifest)
@@ -344,7 +329,34 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     return result
 
 
-def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teacher, precision: str) -> dict:
+def _stream(todo: list[int], read, folder: Path, teacher, config: EmbedConfig, schema, ctx, what: str, total: int | None = None):
+    """Read job i+1 in the reader thread and write job i-1 in the writer thread while the teacher embeds job i; return
+    the captions embedded and their tokens."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="cap", desc=f"embed-teacher {what}" + (f"[{ctx.rank}]" if ctx.enabled else ""),
+               disable=not config.progress or not ctx.is_main, file=sys.stderr, dynamic_ncols=True)
+    captions = tokens = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="mclip-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="mclip-write") as writer:
+        pending_read: Future | None = reader.submit(read, todo[0]) if todo else None
+        pending_write: Future | None = None
+        for pos in range(len(todo)):
+            work = pending_read.result()
+            pending_read = reader.submit(read, todo[pos + 1]) if pos + 1 < len(todo) else None
+            emb, states, image_emb = _embed(work, teacher, config)
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer.submit(_write, folder, work, emb, states, image_emb, config, schema)
+            captions += work.unique
+            tokens += work.tokens
+            bar.update(work.unique if work.ids is None else work.end_row - work.first_row)
+        if pending_write is not None:
+            pending_write.result()
+    bar.close()
+    return captions, tokens
+
+
+def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, plan: dedup.Plan, precision: str) -> dict:
     entries, totals = [], {"input_rows": n, "rows": 0, "skipped": 0, "truncated": 0, "duplicates": 0}
     for k in range(n_shards):
         path = out / shards.shard_name(k)
@@ -355,9 +367,11 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teach
                         "bytes": path.stat().st_size, "sha256": outputs.file_sha256(path)})
         for key in ("rows", "skipped", "truncated", "duplicates"):
             totals[key] += stats[key]
+    # what dedup saved: the teacher ran on `embedded` captions for `rows` rows; `distinct_captions` holds either way
+    totals.update(distinct_captions=plan.distinct, embedded=totals["rows"] - totals["duplicates"])
     manifest = shards.read_manifest(out)
     manifest.update({
-        "complete": True, "mclip_version": __version__,
+        "complete": True, "format_version": shards.FORMAT_VERSION, "mclip_version": __version__,
         "teacher": info.__dict__, "kind": info.kind, "pooling": info.pooling, "dim": info.dim, "dtype": config.dtype,
         "normalized": config.normalize, "max_length": info.max_length, "precision": precision,
         "caption_column": config.caption_column, "id_column": config.id_column, "image_column": config.image_column,
@@ -370,6 +384,7 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, teach
     })
     with writing(out / shards.MANIFEST, RERUN):
         shards.write_manifest(out, manifest)
+    shutil.rmtree(plan.folder, ignore_errors=True)  # after the manifest: a kill in between leaves a plan the next run removes
     return manifest
 
 
@@ -378,7 +393,7 @@ def summary(result: EmbedResult, wall: float) -> str:
     m = result.manifest or {}
     return (f"embed-teacher: {t.get('rows', 0):,} captions in {result.shards} shard(s) at {result.out} "
             f"({m.get('teacher', {}).get('name', '?')}, {m.get('pooling', '?')}, dim {m.get('dim', '?')}, {m.get('dtype', '?')}); "
-            f"this run embedded {result.captions:,} unique captions in {result.computed_shards} shard(s) "
+            f"this run embedded {result.captions:,} unique captions for {result.computed_shards} shard(s) "
             f"at {result.captions_per_s:,.0f} captions/s ({wall:.1f}s wall); "
             f"skipped {t.get('skipped', 0):,} empty, truncated {t.get('truncated', 0):,} over {m.get('max_length', '?')} tokens, "
-            f"{t.get('duplicates', 0):,} duplicate captions embedded once.")
+            f"{t.get('duplicates', 0):,} repeated captions served by an earlier row's embedding.")

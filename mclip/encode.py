@@ -1,6 +1,7 @@
 """`mclip encode`: texts (a UTF-8 text file or a dataset column) -> a student's embeddings in Arrow files (and .npy).
 
 The model is loaded and run exactly as `mclip.load(path).encode(texts)` does, so a user's own code gets the same vectors.
+An `mclip export` ONNX folder runs with onnxruntime, and then nothing here imports torch (machines without it).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Iterator
 
 import numpy as np
 
-from mclip import outputs, shards
+from mclip import export, outputs, shards
 from mclip.config import EncodeConfig, to_dict
 from mclip.errors import UserError, writing
-from mclip.student import load, model_folder
+from mclip.export import model_folder
 
 SUMMARY = "encode.json"
 NPY = "embeddings.npy"
@@ -134,10 +135,12 @@ def _run(config: EncodeConfig) -> EncodeResult:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    from mclip import distributed
-
     start = time.perf_counter()
     out = Path(config.out)
+    onnx = export.is_export(config.model)
+    if onnx and not config.normalize:
+        raise UserError(f"--model {config.model} is an ONNX export, whose graph L2-normalises inside; drop --no-normalize, "
+                        "or encode with the torch student it came from")
     folder = model_folder(config.model)
     if config.input is not None:
         source = Path(config.input)
@@ -150,7 +153,13 @@ def _run(config: EncodeConfig) -> EncodeResult:
     if total == 0:
         raise UserError(f"no texts to encode in {config.input or config.data} (all empty); check the file or --column")
     outputs.check(out, config.overwrite, owned=_owned, command="encode")
-    model = load(folder, device=distributed.resolve_device(config.device), trust_remote_code=config.trust_remote_code)
+    if onnx:
+        model = export.load_onnx(folder, device=config.device)
+    else:
+        from mclip import distributed
+        from mclip.student import load
+
+        model = load(folder, device=distributed.resolve_device(config.device), trust_remote_code=config.trust_remote_code)
     outputs.claim(out, shards.shard_files(out), RERUN)  # a previous encode's files go only now, with the model loaded and the input read
 
     schema = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),

@@ -2,8 +2,9 @@
 
 A dict of every cache id costs ~100 bytes a row per process (28M ids: ~3 GB per rank). Instead the ids are hashed in
 record-batch chunks, spilled into partitions by the hash's top bits, and each partition sorted alone, so the index file is
-globally sorted and no step holds more than one partition. `lookup` binary-searches it through a memory map and compares
-the real id strings of every hit, so a hash collision can never join the wrong row.
+globally sorted and no step holds more than one partition. `lookup` merges a chunk of sorted query hashes with it in
+one sequential read (never a memory map, whose touched pages would count as RSS) and compares the real id strings of
+every hit, so a hash collision can never join the wrong row.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 PARTITION_ROWS = 1 << 20  # (hash, row) pairs sorted at once while building: 16 MiB
-LOOKUP_CHUNK = 1 << 18  # query ids hashed and searched at once
+LOOKUP_CHUNK = 1 << 20  # query ids hashed and searched at once: one pass over the index files per chunk
+BLOCK = 1 << 20  # index values read at once (8 MiB)
 HASH_CHUNK = 1 << 14  # strings hashed in one vectorised pass
 _MUL = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime, as the per-position multiplier
 
@@ -61,31 +63,17 @@ def hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
         return _splitmix(h ^ (lengths * np.uint64(0x9E3779B97F4A7C15)))
 
 
-def _id_batches(cache):
-    """(first row, id array) per record batch of the cache, read without touching the other columns' bytes."""
-    row = 0
-    for path in cache.files:
-        with pa.OSFile(str(path), "rb") as source:
-            reader = pa.ipc.open_file(source)
-            field = reader.schema.get_field_index("id")
-            reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[field]))
-            for i in range(reader.num_record_batches):
-                ids = reader.get_batch(i).column(0)
-                yield row, ids
-                row += len(ids)
-
-
 def _fingerprint(cache) -> str:
     """Which cache an index belongs to: its shards' checksums (or names and sizes when a manifest has no checksums)."""
     return json.dumps([[s["file"], s.get("sha256"), s["rows"]] for s in cache.manifest["shards"]])
 
 
 class IdIndex:
-    """Cache id -> cache row, through a sorted (hash, row) index memory-mapped from a folder."""
+    """Cache id -> cache row, through a sorted (hash, row) index in a folder, read in sequential blocks."""
 
-    def __init__(self, cache, folder: Path, hashes: np.ndarray, rows: np.ndarray):
+    def __init__(self, cache, folder: Path, hashes: Path, rows: Path):
         self.cache, self.folder, self.hashes, self.rows = cache, Path(folder), hashes, rows
-        self._ids = None  # the cache's id column, memory-mapped, opened on the first lookup
+        self._ids = None  # the cache's id column (shards.Column), opened on the first lookup
 
     @classmethod
     def build(cls, cache, folder: str | Path) -> IdIndex:
@@ -103,7 +91,7 @@ class IdIndex:
         parts = [open(tmp / f"part-{k:05d}.bin", "wb") for k in range(1 << bits)]
         pair = np.dtype([("hash", "<u8"), ("row", "<i8")])
         try:
-            for first, ids in _id_batches(cache):
+            for first, ids in cache.batches("id"):
                 chunk = np.empty(len(ids), pair)
                 chunk["hash"], chunk["row"] = hash64(ids), np.arange(first, first + len(ids))
                 which = (chunk["hash"] >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(ids), np.int64)
@@ -132,28 +120,76 @@ class IdIndex:
     @classmethod
     def open(cls, cache, folder: str | Path) -> IdIndex:
         folder = Path(folder)
-        n = len(cache)
-        hashes = np.memmap(folder / "hash.u64", dtype="<u8", mode="r", shape=(n,)) if n else np.zeros(0, np.uint64)
-        rows = np.memmap(folder / "row.i64", dtype="<i8", mode="r", shape=(n,)) if n else np.zeros(0, np.int64)
-        return cls(cache, folder, hashes, rows)
+        return cls(cache, folder, folder / "hash.u64", folder / "row.i64")
+
+    def __len__(self) -> int:
+        return self.hashes.stat().st_size // 8
+
+    def _blocks(self, path: Path, dtype: str):
+        """(first position, values) per BLOCK values of an index file, read in order (never memory-mapped: flat RSS)."""
+        with open(path, "rb") as handle:
+            start = 0
+            while True:
+                values = np.fromfile(handle, dtype=dtype, count=BLOCK)
+                if not len(values):
+                    return
+                yield start, values
+                start += len(values)
+
+    def _read(self, path: Path, dtype: str, pos: int, count: int = 1) -> np.ndarray:
+        with open(path, "rb") as handle:
+            handle.seek(pos * 8)
+            return np.fromfile(handle, dtype=dtype, count=count)
 
     def _id_column(self):
         if self._ids is None:
-            self._ids = self.cache.column("id")  # shards.Column: takes rows without concatenating the shards
+            self._ids = self.cache.column("id")  # shards.Column: reads rows without mapping the shards
         return self._ids
 
     def _check_unique(self) -> None:
         """Equal hashes are either a collision (fine) or a duplicate id (refused: a caption would join two targets)."""
         from mclip.errors import UserError
 
-        for start in range(0, len(self.hashes), PARTITION_ROWS):
-            block = np.asarray(self.hashes[start : start + PARTITION_ROWS + 1])
-            for pos in np.flatnonzero(block[1:] == block[:-1]):
-                a, b = int(self.rows[start + pos]), int(self.rows[start + pos + 1])
+        previous = None
+        for start, block in self._blocks(self.hashes, "<u8"):
+            joined = block if previous is None else np.concatenate([previous[-1:], block])
+            offset = start if previous is None else start - 1
+            for pos in np.flatnonzero(joined[1:] == joined[:-1]):
+                a, b = (int(x) for x in self._read(self.rows, "<i8", offset + int(pos), 2))
                 ids = self._id_column().take(np.array([a, b])).to_pylist()
                 if ids[0] == ids[1]:
                     raise UserError(f"id {ids[0]!r} appears twice in cache {self.cache.path} (rows {a} and {b}); "
                                     "rebuild it with `mclip embed-teacher` from data with unique ids")
+            previous = block
+
+    def _search(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For query hashes h: (leftmost index position with hash >= h, whether that hash equals h, its cache row), one
+        sequential pass over the index files (a merge of the sorted queries with the sorted index)."""
+        order = np.argsort(h, kind="stable")
+        sorted_h = h[order]
+        pos = np.full(len(h), len(self), dtype=np.int64)
+        hit = np.zeros(len(h), dtype=bool)
+        row = np.full(len(h), -1, dtype=np.int64)
+        done = 0  # queries (in sorted order) placed so far
+        for start, block in self._blocks(self.hashes, "<u8"):
+            upto = done + int(np.searchsorted(sorted_h[done:], block[-1], side="right"))  # queries <= the block's last hash
+            if upto > done:
+                local = np.searchsorted(block, sorted_h[done:upto])
+                where = order[done:upto]
+                pos[where] = start + local
+                hit[where] = block[local] == sorted_h[done:upto]
+            done = upto
+        found = np.flatnonzero(hit)
+        if len(found):  # the rows of the hits, read block by block in position order
+            by_pos = found[np.argsort(pos[found], kind="stable")]
+            cursor = 0
+            for start, block in self._blocks(self.rows, "<i8"):
+                upto = cursor + int(np.searchsorted(pos[by_pos[cursor:]], start + len(block)))
+                row[by_pos[cursor:upto]] = block[pos[by_pos[cursor:upto]] - start]
+                cursor = upto
+                if cursor == len(by_pos):
+                    break
+        return pos, hit, row
 
     def lookup(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """(len(ids),) int64 cache rows, -1 where the cache has no such id (or the id is null)."""
@@ -161,29 +197,27 @@ class IdIndex:
             ids = ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0)
         ids = pc.cast(ids, pa.string()) if ids.type not in (pa.string(), pa.large_string()) else ids
         out = np.full(len(ids), -1, dtype=np.int64)
-        n = len(self.hashes)
-        if n == 0:
+        if len(self) == 0:
             return out
         for start in range(0, len(ids), LOOKUP_CHUNK):
             part = ids.slice(start, LOOKUP_CHUNK)
             h = hash64(part)
-            pos = np.minimum(np.searchsorted(self.hashes, h), n - 1)
-            hit = (np.asarray(self.hashes[pos]) == h) & np.asarray(pc.is_valid(part))
+            pos, hit, cand = self._search(h)
+            hit &= np.asarray(pc.is_valid(part))
             where = np.flatnonzero(hit)
             if not len(where):
                 continue
-            cand = np.asarray(self.rows[pos[where]])
-            found = self._id_column().take(cand)
+            found = self._id_column().take(cand[where])
             same = pc.equal(pc.cast(found, pa.large_string()), pc.cast(part.take(pa.array(where)), pa.large_string()))
             same = same.to_numpy(zero_copy_only=False)
-            out[start + where[same]] = cand[same]
+            out[start + where[same]] = cand[where][same]
             for w in where[~same]:  # a collision: the id may sit further along the run of equal hashes
                 out[start + w] = self._scan(int(pos[w]), int(h[w]), part[int(w)].as_py())
         return out
 
     def _scan(self, pos: int, h: int, wanted: str) -> int:
-        while pos < len(self.hashes) and int(self.hashes[pos]) == h:
-            row = int(self.rows[pos])
+        while pos < len(self) and int(self._read(self.hashes, "<u8", pos)[0]) == h:
+            row = int(self._read(self.rows, "<i8", pos)[0])
             if self._id_column().take(np.array([row]))[0].as_py() == wanted:
                 return row
             pos += 1

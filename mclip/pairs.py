@@ -1,46 +1,109 @@
-"""Stage 2's data: (caption, cached teacher target) pairs joined by id, the validation split by id, and the epoch plan
-(seeded, length-grouped batches that every rank and a resumed run cut the same way)."""
+"""Stage 2's data: (caption, cached teacher target) pairs joined to the cache by id in bounded memory and kept on disk,
+and the validation split by id. The batches cut from them are `mclip.batches`'."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from mclip import losses
+from mclip import shards
 from mclip.config import TrainConfig
 from mclip.errors import UserError
+
+PAIR_FILES = {"rows": "<i8", "src": "<i8", "langs": "<i1"}  # one raw little-endian array per field, P values each
+CHUNK = 1 << 16  # pairs handled at once in a pass over them: bounded memory whatever the data's size
+JOIN_ROWS = 1 << 18  # caption rows joined at once: one sequential pass over the id index each (~25 MB of work arrays)
 
 
 @dataclass
 class Pairs:
-    """(caption, teacher target) pairs: the text and the cache row of its id (cache ids are unique, so row == id)."""
+    """(caption, teacher target) pairs, held on disk and memory-mapped: pair i is the caption at row `src[i]` of its
+    language's text column and the cache row `rows[i]` (cache ids are unique, so row == id). Nothing here holds a
+    Python object, or a copy of a caption, per pair: 17 bytes a pair on disk, read through the page cache every rank
+    on a node shares."""
 
-    texts: pa.Array  # (P,) strings
+    sources: list  # per language: the text column (`shards.Column` over a dataset's or the cache's memory-mapped batches)
+    src: np.ndarray  # (P,) int64 row of each pair's caption in sources[langs[i]]
     rows: np.ndarray  # (P,) int64 cache rows
-    langs: np.ndarray  # (P,) int64 index into `languages`
+    langs: np.ndarray  # (P,) int8 index into `languages`
     languages: list[str]
-    groups: np.ndarray  # (P,) int64: equal for pairs whose cache row has the same English caption (one target, as in stage 3)
+    cache_groups: np.ndarray  # (N,) per cache row: equal for rows with the same English caption (one target, as in stage 3)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def texts(self, index: np.ndarray | None = None) -> list[str]:
+        """The captions of pairs `index` (all pairs when None), in that order."""
+        index = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64)
+        out: list = [None] * len(index)
+        langs, src = np.asarray(self.langs[index]), np.asarray(self.src[index])
+        for k in np.unique(langs):
+            where = np.flatnonzero(langs == k)
+            for w, text in zip(where.tolist(), self.sources[k].take(src[where]).to_pylist()):
+                out[w] = text
+        return out
+
+    def groups(self, index: np.ndarray) -> np.ndarray:
+        """(len(index),) int64 English-caption group of pairs `index`."""
+        return np.asarray(self.cache_groups[np.asarray(self.rows[np.asarray(index)])], dtype=np.int64)
+
     def subset(self, keep: np.ndarray) -> Pairs:
+        """The pairs where `keep` (a mask), in memory: for the validation set and the vocabulary pass, not the whole data."""
         idx = np.flatnonzero(keep)
-        return Pairs(self.texts.take(pa.array(idx)), self.rows[idx], self.langs[idx], self.languages, self.groups[idx])
+        return Pairs(self.sources, np.asarray(self.src[idx]), np.asarray(self.rows[idx]), np.asarray(self.langs[idx]),
+                     self.languages, self.cache_groups)
 
     def digest(self) -> str:
         """What the pairs are (texts, rows, languages, in order): a resumed run must train on exactly these."""
         h = hashlib.blake2b(digest_size=16)
-        for buf in pa.concat_arrays([self.texts]).buffers()[1:]:
-            h.update(memoryview(buf) if buf is not None else b"")
-        h.update(self.rows.tobytes())
-        h.update(self.langs.tobytes())
+        for start in range(0, len(self), CHUNK):
+            index = np.arange(start, min(len(self), start + CHUNK))
+            for text in self.texts(index):
+                raw = text.encode("utf-8")
+                h.update(len(raw).to_bytes(8, "little") + raw)
+            h.update(np.asarray(self.rows[index]).tobytes())
+            h.update(np.asarray(self.langs[index], dtype=np.int64).tobytes())
         return h.hexdigest()
+
+
+class _PairWriter:
+    """Appends pairs to raw files, one set per language (so a language's pairs stay together, in data order)."""
+
+    def __init__(self, folder: Path, languages: list[str]):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.files = {(k, name): open(folder / f"{name}.{k}", "wb") for k in range(len(languages)) for name in PAIR_FILES}
+        self.count = np.zeros(len(languages), dtype=np.int64)
+
+    def add(self, k: int, src: np.ndarray, rows: np.ndarray) -> None:
+        self.files[k, "src"].write(np.asarray(src, "<i8").tobytes())
+        self.files[k, "rows"].write(np.asarray(rows, "<i8").tobytes())
+        self.files[k, "langs"].write(np.full(len(rows), k, "<i1").tobytes())
+        self.count[k] += len(rows)
+
+    def close(self) -> None:
+        """Concatenate the languages' files in language order into one file per field."""
+        for handle in self.files.values():
+            handle.close()
+        for name in PAIR_FILES:
+            with open(self.folder / name, "wb") as whole:
+                for k in range(len(self.count)):
+                    part = self.folder / f"{name}.{k}"
+                    with open(part, "rb") as piece:
+                        shutil.copyfileobj(piece, whole, 1 << 22)
+                    part.unlink()
+
+
+def _open(folder: Path, sources: list, languages: list[str], cache_groups) -> Pairs:
+    arrays = {name: shards.RawArray(folder / name, dtype) for name, dtype in PAIR_FILES.items()}  # read by pread: flat RSS
+    return Pairs(sources, arrays["src"], arrays["rows"], arrays["langs"], languages, cache_groups)
 
 
 def text_groups(cache_texts: pa.Array) -> np.ndarray:
@@ -48,34 +111,24 @@ def text_groups(cache_texts: pa.Array) -> np.ndarray:
     return pc.dictionary_encode(cache_texts).indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def join_pairs(parallel, languages: list[str], cache_ids: list[str], cache_texts: pa.Array,
-               text_group: np.ndarray | None = None) -> tuple[Pairs, dict]:
-    """One pair per (id, language) with text and a target; "en" pairs take the cache's own text (what the teacher embedded)
-    for every id that joined in another language. Ids without a target and targets without text are counted, never shifted.
-    text_group: `text_groups(cache_texts)`, when the caller joins more than one file against the same cache."""
-    row_of = {cid: r for r, cid in enumerate(cache_ids)}
-    texts, rows, langs, report, joined = [], [], [], {}, []
-    for k, lang in enumerate(languages):
-        if lang == "en":
-            continue
-        lang_texts, lang_rows, lost = parallel.join(lang, row_of)
-        texts += lang_texts
-        rows.append(lang_rows)
-        langs.append(np.full(len(lang_rows), k, dtype=np.int64))
-        joined.append(lang_rows)
-        report[lang] = {"pairs": len(lang_rows), "empty_texts": int(parallel.missing.get(lang, 0)),
-                        "ids_without_target": len(lost), "targets_without_text": len(cache_ids) - len(np.unique(lang_rows)),
-                        "examples_without_target": lost[:20]}
-    if "en" in languages:
-        en_rows = np.unique(np.concatenate(joined)) if joined else np.zeros(0, np.int64)
-        texts += cache_texts.take(pa.array(en_rows)).to_pylist()
-        rows.append(en_rows)
-        langs.append(np.full(len(en_rows), languages.index("en"), dtype=np.int64))
-        report["en"] = {"pairs": len(en_rows), "source": "cache text", "targets_without_text": len(cache_ids) - len(en_rows)}
-    rows = np.concatenate(rows)
-    text_group = text_groups(cache_texts) if text_group is None else text_group
-    pairs = Pairs(pa.array(texts, pa.large_string()), rows, np.concatenate(langs), list(languages), text_group[rows])
-    return pairs, report
+def _cache_groups(cache, folder: Path) -> np.ndarray:
+    """(N,) English-caption group per cache row, memory-mapped: stage 1's `caption_group` column when the cache has it
+    (streamed, bounded), else grouped by text here (caches of mclip before format 2: a hash table of the texts)."""
+    path = folder / "cache_groups"
+    if "caption_group" in _schema_names(cache):
+        with open(path, "wb") as handle:
+            for _, values in cache.batches("caption_group"):
+                handle.write(values.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+    else:
+        text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8").tofile(path)
+    return shards.RawArray(path, "<i8")
+
+
+def _schema_names(cache) -> list[str]:
+    if not cache.files:
+        return []
+    with pa.memory_map(str(cache.files[0]), "r") as source:
+        return pa.ipc.open_file(source).schema.names
 
 
 def hash_unit(ids: list[str], seed: int) -> np.ndarray:
@@ -84,112 +137,264 @@ def hash_unit(ids: list[str], seed: int) -> np.ndarray:
                        dtype=np.float64, count=len(ids))
 
 
-def prepare_pairs(config: TrainConfig, cache) -> tuple[Pairs, Pairs | None, dict]:
-    """Train pairs, validation pairs (ids held out whole, so no caption of a validation id is trained on) and the join report."""
-    from mclip.data import load_parallel
+class _Captions:
+    """A parallel-caption file, read in chunks of rows: per language, the rows with a non-blank caption and its column.
+    Wide format (id, caption_<lang>...) or long (id, lang, text), as `data.load_parallel` reads them."""
 
-    languages = list(config.languages) + (["en"] if config.include_english and "en" not in config.languages else [])
-    table = cache.table(["id", "text"])
-    cache_ids, cache_texts = table.column("id").to_pylist(), table.column("text").combine_chunks()
-    text_group = text_groups(cache_texts)  # once, for the training and the validation file
+    def __init__(self, config: TrainConfig, data: str, split: str, languages: list[str]):
+        from mclip import data as mdata
 
-    def load_join(data: str, split: str) -> tuple[Pairs, dict]:
-        parallel = load_parallel(data, split, [lang for lang in languages if lang != "en"], id_column=config.id_column,
-                                 text_column_template=config.text_column_template, english=False)
-        pairs, report = join_pairs(parallel, languages, cache_ids, cache_texts, text_group)
-        if not any(report[lang]["pairs"] for lang in languages if lang != "en"):
-            sample = next((parallel.pairs(lang)[0][:3] for lang in parallel.languages if parallel.pairs(lang)[0]), [])
+        ds = mdata.load_dataset(data, split)
+        if getattr(ds, "_indices", None) is not None:  # a selected or shuffled dataset: give it its own rows
+            ds = ds.flatten_indices()
+        self.table, self.data = ds.data.table if hasattr(ds.data, "table") else ds.data, data
+        self.files = [f["filename"] for f in ds.cache_files]  # the Arrow files `datasets` memory-maps, when it has them
+        shards.drop_mapped_pages(self.files)  # loading read every batch header through the map: give those pages back
+        have = set(self.table.column_names)
+        if config.id_column not in have:
+            raise UserError(f"column {config.id_column!r} not found in {data}; it has {', '.join(self.table.column_names)} (use --id-column)")
+        self.id_column = config.id_column
+        self.long = {"lang", "text"} <= have and not any(config.text_column_template.format(lang=l) in have for l in languages)
+        self.columns = {}
+        for lang in languages:
+            column = "text" if self.long else config.text_column_template.format(lang=lang)
+            if column not in have:
+                raise UserError(f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(self.table.column_names)} "
+                                "(fix --languages or --text-column-template)")
+            self.columns[lang] = column
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def source(self, lang: str):
+        """The caption column of `lang`, read by row from the dataset's own Arrow files (flat RSS), else from memory."""
+        name = self.columns[lang]
+        if self.files:
+            column = shards.Column.from_files(self.files, name)
+            if len(column) == len(self):
+                return column
+        return shards.Column(self.table.column(name).chunks)
+
+    def chunks(self):
+        """(first row, ids (string array), rows) per JOIN_ROWS rows, in order. The dataset's own Arrow files are read
+        through plain reads, not its memory map: a pass over every row would leave all its pages in RSS."""
+        def batches():
+            if self.files:
+                for path in self.files:
+                    with pa.OSFile(path, "rb") as source:
+                        try:
+                            reader = pa.ipc.open_file(source)
+                            yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+                        except pa.ArrowInvalid:
+                            source.seek(0)
+                            yield from pa.ipc.open_stream(source)
+            else:
+                yield from self.table.to_batches(max_chunksize=JOIN_ROWS)
+
+        first, pending, count = 0, [], 0
+        for batch in batches():
+            pending.append(batch)
+            count += batch.num_rows
+            if count >= JOIN_ROWS:
+                yield first, *self._chunk(pending)
+                first, pending, count = first + count, [], 0
+        if pending:
+            yield first, *self._chunk(pending)
+            first += count
+        assert first == len(self), f"{self.data}: read {first} rows from {self.files}, the dataset has {len(self)}"
+
+    def _chunk(self, batches: list) -> tuple:
+        part = pa.Table.from_batches(batches).combine_chunks()
+        return pc.cast(part.column(self.id_column), pa.string()).combine_chunks(), part
+
+    def kept(self, part, lang: str) -> np.ndarray:
+        """Rows of the slice that hold a caption of `lang` (blank and None captions are left out and counted)."""
+        from mclip.data import blank
+
+        column = part.column(self.columns[lang])
+        ok = pc.invert(blank(pc.cast(column, pa.string()) if column.type != pa.large_string() else column))
+        if self.long:
+            ok = pc.and_(ok, pc.fill_null(pc.equal(part.column("lang"), lang), False))
+        return np.flatnonzero(ok.to_numpy(zero_copy_only=False) if isinstance(ok, pa.Array) else ok.combine_chunks().to_numpy(zero_copy_only=False))
+
+
+class Bits:
+    """A set of cache rows 0..n-1 in n/8 bytes (a bool array would take n: 28 MB a set at laion28m, and the join keeps
+    a few)."""
+
+    def __init__(self, n: int):
+        self.n, self.words = n, np.zeros((n + 7) // 8, dtype=np.uint8)
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        np.bitwise_or.at(self.words, rows >> 3, np.left_shift(1, rows & 7).astype(np.uint8))
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return ((self.words[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1).astype(bool)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The members in [start, stop), ascending."""
+        stop = self.n if stop is None else min(stop, self.n)
+        low = start // 8 * 8
+        flags = np.unpackbits(self.words[low // 8 : (stop + 7) // 8], bitorder="little")[start - low : stop - low]
+        return start + np.flatnonzero(flags)
+
+    def count(self) -> int:
+        return int(sum(np.unpackbits(self.words[i : i + CHUNK], bitorder="little").sum() for i in range(0, len(self.words), CHUNK)))
+
+
+def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: Bits | None,
+          is_val: Bits | None, seed: int, val_fraction: float, cache_text) -> tuple[dict, dict]:
+    """Stream one caption file into pair files under folder/"all" (and folder/"held" for held-out ids): per language,
+    each non-blank caption whose id is in the cache. "en" pairs take the cache's own text (what the teacher embedded) for
+    every id joined in another language. `held`: the cache rows held out for validation (from --val-data), else the
+    rows with hash_unit(id) < val_fraction are held out and added to `is_val`."""
+    others = [lang for lang in languages if lang != "en"]
+    writers = {"all": _PairWriter(folder / "all", languages), "held": _PairWriter(folder / "held", languages)}
+    joined = Bits(n_cache)  # cache rows that joined in some language: the English pairs' rows
+    trained = Bits(n_cache)  # cache rows with a training pair
+    report = {lang: {"pairs": 0, "empty_texts": 0, "ids_without_target": 0, "examples_without_target": []} for lang in others}
+    seen = {lang: Bits(n_cache) for lang in others}
+    long_langs: set = set()  # the long format's languages, to name them when one asked for has no rows
+    for start, ids, part in captions.chunks():
+        if captions.long:
+            long_langs |= set(pc.unique(part.column("lang")).to_pylist())
+        rows = index.lookup(ids)  # (chunk,) cache row per data row, -1 where the cache lacks the id
+        if is_val is not None and val_fraction > 0:
+            for at in range(0, len(rows), CHUNK):  # a Python string per id for blake2b: a slice of them at a time
+                found = at + np.flatnonzero(rows[at : at + CHUNK] >= 0)
+                is_val.add(rows[found][hash_unit(ids.take(pa.array(found)).to_pylist(), seed) < val_fraction])
+        for lang in others:
+            keep = captions.kept(part, lang)
+            r = rows[keep]
+            ok = r >= 0
+            lost = keep[~ok]
+            stats = report[lang]
+            stats["empty_texts"] += (len(part) if not captions.long else int(pc.sum(pc.equal(part.column("lang"), lang)).as_py() or 0)) - len(keep)
+            stats["ids_without_target"] += len(lost)
+            if len(stats["examples_without_target"]) < 20 and len(lost):
+                stats["examples_without_target"] += ids.take(pa.array(lost[: 20 - len(stats["examples_without_target"])])).to_pylist()
+            src, r = start + keep[ok], r[ok]
+            out = held[r] if held is not None else (is_val[r] if is_val is not None else np.zeros(len(r), bool))
+            k = languages.index(lang)
+            writers["all"].add(k, src[~out], r[~out])
+            writers["held"].add(k, src[out], r[out])
+            joined.add(r)
+            trained.add(r[~out])
+            seen[lang].add(r)
+            stats["pairs"] += len(r)
+    for lang in others:
+        if captions.long and lang not in long_langs:
+            raise UserError(f"language {lang!r} has no rows in {captions.data} (column 'lang' has "
+                            f"{', '.join(sorted(map(str, long_langs))[:20])}); fix --languages")
+        report[lang]["targets_without_text"] = n_cache - seen[lang].count()
+    if "en" in languages:
+        k = languages.index("en")
+        for start in range(0, n_cache, CHUNK):
+            r = joined.rows(start, start + CHUNK)
+            out = held[r] if held is not None else (is_val[r] if is_val is not None else np.zeros(len(r), bool))
+            writers["all"].add(k, r[~out], r[~out])  # an English pair's caption is the cache's text of its own row
+            writers["held"].add(k, r[out], r[out])
+        report["en"] = {"pairs": joined.count(), "source": "cache text", "targets_without_text": n_cache - joined.count()}
+    for writer in writers.values():
+        writer.close()
+    return report, {name: int(w.count.sum()) for name, w in writers.items()} | {"train_ids": trained.count()}
+
+
+def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
+    """Join the caption file(s) to the cache into pair files under `folder` (rank 0, before training; bounded memory:
+    a bitmap of the cache rows and one chunk of rows at a time). Returns the join report; `open_pairs` reads the result."""
+    from mclip.join import IdIndex
+
+    languages = _languages(config)
+    others = [lang for lang in languages if lang != "en"]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    index = IdIndex.build(cache, folder / "ids")
+    cache_text = cache.column("text")
+    n = len(cache)
+    _cache_groups(cache, folder)
+    sample_ids = cache.column("id").take(np.arange(min(3, n))).to_pylist()
+
+    def load_join(data: str, split: str, sub: str, held, is_val) -> dict:
+        captions = _Captions(config, data, split, others)
+        report, counts = _join(captions, languages, index, n, folder / sub, held, is_val, config.seed, config.val_fraction, cache_text)
+        if not any(report[lang]["pairs"] for lang in others):
+            sample = next(iter(captions.chunks()))[1][:3].to_pylist() if len(captions) else []
             raise UserError(f"no caption id in {data} matches an id in the cache {config.cache} (data ids {sample} vs cache ids "
-                            f"{cache_ids[:3]}); build the cache from the same rows with `mclip embed-teacher --id-column {config.id_column}`")
-        return pairs, report
+                            f"{sample_ids}); build the cache from the same rows with `mclip embed-teacher --id-column {config.id_column}`")
+        return report | {"_counts": counts}
 
-    pairs, report = load_join(config.data, config.split)
-    val_rows = np.zeros(0, np.int64)
+    held = is_val = None
+    val_report = None
     if config.val_data:
-        val_pairs, report["validation_join"] = load_join(config.val_data, config.val_split)
-        val_rows = np.unique(val_pairs.rows)
+        val_report = load_join(config.val_data, config.val_split, "val", None, None)
+        held = Bits(n)
+        val_pairs = _open(folder / "val" / "all", [], languages, np.zeros(0))
+        for _, rows in val_pairs.rows.blocks(CHUNK):
+            held.add(rows)
     elif config.val_fraction > 0:
-        candidates = np.unique(pairs.rows)
-        val_rows = candidates[hash_unit([cache_ids[r] for r in candidates], config.seed) < config.val_fraction]
-        if len(val_rows) == 0:
-            raise UserError(f"val_fraction={config.val_fraction} holds out none of the {len(candidates)} ids; raise it or pass --val-data")
-        val_pairs = pairs
-    held_out = np.isin(pairs.rows, val_rows)
-    train = pairs.subset(~held_out)
+        is_val = Bits(n)
+    report = load_join(config.data, config.split, "train", held, is_val)
+    held_rows = held if held is not None else is_val
+    val_rows = held_rows.rows() if held_rows is not None else np.zeros(0, np.int64)
+    if config.val_fraction > 0 and not config.val_data and len(val_rows) == 0:
+        candidates = report["en"]["pairs"] if "en" in report else sum(report[lang]["pairs"] for lang in others)
+        raise UserError(f"val_fraction={config.val_fraction} holds out none of the {candidates} ids; raise it or pass --val-data")
+    eval_rows = np.zeros(0, np.int64)
+    if len(val_rows):  # the validation ids the periodic evaluation scores: the smallest hashes, at most val_max_ids
+        order = np.argsort(hash_unit(cache.column("id").take(val_rows).to_pylist(), config.seed), kind="stable")
+        eval_rows = np.sort(val_rows[order[: config.val_max_ids]])
+    counts = report.pop("_counts")
+    if val_report is not None:
+        report["validation_join"] = {k: v for k, v in val_report.items() if k != "_counts"}
+    report.update({"train_pairs": counts["all"], "train_ids": counts["train_ids"], "validation_ids": len(val_rows), "held_out_pairs": counts["held"],
+                   "languages": languages})
+    np.save(folder / "eval_rows.npy", eval_rows)
+    (folder / "report.json").write_text(json.dumps(report))
+    return report
+
+
+def _languages(config: TrainConfig) -> list[str]:
+    return list(config.languages) + (["en"] if config.include_english and "en" not in config.languages else [])
+
+
+def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs | None, dict]:
+    """The pairs `build_pairs` wrote (every rank opens the same files): training pairs, validation pairs (the eval ids'
+    pairs, in memory; ids held out whole, so no caption of a validation id is trained on) and the join report."""
+    languages = _languages(config)
+    report = json.loads((folder / "report.json").read_text())
+    n = len(cache)
+    cache_groups = shards.RawArray(folder / "cache_groups", "<i8")
+    en_source = cache.column("text")
+
+    def sources(data: str, split: str) -> list:
+        captions = _Captions(config, data, split, [lang for lang in languages if lang != "en"])
+        return [en_source if lang == "en" else captions.source(lang) for lang in languages]
+
+    train_sources = sources(config.data, config.split)
+    train = _open(folder / "train" / "all", train_sources, languages, cache_groups)
+    eval_rows = np.load(folder / "eval_rows.npy")
     val = None
-    if len(val_rows):
-        eval_rows = val_rows[np.argsort(hash_unit([cache_ids[r] for r in val_rows], config.seed), kind="stable")[: config.val_max_ids]]
-        val = val_pairs.subset(np.isin(val_pairs.rows, eval_rows))
-    report.update({"train_pairs": len(train), "train_ids": len(np.unique(train.rows)), "validation_ids": len(val_rows),
-                   "held_out_pairs": int(held_out.sum()), "eval_ids": len(np.unique(val.rows)) if val else 0,
-                   "eval_pairs": len(val) if val else 0, "languages": languages})
+    if len(eval_rows):
+        held = _open(folder / "val" / "all", sources(config.val_data, config.val_split), languages, cache_groups) if config.val_data \
+            else _open(folder / "train" / "held", train_sources, languages, cache_groups)
+        mask = np.zeros(n, dtype=bool)
+        mask[eval_rows] = True
+        keep = np.concatenate([mask[rows] for _, rows in held.rows.blocks(CHUNK)]) if len(held) else np.zeros(0, bool)
+        val = held.subset(keep)
+    report.update({"eval_ids": len(np.unique(val.rows)) if val else 0, "eval_pairs": len(val) if val else 0})
     if len(train) == 0:
         raise UserError("no training pairs are left after holding out validation ids; lower --val-fraction or check --val-data")
     return train, val, report
 
 
-def plan_epoch(lengths: np.ndarray, langs: np.ndarray, batch_size: int, seed: int, epoch: int, group: int) -> np.ndarray:
-    """(steps, batch_size) pair indices of one epoch, the same on every rank and on resume: a (seed, epoch) shuffle, then
-    inside mega-batches of `group` batches pairs of alike token length are batched together (less padding), batch order
-    shuffled again; the last partial batch is dropped. lengths, langs: (P,) per pair.
-
-    Length grouping must not make batches single-language: short captions are mostly ja/ko/zh, so one sort of all pairs
-    by length gives batches of one script, with one-language negatives and gradients. A pair's sort key is instead its
-    length's quantile *within its language*, so a batch holds the k-th shortest slice of every language. Inside a batch
-    pairs are sorted by length, so ranks taking every world-th position get alike lengths."""
-    rng = np.random.default_rng([seed, epoch])
-    steps = len(lengths) // batch_size
-    order = rng.permutation(len(lengths))[: steps * batch_size]
-    chunk = group * batch_size
-    for start in range(0, len(order) if group > 1 else 0, chunk):
-        part = order[start : start + chunk]
-        key = np.empty(len(part))
-        for lang in np.unique(langs[part]):
-            where = np.flatnonzero(langs[part] == lang)
-            rank = np.empty(len(where))
-            rank[np.argsort(lengths[part[where]], kind="stable")] = np.arange(len(where))  # ties keep the shuffled order
-            key[where] = (rank + 0.5) / len(where)
-        order[start : start + chunk] = part[np.argsort(-key, kind="stable")]
-    plan = order.reshape(steps, batch_size)
-    plan = np.take_along_axis(plan, np.argsort(-lengths[plan], axis=1, kind="stable"), axis=1)
-    return plan[rng.permutation(steps)]
+def prepare_pairs(config: TrainConfig, cache, folder: Path | None = None) -> tuple[Pairs, Pairs | None, dict]:
+    """build_pairs + open_pairs in one process (tests, and a one-rank run); folder defaults to <out>/.pairs."""
+    folder = Path(folder) if folder is not None else Path(config.out) / PAIRS_DIR
+    build_pairs(config, cache, folder)
+    return open_pairs(config, cache, folder)
 
 
-def token_lengths(tokenizer, texts: pa.Array, max_length: int, chunk: int = 10_000) -> np.ndarray:
-    """(P,) int32 token counts of the texts as the student reads them (special tokens included, cut at max_length)."""
-    out = np.empty(len(texts), dtype=np.int32)
-    for start in range(0, len(texts), chunk):
-        ids = tokenizer(texts.slice(start, chunk).to_pylist(), truncation=True, max_length=max_length)["input_ids"]
-        out[start : start + len(ids)] = [len(x) for x in ids]
-    return out
-
-
-class EpochSteps(torch.utils.data.Dataset):
-    """Step k of an epoch -> this rank's micro-batches (tokenised, padded to their longest) and the global batch's targets.
-
-    Rank r takes positions r, r + world, ... of the length-sorted global batch, so ranks get alike lengths; every rank gets
-    all B targets because they are the InfoNCE negatives (fixed teacher vectors: the same as all_gathering them, minus the
-    communication, and it covers accumulation micro-batches too).
-    """
-
-    def __init__(self, plan: np.ndarray, pairs: Pairs, targets: np.ndarray, layer_targets: list[np.ndarray], tokenizer,
-                 max_length: int, rank: int, world_size: int, grad_accum: int):
-        self.plan, self.pairs, self.targets, self.layer_targets = plan, pairs, targets, layer_targets
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, k: int) -> dict:
-        index = self.plan[k]  # (B,) pair indices
-        rows = self.pairs.rows[index]  # (B,)
-        micro = []
-        for pos in np.array_split(np.arange(self.rank, len(index), self.world_size), self.grad_accum):
-            enc = self.tokenizer(self.pairs.texts.take(pa.array(index[pos])).to_pylist(), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-            micro.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pos": torch.from_numpy(pos)})
-        targets = torch.from_numpy(self.targets[rows].astype(np.float32))  # (B, D)
-        same = losses.same_target(targets, torch.from_numpy(self.pairs.groups[index]))  # (B, B): never each other's negatives
-        return {"rows": torch.from_numpy(rows), "targets": targets, "same": same,
-                "layers": [torch.from_numpy(t[rows].astype(np.float32)) for t in self.layer_targets], "micro": micro}
+PAIRS_DIR = ".pairs"

@@ -17,6 +17,7 @@ from mclip.errors import UserError, first_line
 POOLERS = ("mean", "cls")
 META = "mclip.json"
 DENSE_DIR = "2_Dense"
+ONNX_FORMAT = "mclip-onnx"  # mclip.json's format in an `mclip export --format onnx` folder (mclip/export.py)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooler: str) -> torch.Tensor:
@@ -95,12 +96,22 @@ class StudentEncoder(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """One folder: HF backbone + tokenizer (safetensors), sentence-transformers modules, and mclip.json."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+        self.save_modules(path)
+        # what this object is wins over what a loaded folder's meta said (an older version, another max_length)
+        _write_json(path / META, {**self.meta, "format": "mclip-student", "mclip_version": __version__, "pooler": self.pooler,
+                                  "dim": self.dim, "hidden_size": self.hidden_size, "max_length": self.max_length,
+                                  "projection": DENSE_DIR, "normalize": True})
+        return path
+
+    def save_modules(self, path: Path) -> None:
+        """sentence-transformers' files after the backbone: modules.json, 1_Pooling, 2_Dense (the projection), 3_Normalize.
+        An ONNX export writes them too, so sentence-transformers' ONNX backend pools and projects as mclip does."""
+        from safetensors.torch import save_file
+
         _write_json(path / "modules.json", [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -120,11 +131,6 @@ class StudentEncoder(nn.Module):
         save_file({"linear.weight": self.projection.weight.detach().cpu().contiguous(),
                    "linear.bias": self.projection.bias.detach().cpu().contiguous()}, str(path / DENSE_DIR / "model.safetensors"))
         (path / "3_Normalize").mkdir(exist_ok=True)
-        # what this object is wins over what a loaded folder's meta said (an older version, another max_length)
-        _write_json(path / META, {**self.meta, "format": "mclip-student", "mclip_version": __version__, "pooler": self.pooler,
-                                  "dim": self.dim, "hidden_size": self.hidden_size, "max_length": self.max_length,
-                                  "projection": DENSE_DIR, "normalize": True})
-        return path
 
 
 def _write_json(path: Path, data) -> None:
@@ -288,6 +294,10 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
     if not meta_path.exists():
         raise UserError(f"{path} is not an exported mclip student (no {META}); pass a run's final/ folder or a checkpoint folder")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") == ONNX_FORMAT:  # an `mclip export` folder: onnxruntime runs it (eval-retrieval can score it too)
+        from mclip.export import load_onnx
+
+        return load_onnx(path, device=None if device is None else str(device))
     backbone, tokenizer = _backbone(str(path), trust_remote_code, ours=True)
     weights = load_file(str(path / meta.get("projection", DENSE_DIR) / "model.safetensors"))
     projection = nn.Linear(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])

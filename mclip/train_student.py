@@ -8,13 +8,13 @@ import contextlib
 import dataclasses
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +22,8 @@ from torch import nn
 from mclip import __version__, checkpoint, distributed, losses, outputs, shards
 from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
 from mclip.errors import UserError
-from mclip.pairs import EpochSteps, Pairs, plan_epoch, prepare_pairs, token_lengths
+from mclip.batches import EpochSteps, open_lengths, plan_epoch, token_lengths
+from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 
 
@@ -110,12 +111,12 @@ def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs)
         if config.extend_vocab:
             # the new tokens come from the other languages only, and none may change how the English captions tokenise:
             # English keeps the teacher's own reading (a teacher-initialised student still equals the teacher at step 0)
-            is_en = train.langs == (train.languages.index("en") if "en" in train.languages else -1)
+            is_en = np.asarray(train.langs) == (train.languages.index("en") if "en" in train.languages else -1)
             other = train.subset(~is_en)
-            cache_text = cache.table(["text"]).column("text")
-            english = cache_text.take(pa.array(other.rows)).to_pylist() if config.extend_vocab_init == "aligned" else None
-            keep = cache_text.take(pa.array(np.unique(train.rows))).to_pylist()
-            student.meta["added_tokens"] = len(extend_vocabulary(student, other.texts.to_pylist(), config.extend_vocab_words, english, keep))
+            cache_text = cache.column("text")
+            english = cache_text.take(other.rows).to_pylist() if config.extend_vocab_init == "aligned" else None
+            keep = cache_text.take(np.unique(np.asarray(train.rows))).to_pylist()
+            student.meta["added_tokens"] = len(extend_vocabulary(student, other.texts(), config.extend_vocab_words, english, keep))
     if student.dim != cache.dim:
         raise UserError(f"student {resume_from or config.student} projects to {student.dim} dims but cache {config.cache} holds "
                         f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student")
@@ -148,13 +149,14 @@ def _layer_plan(config: TrainConfig, cache, student: StudentEncoder) -> tuple[in
 
 
 @torch.no_grad()
-def evaluate(model: Distiller, val: Pairs, targets: np.ndarray, config: TrainConfig, normalized: bool = True) -> dict:
+def evaluate(model: Distiller, val: Pairs, targets: shards.Column, config: TrainConfig, normalized: bool = True) -> dict:
     """Validation loss (the distillation loss without layer-kd, in chunks of --batch-size) and R@1 of student(xx) -> teacher(en)
     per language, by exact search over the validation ids' teacher vectors; as in stage 3, identical English captions
     are one target, so retrieving the twin of a caption's English counts as a hit."""
-    emb = torch.from_numpy(model.student.encode(val.texts.to_pylist(), batch_size=config.eval_batch_size, normalize=False))  # (V, D)
-    own = torch.from_numpy(targets[val.rows].astype(np.float32))  # (V, D)
-    groups = torch.from_numpy(val.groups)
+    emb = torch.from_numpy(model.student.encode(val.texts(), batch_size=config.eval_batch_size, normalize=False))  # (V, D)
+    own = torch.from_numpy(targets.gather(val.rows))  # (V, D)
+    val_groups = val.groups(np.arange(len(val)))
+    groups = torch.from_numpy(val_groups)
     temperature = model.temperature().detach().cpu()
     total = 0.0
     for start in range(0, len(val), config.batch_size):
@@ -163,11 +165,11 @@ def evaluate(model: Distiller, val: Pairs, targets: np.ndarray, config: TrainCon
         parts = losses.distillation(emb[chunk], own[chunk], torch.arange(n), losses.same_target(own[chunk], groups[chunk]),
                                     config.loss, config.alpha, config.cl_base, temperature, normalized)
         total += float(losses.total(parts)) * n
-    gallery_groups, first = np.unique(val.groups, return_index=True)  # one gallery entry per distinct English caption
-    gallery = F.normalize(torch.from_numpy(targets[val.rows[first]].astype(np.float32)), dim=-1)  # (G, D)
+    gallery_groups, first = np.unique(val_groups, return_index=True)  # one gallery entry per distinct English caption
+    gallery = F.normalize(torch.from_numpy(targets.gather(val.rows[first])), dim=-1)  # (G, D)
     queries = F.normalize(emb, dim=-1)
     best = torch.cat([(queries[s : s + 4096] @ gallery.T).argmax(1) for s in range(0, len(queries), 4096)]).numpy()
-    hit = gallery_groups[best] == val.groups
+    hit = gallery_groups[best] == val_groups
     result = {"val_loss": total / len(val)}
     for k, lang in enumerate(val.languages):
         if (val.langs == k).any():
@@ -202,7 +204,15 @@ def run(config: TrainConfig) -> TrainResult:
     """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over ranks."""
     started = time.perf_counter()
     with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "train-student", ctx):
-        return _run(config, ctx, device, started)
+        state = {"made_out": not Path(config.out).exists(), "scratch": None, "claimed": False}
+        try:
+            return _run(config, ctx, device, started, state)
+        except UserError:
+            if ctx.is_main and state["scratch"] is not None and not state["claimed"]:  # a refused run leaves the folder as it was
+                shutil.rmtree(state["scratch"], ignore_errors=True)
+                if state["made_out"] and Path(config.out).is_dir() and not any(Path(config.out).iterdir()):
+                    Path(config.out).rmdir()
+            raise
 
 
 class _Window:
@@ -216,7 +226,7 @@ class _Window:
         self.parts = parts if self.parts is None else self.parts + parts
 
 
-def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> TrainResult:
+def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: dict) -> TrainResult:
     # ---- the inputs, all checked before anything is written
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -228,7 +238,10 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
     precision = distributed.resolve_precision(config.precision, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(config.seed)  # the same init on every rank (DDP broadcasts rank 0's weights anyway)
-    train, val, report = prepare_pairs(config, cache)
+    folder = out / PAIRS_DIR  # the pairs on disk, built by rank 0 and memory-mapped by every rank; gone when the run finishes
+    state["scratch"] = folder
+    distributed.main_only(ctx, lambda: build_pairs(config, cache, folder))
+    train, val, report = open_pairs(config, cache, folder)
     steps_per_epoch = len(train) // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {config.batch_size} is larger than the {len(train)} training pairs; lower it")
@@ -242,14 +255,17 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
                          {"normalized": cache.manifest["normalized"]}, "languages": report["languages"], "train": to_dict(config)})
     model = Distiller(student, config.temperature, config.loss == "cl" and not config.fixed_temperature, config.student_layers,
                       int(cache.manifest["layer_dim"] or 0)).to(device)
-    targets = shards.to_numpy(cache.table(["embedding"]).column("embedding"), dtype=np.dtype(cache.manifest["dtype"]))  # (N, D)
-    layer_targets = [shards.to_numpy(cache.table([c]).column(c), dtype=np.dtype(cache.manifest["dtype"]))
-                     for c in (shards.layer_column(t) for t in (cache.layers if config.layer_kd else ()))]  # K x (N, H)
+    targets = cache.targets("embedding")  # (N, D) through the memory map, gathered B rows a step
+    layer_targets = [cache.targets(shards.layer_column(t)) for t in (cache.layers if config.layer_kd else ())]  # K x (N, H)
     # fused: one kernel over all parameters; on CPU it is ~6x faster than the per-tensor loop for a 22M-parameter student
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.embedding_lr_scale), lr=config.lr, betas=config.betas,
                                   fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lengths = token_lengths(student.tokenizer, train.texts, student.max_length) if config.group_batches > 1 else np.ones(len(train))
+    if config.group_batches > 1:
+        token_lengths(student.tokenizer, train, student.max_length, folder / "lengths", ctx.rank, ctx.world_size)
+        lengths = open_lengths(folder / "lengths", len(train))
+    else:
+        lengths = np.broadcast_to(np.int32(1), (len(train),))
     normalized = bool(cache.manifest["normalized"])  # unit targets: the pointwise losses compare the normalised student
     digest = train.digest() + (val.digest() if val is not None else "")  # which pairs train and which validate
     if resume_from is not None:
@@ -263,6 +279,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
         checkpoint.claim(config, damaged, resume_from, {
             "mclip_version": __version__, "train": to_dict(config), "teacher": teacher, "cache": {"dim": cache.dim, "rows": len(cache),
             "layers": cache.layers}, "world_size": ctx.world_size, "precision": precision, "total_steps": total_steps}, report, step)
+        state["claimed"] = True
         if config.progress:
             print(_plan(report, train, total_steps, config.batch_size, step, out), file=sys.stderr)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
@@ -374,4 +391,6 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float) -> Trai
         if config.progress:
             print(summary(result), file=sys.stderr)
     distributed.barrier()
+    if ctx.is_main:
+        shutil.rmtree(folder, ignore_errors=True)  # rebuilt by a resumed run: the cache and the captions are the truth
     return result

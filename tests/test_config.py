@@ -6,11 +6,12 @@ import dataclasses
 import pytest
 
 from mclip import config
-from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, PipelineConfig, TrainConfig
+from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, ExportConfig, PipelineConfig, TrainConfig
 from mclip.errors import ConfigError, UserError
 
 MINIMAL = {EmbedConfig: dict(data="d", out="o"), TrainConfig: dict(data="d", cache="c", out="o"),
-           EvalConfig: dict(model="m", cache="c", data="d", out="o", languages=("de",)), EncodeConfig: dict(model="m", out="o", input="t.txt")}
+           EvalConfig: dict(model="m", cache="c", data="d", out="o", languages=("de",)), EncodeConfig: dict(model="m", out="o", input="t.txt"),
+           ExportConfig: dict(model="m", out="o")}
 STAGES = list(MINIMAL)
 
 
@@ -70,7 +71,7 @@ def test_a_pipeline_needs_every_stage():
 def test_every_field_has_a_default_and_its_option_help(cls):
     for field in dataclasses.fields(cls):
         assert field.default is not dataclasses.MISSING, field.name
-        assert set(field.metadata) == {"help", "runtime", "required"}, field.name
+        assert set(field.metadata) == {"help", "runtime", "required", "argument"}, field.name
         assert field.metadata["help"].strip() and "\n" not in field.metadata["help"], field.name
 
 
@@ -78,8 +79,10 @@ def test_every_field_has_a_default_and_its_option_help(cls):
 def test_a_required_option_is_one_the_config_refuses_empty(cls):
     required = [f.name for f in dataclasses.fields(cls) if f.metadata["required"]]
     assert required, cls
+    positional = {f.name for f in dataclasses.fields(cls) if f.metadata["argument"]}
     for name in required:
-        with pytest.raises(ConfigError, match=f"pass --{name.replace('_', '-')}"):
+        says = f"as {name.upper()}" if name in positional else f"pass --{name.replace('_', '-')}"  # `mclip export MODEL`
+        with pytest.raises(ConfigError, match=says):
             cls(**{**MINIMAL[cls], name: type(getattr(cls(**MINIMAL[cls]), name))()})
 
 

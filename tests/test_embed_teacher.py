@@ -1,5 +1,6 @@
 """Stage 1 end to end: the cache contract, input formats, dedup, batching invariance, layers, images, resume, torchrun."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -67,7 +68,9 @@ def test_cache_contract(tmp_path, clip_teacher, captions, dtype, arrow, atol):
         "format": shards.FORMAT, "complete": True, "kind": "clip", "pooling": "clip_projection", "dim": 16, "dtype": dtype,
         "normalized": True, "max_length": 77, "caption_column": "caption", "id_column": "id", "image_column": None, "layers": [],
         "mclip_version": mclip.__version__}
-    assert manifest["totals"] == {"input_rows": 20, "rows": 20, "skipped": 0, "truncated": 0, "duplicates": 0}
+    assert manifest["totals"] == {"input_rows": 20, "rows": 20, "skipped": 0, "truncated": 0, "duplicates": 0,
+                                  "distinct_captions": 20, "embedded": 20}
+    assert manifest["format_version"] == shards.FORMAT_VERSION == 2
     assert [(s["file"], s["rows"], s["first_row"], s["end_row"]) for s in manifest["shards"]] == [
         ("shard-00000.arrow", 7, 0, 7), ("shard-00001.arrow", 7, 7, 14), ("shard-00002.arrow", 6, 14, 20)]
     assert all(s["sha256"] == shards.file_sha256(out / s["file"]) for s in manifest["shards"])
@@ -75,7 +78,8 @@ def test_cache_contract(tmp_path, clip_teacher, captions, dtype, arrow, atol):
 
     files = [str(out / s["file"]) for s in manifest["shards"]]
     table = pads.dataset(files, format="arrow").to_table()
-    assert table.schema.names == ["id", "text", "embedding"]
+    assert table.schema.names == ["id", "text", "caption_group", "embedding"]
+    assert table.column("caption_group").to_pylist() == list(range(20))  # twenty distinct captions: each its own group
     assert table.schema.field("id").type == pa.string() and table.schema.field("embedding").type == pa.list_(arrow, 16)
     rows = _rows(captions)
     assert table.column("id").to_pylist() == [r["id"] for r in rows] and table.column("text").to_pylist() == [r["caption"] for r in rows]
@@ -158,6 +162,62 @@ def test_dedup_embeds_each_caption_once(tmp_path, bert_teacher):
     _assert_same(_by_id(tmp_path / "plain"), emb, atol=1e-6)
 
 
+def _repeats(n: int) -> list[dict]:
+    """n rows whose captions repeat across shards (and a few blank ones), ids k0.."""
+    pool = ["red apple", "green tree", "blue car on the street", "", "a dog", "red apple", None, LONG]
+    return [{"id": f"k{i}", "caption": pool[(i * 5) % len(pool)]} for i in range(n)]
+
+
+def _groups_oracle(rows: list[dict]) -> list[int]:
+    first: dict[str, int] = {}
+    return [first.setdefault(r["caption"], i) for i, r in enumerate(rows) if r["caption"] and r["caption"].strip()]
+
+
+def test_each_distinct_caption_is_embedded_once_per_cache(tmp_path, bert_teacher, monkeypatch):
+    from mclip import data, dedup
+
+    monkeypatch.setattr(dedup, "PARTITION_ROWS", 4)  # several partitions, row buckets and input chunks
+    monkeypatch.setattr(dedup, "BUCKET_ROWS", 8)
+    monkeypatch.setattr(data, "CHUNK_ROWS", 5)
+    rows = _repeats(30)
+    source = tiny.write_captions(tmp_path / "rows.jsonl", rows)
+    dedup_run = _run(source, tmp_path / "dedup", bert_teacher, id_column="id", dtype="float32", shard_size=4)
+    kept = len(_groups_oracle(rows))
+    assert dedup_run.captions == 5 and dedup_run.totals == {"input_rows": 30, "rows": kept, "skipped": 30 - kept, "truncated": 4,
+                                                            "duplicates": kept - 5, "distinct_captions": 5, "embedded": 5}
+    plain = _run(source, tmp_path / "plain", bert_teacher, id_column="id", dtype="float32", shard_size=4, dedup=False)
+    assert plain.captions == kept and plain.totals | {"duplicates": kept - 5, "embedded": 5} == dedup_run.totals
+    for out in ("dedup", "plain"):  # caption_group is the same contract with or without --dedup
+        table = shards.open_cache(tmp_path / out).table(["caption_group"])
+        assert table.column(0).to_pylist() == _groups_oracle(rows)
+        assert not (tmp_path / out / dedup.PLAN).exists()
+    _assert_same(_by_id(tmp_path / "dedup"), _by_id(tmp_path / "plain"), atol=1e-6)
+
+
+def test_a_killed_run_reuses_its_plan_and_finished_parts(tmp_path, bert_teacher, monkeypatch):
+    from mclip import dedup, embed_teacher
+
+    source = tiny.write_captions(tmp_path / "rows.jsonl", _repeats(30))
+    ref = _run(source, tmp_path / "ref", bert_teacher, id_column="id", dtype="float32", shard_size=2)
+    read_shard = embed_teacher._read_shard
+
+    def dies_at_shard_3(k, *args, **kwargs):
+        if k == 3:
+            raise KeyboardInterrupt  # stands in for a kill after the units are embedded
+        return read_shard(k, *args, **kwargs)
+
+    monkeypatch.setattr(embed_teacher, "_read_shard", dies_at_shard_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(source, tmp_path / "out", bert_teacher, id_column="id", dtype="float32", shard_size=2)
+    parts = tmp_path / "out" / dedup.PLAN / "parts"  # five distinct captions, units of two
+    assert sorted(p.name for p in parts.iterdir()) == ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
+    monkeypatch.setattr(embed_teacher, "_read_shard", read_shard)
+    again = _run(source, tmp_path / "out", bert_teacher, id_column="id", dtype="float32", shard_size=2)
+    assert again.captions == 0 and ref.captions == 5 and again.totals == ref.totals  # plan and every unit reused
+    assert not (tmp_path / "out" / dedup.PLAN).exists() and shards.open_cache(tmp_path / "out").verify() == []
+    _assert_same(_by_id(tmp_path / "out"), _by_id(tmp_path / "ref"), atol=0)
+
+
 @pytest.mark.parametrize("which", ["clip_teacher", "bert_teacher"])
 def test_results_do_not_depend_on_batching(tmp_path, captions, which, request):
     teacher = request.getfixturevalue(which)
@@ -180,7 +240,7 @@ def test_cache_layers_hold_the_pooled_hidden_state(tmp_path, captions, which, re
     hidden = {"clip_teacher": 32, "bert_teacher": 24}[which]
     assert cache.layers == [2, 1] and result.manifest["layer_dim"] == hidden
     assert result.manifest["layer_pooling"] == ("eos_token" if which == "clip_teacher" else "mean")
-    assert cache.table().schema.names == ["id", "text", "embedding", "layer_1", "layer_2"]
+    assert cache.table().schema.names == ["id", "text", "caption_group", "embedding", "layer_1", "layer_2"]
     texts = [r["caption"] for r in _rows(captions)]
     tok = AutoTokenizer.from_pretrained(path)
     model = (CLIPTextModel if which == "clip_teacher" else AutoModel).from_pretrained(path).eval()
@@ -254,7 +314,9 @@ def test_empty_captions_are_skipped_and_counted(tmp_path, clip_text_teacher):
                                                          {"id": "c", "caption": None}, {"id": "d", "caption": "  "},
                                                          {"id": "e", "caption": "green tree"}])
     result = _run(data, tmp_path / "out", clip_text_teacher, id_column="id")
-    assert result.totals == {"input_rows": 5, "rows": 2, "skipped": 3, "truncated": 0, "duplicates": 0}
+    assert result.totals == {"input_rows": 5, "rows": 2, "skipped": 3, "truncated": 0, "duplicates": 0, "distinct_captions": 2,
+                             "embedded": 2}
+    assert shards.open_cache(tmp_path / "out").table(["caption_group"]).column(0).to_pylist() == [0, 4]  # input rows
     assert shards.open_cache(tmp_path / "out").ids() == ["a", "e"]
     with pytest.raises(UserError, match=r"caption of id 'b' \(row 1\) is empty"):
         _run(data, tmp_path / "strict", clip_text_teacher, id_column="id", strict=True)
@@ -381,7 +443,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
 def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkeypatch):
     import torch
 
-    from mclip.embed_teacher import _tokenize_threads
+    from mclip.teacher_batches import _tokenize_threads
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -395,25 +457,66 @@ def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkey
 
 def test_the_reader_pads_and_pins_the_batches_a_gpu_teacher_gets(tmp_path, clip_text_teacher, monkeypatch):
     """Batches are made in the reader thread, length-sorted within the token budget, and page-locked for a CUDA teacher
-    (pin_memory needs CUDA, so here it is recorded instead)."""
+    (pin_memory needs CUDA, so here it is recorded instead): a unit of distinct captions with --dedup, a shard without."""
     import torch
 
-    from mclip import embed_teacher
+    from mclip import dedup, embed_teacher
 
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
     texts = ["red apple", LONG, "a dog", "red apple", "", "green tree on a hill"]
     data = tiny.write_captions(tmp_path / "rows.jsonl", [{"caption": t} for t in texts])
     config = EmbedConfig(data=str(data), out=str(tmp_path / "out"), teacher=str(clip_text_teacher), max_batch_size=2)
-    table_fmt, n = embed_teacher._load_rows(config)
+    rows, n = embed_teacher._load_rows(config)
     teacher = load_teacher(str(clip_text_teacher))
-    work = embed_teacher._read_shard(0, table_fmt, config, n, teacher, batch_tokens=4096, pin=True)
-    assert (work.unique, work.skipped, len(work.ids), work.inverse.tolist()) == (4, 1, 5, [0, 1, 2, 0, 3])
+    plan = dedup.build(rows, n, config, tmp_path / "out", "fingerprint")
+    assert plan.groups(0, n).tolist() == [0, 1, 2, 0, -1, 5] and (plan.distinct, plan.units) == (4, 1)
+    work = embed_teacher._read_unit(0, plan, config, teacher, batch_tokens=4096, pin=True)
+    assert work.unique == 4 and work.flags.tolist() == [False, True, False, False]  # the distinct captions by first row
     assert sorted(i for idx, _, _ in work.batches for i in idx.tolist()) == [0, 1, 2, 3] and len(work.batches) == 2
     widths = [mask.sum(1).tolist() for _, _, mask in work.batches]
     assert widths[0][-1] <= widths[1][0] and max(widths[1]) == 77  # sorted by length; the long caption cut to 77
     assert len(pinned) == 2 * len(work.batches)
-    unpinned = embed_teacher._read_shard(0, table_fmt, config, n, teacher, batch_tokens=4096, pin=False)
+    unpinned = embed_teacher._read_unit(0, plan, config, teacher, batch_tokens=4096, pin=False)
     assert len(pinned) == 2 * len(work.batches)
     for (i1, ids1, m1), (i2, ids2, m2) in zip(work.batches, unpinned.batches):
         assert i1.tolist() == i2.tolist() and torch.equal(ids1, ids2) and torch.equal(m1, m2)
+    plain = dataclasses.replace(config, dedup=False)  # without --dedup a shard tokenises every kept row itself
+    shard = embed_teacher._read_shard(0, rows, plain, n, teacher, batch_tokens=4096, plan=plan)
+    assert (shard.unique, shard.skipped, len(shard.ids), shard.inverse.tolist(), shard.groups.tolist()) == (5, 1, 5, [0, 1, 2, 3, 4],
+                                                                                                          [0, 1, 2, 0, 5])
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_equal_one_process(tmp_path, clip_teacher):
+    """Two torchrun launchers on this machine stand in for two nodes (--nnodes 2, one process each, gloo on CPU):
+    the plan, the distinct-caption units split over the nodes' ranks and the gathered shards equal one process's."""
+    data = tiny.write_captions(tmp_path / "rows.jsonl", _repeats(40))
+    common = ["--data", str(data), "--teacher", str(clip_teacher), "--id-column", "id", "--dtype", "float32", "--shard-size", "3",
+              "--cache-layers", "1", "--device", "cpu", "--no-progress"]
+    port = _free_port()
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                                   "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                                   "-m", "mclip", "embed-teacher", "--out", str(tmp_path / "dist"), *common],
+                                  cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                 for node in (0, 1)]
+    deadline, errors = time.monotonic() + 90, []
+    for proc in launchers:
+        try:
+            errors.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[1])
+        except subprocess.TimeoutExpired:
+            for other in launchers:
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            pytest.fail(f"two-node torchrun did not finish within 90 s: {proc.communicate()[1][-3000:]}")
+    assert [proc.returncode for proc in launchers] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    single = _run(data, tmp_path / "single", clip_teacher, id_column="id", dtype="float32", shard_size=3, cache_layers=(1,), device="cpu")
+    dist = shards.open_cache(tmp_path / "dist")
+    assert single.captions == 5 and dist.manifest["totals"] == single.totals and dist.verify() == []  # 2 units: one per node
+    assert len(dist.files) == 14 and [p.name for p in dist.files] == [p.name for p in shards.open_cache(tmp_path / "single").files]
+    for a, b in zip(dist.files, shards.open_cache(tmp_path / "single").files):  # shard by shard: same rows, groups, vectors
+        ta, tb = (pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in (a, b))
+        assert ta.schema.metadata == tb.schema.metadata and ta.select(["id", "text", "caption_group"]).equals(tb.select(["id", "text", "caption_group"]))
+        for column in ("embedding", "layer_1"):
+            np.testing.assert_allclose(shards.to_numpy(ta[column]), shards.to_numpy(tb[column]), atol=1e-5)
+    assert not (tmp_path / "dist" / ".plan").exists()

@@ -24,10 +24,12 @@ def test_hash64_is_vectorised_stable_and_separates_near_strings():
 def test_lookup_equals_a_dict_of_every_id(tmp_path, monkeypatch):
     monkeypatch.setattr(join, "PARTITION_ROWS", 4)  # several partitions even for a small cache
     monkeypatch.setattr(join, "LOOKUP_CHUNK", 5)
+    monkeypatch.setattr(join, "BLOCK", 3)  # queries fall on block edges
     cache = _write_cache(tmp_path / "c", sizes=(9, 3, 11))
     index = join.IdIndex.build(cache, tmp_path / "index")
     assert len(list((tmp_path / "index").glob("part-*"))) == 0  # the spilled partitions are gone
-    np.testing.assert_array_equal(np.sort(np.asarray(index.hashes)), np.asarray(index.hashes))  # globally sorted
+    hashes = np.fromfile(index.hashes, dtype="<u8")
+    np.testing.assert_array_equal(np.sort(hashes), hashes)  # globally sorted
     oracle = {cid: r for r, cid in enumerate(cache.ids())}
     queries = ["r7", "nope", "r22", "r0", None, "r7", "r12", "r-1", "r9"]
     expected = [oracle.get(q, -1) if q is not None else -1 for q in queries]
@@ -38,6 +40,7 @@ def test_lookup_equals_a_dict_of_every_id(tmp_path, monkeypatch):
 def test_a_hash_collision_never_joins_the_wrong_row(tmp_path, monkeypatch):
     real = join.hash64
     monkeypatch.setattr(join, "hash64", lambda s: real(s) & np.uint64(3))  # 4 hash values: collisions everywhere
+    monkeypatch.setattr(join, "BLOCK", 4)
     cache = _write_cache(tmp_path / "c", sizes=(10, 6))
     index = join.IdIndex.build(cache, tmp_path / "index")
     queries = [f"r{i}" for i in range(16)] + ["r16", "x"]
@@ -64,3 +67,15 @@ def test_an_index_is_reused_for_its_cache_and_rebuilt_for_another(tmp_path):
     again = join.IdIndex.build(other, tmp_path / "index")
     np.testing.assert_array_equal(again.lookup(pa.array(["r4", "r5", "r6"])), [4, 5, -1])
     assert index.lookup(pa.array(["r4"]))[0] == 4
+
+
+def test_lookup_over_many_blocks_and_chunks_equals_the_dict(tmp_path, monkeypatch):
+    monkeypatch.setattr(join, "PARTITION_ROWS", 128)
+    monkeypatch.setattr(join, "BLOCK", 37)
+    monkeypatch.setattr(join, "LOOKUP_CHUNK", 101)
+    cache = _write_cache(tmp_path / "c", sizes=(700, 1, 599))
+    index = join.IdIndex.build(cache, tmp_path / "index")
+    rng = np.random.default_rng(0)
+    queries = [f"r{i}" for i in rng.integers(-50, 1350, size=3000)]
+    oracle = {cid: r for r, cid in enumerate(cache.ids())}
+    np.testing.assert_array_equal(index.lookup(pa.array(queries)), [oracle.get(q, -1) for q in queries])

@@ -14,6 +14,7 @@ def _table(n: int, dim: int, dtype: str, first: int = 0, layers: dict | None = N
     rng = np.random.default_rng(first)
     schema = shards.cache_schema(dim, dtype, layers, image_dim)
     columns = {"id": pa.array([f"r{first + i}" for i in range(n)]), "text": pa.array([f"caption {first + i}" for i in range(n)]),
+               "caption_group": pa.array(np.arange(first, first + n), pa.int64()),
                "embedding": shards.fixed_list(rng.standard_normal((n, dim)), dtype)}
     for layer, width in (layers or {}).items():
         columns[shards.layer_column(layer)] = shards.fixed_list(rng.standard_normal((n, width)), dtype)
@@ -39,12 +40,13 @@ def _write_cache(folder, sizes=(5, 4), dim=8, dtype="float32") -> shards.Teacher
 @pytest.mark.parametrize("dtype,arrow", [("float16", pa.float16()), ("float32", pa.float32())])
 def test_schema_by_dtype(dtype, arrow):
     schema = shards.cache_schema(16, dtype, {2: 32, 1: 32}, image_dim=16)
-    assert schema.names == ["id", "text", "embedding", "layer_1", "layer_2", "image_id", "image_embedding"]
+    assert schema.names == ["id", "text", "caption_group", "embedding", "layer_1", "layer_2", "image_id", "image_embedding"]
     assert schema.field("id").type == pa.string() and schema.field("image_id").type == pa.string()
+    assert schema.field("caption_group").type == pa.int64() and not schema.field("caption_group").nullable
     assert schema.field("embedding").type == pa.list_(arrow, 16)
     assert schema.field("layer_2").type == pa.list_(arrow, 32)
     assert schema.field("image_embedding").type == pa.list_(arrow, 16)
-    assert shards.cache_schema(4, dtype).names == ["id", "text", "embedding"]
+    assert shards.cache_schema(4, dtype).names == ["id", "text", "caption_group", "embedding"]
 
 
 def test_fixed_list_round_trip():
@@ -97,6 +99,20 @@ def test_cache_reader(tmp_path):
     assert cache.table(["id", "text"]).column_names == ["id", "text"]
     assert cache.dataset().count_rows() == 9
     assert cache.verify() == []
+
+
+def test_a_version_1_cache_without_caption_group_still_reads(tmp_path):
+    """Format version 2 added `caption_group`; a version-1 cache (no such column) opens and reads as it did."""
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    table = _table(4, 8, "float32").drop_columns(["caption_group"])
+    path = shards.write_shard(folder, 0, table, {"rows": 4, "first_row": 0})
+    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "format_version": 1, "complete": True, "dim": 8,
+                                                 "dtype": "float32", "totals": {"rows": 4},
+                                                 "shards": [{"file": path.name, "rows": 4, "first_row": 0, "end_row": 4}]})
+    cache = shards.open_cache(folder)
+    assert cache.table().column_names == ["id", "text", "embedding"] and "caption_group" not in cache.dataset().schema.names
+    assert cache.ids() == ["r0", "r1", "r2", "r3"] and cache.embeddings().shape == (4, 8) and cache.verify() == []
 
 
 def test_shards_are_readable_by_pyarrow_dataset_and_hf_datasets(tmp_path):
@@ -164,9 +180,55 @@ def test_column_gathers_rows_across_shards_as_the_whole_column_would(tmp_path, d
         column.gather(np.array([13]))
 
 
-def test_column_views_the_memory_map_without_copying(tmp_path):
-    cache = _write_cache(tmp_path / "c", sizes=(6,), dim=4)
+def test_column_reads_rows_from_the_file_not_from_a_mapping(tmp_path):
+    """Rows are read with pread (flat RSS), and equal what Arrow holds, for vectors, strings and large strings, in the
+    file format (cache shards) and the stream format (a `datasets` cache file), sliced or not."""
+    cache = _write_cache(tmp_path / "c", sizes=(6, 5), dim=4, dtype="float16")
+    rows = np.array([10, 0, 3, 4, 5, 6, 6, 1])
     column = cache.targets()
-    column.gather(np.array([1]))
-    view = column._view(0)
-    assert not view.flags.owndata and not view.flags.writeable  # a view of the mapped file, not a copy
+    np.testing.assert_array_equal(column.gather(rows), cache.embeddings()[rows])
+    assert {column._layout_of(c)[0] for c in range(len(column.chunks))} == {"list"}  # from the file, every chunk
+    ids = cache.column("id")
+    assert ids.take(rows).to_pylist() == [f"r{r}" for r in rows] and ids._layout_of(0)[0] == "str"
+    texts = [f"текст {i} 猫" * (i % 3) for i in range(40)]
+    for kind in (pa.string(), pa.large_string()):
+        table = pa.table({"text": pa.array(texts, kind)})
+        path = tmp_path / f"stream-{kind}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=7)
+        from_file = shards.Column.from_files([path], "text")
+        picks = np.array([39, 0, 1, 2, 20, 21, 22, 8, 8])
+        assert from_file.take(picks).to_pylist() == [texts[i] for i in picks]
+        assert from_file._layout_of(3)[0] == "str"
+        in_memory = shards.Column(table.column("text").slice(3).chunks)  # sliced chunks, nothing on disk
+        assert in_memory.take(picks - 3 * (picks >= 3)).to_pylist() == [texts[3:][i] for i in picks - 3 * (picks >= 3)]
+
+
+def test_raw_array_reads_like_the_numpy_array_it_stores(tmp_path):
+    values = np.random.default_rng(0).integers(-1000, 1000, 50).astype("<i8")
+    values.tofile(tmp_path / "a")
+    a = shards.RawArray(tmp_path / "a", "<i8")
+    index = np.array([[3, 4, 4, 49], [0, 1, 2, 10]])
+    assert len(a) == 50 and a[7] == values[7] and a[-1] == values[-1]
+    np.testing.assert_array_equal(a[index], values[index])
+    np.testing.assert_array_equal(a[5:20:3], values[5:20:3])
+    np.testing.assert_array_equal(a[values > 0], values[values > 0])
+    np.testing.assert_array_equal(np.asarray(a), values)
+    np.testing.assert_array_equal(a == values[0], values == values[0])
+    assert a[np.zeros(0, np.int64)].shape == (0,)
+    with pytest.raises(IndexError):
+        a[50]
+    with pytest.raises(IndexError):
+        a[np.array([1, 50])]
+
+
+def test_columns_and_raw_arrays_travel_to_a_spawned_worker(tmp_path):
+    import pickle
+
+    cache = _write_cache(tmp_path / "c", sizes=(3, 4), dim=4)
+    column = pickle.loads(pickle.dumps(cache.targets()))  # what a spawn-started DataLoader worker receives
+    np.testing.assert_array_equal(column.gather(np.array([6, 0])), cache.embeddings()[[6, 0]])
+    np.arange(5, dtype="<i8").tofile(tmp_path / "a")
+    raw = shards.RawArray(tmp_path / "a", "<i8")
+    raw[0]
+    assert pickle.loads(pickle.dumps(raw))[4] == 4

@@ -18,6 +18,7 @@ from mclip.cli import main
 from mclip.config import EmbedConfig, TrainConfig
 from mclip.embed_teacher import run as embed_teacher
 from mclip.errors import ConfigError, UserError
+from mclip.pairs import prepare_pairs
 from mclip.student import load
 from mclip.checkpoint import checkpoints
 from mclip.train_student import Distiller, lr_at, run
@@ -169,8 +170,6 @@ def test_train_records_hold_the_share_of_time_spent_waiting_for_batches(toy, tmp
 
 
 def test_validation_ids_are_never_trained_on(toy, tmp_path):
-    from mclip.train_student import prepare_pairs
-
     config = _config(toy, tmp_path / "unused", val_fraction=0.25)
     cache = shards.open_cache(toy["cache"])
     train, val, report = prepare_pairs(config, cache)
@@ -233,15 +232,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path,
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2], ids=["1-node-x-2", "2-nodes-x-1"])
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp_path, nodes):
     args = ["--data", str(toy["data"]), "--cache", str(toy["cache"]), "--student", str(toy["student"]), "--languages", "zh,de",
             "--batch-size", "16", "--epochs", "1", "--warmup-steps", "2", "--lr", "2e-3", "--num-workers", "0", "--eval-every", "0",
             "--save-every", "0", "--log-every", "1", "--no-progress", "--loss", "cl", "--alpha", "0.5", "--layer-kd", "--num-threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "mclip",
-           "train-student", "--out", str(tmp_path / "ddp"), *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    port = str(_free_port())
+    # two nodes: two torchrun launchers, as on two machines (node ranks 0 and 1, the master on 127.0.0.1), over gloo
+    layout = [["--nproc-per-node", "2"]] if nodes == 1 else [["--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
+                                                            "--master-addr", "127.0.0.1"] for r in range(2)]
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *flags, "--master-port", port, "-m", "mclip",
+                                   "train-student", "--out", str(tmp_path / "ddp"), *args], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flags in layout]
+    for launcher in launchers:
+        _, stderr = launcher.communicate(timeout=240)
+        assert launcher.returncode == 0, stderr[-3000:]
     single = run(_config(toy, tmp_path / "single", loss="cl", alpha=0.5, layer_kd=True))
     ddp_records, single_records = _records(tmp_path / "ddp", "train"), _records(tmp_path / "single", "train")
     assert len(ddp_records) == len(single_records) == single.steps
@@ -314,6 +320,7 @@ def test_bad_values_from_the_command_line(toy, tmp_path, cli_error):
     assert "lr=-0.001 must be > 0" in cli_error(_cli_args(toy, tmp_path / "a", "--lr", "-1e-3"))
     assert "alpha=2.0 must be in [0, 1]" in cli_error(_cli_args(toy, tmp_path / "b", "--alpha", "2"))
     assert "larger than the" in cli_error(_cli_args(toy, tmp_path / "c", "--batch-size", "4096"))
+    assert not (tmp_path / "c").exists()  # refused after the pairs were built: their scratch folder went with it
     assert "loss='nope' is not valid" in cli_error(_cli_args(toy, tmp_path / "d", "--loss", "nope"))
 
 
@@ -415,20 +422,20 @@ def test_a_teacher_initialised_student_equals_the_teacher_at_step_zero(toy, bert
     config = _config(toy, tmp_path / "run", student=str(bert_teacher), extend_vocab=True, extend_vocab_words=1,
                      extend_vocab_init="aligned")
     cache = shards.open_cache(config.cache)
-    train, _, _ = train_student.prepare_pairs(config, cache)
+    train, _, _ = prepare_pairs(config, cache)
     base = len(load_tokenizer(bert_teacher))
     student = train_student._student(config, cache, None, train)
     assert len(student.tokenizer) > base  # the toy's Chinese and German are read through new tokens
     table = student.backbone.get_input_embeddings().weight.detach()
     assert (table[base:].abs().sum(1) > 0).all()
-    en = train.subset(train.langs == train.languages.index("en"))
-    got = student.encode(en.texts.to_pylist())
+    en = train.subset(np.asarray(train.langs) == train.languages.index("en"))
+    got = student.encode(en.texts())
     want = shards.to_numpy(cache.table(["embedding"]).column("embedding"))[en.rows]
     assert np.abs(got - want).max() < 1e-3  # the toy cache is float16
     # and the losses agree: mse of the teacher's English against its own cache is 0 at step 0
     from mclip import losses
 
-    emb = torch.from_numpy(student.encode(en.texts.to_pylist(), normalize=False))
+    emb = torch.from_numpy(student.encode(en.texts(), normalize=False))
     assert float(np.linalg.norm(emb.numpy(), axis=1).mean()) > 1.5  # not unit: the loss must normalise it
     parts = losses.distillation(emb, torch.from_numpy(want), torch.arange(len(want)), torch.eye(len(want), dtype=torch.bool), "mse")
     assert parts["mse"].item() < 1e-7
@@ -481,3 +488,24 @@ def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_p
     verify.write_checksums(folder)
     with pytest.raises(UserError, match="optimizer state in .* does not fit this run .*--overwrite to start over"):
         run(_config(toy, out, max_steps=3, resume=True))
+
+
+def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_column(toy, tmp_path, monkeypatch):
+    """At laion28m x 512 dims a float copy of the targets is 56 GB per rank: the run must only gather the rows it uses."""
+    from mclip import shards as mshards
+
+    def no_whole_column(*args, **kwargs):
+        raise AssertionError("a whole cache column was copied")
+
+    monkeypatch.setattr(mshards, "to_numpy", no_whole_column)
+    monkeypatch.setattr(mshards.TeacherCache, "embeddings", no_whole_column)
+    gathered = []
+    real = mshards.Column.gather
+    monkeypatch.setattr(mshards.Column, "gather", lambda self, rows, *a: gathered.append(len(rows)) or real(self, rows, *a))
+    out = tmp_path / "run"
+    config = _config(toy, out, loss="cl", layer_kd=True, max_steps=3, num_workers=0, val_fraction=0.25, eval_every=2)
+    _, val, _ = prepare_pairs(config, mshards.open_cache(config.cache), tmp_path / "pairs")
+    validation = {len(val), len(np.unique(val.groups(np.arange(len(val)))))}  # evaluate(): its pairs' targets, then the gallery
+    run(config)
+    assert gathered and set(gathered) <= {16} | validation, gathered  # a batch's targets and layers, or the validation's
+    assert not (out / ".pairs").exists()  # the pairs' scratch folder goes when the run finishes
