@@ -172,8 +172,9 @@ def test_an_index_trained_on_a_bounded_sample_probing_every_list_gives_the_exact
     assert run(config(setup, tmp_path / "ivf", languages=("fr",), index="IVF2,Flat", nprobe=2, query_batch_size=4)).metrics == exact
 
 
-def with_caption_groups(cache: Path, out: Path, group) -> Path:
-    """A copy of a cache with a caption_group column (stage 1's format_version 2): `group(text, row)` per row."""
+def rewrite_cache(cache: Path, out: Path, group=None) -> Path:
+    """A copy of a cache whose caption_group column is `group(text, row)` per row, or, with group=None, dropped (the
+    version-1 format, written before stage 1 had the column)."""
     import pyarrow as pa
 
     out.mkdir()
@@ -181,13 +182,16 @@ def with_caption_groups(cache: Path, out: Path, group) -> Path:
     row = 0
     for entry in manifest["shards"]:
         table = pa.ipc.open_file(pa.memory_map(str(cache / entry["file"]))).read_all()
-        values = [group(text, row + i) for i, text in enumerate(table.column("text").to_pylist())]
-        table = table.append_column(pa.field("caption_group", pa.int64(), nullable=False), pa.array(values, pa.int64()))
-        path = shards.write_shard(out, int(entry["file"][6:11]), table.replace_schema_metadata(None), {"rows": table.num_rows,
-                                                                                                       "first_row": row})
+        if "caption_group" in table.column_names:
+            table = table.drop_columns(["caption_group"])
+        if group is not None:
+            values = [group(text, row + i) for i, text in enumerate(table.column("text").to_pylist())]
+            table = table.append_column(pa.field("caption_group", pa.int64(), nullable=False), pa.array(values, pa.int64()))
+        path = shards.write_shard(out, int(entry["file"][6:11]), table.replace_schema_metadata(None),
+                                  {"rows": table.num_rows, "first_row": row})
         entry.update(sha256=shards.file_sha256(path), bytes=path.stat().st_size)
         row += table.num_rows
-    shards.write_manifest(out, dict(manifest, format_version=2))
+    shards.write_manifest(out, dict(manifest, format_version=2 if group is not None else 1))
     return out
 
 
@@ -198,12 +202,13 @@ def test_identical_english_captions_are_one_target_by_caption_group_or_else_by_t
     data = tiny.write_captions(tmp_path / "dups.jsonl", rows)
     embed(EmbedConfig(data=str(data), out=str(tmp_path / "cache"), teacher=str(setup["teacher"]), id_column="id", dtype="float32",
                       shard_size=7, progress=False))
-    by_text = run(config(setup, tmp_path / "text", cache=str(tmp_path / "cache"), data=str(data)))  # no caption_group: the text
-    assert by_text.counts["de"]["english_targets"] == 12 and by_text.metrics["de/text_to_text/R@1"] == 1.0
-    text_ids = {}
-    same = with_caption_groups(tmp_path / "cache", tmp_path / "same", lambda text, row: text_ids.setdefault(text, 100 - len(text_ids)))
-    assert run(config(setup, tmp_path / "o1", cache=str(same), data=str(data))).metrics == by_text.metrics
-    fours = with_caption_groups(tmp_path / "cache", tmp_path / "fours", lambda text, row: row // 4)  # the column, not the text, decides
+    by_group = run(config(setup, tmp_path / "group", cache=str(tmp_path / "cache"), data=str(data)))  # stage 1's caption_group
+    assert by_group.counts["de"]["english_targets"] == 12 and by_group.metrics["de/text_to_text/R@1"] == 1.0
+    v1 = rewrite_cache(tmp_path / "cache", tmp_path / "v1")  # no caption_group: grouped by the text
+    assert "caption_group" not in shards.open_cache(v1).dataset().schema.names
+    by_text = run(config(setup, tmp_path / "text", cache=str(v1), data=str(data)))
+    assert by_text.metrics == by_group.metrics and by_text.counts == by_group.counts
+    fours = rewrite_cache(tmp_path / "cache", tmp_path / "fours", lambda text, row: row // 4)  # the column, not the text, decides
     result = run(config(setup, tmp_path / "o2", cache=str(fours), data=str(data)))
     assert result.counts["de"]["english_targets"] == N // 4
     cached = retrieval.l2_normalize(shards.open_cache(fours).embeddings())  # cache rows follow the data rows, one per id

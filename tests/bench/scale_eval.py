@@ -64,6 +64,7 @@ def write_cache(folder: Path, rows: int, dim: int, dtype: str = "float16", shard
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         table = pa.table({"id": pa.array([f"c{i:08d}" for i in range(first, end)], pa.string()),
                           "text": pa.array(captions(end - first, seed + 1 + k, first), pa.string()),
+                          "caption_group": pa.array(np.arange(first, end), pa.int64()),  # the captions are distinct
                           "embedding": shards.fixed_list(vectors, dtype)}, schema=schema)
         stats = {"shard": k, "first_row": first, "end_row": end, "rows": end - first, "skipped": 0, "truncated": 0, "duplicates": 0}
         path = shards.write_shard(folder, k, table, stats)
