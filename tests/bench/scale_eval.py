@@ -152,7 +152,8 @@ def measure_eval(rows: int, workdir: str | Path, query_batch_sizes: tuple[int, .
     from mclip import shards
 
     manifest = shards.read_manifest(cache) if cache.is_dir() else None
-    if not (manifest and manifest.get("complete") and manifest["totals"]["rows"] == rows and manifest["dim"] == dim):
+    if not (manifest and manifest.get("complete") and manifest["totals"]["rows"] == rows and manifest["dim"] == dim
+            and manifest.get("format_version") == shards.FORMAT_VERSION):
         for stale in (cache, data, model):  # built for another size: start over
             shutil.rmtree(stale, ignore_errors=True)
         manifest = write_cache(cache, rows, dim)
