@@ -155,7 +155,7 @@ def load_onnx(path: str | Path, device: str | None = None) -> OnnxEncoder:
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers mean nothing to a user
     try:
         session = ort.InferenceSession(str(graph), options, providers=_providers(device))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # an export carries no code
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load the ONNX export {path}: {first_line(exc, 200)}; export the student again") from None
     return OnnxEncoder(session, tokenizer, meta, path)
@@ -188,12 +188,10 @@ def _check_tokenizer(folder: Path) -> None:
 
 
 def _need_exporter() -> None:
-    missing = []
-    for module in ("onnx", "onnxruntime", "onnxscript"):  # onnxscript: torch's ONNX exporter translates with it
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
+    import importlib.util
+
+    # onnxscript: torch's ONNX exporter translates with it
+    missing = [module for module in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(module) is None]
     if missing:
         raise UserError(f"mclip export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
                         "run `pip install 'mclip[onnx]'`")

@@ -6,8 +6,8 @@ B/16's) and 10M rows need no teacher run. Each command runs in its own process t
 RssAnon, the memory a process holds alone; the rest of RSS is file pages of the memory-mapped cache, which the page cache
 holds once per node for all ranks and can drop. A torchrun rank is one process of the tree, so the figures are per rank.
 
-    python tests/bench/bench_scale.py --out /tmp/scale            # 100k, 1M, 10M rows (about 25 GB of disk, ~15 min)
-    python tests/bench/bench_scale.py --out /tmp/scale --sizes 100000,1000000 --quick
+    python tests/bench/bench_scale.py --out /tmp/scale            # 100k, 1M, 10M rows (about 25 GB of disk, ~30 min)
+    python tests/bench/bench_scale.py --out /tmp/scale --sizes 100000,1000000 --quick --stages train,verify
 
 The last line is one JSON object.
 """
@@ -191,6 +191,10 @@ def main() -> None:
                         help="train-student's length grouping (64 is the default; 1 skips the token-length pass, which at 10M "
                              "rows tokenises 20M captions on this machine's cores for ~30 min and is itself flat: a file)")
     parser.add_argument("--quick", action="store_true", help="one rank only")
+    parser.add_argument("--stages", default="embed,train,eval,verify",
+                        help="which to measure: embed (stage 1 with a tiny teacher, at the sizes up to 1M; 160 distinct "
+                             "captions, as LAION repeats them), train, eval (stage 3 at the sizes up to 1M, IVF1024,PQ16, "
+                             "--query-batch-size 1024 and 8192), verify")
     parser.add_argument("--keep", action="store_true", help="keep the caches")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -198,15 +202,33 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     template = tiny_teacher_cache(work)
     student = tiny_student(work)
+    stages = set(args.stages.split(","))
     rows, summary = [], []
     for n in sizes:
+        if "embed" in stages and n <= 1_000_000:
+            from tests.bench.scale_stage1 import measure
+
+            m = measure(n, 160, work / "stage1")
+            rows.append({"stage": "embed-teacher", "rows": n, "ranks": 1, "peak_rss_mb": m["peak_rss_mb"], "private_mb": m["peak_rss_anon_mb"],
+                         "wall_s": m["wall_s"], "captions_embedded": m["captions_embedded"]})
+        if "eval" in stages and n <= 1_000_000:
+            from tests.bench.scale_eval import measure_eval
+
+            m = measure_eval(n, work / f"eval-{n}", verify=False)
+            for batch, run in m["eval"].items():
+                rows.append({"stage": f"eval q{batch}", "rows": n, "ranks": 1, "peak_rss_mb": run["peak_rss_mb"],
+                             "private_mb": run["peak_anon_mb"], "wall_s": run["wall_s"]})
+            summary.append(f"eval-retrieval at {n:,}: the same metrics for every --query-batch-size: {m['same_metrics']}")
+        if not {"train", "verify"} & stages:
+            continue
         cache = synthetic_cache(work / f"cache-{n}", n, template)
         data = captions_file(work / f"captions-{n}.parquet", n)
         disk = sum(f.stat().st_size for f in cache.iterdir())
-        for ranks in (1,) if args.quick else (1, 2):
+        for ranks in ((1,) if args.quick else (1, 2)) if "train" in stages else ():
             m = train_student(cache, data, student, work / f"run-{n}-{ranks}", ranks, args.group_batches)
             rows.append({"stage": "train-student", "rows": n, "ranks": ranks, **m})
-        rows.append({"stage": "verify", "rows": n, "ranks": 1, **verify(cache)})
+        if "verify" in stages:
+            rows.append({"stage": "verify", "rows": n, "ranks": 1, **verify(cache)})
         summary.append(f"{n:,} rows: cache {disk / 1e9:.2f} GB")
         if not args.keep and n == sizes[-1] and n >= 10_000_000:
             shutil.rmtree(cache, ignore_errors=True)
@@ -215,7 +237,8 @@ def main() -> None:
     for r in rows:
         ratio = r["peak_rss_mb"] / base[r["stage"], r["ranks"]]["peak_rss_mb"]
         r["peak_rss_vs_first"] = sig(ratio)
-        print(f"{r['stage']:<15} {r['rows']:>11,} {r['ranks']:>5} {r['peak_rss_mb']:>12,.0f} {r['private_mb']:>11,.0f} {ratio:>8.2f} {r['wall_s']:>7.1f}")
+        print(f"{r['stage']:<15} {r['rows']:>11,} {r['ranks']:>5} {r['peak_rss_mb']:>12,.0f} {r['private_mb']:>11,.0f} {ratio:>8.2f} {r['wall_s']:>7.1f}"
+              + (f"  ({r['captions_embedded']:,} captions embedded)" if "captions_embedded" in r else ""))
     emit(summary, {"bench": "scale", "group_batches": args.group_batches, "rows": rows})
 
 

@@ -1,0 +1,257 @@
+"""Reading rows of Arrow IPC files and raw arrays by global index with pread, never through a memory map that stays
+in RSS: `Column` (a column of cache shards or of a dataset's Arrow files), `RawArray` (a raw little-endian array on
+disk) and `drop_mapped_pages` (give back the pages an Arrow file's memory map touched)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+
+def drop_mapped_pages(files) -> None:
+    """madvise(MADV_DONTNEED) on this process's read-only mappings of `files`: safe, since pages of an unwritable file
+    mapping are read again from the file on the next access. Opening an Arrow IPC file through a memory map reads every
+    record batch's header, and on kernels that map whole folios that maps most of the file (a dataset's 0.26 GB at 10M
+    rows): this gives those pages back, so only what is read later counts in RSS."""
+    import ctypes
+    import mmap
+
+    files = {str(Path(f).resolve()) for f in files}
+    if not files or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        lines = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and "w" not in fields[1] and fields[5] in files:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+class RawArray:
+    """A 1-D little-endian array in a raw file, read with pread: `a[i]`, `a[start:stop]`, `a[index array or mask]`,
+    `len(a)`, `np.asarray(a)` (the whole file: for small arrays). Like `np.memmap` without the mapping, whose touched
+    pages would count in RSS (~0.5 MB a random read on kernels that map whole folios)."""
+
+    def __init__(self, path: str | Path, dtype: str):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self.n = self.path.stat().st_size // self.dtype.itemsize
+        self._fd = None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(str(self.path), os.O_RDONLY)
+        return self._fd
+
+    def __getstate__(self) -> dict:  # a DataLoader worker started with spawn opens the file itself
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.zeros(0, self.dtype)
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self.fd, (stop - start) * size, start * size), dtype=self.dtype)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.n)
+            return self._range(start, max(start, stop))[::step] if step > 0 else np.asarray(self)[key]
+        if np.isscalar(key):
+            i = int(key) + (self.n if int(key) < 0 else 0)
+            if not 0 <= i < self.n:
+                raise IndexError(f"index {key} out of range for {self.n} values")
+            return self._range(i, i + 1)[0]
+        index = np.asarray(key)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        index = index.astype(np.int64, copy=False)
+        out = np.empty(index.shape, dtype=self.dtype)
+        flat = index.reshape(-1)
+        if len(flat) and (flat.min() < 0 or flat.max() >= self.n):
+            raise IndexError(f"index out of range for {self.n} values")
+        order = np.argsort(flat, kind="stable")
+        ordered = flat[order]
+        breaks = np.flatnonzero(np.diff(ordered) > 1) + 1  # repeats and neighbours share one read
+        result = out.reshape(-1)
+        for run in np.split(np.arange(len(order)), breaks) if len(flat) else []:
+            lo, hi = int(ordered[run[0]]), int(ordered[run[-1]])
+            result[order[run]] = self._range(lo, hi + 1)[ordered[run] - lo]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self._range(0, self.n)
+        return whole.astype(dtype) if dtype is not None else whole
+
+    def __iter__(self):
+        return iter(np.asarray(self))
+
+    def __eq__(self, other):  # elementwise, as numpy's (the default would compare the objects: silently False)
+        return np.asarray(self) == other
+
+    def __ne__(self, other):
+        return np.asarray(self) != other
+
+    __hash__ = None
+
+    def blocks(self, size: int = 1 << 20):
+        """(start, values) per `size` values, in order: a sequential pass in bounded memory."""
+        for start in range(0, self.n, size):
+            yield start, self._range(start, min(self.n, start + size))
+
+
+class Column:
+    """One column of Arrow IPC files (cache shards, a dataset's cache files) that reads rows by global index with
+    `pread`, never touching the rest: `take` (any type; strings and fixed-size lists from the file) and `gather`
+    (fixed-size list vectors -> numpy). Rows come through the page cache, which every rank on a node shares, and are
+    never mapped into the process, so its RSS stays flat however many rows an epoch touches (a memory map's pages count
+    as RSS once touched: ~1.3 MB a random row here, as the kernel maps whole folios). Arrow's own ChunkedArray.take
+    would first concatenate every chunk: a copy of the whole column."""
+
+    def __init__(self, chunks: list[pa.Array], where: list[tuple[int, int] | None] | None = None):
+        keep = [i for i, c in enumerate(chunks) if len(c)]
+        self.chunks = [chunks[i] for i in keep]
+        self.where = [where[i] for i in keep] if where is not None else [None] * len(self.chunks)  # (fd, mapping base) per chunk
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])  # (C + 1,)
+        self._layout: dict[int, tuple] = {}
+
+    @classmethod
+    def from_files(cls, paths: Iterable[Path], name: str) -> Column:
+        """Column `name` of IPC files (file or stream format), read zero-copy to learn where each buffer lies."""
+        chunks, where, paths = [], [], list(paths)
+        for path in paths:
+            source = pa.memory_map(str(path), "r")
+            base = source.read_buffer(1).address if source.size() else 0  # zero-copy: the mapping's first byte
+            source.seek(0)
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_stream(source).read_all()
+            fd = os.open(str(path), os.O_RDONLY)
+            for chunk in table.column(name).chunks:
+                chunks.append(chunk)
+                where.append((fd, base, source.size()))
+        drop_mapped_pages(paths)  # reading the batch headers through the map touched them all
+        column = cls(chunks, where)
+        column._source = ([str(p) for p in paths], name)
+        return column
+
+    def __reduce__(self):  # to a DataLoader worker started with spawn: reopen the files there (file descriptors do not travel)
+        source = getattr(self, "_source", None)
+        return (Column.from_files, source) if source is not None else (Column, (self.chunks,))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __del__(self) -> None:
+        for fd in {w[0] for w in getattr(self, "where", []) if w is not None}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @property
+    def width(self) -> int:
+        return self.chunks[0].type.list_size if self.chunks else 0
+
+    def _split(self, rows: np.ndarray):
+        """(chunk, positions in `rows`, rows local to the chunk) per chunk that `rows` touch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        assert rows.ndim == 1 and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < len(self))), f"rows out of range 0..{len(self)}"
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk[order])) + 1
+        for part in np.split(order, bounds) if len(rows) else []:
+            c = int(chunk[part[0]])
+            yield c, part, rows[part] - self.starts[c]
+
+    def _file_offset(self, c: int, buffer: pa.Buffer, skip: int) -> int | None:
+        """Where `buffer` (+ skip bytes) lies in chunk c's file, or None when it is not a piece of the mapped file."""
+        fd, base, size = self.where[c] or (None, 0, 0)
+        if fd is None or buffer is None or not base <= buffer.address < base + size:
+            return None
+        return buffer.address - base + skip
+
+    def _layout_of(self, c: int) -> tuple:
+        """('list', fd, offset, row bytes, dtype) | ('str', fd, offsets offset, offset dtype, data offset) | ('mem',)."""
+        if c not in self._layout:
+            chunk, kind = self.chunks[c], ("mem",)
+            if pa.types.is_fixed_size_list(chunk.type):
+                values = chunk.flatten()
+                dtype = np.dtype(values.type.to_pandas_dtype())
+                off = self._file_offset(c, values.buffers()[1], values.offset * dtype.itemsize)
+                if off is not None:
+                    kind = ("list", self.where[c][0], off, chunk.type.list_size * dtype.itemsize, dtype)
+            elif pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):
+                odt = np.dtype("<i4") if pa.types.is_string(chunk.type) else np.dtype("<i8")
+                _, offsets, data = chunk.buffers()
+                off = self._file_offset(c, offsets, chunk.offset * odt.itemsize)
+                data_off = self._file_offset(c, data, 0) if data is not None and data.size else 0
+                if off is not None and data_off is not None:
+                    kind = ("str", self.where[c][0], off, odt, data_off)
+            self._layout[c] = kind
+        return self._layout[c]
+
+    @staticmethod
+    def _runs(local: np.ndarray):
+        """(positions, first row, count) per run of consecutive rows in `local`: one read each."""
+        order = np.argsort(local, kind="stable")
+        ordered = local[order]
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        for run in np.split(np.arange(len(order)), breaks):
+            yield order[run], int(ordered[run[0]]), len(run)
+
+    def take(self, rows: np.ndarray) -> pa.Array:
+        """The values at `rows`, in that order (nulls read back as what the file stores under them)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        pieces, where = [], []
+        for c, part, local in self._split(rows):
+            layout = self._layout_of(c)
+            if layout[0] != "str":
+                pieces.append(self.chunks[c].take(pa.array(local)))
+                where.append(part)
+                continue
+            _, fd, off, odt, data_off = layout
+            for pos, first, count in self._runs(local):
+                offsets = np.frombuffer(os.pread(fd, (count + 1) * odt.itemsize, off + first * odt.itemsize), dtype=odt)
+                data = os.pread(fd, int(offsets[-1] - offsets[0]), data_off + int(offsets[0]))
+                pieces.append(pa.Array.from_buffers(pa.large_string(), count, [None, pa.py_buffer((offsets - offsets[0]).astype("<i8")),
+                                                                                 pa.py_buffer(data)]))
+                where.append(part[pos])
+        if not pieces:
+            return pa.array([], self.chunks[0].type if self.chunks else pa.null())
+        pieces = [p.cast(pa.large_string()) if pa.types.is_string(p.type) else p for p in pieces]
+        inverse = np.empty(len(rows), dtype=np.int64)
+        inverse[np.concatenate(where)] = np.arange(len(rows))
+        return pa.concat_arrays(pieces).take(pa.array(inverse))
+
+    def gather(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """(len(rows), D) vectors of a fixed_size_list column at `rows` (a copy of just those rows)."""
+        out = np.empty((len(rows), self.width), dtype=dtype)
+        for c, part, local in self._split(rows):
+            layout = self._layout_of(c)
+            if layout[0] == "list":
+                _, fd, off, row_bytes, value = layout
+                for pos, first, count in self._runs(local):
+                    block = np.frombuffer(os.pread(fd, count * row_bytes, off + first * row_bytes), dtype=value)
+                    out[part[pos]] = block.reshape(count, self.width)
+            else:
+                chunk = self.chunks[c]
+                out[part] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), self.width)[local]
+        return out
