@@ -124,15 +124,10 @@ class OnnxEncoder:
                             "drop --no-normalize (normalize=False), or encode with the torch student it came from")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        order = np.argsort([len(t) for t in texts], kind="stable")[::-1]  # longest first, as StudentEncoder.encode
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        starts = range(0, len(texts), batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
+        from mclip.texts import length_sorted
 
-            starts = tqdm(starts, desc="encode", unit="batch")
-        for start in starts:
-            idx = order[start : start + batch_size]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for idx in length_sorted(texts, batch_size, show_progress):  # as StudentEncoder.encode
             enc = self.tokenize([texts[i] for i in idx])
             out[idx] = self(enc["input_ids"], enc["attention_mask"])
         return out[0] if single else out

@@ -75,16 +75,10 @@ class StudentEncoder(nn.Module):
             self.to(device)
         self.eval()
         dev = self.device
-        lengths = [len(t) for t in texts]
-        order = np.argsort(lengths, kind="stable")[::-1]  # longest first: the first batch shows peak memory
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        starts = range(0, len(texts), batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
+        from mclip.texts import length_sorted
 
-            starts = tqdm(starts, desc="encode", unit="batch")
-        for start in starts:
-            idx = order[start : start + batch_size]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for idx in length_sorted(texts, batch_size, show_progress):
             enc = self.tokenize([texts[i] for i in idx])
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 emb, _ = self(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))

@@ -90,3 +90,14 @@ def small_run(tmp_path_factory, bert_teacher):
                       batch_size=16, max_steps=4, save_every=2, warmup_steps=1, lr=2e-3, num_workers=0, progress=False, num_threads=1))
     return {"root": root, "rows": rows, "data": data, "student": student, "cache": root / "cache", "run": root / "run",
             "teacher": bert_teacher, "train_args": train_args}
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run several times faster on one thread than on two contended ones (use at module scope)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,15 +26,7 @@ LANGUAGES = ("es", "de", "fr", "it", "pt", "id")  # scripts whose letters a rand
 TEXTS = ["a photo of a dog", "Zwei Kinder spielen Fußball", "一只狗在草地上奔跑", "Собака бежит", "قطة تجلس", "🐶🎉 party", "x"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")
