@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mclip import shards
+from mclip.columns import Bits
 from mclip.config import TrainConfig
 from mclip.errors import UserError
 
@@ -218,32 +219,6 @@ class _Captions:
         return np.flatnonzero(ok.to_numpy(zero_copy_only=False) if isinstance(ok, pa.Array) else ok.combine_chunks().to_numpy(zero_copy_only=False))
 
 
-class Bits:
-    """A set of cache rows 0..n-1 in n/8 bytes (a bool array would take n: 28 MB a set at laion28m, and the join keeps
-    a few)."""
-
-    def __init__(self, n: int):
-        self.n, self.words = n, np.zeros((n + 7) // 8, dtype=np.uint8)
-
-    def add(self, rows: np.ndarray) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
-        np.bitwise_or.at(self.words, rows >> 3, np.left_shift(1, rows & 7).astype(np.uint8))
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        return ((self.words[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1).astype(bool)
-
-    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """The members in [start, stop), ascending."""
-        stop = self.n if stop is None else min(stop, self.n)
-        low = start // 8 * 8
-        flags = np.unpackbits(self.words[low // 8 : (stop + 7) // 8], bitorder="little")[start - low : stop - low]
-        return start + np.flatnonzero(flags)
-
-    def count(self) -> int:
-        return int(sum(np.unpackbits(self.words[i : i + CHUNK], bitorder="little").sum() for i in range(0, len(self.words), CHUNK)))
-
-
 def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: Bits | None,
           is_val: Bits | None, seed: int, val_fraction: float, cache_text) -> tuple[dict, dict]:
     """Stream one caption file into pair files under folder/"all" (and folder/"held" for held-out ids): per language,
@@ -317,8 +292,11 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
     _cache_groups(cache, folder)
     sample_ids = cache.column("id").take(np.arange(min(3, n))).to_pylist()
 
+    files: dict = {}  # where each caption file's columns lie, so the ranks read them without loading the dataset again
+
     def load_join(data: str, split: str, sub: str, held, is_val) -> dict:
         captions = _Captions(config, data, split, others)
+        files[sub] = {"files": captions.files, "columns": captions.columns, "rows": len(captions)} if captions.files else None
         report, counts = _join(captions, languages, index, n, folder / sub, held, is_val, config.seed, config.val_fraction, cache_text)
         if not any(report[lang]["pairs"] for lang in others):
             sample = next(iter(captions.chunks()))[1][:3].to_pylist() if len(captions) else []
@@ -352,6 +330,7 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
     report.update({"train_pairs": counts["all"], "train_ids": counts["train_ids"], "validation_ids": len(val_rows), "held_out_pairs": counts["held"],
                    "languages": languages})
     np.save(folder / "eval_rows.npy", eval_rows)
+    (folder / "sources.json").write_text(json.dumps(files))
     (folder / "report.json").write_text(json.dumps(report))
     return report
 
@@ -369,16 +348,25 @@ def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs |
     cache_groups = shards.RawArray(folder / "cache_groups", "<i8")
     en_source = cache.column("text")
 
-    def sources(data: str, split: str) -> list:
+    known = json.loads((folder / "sources.json").read_text())
+
+    def sources(data: str, split: str, sub: str) -> list:
+        """Each language's caption column: from the Arrow files build_pairs found (loading a dataset maps all of its
+        file into every rank for a moment: 0.26 GB at 10M rows), else through the dataset."""
+        where = known.get(sub)
+        if where is not None:
+            columns = {lang: shards.Column.from_files(where["files"], name) for lang, name in where["columns"].items()}
+            if all(len(c) == where["rows"] for c in columns.values()):
+                return [en_source if lang == "en" else columns[lang] for lang in languages]
         captions = _Captions(config, data, split, [lang for lang in languages if lang != "en"])
         return [en_source if lang == "en" else captions.source(lang) for lang in languages]
 
-    train_sources = sources(config.data, config.split)
+    train_sources = sources(config.data, config.split, "train")
     train = _open(folder / "train" / "all", train_sources, languages, cache_groups)
     eval_rows = np.load(folder / "eval_rows.npy")
     val = None
     if len(eval_rows):
-        held = _open(folder / "val" / "all", sources(config.val_data, config.val_split), languages, cache_groups) if config.val_data \
+        held = _open(folder / "val" / "all", sources(config.val_data, config.val_split, "val"), languages, cache_groups) if config.val_data \
             else _open(folder / "train" / "held", train_sources, languages, cache_groups)
         mask = np.zeros(n, dtype=bool)
         mask[eval_rows] = True

@@ -181,7 +181,7 @@ def test_the_caches_caption_groups_are_used_when_it_has_them(tmp_path):
 
 
 def test_bits_is_a_set_of_rows_in_an_eighth_of_a_bool_array():
-    from mclip.pairs import Bits
+    from mclip.columns import Bits
 
     rng = np.random.default_rng(0)
     members = rng.integers(0, 1003, 400)
