@@ -49,7 +49,7 @@ def groups(values) -> tuple[np.ndarray, np.ndarray]:
 def english_groups(cache: shards.TeacherCache, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Identical English captions are one target: (first, labels) over the cache rows of one language's captions, from the
     cache's caption_group column when it has one, else from its English text."""
-    if GROUP_COLUMN in cache.dataset().schema.names:
+    if GROUP_COLUMN in cache.columns:
         return groups(cache.column(GROUP_COLUMN).take(rows).to_numpy(zero_copy_only=False))
     return groups(cache.column("text").take(rows))
 

@@ -113,23 +113,16 @@ def text_groups(cache_texts: pa.Array) -> np.ndarray:
 
 
 def _cache_groups(cache, folder: Path) -> np.ndarray:
-    """(N,) English-caption group per cache row, memory-mapped: stage 1's `caption_group` column when the cache has it
+    """(N,) English-caption group per cache row, on disk (read by pread): stage 1's `caption_group` column when the cache has it
     (streamed, bounded), else grouped by text here (caches of mclip before format 2: a hash table of the texts)."""
     path = folder / "cache_groups"
-    if "caption_group" in _schema_names(cache):
+    if "caption_group" in cache.columns:
         with open(path, "wb") as handle:
             for _, values in cache.batches("caption_group"):
                 handle.write(values.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     else:
         text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8").tofile(path)
     return shards.RawArray(path, "<i8")
-
-
-def _schema_names(cache) -> list[str]:
-    if not cache.files:
-        return []
-    with pa.memory_map(str(cache.files[0]), "r") as source:
-        return pa.ipc.open_file(source).schema.names
 
 
 def hash_unit(ids: list[str], seed: int) -> np.ndarray:

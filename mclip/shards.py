@@ -144,6 +144,14 @@ class TeacherCache:
         return [int(x) for x in self.manifest.get("layers", [])]
 
     @property
+    def columns(self) -> list[str]:
+        """The shards' column names (read from the first shard's footer)."""
+        if not self.files:
+            return []
+        with pa.memory_map(str(self.files[0]), "r") as source:
+            return pa.ipc.open_file(source).schema.names
+
+    @property
     def has_images(self) -> bool:
         return self.manifest.get("image_dim") is not None
 
