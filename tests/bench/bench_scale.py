@@ -20,67 +20,22 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.bench.common import ROOT, emit, sig  # noqa: E402
+from tests.bench.common import ROOT, emit, sampled, sig  # noqa: E402
 
 SHARD_ROWS = 500_000
 
 
-def _tree(root: int) -> list[int]:
-    """root and every process below it, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-def _status(pid: int) -> dict[str, int]:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in handle) if k in ("VmHWM", "RssAnon", "RssFile")}
-    except (OSError, ValueError):
-        return {}
-
-
 def measured(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
-    """Run cmd; peak RSS (largest VmHWM of one process of its tree), peak private memory (largest RssAnon), wall time."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak_rss = peak_anon = 0
-    import threading
-
-    out: dict[str, str] = {}
-    readers = [threading.Thread(target=lambda n=n, s=s: out.__setitem__(n, s.read())) for n, s in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-    for reader in readers:
-        reader.start()
-    while proc.poll() is None:
-        for pid in _tree(proc.pid):
-            status = _status(pid)
-            peak_rss, peak_anon = max(peak_rss, status.get("VmHWM", 0)), max(peak_anon, status.get("RssAnon", 0))
-        if time.perf_counter() - start > timeout:
-            proc.kill()
-        time.sleep(0.05)
-    for reader in readers:
-        reader.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])}... failed ({proc.returncode}):\n{out.get('stderr', '')[-3000:]}")
-    return {"peak_rss_mb": sig(peak_rss / 1024), "private_mb": sig(peak_anon / 1024), "wall_s": sig(time.perf_counter() - start)}
+    """common.sampled, stopping the benchmark on a failed command: peak RSS, private (RssAnon) and wall time."""
+    run = sampled(cmd, env, timeout)
+    if run["rc"] != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])}... failed ({run['rc']}):\n{run['stderr_tail']}")
+    return {"peak_rss_mb": run["peak_rss_mb"], "private_mb": run["peak_anon_mb"], "wall_s": run["wall_s"]}
 
 
 # ---- inputs ----

@@ -170,3 +170,60 @@ def emit(summary: list[str], result: dict) -> None:
     for line in summary:
         print(line)
     print(json.dumps(result, sort_keys=False), flush=True)
+
+
+def _tree(root: int) -> list[int]:
+    """root and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in handle) if k in ("VmHWM", "RssAnon", "RssFile")}
+    except (OSError, ValueError):
+        return {}
+
+
+def sampled(cmd: list[str], env: dict | None = None, timeout: float | None = None, every: float = 0.05) -> dict:
+    """Run cmd in its own process tree, sampled from /proc every `every` s: exit code, wall (s), peak RSS (the largest
+    VmHWM of one process of the tree: what `/usr/bin/time -v` reports; a torchrun rank is one process), and the most
+    anonymous (the process's own) and file-backed (mapped files: page cache, shared, dropped first) memory one process
+    held at once, in MiB; the tail of stderr."""
+    import subprocess
+    import threading
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda n=n, f=f: out.__setitem__(n, f.read())) for n, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for reader in readers:
+        reader.start()
+    peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    while proc.poll() is None:
+        for pid in _tree(proc.pid):
+            for key, value in _status_kib(pid).items():
+                peak[key] = max(peak[key], value)
+        if timeout is not None and time.perf_counter() - start > timeout:
+            proc.kill()
+        time.sleep(every)
+    for reader in readers:
+        reader.join()
+    return {"rc": proc.returncode, "wall_s": sig(time.perf_counter() - start), "peak_rss_mb": sig(peak["VmHWM"] / 1024),
+            "peak_anon_mb": sig(peak["RssAnon"] / 1024), "peak_file_mb": sig(peak["RssFile"] / 1024),
+            "stderr_tail": out.get("stderr", "")[-3000:]}
+

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -105,39 +103,12 @@ def write_student(folder: Path, manifest: dict) -> Path:
     return Path(folder)
 
 
-def _status_kib(pid: int) -> dict[str, int]:
-    """RssAnon / RssFile / VmHWM of a live process, in KiB (Linux /proc)."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in text.splitlines()) if k in ("RssAnon", "RssFile", "VmHWM")}
-
-
 def timed(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
-    """Run `cmd` (niced) under /usr/bin/time -v: exit code, peak RSS (MiB, from time), wall (s), and the most anonymous
-    (heap) and file-backed (memory-mapped files) memory seen resident at once, sampled every 0.2 s, so a peak made of
-    mapped cache pages (shared, dropped first under memory pressure) is told from one made of the process's own memory."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(["nice", "-n", "10", "/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    peaks = {"RssAnon": 0, "RssFile": 0}
-    deadline = None if timeout is None else start + timeout
-    while proc.poll() is None:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        for child in (children.read_text().split() if children.exists() else []):  # the command under /usr/bin/time
-            for key, value in _status_kib(int(child)).items():
-                if key in peaks:
-                    peaks[key] = max(peaks[key], value)
-        if deadline is not None and time.perf_counter() > deadline:
-            proc.kill()
-        time.sleep(0.2)
-    _, stderr = proc.communicate()
-    wall = time.perf_counter() - start
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
-    return {"rc": proc.returncode, "peak_rss_mb": round(int(found.group(1)) / 1024, 1) if found else None, "wall_s": round(wall, 2),
-            "peak_anon_mb": round(peaks["RssAnon"] / 1024, 1), "peak_file_mb": round(peaks["RssFile"] / 1024, 1),
-            "stderr_tail": stderr[-1500:] if proc.returncode else ""}
+    """common.sampled, niced: exit code, peak RSS, the most anonymous (heap) and file-backed (mapped files) memory one
+    process held at once, so a peak made of mapped cache pages is told from one made of the process's own memory."""
+    run = common.sampled(["nice", "-n", "10", *cmd], env, timeout)
+    run["stderr_tail"] = run["stderr_tail"][-1500:] if run["rc"] else ""
+    return run
 
 
 def measure_eval(rows: int, workdir: str | Path, query_batch_sizes: tuple[int, ...] = (1024, 8192), index: str = "IVF1024,PQ16",

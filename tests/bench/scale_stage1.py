@@ -16,13 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 try:
@@ -55,27 +51,6 @@ def _teacher(folder: Path) -> Path:
     return tiny.write_tiny_clip(folder, with_vision=False)
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-
-
-def _sample(pid: int, peaks: dict, stop: threading.Event) -> None:
-    """Peak RssAnon and RssFile (MiB) of the process under /usr/bin/time, sampled until `stop`."""
-    while not stop.wait(0.02):
-        for child in _children(pid):
-            try:
-                status = Path(f"/proc/{child}/status").read_text()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            for key in ("RssAnon", "RssFile"):
-                found = re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE)
-                if found:
-                    peaks[key] = max(peaks.get(key, 0.0), int(found.group(1)) / 1024)
-
-
 def measure(rows: int, distinct: int, work: Path, shard_size: int = 10_000, extra: list[str] | None = None) -> dict:
     """One stage-1 run over `rows` rows with `distinct` distinct captions (0: all distinct), in `work` (left there)."""
     work = Path(work)
@@ -83,28 +58,19 @@ def measure(rows: int, distinct: int, work: Path, shard_size: int = 10_000, extr
     teacher = _teacher(work / "teacher") if not (work / "teacher" / "config.json").exists() else work / "teacher"
     out = work / f"out-{rows}-{distinct}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "mclip", "embed-teacher", "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "mclip", "embed-teacher", "--data", str(data), "--out", str(out),
            "--teacher", str(teacher), "--id-column", "id", "--device", "cpu", "--num-threads", "1", "--no-progress",
            "--shard-size", str(shard_size), *(extra or [])]
     env = dict(os.environ, PYTHONPATH=str(common.ROOT), OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(work / f"hf-{rows}-{distinct}"))
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, stop), daemon=True)
-    sampler.start()
-    _, stderr = proc.communicate()
-    stop.set()
-    sampler.join()
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"scale_stage1: embed-teacher failed on {rows} rows:\n{stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    run = common.sampled(cmd, env)
+    if run["rc"] != 0:
+        sys.exit(f"scale_stage1: embed-teacher failed on {rows} rows:\n{run['stderr_tail']}")
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     totals = manifest["totals"]
-    return {"rows": rows, "distinct": distinct or rows, "peak_rss_mb": round(peak_kb / 1024, 1),
-            "peak_rss_anon_mb": round(peaks.get("RssAnon", 0.0), 1), "peak_rss_file_mb": round(peaks.get("RssFile", 0.0), 1),
+    return {"rows": rows, "distinct": distinct or rows, "peak_rss_mb": run["peak_rss_mb"],
+            "peak_rss_anon_mb": run["peak_anon_mb"], "peak_rss_file_mb": run["peak_file_mb"],
             "captions_embedded": totals.get("embedded", rows - totals.get("duplicates", 0)), "totals": totals,
-            "wall_s": round(wall, 1), "shards": len(manifest["shards"])}
+            "wall_s": run["wall_s"], "shards": len(manifest["shards"])}
 
 
 def main(argv=None) -> None:
