@@ -213,7 +213,7 @@ class _Captions:
 
 
 def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: Bits | None,
-          is_val: Bits | None, seed: int, val_fraction: float, cache_text) -> tuple[dict, dict]:
+          is_val: Bits | None, seed: int, val_fraction: float) -> tuple[dict, dict]:
     """Stream one caption file into pair files under folder/"all" (and folder/"held" for held-out ids): per language,
     each non-blank caption whose id is in the cache. "en" pairs take the cache's own text (what the teacher embedded) for
     every id joined in another language. `held`: the cache rows held out for validation (from --val-data), else the
@@ -280,7 +280,6 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     index = IdIndex.build(cache, folder / "ids")
-    cache_text = cache.column("text")
     n = len(cache)
     _cache_groups(cache, folder)
     sample_ids = cache.column("id").take(np.arange(min(3, n))).to_pylist()
@@ -290,7 +289,7 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
     def load_join(data: str, split: str, sub: str, held, is_val) -> dict:
         captions = _Captions(config, data, split, others)
         files[sub] = {"files": captions.files, "columns": captions.columns, "rows": len(captions)} if captions.files else None
-        report, counts = _join(captions, languages, index, n, folder / sub, held, is_val, config.seed, config.val_fraction, cache_text)
+        report, counts = _join(captions, languages, index, n, folder / sub, held, is_val, config.seed, config.val_fraction)
         if not any(report[lang]["pairs"] for lang in others):
             sample = next(iter(captions.chunks()))[1][:3].to_pylist() if len(captions) else []
             raise UserError(f"no caption id in {data} matches an id in the cache {config.cache} (data ids {sample} vs cache ids "
