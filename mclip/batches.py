@@ -1,5 +1,5 @@
 """Stage 2's batches: the epoch plan (seeded, length-grouped batches that every rank and a resumed run cut the same way),
-the token lengths it groups by, and each step's tokenised micro-batches with their targets from the cache's memory map."""
+the token lengths it groups by, and each step's tokenised micro-batches with their targets read from the cache."""
 
 from __future__ import annotations
 
@@ -12,62 +12,99 @@ from mclip import losses
 from mclip.pairs import CHUNK, Pairs
 
 
-def plan_epoch(lengths: np.ndarray, langs: np.ndarray, batch_size: int, seed: int, epoch: int, group: int) -> np.ndarray:
-    """(steps, batch_size) pair indices of one epoch, the same on every rank and on resume: a (seed, epoch) shuffle, then
-    inside mega-batches of `group` batches pairs of alike token length are batched together (less padding), batch order
-    shuffled again; the last partial batch is dropped. lengths, langs: (P,) per pair (memory-mapped is fine: read one
-    mega-batch at a time).
+class Shuffle:
+    """A seeded permutation of range(n) evaluated at any positions, holding nothing per element: shuffle(i) is element i
+    of the shuffled order. A balanced Feistel network over the smallest even power of two >= n, walked back into
+    range(n) ("cycle walking"; Black & Rogaway 2002, as TensorFlow's index_shuffle), so an epoch's order of billions of
+    pairs costs a few keys, where a shuffled array costs 4-8 bytes a pair per rank."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        self.n = int(n)
+        self.half = max(1, (max(1, self.n - 1).bit_length() + 1) // 2)  # bits per half: 2 ** (2 * half) >= n
+        self.keys = rng.integers(0, 2**63, size=self.ROUNDS, dtype=np.uint64)
+
+    def _round(self, x: np.ndarray, key: np.uint64) -> np.ndarray:  # splitmix64's finaliser of (x ^ key)
+        x = x ^ key
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        bits, mask = np.uint64(self.half), np.uint64((1 << self.half) - 1)
+        left, right = x >> bits, x & mask
+        for key in self.keys:
+            left, right = right, left ^ (self._round(right, key) & mask)
+        return (left << bits) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """(len(positions),) int64: the elements at these positions of the shuffled order."""
+        out = self._feistel(np.asarray(positions, dtype=np.uint64))
+        while True:  # a value past n is mapped again until it lands in range (at most ~4 times on average)
+            out_of_range = np.flatnonzero(out >= np.uint64(self.n))
+            if not len(out_of_range):
+                return out.astype(np.int64)
+            out[out_of_range] = self._feistel(out[out_of_range])
+
+
+class EpochPlan:
+    """plan[k] -> (batch_size,) pair indices of step k of one epoch, the same on every rank and on resume, computed a
+    mega-batch at a time when a step of it is asked for: nothing per pair is held, so the plan's memory does not grow with
+    the data (the previous whole-epoch array was 4 bytes a pair per rank). len(plan) = steps; the last partial batch is
+    dropped.
+
+    The epoch's order is a (seed, epoch) `Shuffle` of the pairs. Mega-batch m is the order's positions m*G*B ... (G =
+    `group` batches of B): inside it pairs of alike token length are batched together (less padding), in a random
+    batch order; with group 1 the batch is the order's slice. lengths, langs: (P,) per pair, read only for the
+    mega-batch's pairs (`RawArray`s on disk are fine); lengths may be None with group 1.
 
     Length grouping must not make batches single-language: short captions are mostly ja/ko/zh, so one sort of all pairs
     by length gives batches of one script, with one-language negatives and gradients. A pair's sort key is instead its
-    length's quantile *within its language*, so a batch holds the k-th shortest slice of every language. Inside a batch
-    pairs are sorted by length, so ranks taking every world-th position get alike lengths.
+    length's quantile *within its language* in the mega-batch, so a batch holds the k-th shortest slice of every
+    language. Inside a batch pairs are sorted by length, so ranks taking every world-th position get alike lengths."""
 
-    Memory: the plan is the one array per pair a run holds (int32, 4 bytes a pair), built and shuffled in place; while it
-    is built the lengths (int16) and languages (int8) are read in too, 3 bytes a pair, then dropped."""
-    if group > 1:  # random gathers, a mega-batch at a time: from memory (a pread each would take a minute per 2M pairs)
-        lengths, langs = np.asarray(lengths), np.asarray(langs)
-    rng = np.random.default_rng([seed, epoch])
-    n = len(lengths)
-    steps = n // batch_size
-    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
-    rng.shuffle(order)  # the same draws, and so the same order, as rng.permutation(n)
-    order = order[: steps * batch_size]
-    batch_order = rng.permutation(steps)
-    chunk = group * batch_size
-    for start in range(0, len(order) if group > 1 else 0, chunk):
-        part = order[start : start + chunk]
-        part_langs, part_lengths = np.asarray(langs[part]), np.asarray(lengths[part])
+    def __init__(self, lengths, langs, batch_size: int, seed: int, epoch: int, group: int):
+        assert group == 1 or lengths is not None, "length grouping needs the lengths"
+        self.lengths, self.langs, self.batch_size, self.group = lengths, langs, batch_size, group
+        self.seed, self.epoch = seed, epoch
+        self.steps = len(langs) // batch_size
+        self.shuffle = Shuffle(len(langs), np.random.default_rng([seed, epoch]))
+        self._held: tuple[int, np.ndarray] | None = None  # the mega-batch last built: (m, (g, B) pair indices)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not 0 <= k < self.steps:
+            raise IndexError(f"step {k} out of range for an epoch of {self.steps} steps")
+        m = k // self.group
+        if self._held is None or self._held[0] != m:
+            self._held = (m, self._mega_batch(m))
+        return self._held[1][k - m * self.group]
+
+    def _mega_batch(self, m: int) -> np.ndarray:
+        """(g, B) pair indices of mega-batch m's g batches, in their (seeded) order."""
+        first = m * self.group
+        g = min(self.group, self.steps - first)
+        part = self.shuffle(np.arange(first * self.batch_size, (first + g) * self.batch_size))
+        if self.group == 1:
+            batches = part.reshape(1, -1)
+            if self.lengths is not None:
+                batches = batches[:, np.argsort(-np.asarray(self.lengths[part]), kind="stable")]
+            return batches
+        part_langs, part_lengths = np.asarray(self.langs[part]), np.asarray(self.lengths[part])
         key = np.empty(len(part))
         for lang in np.unique(part_langs):
             where = np.flatnonzero(part_langs == lang)
             rank = np.empty(len(where))
             rank[np.argsort(part_lengths[where], kind="stable")] = np.arange(len(where))  # ties keep the shuffled order
             key[where] = (rank + 0.5) / len(where)
-        part[:] = part[np.argsort(-key, kind="stable")]
-    plan = order.reshape(steps, batch_size)
-    for start in range(0, steps, 4096):  # sorted inside each batch, a block of batches at a time
-        block = plan[start : start + 4096]
-        block[:] = np.take_along_axis(block, np.argsort(-np.asarray(lengths[block]), axis=1, kind="stable"), axis=1)
-    _permute_rows(plan, batch_order)
-    return plan
-
-
-def _permute_rows(plan: np.ndarray, perm: np.ndarray) -> None:
-    """plan[:] = plan[perm], in place (cycle by cycle, one row of scratch): no second copy of the epoch's plan."""
-    done = np.zeros(len(perm), dtype=bool)
-    for first in range(len(perm)):
-        if done[first] or perm[first] == first:
-            continue
-        held, k = plan[first].copy(), first
-        while True:
-            done[k] = True
-            source = perm[k]
-            if source == first:
-                plan[k] = held
-                break
-            plan[k] = plan[source]
-            k = source
+        by_key = np.argsort(-key, kind="stable")
+        part, part_lengths = part[by_key].reshape(g, -1), part_lengths[by_key].reshape(g, -1)
+        inside = np.argsort(-part_lengths, axis=1, kind="stable")  # longest first inside each batch
+        batch_order = np.random.default_rng([self.seed, self.epoch, m]).permutation(g)
+        return np.take_along_axis(part, inside, axis=1)[batch_order]
 
 
 def token_lengths(tokenizer, pairs: Pairs, max_length: int, path: Path, rank: int = 0, world_size: int = 1) -> None:

@@ -36,6 +36,10 @@ def drop_mapped_pages(files) -> None:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
+MAPPED_GATHER = 4096  # a gather of at least this many indices reads through short-lived maps of WINDOW bytes
+WINDOW = 1 << 23
+
+
 class RawArray:
     """A 1-D little-endian array in a raw file, read with pread: `a[i]`, `a[start:stop]`, `a[index array or mask]`,
     `len(a)`, `np.asarray(a)` (the whole file: for small arrays). Like `np.memmap` without the mapping, whose touched
@@ -88,12 +92,35 @@ class RawArray:
             raise IndexError(f"index out of range for {self.n} values")
         order = np.argsort(flat, kind="stable")
         ordered = flat[order]
-        breaks = np.flatnonzero(np.diff(ordered) > 1) + 1  # repeats and neighbours share one read
         result = out.reshape(-1)
+        if len(flat) >= MAPPED_GATHER:
+            self._mapped_gather(ordered, order, result)
+            return out
+        breaks = np.flatnonzero(np.diff(ordered) > 1) + 1  # repeats and neighbours share one read
         for run in np.split(np.arange(len(order)), breaks) if len(flat) else []:
             lo, hi = int(ordered[run[0]]), int(ordered[run[-1]])
             result[order[run]] = self._range(lo, hi + 1)[ordered[run] - lo]
         return out
+
+    def _mapped_gather(self, ordered: np.ndarray, order: np.ndarray, result: np.ndarray) -> None:
+        """result[order] = self[ordered] (ordered: sorted indices) for many scattered indices, a window of the file at a
+        time through a short-lived memory map: numpy's gather at C speed, where a pread per index costs ~10 us of
+        Python; unmapping each window gives its pages back, so RSS grows by one window (WINDOW bytes) at most."""
+        import mmap
+
+        size = self.dtype.itemsize
+        per = WINDOW // size  # values a window holds (WINDOW is a multiple of the mapping granularity)
+        first, last = int(ordered[0]) // per, int(ordered[-1]) // per
+        cuts = np.searchsorted(ordered, np.arange(first, last + 2) * per)
+        for w, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]), start=first):
+            if a == b:
+                continue
+            lo = w * per
+            count = min(per, self.n - lo)
+            with mmap.mmap(self.fd, count * size, access=mmap.ACCESS_READ, offset=lo * size) as view:
+                values = np.frombuffer(view, dtype=self.dtype, count=count)
+                result[order[a:b]] = values[ordered[a:b] - lo]
+                del values  # the map cannot close while an array views it
 
     def __array__(self, dtype=None, copy=None):
         whole = self._range(0, self.n)

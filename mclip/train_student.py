@@ -22,7 +22,7 @@ from torch import nn
 from mclip import __version__, checkpoint, distributed, losses, outputs, shards
 from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
 from mclip.errors import UserError
-from mclip.batches import EpochSteps, open_lengths, plan_epoch, token_lengths
+from mclip.batches import EpochPlan, EpochSteps, open_lengths, token_lengths
 from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 
@@ -265,7 +265,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
         token_lengths(student.tokenizer, train, student.max_length, folder / "lengths", ctx.rank, ctx.world_size)
         lengths = open_lengths(folder / "lengths", len(train))
     else:
-        lengths = np.broadcast_to(np.int32(1), (len(train),))
+        lengths = None
     normalized = bool(cache.manifest["normalized"])  # unit targets: the pointwise losses compare the normalised student
     digest = train.digest() + (val.digest() if val is not None else "")  # which pairs train and which validate
     if resume_from is not None:
@@ -295,7 +295,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     epoch, epoch_step = divmod(step, steps_per_epoch)
     model.train()
     while step < total_steps:
-        plan = plan_epoch(lengths, train.langs, config.batch_size, config.seed, epoch, config.group_batches)
+        plan = EpochPlan(lengths, train.langs, config.batch_size, config.seed, epoch, config.group_batches)
         steps = EpochSteps(plan, train, targets, layer_targets, student.tokenizer, student.max_length, ctx.rank, ctx.world_size,
                            config.grad_accum)
         loader = torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(epoch_step, len(plan)), num_workers=config.num_workers,

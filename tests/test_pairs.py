@@ -1,12 +1,55 @@
 """Stage 2's data: the join by id, the hash split, and the epoch plan (seeded, length-grouped, every language per batch)."""
 
 import numpy as np
+import pytest
 
 from mclip import shards
 from mclip.config import TrainConfig
-from mclip.batches import plan_epoch
+from mclip.batches import EpochPlan, Shuffle
 from mclip.pairs import hash_unit, prepare_pairs
 from tests import tiny
+
+
+def plan_epoch(lengths, langs, batch_size, seed, epoch, group):
+    """The whole epoch's plan as one (steps, batch_size) array, from the per-step EpochPlan."""
+    plan = EpochPlan(lengths, langs, batch_size, seed, epoch, group)
+    return np.stack([plan[k] for k in range(len(plan))])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 17, 1000, 1024, 1025, 65_537])
+def test_shuffle_is_a_seeded_permutation(n):
+    shuffle = Shuffle(n, np.random.default_rng([3, 0]))
+    order = shuffle(np.arange(n))
+    assert np.array_equal(np.sort(order), np.arange(n))  # a bijection of range(n)
+    assert np.array_equal(order, Shuffle(n, np.random.default_rng([3, 0]))(np.arange(n)))  # the same on every rank
+    assert np.array_equal(shuffle(np.arange(n)[::-1]), order[::-1])  # any positions, in any order
+    if n >= 1000:
+        assert not np.array_equal(order, Shuffle(n, np.random.default_rng([3, 1]))(np.arange(n)))  # another epoch
+
+
+def test_shuffle_looks_random():
+    # where position 0 lands, over 2000 seeds, is uniform on range(n); neighbours in the order are uncorrelated
+    n = 1000
+    first = np.array([Shuffle(n, np.random.default_rng(s))(np.array([0]))[0] for s in range(2000)])
+    counts = np.bincount(first * 10 // n, minlength=10)  # 10 bins of 200 expected
+    assert ((counts - 200) ** 2 / 200).sum() < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+    order = Shuffle(100_000, np.random.default_rng(0))(np.arange(100_000)).astype(float)
+    assert abs(np.corrcoef(order[:-1], order[1:])[0, 1]) < 0.02
+    assert abs(np.corrcoef(np.arange(100_000), order)[0, 1]) < 0.02
+
+
+def test_epoch_plan_holds_nothing_per_pair():
+    class Langs:  # 10 billion pairs: an array per pair would not fit; the plan reads only len()
+        def __len__(self):
+            return 10**10
+
+    plan = EpochPlan(None, Langs(), 512, seed=0, epoch=0, group=1)
+    assert len(plan) == 10**10 // 512
+    steps = [plan[k] for k in (0, 1, len(plan) - 1)]
+    together = np.concatenate(steps)
+    assert len(np.unique(together)) == 3 * 512 and together.min() >= 0 and together.max() < 10**10
+    with pytest.raises(IndexError):
+        plan[len(plan)]
 
 
 def test_plan_epoch_is_a_seeded_length_grouped_partition():

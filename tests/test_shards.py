@@ -222,6 +222,27 @@ def test_raw_array_reads_like_the_numpy_array_it_stores(tmp_path):
         a[np.array([1, 50])]
 
 
+def test_raw_array_gathers_many_indices_window_by_window(tmp_path, monkeypatch):
+    # a gather of many scattered indices goes through short-lived maps of one window each: windows of one mapping
+    # granularity here, so the 20,000 values span several, and the last one is partial
+    import mmap
+
+    from mclip import columns
+
+    monkeypatch.setattr(columns, "WINDOW", mmap.ALLOCATIONGRANULARITY)
+    values = np.random.default_rng(1).integers(-(2**15), 2**15, 20_000).astype("<i2")
+    values.tofile(tmp_path / "a")
+    a = shards.RawArray(tmp_path / "a", "<i2")
+    index = np.random.default_rng(2).integers(0, len(values), (3, 5000))  # repeats included, any order
+    index[0, :3] = [0, len(values) - 1, len(values) - 1]
+    assert index.size >= columns.MAPPED_GATHER
+    np.testing.assert_array_equal(a[index], values[index])
+    np.testing.assert_array_equal(a[np.arange(len(values))], values)  # every window, whole
+    assert (a[np.full(columns.MAPPED_GATHER, 7)] == values[7]).all()  # all in one window
+    with pytest.raises(IndexError):
+        a[np.append(index.ravel(), len(values))]
+
+
 def test_columns_and_raw_arrays_travel_to_a_spawned_worker(tmp_path):
     import pickle
 

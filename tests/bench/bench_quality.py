@@ -27,7 +27,7 @@ warmup 20 steps then cosine decay to 0, AdamW (torch, fused; betas 0.9/0.999, ep
 default; mclip's own default is 1e-4), gradient clipping at norm 1.0, seed 42, fp32 on CPU (bf16 autocast on CUDA),
 dropout as the checkpoint has it, 0 DataLoader workers, max length 128 tokens (the longest caption has 55), the same
 torch threads (`torch.set_num_threads`, also mclip's `num_threads`). Not equal, by design of each library: the batch order
-(ST: a seeded random shuffle; mclip: its own seeded, length-grouped plan, `pairs.plan_epoch`), the warmup's first
+(ST: a seeded random shuffle; mclip: its own seeded, length-grouped plan, `batches.EpochPlan`), the warmup's first
 step (HF's lr is 0 at step 0 and lr at step 20; mclip's is lr/20 at step 0 and lr at step 19), and mclip trains its
 identity projection (a 384x384 Linear + bias) where ST has none. The loss: ST's MSELoss compares the Normalize module's
 output with the target; mclip's mse is whatever its README's "Losses" says (since f0d0a67, on the L2-normalised
