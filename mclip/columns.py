@@ -5,6 +5,7 @@ bit each)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Iterable
@@ -112,7 +113,7 @@ class RawArray:
         per = WINDOW // size  # values a window holds (WINDOW is a multiple of the mapping granularity)
         first, last = int(ordered[0]) // per, int(ordered[-1]) // per
         cuts = np.searchsorted(ordered, np.arange(first, last + 2) * per)
-        for w, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]), start=first):
+        for w, (a, b) in enumerate(itertools.pairwise(cuts), start=first):
             if a == b:
                 continue
             lo = w * per

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclip import __version__, checkpoint, distributed, losses, outputs, shards
+from mclip.batches import EpochPlan, EpochSteps, open_lengths, token_lengths
 from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
 from mclip.errors import UserError
-from mclip.batches import EpochPlan, EpochSteps, open_lengths, token_lengths
 from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from mclip import shards
-from mclip.config import TrainConfig
 from mclip.batches import EpochPlan, Shuffle
+from mclip.config import TrainConfig
 from mclip.pairs import hash_unit, prepare_pairs
 from tests import tiny
 
