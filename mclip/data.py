@@ -98,19 +98,27 @@ def _zero_rows(files: list[str], builder: str) -> bool:
 
 def _check_utf8(dataset, data: str) -> None:
     """Refuse invalid UTF-8 now: pyarrow's JSON reader stores such bytes in string columns unchecked, and they would
-    only fail mid-run, with a traceback, when the captions are read."""
+    only fail mid-run, with a traceback, when the captions are read. The check reads every caption through `datasets`'
+    memory map, so the pages it touched are given back slice by slice (else all of the file stays in RSS)."""
     import pyarrow as pa
 
+    from mclip.columns import drop_mapped_pages
+
     table = dataset.data.table
+    files = [f["filename"] for f in dataset.cache_files]
     for name in table.column_names:
         column = table.column(name)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             continue
-        try:
-            column.validate(full=True)
-        except pa.ArrowInvalid:
-            row = _first_bad_utf8(column)
-            raise UserError(f"{data} is not valid UTF-8 text (column {name!r}, row {row}); re-encode the file as UTF-8") from None
+        for start in range(0, len(column), CHUNK_ROWS):  # a slice at a time, its mapped pages given back after each
+            part = column.slice(start, CHUNK_ROWS)
+            try:
+                part.validate(full=True)
+            except pa.ArrowInvalid:
+                row = start + _first_bad_utf8(part)
+                raise UserError(f"{data} is not valid UTF-8 text (column {name!r}, row {row}); re-encode the file as UTF-8") from None
+            finally:
+                drop_mapped_pages(files)
 
 
 def _first_bad_utf8(column) -> int:

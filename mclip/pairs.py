@@ -336,7 +336,6 @@ def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs |
     pairs, in memory; ids held out whole, so no caption of a validation id is trained on) and the join report."""
     languages = _languages(config)
     report = json.loads((folder / "report.json").read_text())
-    n = len(cache)
     cache_groups = shards.RawArray(folder / "cache_groups", "<i8")
     en_source = cache.column("text")
 
@@ -360,9 +359,8 @@ def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs |
     if len(eval_rows):
         held = _open(folder / "val" / "all", sources(config.val_data, config.val_split, "val"), languages, cache_groups) if config.val_data \
             else _open(folder / "train" / "held", train_sources, languages, cache_groups)
-        mask = np.zeros(n, dtype=bool)
-        mask[eval_rows] = True
-        keep = np.concatenate([mask[rows] for _, rows in held.rows.blocks(CHUNK)]) if len(held) else np.zeros(0, bool)
+        # eval_rows is sorted and small (--val-max-ids): a membership test per block, nothing per cache row
+        keep = np.concatenate([np.isin(rows, eval_rows) for _, rows in held.rows.blocks(CHUNK)]) if len(held) else np.zeros(0, bool)
         val = held.subset(keep)
     report.update({"eval_ids": len(np.unique(val.rows)) if val else 0, "eval_pairs": len(val) if val else 0})
     if len(train) == 0:

@@ -100,6 +100,23 @@ def test_non_utf8_text_is_refused(tmp_path, name, payload):
         assert "column 'caption', row 1" in str(err.value)
 
 
+def test_utf8_check_names_the_row_slice_by_slice_and_gives_its_pages_back(tmp_path, monkeypatch):
+    # the check goes a slice of rows at a time (dropping the mapped pages it touched after each): the bad row's number
+    # is still the row of the file, here in the third slice of 4 rows
+    from mclip import data
+
+    dropped = []
+    monkeypatch.setattr(data, "CHUNK_ROWS", 4)
+    monkeypatch.setattr("mclip.columns.drop_mapped_pages", lambda files: dropped.append(list(files)))
+    rows = ['{"id": "%d", "caption": "ok %d"}' % (i, i) for i in range(11)]
+    rows[9] = '{"id": "9", "caption": "café"}'  # é as one latin-1 byte: not UTF-8
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(UserError, match="column 'caption', row 9"):
+        load_dataset(str(path))
+    assert len(dropped) >= 3 and all(dropped)  # once per slice checked, naming the dataset's Arrow files
+
+
 def test_malformed_json_is_one_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"id": "a", "caption": "ok"}\n{"id": "b", "caption": \n', encoding="utf-8")
