@@ -48,6 +48,9 @@ class Shuffle:
             out[out_of_range] = self._feistel(out[out_of_range])
 
 
+UNGROUPED_BLOCK = 64  # with no length grouping, batches the plan computes at once
+
+
 class EpochPlan:
     """plan[k] -> (batch_size,) pair indices of step k of one epoch, the same on every rank and on resume, computed a
     mega-batch at a time when a step of it is asked for: nothing per pair is held, so the plan's memory does not grow with
@@ -78,20 +81,22 @@ class EpochPlan:
     def __getitem__(self, k: int) -> np.ndarray:
         if not 0 <= k < self.steps:
             raise IndexError(f"step {k} out of range for an epoch of {self.steps} steps")
-        m = k // self.group
+        block = self.group if self.group > 1 else UNGROUPED_BLOCK  # batches built at once (one shuffle call for many)
+        m = k // block
         if self._held is None or self._held[0] != m:
-            self._held = (m, self._mega_batch(m))
-        return self._held[1][k - m * self.group]
+            self._held = (m, self._mega_batch(m, block))
+        return self._held[1][k - m * block]
 
-    def _mega_batch(self, m: int) -> np.ndarray:
-        """(g, B) pair indices of mega-batch m's g batches, in their (seeded) order."""
-        first = m * self.group
-        g = min(self.group, self.steps - first)
+    def _mega_batch(self, m: int, block: int) -> np.ndarray:
+        """(g, B) pair indices of mega-batch m's g batches, in their (seeded) order; with group 1, `block` batches as
+        the shuffled order has them."""
+        first = m * block
+        g = min(block, self.steps - first)
         part = self.shuffle(np.arange(first * self.batch_size, (first + g) * self.batch_size))
         if self.group == 1:
-            batches = part.reshape(1, -1)
+            batches = part.reshape(g, -1)
             if self.lengths is not None:
-                batches = batches[:, np.argsort(-np.asarray(self.lengths[part]), kind="stable")]
+                batches = np.take_along_axis(batches, np.argsort(-np.asarray(self.lengths[batches]), axis=1, kind="stable"), axis=1)
             return batches
         part_langs, part_lengths = np.asarray(self.langs[part]), np.asarray(self.lengths[part])
         key = np.empty(len(part))

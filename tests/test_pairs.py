@@ -38,6 +38,15 @@ def test_shuffle_looks_random():
     assert abs(np.corrcoef(np.arange(100_000), order)[0, 1]) < 0.02
 
 
+@pytest.mark.parametrize("group", [1, 3, 64])
+def test_epoch_plan_is_a_partition_across_its_blocks(group):
+    # 1003 pairs in batches of 4: 250 steps, several blocks of batches (64 ungrouped, `group` grouped), a partial last one
+    lengths = np.random.default_rng(0).integers(1, 50, 1003)
+    plan = plan_epoch(lengths, np.zeros(1003, np.int8), 4, seed=5, epoch=2, group=group)
+    assert plan.shape == (250, 4) and len(np.unique(plan)) == 1000
+    assert all((np.diff(lengths[b]) <= 0).all() for b in plan)
+
+
 def test_epoch_plan_holds_nothing_per_pair():
     class Langs:  # 10 billion pairs: an array per pair would not fit; the plan reads only len()
         def __len__(self):
