@@ -14,27 +14,44 @@ import numpy as np
 import pyarrow as pa
 
 
+def _batches(source: pa.MemoryMappedFile):
+    """The record batches of an Arrow IPC file or stream, one at a time (zero-copy from the map: only headers are read)."""
+    try:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        yield from pa.ipc.open_stream(source)
+
+
+def _drop_range(address: int, size: int) -> None:
+    """madvise(MADV_DONTNEED) on [address, address + size) of a read-only file mapping (see drop_mapped_pages)."""
+    import ctypes
+    import mmap
+
+    if size and hasattr(mmap, "MADV_DONTNEED"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), mmap.MADV_DONTNEED)
+
+
 def drop_mapped_pages(files) -> None:
     """madvise(MADV_DONTNEED) on this process's read-only mappings of `files`: safe, since pages of an unwritable file
     mapping are read again from the file on the next access. Opening an Arrow IPC file through a memory map reads every
     record batch's header, and on kernels that map whole folios that maps most of the file (a dataset's 0.26 GB at 10M
     rows): this gives those pages back, so only what is read later counts in RSS."""
-    import ctypes
-    import mmap
-
     files = {str(Path(f).resolve()) for f in files}
-    if not files or not hasattr(mmap, "MADV_DONTNEED"):
+    if not files:
         return
     try:
         lines = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
     for line in lines:
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and "w" not in fields[1] and fields[5] in files:
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+            _drop_range(start, end - start)
 
 
 MAPPED_GATHER = 4096  # a gather of at least this many indices reads through short-lived maps of WINDOW bytes
@@ -167,16 +184,13 @@ class Column:
             source = pa.memory_map(str(path), "r")
             base = source.read_buffer(1).address if source.size() else 0  # zero-copy: the mapping's first byte
             source.seek(0)
-            try:
-                table = pa.ipc.open_file(source).read_all()
-            except pa.ArrowInvalid:
-                source.seek(0)
-                table = pa.ipc.open_stream(source).read_all()
             fd = os.open(str(path), os.O_RDONLY)
-            for chunk in table.column(name).chunks:
-                chunks.append(chunk)
+            for k, batch in enumerate(_batches(source)):
+                chunks.append(batch.column(name))
                 where.append((fd, base, source.size()))
-        drop_mapped_pages(paths)  # reading the batch headers through the map touched them all
+                if k % 64 == 63:  # reading batch headers through the map maps whole folios: give them back as we go
+                    _drop_range(base, source.size())
+            _drop_range(base, source.size())
         column = cls(chunks, where)
         column._source = ([str(p) for p in paths], name)
         return column

@@ -199,15 +199,28 @@ def _status_kib(pid: int) -> dict[str, int]:
         return {}
 
 
+_EXACT_PEAK = """import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
 def sampled(cmd: list[str], env: dict | None = None, timeout: float | None = None, every: float = 0.05) -> dict:
-    """Run cmd in its own process tree, sampled from /proc every `every` s: exit code, wall (s), peak RSS (the largest
-    VmHWM of one process of the tree: what `/usr/bin/time -v` reports; a torchrun rank is one process), and the most
+    """Run cmd in its own process tree, sampled from /proc every `every` s: exit code, wall (s), peak RSS (of the tree's
+    largest process, exact: what `/usr/bin/time -v` reports; a torchrun rank is one process), and the most
     anonymous (the process's own) and file-backed (mapped files: page cache, shared, dropped first) memory one process
     held at once, in MiB; the tail of stderr."""
     import subprocess
     import threading
 
+    import tempfile
+
     start = time.perf_counter()
+    exact = Path(tempfile.mkstemp(prefix="maxrss-")[1])
+    # the command runs under a wrapper whose RUSAGE_CHILDREN ru_maxrss is, once the tree has exited, the exact peak RSS
+    # of its largest process: a process that peaks in its last 50 ms (a run's final export and plot) escapes sampling
+    cmd = [sys.executable, "-c", _EXACT_PEAK, str(exact), *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out: dict[str, str] = {}
     readers = [threading.Thread(target=lambda n=n, f=f: out.__setitem__(n, f.read())) for n, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
@@ -223,6 +236,9 @@ def sampled(cmd: list[str], env: dict | None = None, timeout: float | None = Non
         time.sleep(every)
     for reader in readers:
         reader.join()
+    text = exact.read_text()
+    exact.unlink()
+    peak["VmHWM"] = max(peak["VmHWM"], int(text) if text.strip() else 0)
     return {"rc": proc.returncode, "wall_s": sig(time.perf_counter() - start), "peak_rss_mb": sig(peak["VmHWM"] / 1024),
             "peak_anon_mb": sig(peak["RssAnon"] / 1024), "peak_file_mb": sig(peak["RssFile"] / 1024),
             "stderr_tail": out.get("stderr", "")[-3000:]}
