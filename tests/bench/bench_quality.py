@@ -167,12 +167,16 @@ def demo_config(work: Path, cache: Path, args):
 
 def train_pairs(config) -> tuple[list[str], "np.ndarray", dict]:
     """The training pairs mclip's stage 2 joins for `config` (texts and their cached teacher vectors) and the join report."""
+    import numpy as np
+
     from mclip import pairs, shards
 
     cache = shards.open_cache(config.cache)
-    train, _, report = pairs.prepare_pairs(config, cache)
+    with tempfile.TemporaryDirectory() as folder:  # stage 2 keeps its pairs on disk: read them out before it goes
+        train, _, report = pairs.prepare_pairs(config, cache, Path(folder))
+        texts, rows = train.texts(), np.asarray(train.rows)
     targets = shards.to_numpy(cache.table(["embedding"]).column("embedding"))  # (N, D) float32
-    return train.texts.to_pylist(), targets[train.rows], report
+    return texts, targets[rows], report
 
 
 # ---- training ----
