@@ -61,9 +61,9 @@ class CaptionFile:
                 return column
         return shards.Column(self.table.column(name).chunks)
 
-    def _batches(self):
+    def _batches(self, size: int):
         if not self.files:
-            yield from self.table.to_batches(max_chunksize=CHUNK)
+            yield from self.table.to_batches(max_chunksize=size)
             return
         for path in self.files:
             with pa.OSFile(path, "rb") as source:
@@ -74,14 +74,15 @@ class CaptionFile:
                     source.seek(0)
                     yield from pa.ipc.open_stream(source)
 
-    def chunks(self, check: bool = True):
-        """(first row, ids (string array), rows (a table)) per CHUNK rows, in order. At the end (with `check`), a long
-        format's language asked for that has no rows is refused."""
+    def chunks(self, size: int | None = None, check: bool = True):
+        """(first row, ids (string array), rows (a table)) per `size` rows (CHUNK), in order. At the end (with `check`),
+        a long format's language asked for that has no rows is refused."""
+        size = size or CHUNK
         first, pending, count = 0, [], 0
-        for batch in self._batches():
+        for batch in self._batches(size):
             pending.append(batch)
             count += batch.num_rows
-            if count >= CHUNK:
+            if count >= size:
                 yield first, *self._chunk(pending)
                 first, pending, count = first + count, [], 0
         if pending:

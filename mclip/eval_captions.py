@@ -18,7 +18,7 @@ from mclip.columns import Bits, RawArray
 from mclip.config import EvalConfig
 from mclip.errors import UserError
 
-BLOCK = 1 << 16  # caption rows handled at once in a pass over a language's rows
+BLOCK = 1 << 16  # caption rows read and joined at once, and handled at once in a pass over a language's rows
 
 
 @dataclass
@@ -88,7 +88,7 @@ def join(config: EvalConfig, cache: shards.TeacherCache, index, languages: list[
                          template=config.text_column_template, lang_column=config.lang_column, text_column=config.text_column,
                          english_column=config.caption_column, optional=() if "en" in config.languages else ("en",))
     scans = {lang: _Scan(folder, lang, config.limit) for lang in languages if lang in reader.columns}
-    for start, ids, part in reader.chunks():  # refuses, at the end, a long format's language without rows
+    for start, ids, part in reader.chunks(BLOCK):  # refuses, at the end, a long format's language without rows
         found = index.lookup(ids)  # (chunk,) cache row per data row, -1 where the cache lacks the id
         for lang, scan in scans.items():
             keep, in_lang = reader.kept(part, lang)
