@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mclip import captions as mcaptions, shards
+from mclip import shards
 from mclip.config import TrainConfig
 from mclip.batches import plan_epoch
 from mclip.pairs import hash_unit, prepare_pairs
@@ -90,7 +90,7 @@ def test_join_counts_what_does_not_join_and_never_misaligns(tmp_path):
 
 
 def test_pairs_built_a_chunk_at_a_time_equal_one_pass_and_read_the_long_format(tmp_path, monkeypatch):
-    from mclip import pairs as mpairs
+    from mclip import captions as mcaptions, pairs as mpairs
 
     n = 50
     ids = [f"id{i}" for i in range(n)]
