@@ -6,8 +6,8 @@ captions is encoded by every system (the student, the teacher baseline), searche
 scratch file; (2) the gallery of images, searched by those vectors read back (xx→img); (3) per system, its own index of
 the captions, each added under its target's label, which the English targets and the images search (en→xx, img→xx).
 What stays in memory is that index (codes and ids for IVF,PQ; every vector for Flat), a training sample of at most
-`retrieval.IndexBuilder.train_size` vectors, one batch, and a bit per cache row (which English captions and images a
-language has); the labels of every caption, the targets' cache rows and the vectors are raw files read back by pread.
+`retrieval.IndexBuilder.train_size` vectors, one batch, and a few bits per cache row (which English captions and images
+a language has); the labels of every caption, the targets' cache rows and the vectors are raw files read back by pread.
 """
 
 from __future__ import annotations
