@@ -1,22 +1,24 @@
-"""Stage 3's captions: each language's non-empty captions whose id is in the teacher cache, as row numbers.
+"""Stage 3's captions: each language's non-empty captions whose id is in the teacher cache, as row numbers on disk.
 
-The data is read in chunks of Arrow rows and joined through `mclip.join.IdIndex`, so no Python list of a column or dict
-of ids is ever built: what is kept per language is two int64 arrays (the data row of each caption, the cache row of its
-id), and the texts are taken from the memory-mapped data batch by batch when they are encoded. The formats and column
-rules are `mclip.data.load_parallel`'s (wide: id, caption, caption_<lang>; long: id, lang, text).
+The data is read by `mclip.captions.CaptionFile` (stage 2's reader: the formats, column rules and errors) in one pass of
+chunks, each joined through `mclip.join.IdIndex`, so no Python list of a column or dict of ids is ever built. What is
+kept per language is two raw int64 files in a scratch folder (the data row of each caption, the cache row of its id),
+read back with pread batch by batch, and the texts are read from the data's own Arrow files by row when they are encoded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from mclip import shards
+from mclip.columns import Bits, RawArray
 from mclip.config import EvalConfig
 from mclip.errors import UserError
 
-CHUNK = 1 << 16  # data rows read, checked and joined at once
+BLOCK = 1 << 16  # caption rows read and joined at once, and handled at once in a pass over a language's rows
 
 
 @dataclass
@@ -24,8 +26,8 @@ class Captions:
     """One language's captions joined to the cache: texts are read from `source` (a column) at `data_rows`."""
 
     source: shards.Column  # the text column the captions are read from: the data's, or the cache's own English text
-    data_rows: np.ndarray  # (N,) int64 row in `source` of each caption
-    rows: np.ndarray  # (N,) int64 cache row of its id
+    data_rows: RawArray  # (N,) int64 row in `source` of each caption, on disk
+    rows: RawArray  # (N,) int64 cache row of its id, on disk
     missing: int  # captions whose id is not in the cache
     empty: int  # captions left out as empty
 
@@ -37,106 +39,82 @@ class Captions:
         return self.source.take(self.data_rows[start:stop]).to_pylist()
 
 
-@dataclass
 class _Scan:
-    """A language before the --limit cut: what the join found, with the first id of the data and the first lost one."""
+    """A language's join, written as it goes: the first --limit captions' data and cache rows, and what was left out."""
 
-    column: str
-    data_rows: np.ndarray
-    rows: np.ndarray
-    missing: int
-    empty: int
-    first_id: str | None
-    first_lost: str | None
+    def __init__(self, folder: Path, lang: str, limit: int | None):
+        self.paths = folder / f"{lang}.data_rows", folder / f"{lang}.rows"
+        self.files = [open(path, "wb") for path in self.paths]
+        self.limit, self.kept, self.joined, self.missing, self.empty = limit, 0, 0, 0, 0
+        self.first_id = self.first_lost = None
 
+    def add(self, data_rows: np.ndarray, rows: np.ndarray) -> None:
+        self.joined += len(rows)
+        room = len(rows) if self.limit is None else max(0, min(len(rows), self.limit - self.kept))
+        for handle, values in zip(self.files, (data_rows, rows)):
+            handle.write(np.asarray(values[:room], "<i8").tobytes())
+        self.kept += room
 
-def _layout(ds, config: EvalConfig, wanted: list[str]) -> tuple[bool, dict[str, str]]:
-    """(long format?, lang -> text column), with load_parallel's errors for what is not there."""
-    have = set(ds.column_names)
-    if config.id_column not in have:
-        raise UserError(f"column {config.id_column!r} not found in {config.data}; it has {', '.join(ds.column_names)} (use --id-column)")
-    template = config.text_column_template
-    long = {config.lang_column, config.text_column} <= have and not any(template.format(lang=l) in have for l in config.languages)
-    if long:
-        return True, {lang: config.text_column for lang in wanted}
-    columns = {}
-    for lang in wanted:
-        column = config.caption_column if lang == "en" and config.caption_column in have else template.format(lang=lang)
-        if column not in have:
-            if lang == "en" and lang not in config.languages:
-                continue
-            raise UserError(f"column {column!r} for language {lang!r} not found in {config.data}; it has {', '.join(ds.column_names)} "
-                            "(fix --languages or --text-column-template)")
-        columns[lang] = column
-    return False, columns
+    def close(self) -> tuple[RawArray, RawArray]:
+        for handle in self.files:
+            handle.close()
+        return RawArray(self.paths[0], "<i8"), RawArray(self.paths[1], "<i8")
 
 
-def _scan(table, lang: str, column: str, long: bool, config: EvalConfig, index) -> _Scan:
-    """One language's captions chunk by chunk: blank ones counted, the rest joined to the cache by id."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from mclip.data import as_string, blank
-
-    data_rows, rows, missing, empty, first_id, first_lost = [], [], 0, 0, None, None
-    for start in range(0, table.num_rows, CHUNK):
-        part = table.slice(start, CHUNK)
-        texts = part.column(column)
-        is_text = pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)
-        bad = blank(texts).to_numpy(zero_copy_only=False) if is_text else np.ones(part.num_rows, bool)  # non-text: empty, as before
-        mine = pc.equal(as_string(part.column(config.lang_column)), lang).fill_null(False).to_numpy(zero_copy_only=False) if long else True
-        empty += int((bad & mine).sum())
-        keep = np.flatnonzero(~bad & mine)
-        if not len(keep):
-            continue
-        ids = as_string(part.column(config.id_column).take(pa.array(keep)))
-        found = index.lookup(ids)
-        hit = found >= 0
-        first_id = ids[0].as_py() if first_id is None else first_id
-        if first_lost is None and not hit.all():
-            first_lost = ids[int(np.argmin(hit))].as_py()
-        missing += int((~hit).sum())
-        data_rows.append(start + keep[hit])
-        rows.append(found[hit])
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    return _Scan(column, cat(data_rows), cat(rows), missing, empty, first_id, first_lost)
+def _cache_english(scans: list[RawArray], n_cache: int, path: Path, limit: int | None) -> RawArray:
+    """The cache rows the other languages scored, each once, in the order first scored (at most `limit`), on disk."""
+    seen, kept = Bits(n_cache), 0
+    with open(path, "wb") as out:
+        for rows in scans:
+            for start in range(0, len(rows), BLOCK):
+                block = rows[start : start + BLOCK]
+                _, first = np.unique(block, return_index=True)
+                new = block[np.sort(first)]
+                new = new[~seen[new]]
+                new = new[: None if limit is None else max(0, limit - kept)]
+                seen.add(new)
+                out.write(new.astype("<i8").tobytes())
+                kept += len(new)
+    return RawArray(path, "<i8")
 
 
-def join(config: EvalConfig, cache: shards.TeacherCache, index, languages: list[str]) -> tuple[dict[str, Captions], list[str]]:
+def join(config: EvalConfig, cache: shards.TeacherCache, index, languages: list[str], folder: Path) -> tuple[dict[str, Captions], list[str]]:
     """Each language's captions with the cache row of their id (`index`: a `join.IdIndex` of the cache), and warnings;
     ids absent from the cache are counted and left out. "en" without English captions in the data: the cache's own
-    English text of the ids the other languages scored."""
-    import pyarrow.compute as pc
+    English text of the ids the other languages scored. Row files go to `folder`."""
+    from mclip.captions import CaptionFile
 
-    from mclip.data import load_dataset
-
-    ds = load_dataset(config.data, config.split)
-    wanted = list(config.languages) + (["en"] if "en" not in config.languages else [])
-    long, columns = _layout(ds, config, wanted)
-    table = ds.with_format("arrow")[:]  # memory-mapped (a copy only for a dataset with a selection applied)
-    if long:
-        present = {str(v) for v in pc.unique(table.column(config.lang_column)).to_pylist()}
-        for lang in wanted:
-            if lang != "en" and lang not in present:
-                found = sorted(present)
-                raise UserError(f"language {lang!r} has no rows in {config.data} (column {config.lang_column!r} has "
-                                f"{', '.join(found[:20])}); fix --languages")
-    scans = {lang: _scan(table, lang, columns[lang], long, config, index) for lang in languages if lang in columns}
-    text_of = {name: shards.Column(table.column(name).chunks) for name in {s.column for s in scans.values()}}
+    reader = CaptionFile(config.data, config.split, list(config.languages), id_column=config.id_column,
+                         template=config.text_column_template, lang_column=config.lang_column, text_column=config.text_column,
+                         english_column=config.caption_column, optional=() if "en" in config.languages else ("en",))
+    scans = {lang: _Scan(folder, lang, config.limit) for lang in languages if lang in reader.columns}
+    for start, ids, part in reader.chunks(BLOCK):  # refuses, at the end, a long format's language without rows
+        found = index.lookup(ids)  # (chunk,) cache row per data row, -1 where the cache lacks the id
+        for lang, scan in scans.items():
+            keep, in_lang = reader.kept(part, lang)
+            scan.empty += in_lang - len(keep)
+            if not len(keep):
+                continue
+            rows = found[keep]
+            hit = rows >= 0
+            scan.first_id = ids[int(keep[0])].as_py() if scan.first_id is None else scan.first_id
+            if scan.first_lost is None and not hit.all():
+                scan.first_lost = ids[int(keep[int(np.argmin(hit))])].as_py()
+            scan.missing += int((~hit).sum())
+            scan.add(start + keep[hit], rows[hit])
     joined, total, notes = {}, 0, []  # notes become warnings only once the join is known to hold something
     for lang in languages:
         scan = scans.get(lang)
+        if scan is not None:
+            data_rows, rows = scan.close()
         if lang == "en" and (scan is None or scan.first_id is None):  # no English in the data: the cache's own captions
-            scored = np.concatenate([part.rows for part in joined.values()]) if joined else np.zeros(0, np.int64)
-            _, first = np.unique(scored, return_index=True)
-            rows = scored[np.sort(first)][: config.limit]  # in the order they were first scored
+            rows = _cache_english([part.rows for part in joined.values()], len(cache), folder / "en.cache_rows", config.limit)
             joined[lang] = Captions(cache.column("text"), rows, rows, 0, 0)
             continue
         if scan.missing:
-            notes.append(f"{lang}: {scan.missing:,} of {len(scan.rows) + scan.missing:,} ids are not in the cache "
+            notes.append(f"{lang}: {scan.missing:,} of {scan.joined + scan.missing:,} ids are not in the cache "
                          f"(e.g. {scan.first_lost!r}); they are left out")
-        keep = slice(config.limit)
-        joined[lang] = Captions(text_of[scan.column], scan.data_rows[keep], scan.rows[keep], scan.missing, scan.empty)
+        joined[lang] = Captions(reader.source(lang), data_rows, rows, scan.missing, scan.empty)
         total += len(joined[lang])
     if total == 0:
         sample = next((s.first_id for s in scans.values() if s.first_id is not None), None)

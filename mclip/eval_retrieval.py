@@ -101,29 +101,31 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
     from mclip.student import load
 
     languages = [code for code in config.languages if code != "en"] + ["en"]
-    with tempfile.TemporaryDirectory(prefix="mclip-eval-ids-") as workdir:  # the id index lives on disk, memory-mapped
-        id_index = join.IdIndex.build(cache, Path(workdir) / "ids")
-        joined, notes = eval_captions.join(config, cache, id_index, languages)
-        del id_index  # its memory maps go with the folder
-    for note in notes:
-        _warn(warnings, note)
-
-    device = distributed.resolve_device(config.device)
-    model = load(folder, device=device, trust_remote_code=config.trust_remote_code)
-    teacher = _load_baseline_teacher(config, cache, device, warnings) if config.teacher_baseline else None
-
     metrics: dict[str, float] = {}
     rows: list[dict] = []
     counts: dict[str, dict] = {}
-    last: dict = {}  # the English gallery's index, reused by the next language when it has the same targets
-    for lang, part in joined.items():
-        scored, counts[lang] = eval_gallery.score(part, lang, cache, model, teacher, use_images, config, last)
-        for system, directions in scored.items():
-            for direction, (values, n_queries, n_gallery) in directions.items():
-                rows.append({"lang": lang, "system": system, "direction": direction, "queries": n_queries, "gallery": n_gallery, **values})
-                prefix = f"{lang}/{direction}" if system == "student" else f"{lang}/{system}/{direction}"
-                metrics.update({f"{prefix}/{name}": value for name, value in values.items()})
-    rows += _averages(rows, [code for code in joined if code != "en"], metrics)
+    with tempfile.TemporaryDirectory(prefix="mclip-eval-") as workdir:  # the id index and every per-caption array: on disk
+        work = Path(workdir)
+        id_index = join.IdIndex.build(cache, work / "ids")
+        joined, notes = eval_captions.join(config, cache, id_index, languages, work)
+        del id_index
+        for note in notes:
+            _warn(warnings, note)
+
+        device = distributed.resolve_device(config.device)
+        model = load(folder, device=device, trust_remote_code=config.trust_remote_code)
+        teacher = _load_baseline_teacher(config, cache, device, warnings) if config.teacher_baseline else None
+        values = {column: eval_gallery.cache_values(cache, column, work / f"cache.{column}")
+                  for column in ("text", "image_id")[: 2 if use_images else 1]}
+        for lang, part in joined.items():
+            scored, counts[lang] = eval_gallery.score(part, lang, cache, model, teacher, values, config, work)
+            for system, directions in scored.items():
+                for direction, (found, n_queries, n_gallery) in directions.items():
+                    rows.append({"lang": lang, "system": system, "direction": direction, "queries": n_queries, "gallery": n_gallery, **found})
+                    prefix = f"{lang}/{direction}" if system == "student" else f"{lang}/{system}/{direction}"
+                    metrics.update({f"{prefix}/{name}": value for name, value in found.items()})
+        del joined, values  # their files (read by pread, open until then) go with the folder
+    rows += _averages(rows, [code for code in counts if code != "en"], metrics)
     rows.sort(key=lambda r: (_lang_order(r["lang"], languages), DIRECTIONS.index(r["direction"]), r["system"] != "student"))
     seconds = time.perf_counter() - start
     result = EvalResult(out, metrics, rows, counts, warnings, seconds)

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-PARTITION_ROWS = 1 << 20  # (hash, row) pairs sorted at once while building: 16 MiB
+PARTITION_ROWS = 1 << 17  # (hash, row) pairs sorted at once while building: 2 MiB (1M ids: 8 partitions)
 LOOKUP_CHUNK = 1 << 20  # query ids hashed and searched at once: one pass over the index files per chunk
-BLOCK = 1 << 20  # index values read at once (8 MiB)
+BLOCK = 1 << 17  # index values read at once (1 MiB): a million ids never make a block of all of them
 HASH_CHUNK = 1 << 14  # strings hashed in one vectorised pass
 _MUL = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime, as the per-position multiplier
 

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mclip import shards
+from mclip.captions import CaptionFile
 from mclip.columns import Bits
 from mclip.config import TrainConfig
 from mclip.errors import UserError
 
 PAIR_FILES = {"rows": "<i8", "src": "<i8", "langs": "<i1"}  # one raw little-endian array per field, P values each
 CHUNK = 1 << 16  # pairs handled at once in a pass over them: bounded memory whatever the data's size
-JOIN_ROWS = 1 << 18  # caption rows joined at once: one sequential pass over the id index each (~25 MB of work arrays)
 
 
 @dataclass
@@ -131,85 +131,11 @@ def hash_unit(ids: list[str], seed: int) -> np.ndarray:
                        dtype=np.float64, count=len(ids))
 
 
-class _Captions:
-    """A parallel-caption file, read in chunks of rows: per language, the rows with a non-blank caption and its column.
-    Wide format (id, caption_<lang>...) or long (id, lang, text), as `data.load_parallel` reads them."""
+class _Captions(CaptionFile):
+    """Stage 2's caption file: wide (id, caption_<lang>...) or long (id, lang, text); its English pairs are the cache's text."""
 
     def __init__(self, config: TrainConfig, data: str, split: str, languages: list[str]):
-        from mclip import data as mdata
-
-        ds = mdata.load_dataset(data, split)
-        if getattr(ds, "_indices", None) is not None:  # a selected or shuffled dataset: give it its own rows
-            ds = ds.flatten_indices()
-        self.table, self.data = ds.data.table if hasattr(ds.data, "table") else ds.data, data
-        self.files = [f["filename"] for f in ds.cache_files]  # the Arrow files `datasets` memory-maps, when it has them
-        shards.drop_mapped_pages(self.files)  # loading read every batch header through the map: give those pages back
-        have = set(self.table.column_names)
-        if config.id_column not in have:
-            raise UserError(f"column {config.id_column!r} not found in {data}; it has {', '.join(self.table.column_names)} (use --id-column)")
-        self.id_column = config.id_column
-        self.long = {"lang", "text"} <= have and not any(config.text_column_template.format(lang=l) in have for l in languages)
-        self.columns = {}
-        for lang in languages:
-            column = "text" if self.long else config.text_column_template.format(lang=lang)
-            if column not in have:
-                raise UserError(f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(self.table.column_names)} "
-                                "(fix --languages or --text-column-template)")
-            self.columns[lang] = column
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def source(self, lang: str):
-        """The caption column of `lang`, read by row from the dataset's own Arrow files (flat RSS), else from memory."""
-        name = self.columns[lang]
-        if self.files:
-            column = shards.Column.from_files(self.files, name)
-            if len(column) == len(self):
-                return column
-        return shards.Column(self.table.column(name).chunks)
-
-    def chunks(self):
-        """(first row, ids (string array), rows) per JOIN_ROWS rows, in order. The dataset's own Arrow files are read
-        through plain reads, not its memory map: a pass over every row would leave all its pages in RSS."""
-        def batches():
-            if self.files:
-                for path in self.files:
-                    with pa.OSFile(path, "rb") as source:
-                        try:
-                            reader = pa.ipc.open_file(source)
-                            yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
-                        except pa.ArrowInvalid:
-                            source.seek(0)
-                            yield from pa.ipc.open_stream(source)
-            else:
-                yield from self.table.to_batches(max_chunksize=JOIN_ROWS)
-
-        first, pending, count = 0, [], 0
-        for batch in batches():
-            pending.append(batch)
-            count += batch.num_rows
-            if count >= JOIN_ROWS:
-                yield first, *self._chunk(pending)
-                first, pending, count = first + count, [], 0
-        if pending:
-            yield first, *self._chunk(pending)
-            first += count
-        assert first == len(self), f"{self.data}: read {first} rows from {self.files}, the dataset has {len(self)}"
-
-    def _chunk(self, batches: list) -> tuple:
-        part = pa.Table.from_batches(batches).combine_chunks()
-        return pc.cast(part.column(self.id_column), pa.string()).combine_chunks(), part
-
-    def kept(self, part, lang: str) -> np.ndarray:
-        """Rows of the slice that hold a caption of `lang` (blank and None captions are left out and counted)."""
-        from mclip.data import blank
-
-        column = part.column(self.columns[lang])
-        ok = pc.invert(blank(pc.cast(column, pa.string()) if column.type != pa.large_string() else column))
-        if self.long:
-            ok = pc.and_(ok, pc.fill_null(pc.equal(part.column("lang"), lang), False))
-        return np.flatnonzero(ok.to_numpy(zero_copy_only=False) if isinstance(ok, pa.Array) else ok.combine_chunks().to_numpy(zero_copy_only=False))
+        super().__init__(data, split, languages, id_column=config.id_column, template=config.text_column_template)
 
 
 def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: Bits | None,
@@ -224,22 +150,19 @@ def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder
     trained = Bits(n_cache)  # cache rows with a training pair
     report = {lang: {"pairs": 0, "empty_texts": 0, "ids_without_target": 0, "examples_without_target": []} for lang in others}
     seen = {lang: Bits(n_cache) for lang in others}
-    long_langs: set = set()  # the long format's languages, to name them when one asked for has no rows
-    for start, ids, part in captions.chunks():
-        if captions.long:
-            long_langs |= set(pc.unique(part.column("lang")).to_pylist())
+    for start, ids, part in captions.chunks():  # refuses a long format's language without rows at the end
         rows = index.lookup(ids)  # (chunk,) cache row per data row, -1 where the cache lacks the id
         if is_val is not None and val_fraction > 0:
             for at in range(0, len(rows), CHUNK):  # a Python string per id for blake2b: a slice of them at a time
                 found = at + np.flatnonzero(rows[at : at + CHUNK] >= 0)
                 is_val.add(rows[found][hash_unit(ids.take(pa.array(found)).to_pylist(), seed) < val_fraction])
         for lang in others:
-            keep = captions.kept(part, lang)
+            keep, in_lang = captions.kept(part, lang)
             r = rows[keep]
             ok = r >= 0
             lost = keep[~ok]
             stats = report[lang]
-            stats["empty_texts"] += (len(part) if not captions.long else int(pc.sum(pc.equal(part.column("lang"), lang)).as_py() or 0)) - len(keep)
+            stats["empty_texts"] += in_lang - len(keep)
             stats["ids_without_target"] += len(lost)
             if len(stats["examples_without_target"]) < 20 and len(lost):
                 stats["examples_without_target"] += ids.take(pa.array(lost[: 20 - len(stats["examples_without_target"])])).to_pylist()
@@ -253,9 +176,6 @@ def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder
             seen[lang].add(r)
             stats["pairs"] += len(r)
     for lang in others:
-        if captions.long and lang not in long_langs:
-            raise UserError(f"language {lang!r} has no rows in {captions.data} (column 'lang' has "
-                            f"{', '.join(sorted(map(str, long_langs))[:20])}); fix --languages")
         report[lang]["targets_without_text"] = n_cache - seen[lang].count()
     if "en" in languages:
         k = languages.index("en")

@@ -13,6 +13,7 @@ order in which FAISS happens to return tied items.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,43 +39,70 @@ def ranks_from_topk(ids: np.ndarray, scores: np.ndarray, query_labels: np.ndarra
     when no relevant item is listed, or when the list is cut (L < G, no padding) while its last score still ties s*:
     tied items may then lie beyond the list. Searching L = K + (most relevant items of any query) makes every rank <= K exact.
     """
-    ids, scores = np.asarray(ids), np.asarray(scores, dtype=np.float64)
-    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
-    assert ids.shape == scores.shape and ids.ndim == 2, f"ids {ids.shape} and scores {scores.shape} must both be (Q, L)"
-    assert ids.shape[0] == len(query_labels), f"{ids.shape[0]} result rows for {len(query_labels)} queries"
+    ids, gallery_labels = np.asarray(ids), np.asarray(gallery_labels)
+    assert ids.ndim == 2, f"ids {ids.shape} must be (Q, L)"
     valid = ids >= 0  # (Q, L)
-    relevant = valid & (gallery_labels[np.where(valid, ids, 0)] == query_labels[:, None])
-    best = np.where(relevant, scores, -np.inf).max(axis=1) if ids.shape[1] else np.full(len(ids), -np.inf)  # (Q,)
+    return ranks_from_labels(gallery_labels[np.where(valid, ids, 0)], valid, scores, query_labels, len(gallery_labels), atol)
+
+
+def ranks_from_labels(found: np.ndarray, valid: np.ndarray, scores: np.ndarray, query_labels: np.ndarray, gallery_size: int,
+                      atol: float = TIE_ATOL) -> np.ndarray:
+    """`ranks_from_topk` given the labels of the listed items: found (Q, L) labels, valid (Q, L) False for padding,
+    scores (Q, L) best first, query_labels (Q,), gallery_size G: how many items were searched."""
+    scores, query_labels = np.asarray(scores, dtype=np.float64), np.asarray(query_labels)
+    assert found.shape == scores.shape == valid.shape and scores.ndim == 2, f"found {found.shape}, scores {scores.shape} must be (Q, L)"
+    assert scores.shape[0] == len(query_labels), f"{scores.shape[0]} result rows for {len(query_labels)} queries"
+    relevant = valid & (found == query_labels[:, None])
+    best = np.where(relevant, scores, -np.inf).max(axis=1) if scores.shape[1] else np.full(len(scores), -np.inf)  # (Q,)
     above = valid & ~relevant & (scores >= best[:, None] - atol)
     ranks = 1.0 + above.sum(axis=1)
-    cut = valid.all(axis=1) & (ids.shape[1] < len(gallery_labels))
-    if ids.shape[1]:
+    cut = valid.all(axis=1) & (scores.shape[1] < gallery_size)
+    if scores.shape[1]:
         cut &= scores[:, -1] >= best - atol
     return np.where(relevant.any(axis=1) & ~cut, ranks, np.inf)
 
 
-def recall_at_k(ranks: np.ndarray, k: int) -> float:
-    """Share of queries whose best relevant item ranks within the top k."""
-    return float(np.mean(np.asarray(ranks) <= k)) if len(ranks) else 0.0
+class RankCounts:
+    """R@K and MRR@K of ranks added batch by batch: how many queries had each rank up to the largest K, and how many
+    there were. No array of every rank is kept, and the sums are exact (integer counts, MRR as a fraction rounded once),
+    so the metrics cannot depend on how the queries were batched."""
 
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10)):
+        self.ks, self.n, self.at = tuple(ks), 0, {}  # at: rank -> queries with that rank (ranks <= max(ks) only)
 
-def mrr_at_k(ranks: np.ndarray, k: int) -> float:
-    """Mean reciprocal rank, counting ranks beyond k as 0."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    return float(np.mean(np.where(ranks <= k, 1.0 / ranks, 0.0))) if len(ranks) else 0.0
+    def add(self, ranks: np.ndarray) -> RankCounts:
+        ranks = np.asarray(ranks, dtype=np.float64)
+        self.n += len(ranks)
+        values, counts = np.unique(ranks[ranks <= max(self.ks)], return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist()):
+            self.at[value] = self.at.get(value, 0) + count
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """{"R@1": ..., "R@5": ..., "R@10": ..., "MRR@10": ...} (MRR cut at the largest k; all 0 without queries)."""
+        from fractions import Fraction
+
+        n = max(self.n, 1)
+        out = {f"R@{k}": sum(c for r, c in self.at.items() if r <= k) / n for k in self.ks}
+        out[f"MRR@{max(self.ks)}"] = float(sum((Fraction(c) / Fraction(r) for r, c in self.at.items()), Fraction(0)) / n)
+        return out
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """{"R@1": ..., "R@5": ..., "R@10": ..., "MRR@10": ...} (MRR cut at the largest k)."""
-    out = {f"R@{k}": recall_at_k(ranks, k) for k in ks}
-    out[f"MRR@{max(ks)}"] = mrr_at_k(ranks, max(ks))
-    return out
+    """{"R@1": ..., "R@5": ..., "R@10": ..., "MRR@10": ...} (MRR cut at the largest k): R@k the share of queries whose
+    best relevant item ranks within the top k, MRR the mean reciprocal rank counting ranks beyond k as 0."""
+    return RankCounts(ks).add(ranks).metrics()
+
+
+def search_depth_of_counts(most: int, gallery_size: int, k: int) -> int:
+    """`search_depth` from the most gallery items any one label has and the gallery's size."""
+    return int(min(gallery_size, k + most))
 
 
 def search_depth(gallery_labels: np.ndarray, k: int) -> int:
     """List length that makes every rank <= k exact: k plus the most gallery items any one label has, capped at G."""
     counts = np.unique(np.asarray(gallery_labels), return_counts=True)[1]
-    return int(min(len(gallery_labels), k + (counts.max() if len(counts) else 0)))
+    return search_depth_of_counts(int(counts.max()) if len(counts) else 0, len(gallery_labels), k)
 
 
 # ---- FAISS ----
@@ -127,10 +155,13 @@ class IndexBuilder:
     An index that needs training (IVF, PQ, ...) is trained on at most `train_size` vectors: a sample handed to `train`,
     or else the first vectors added, held until that many have come (all of them for a smaller gallery, which trains it
     exactly as one call with the whole gallery would). Memory is then the training sample plus the index itself: codes
-    for IVF,PQ (16 bytes a vector for PQ16, the choice for millions), every vector for Flat.
+    for IVF,PQ (16 bytes a vector for PQ16, the choice for millions) and an 8-byte id, every vector for Flat.
+
+    With `labelled`, each vector is added with an int64 id of the caller's (its label), which searches return instead
+    of its position: IVF indexes store ids anyway; any other is wrapped in an IndexIDMap (8 bytes a vector more).
     """
 
-    def __init__(self, factory: str, dim: int, nprobe: int | None = None, use_gpu: bool = True):
+    def __init__(self, factory: str, dim: int, nprobe: int | None = None, use_gpu: bool = True, labelled: bool = False):
         import faiss
 
         self.factory = factory
@@ -147,7 +178,10 @@ class IndexBuilder:
             except (RuntimeError, AttributeError):  # e.g. HNSW has no GPU version: search it on CPU
                 pass
         self.train_size = 0 if self.index.is_trained else max(TRAIN_MIN, TRAIN_PER_LIST * (self.nlist or 0))
+        self.labelled = labelled
+        self._top = faiss.IndexIDMap(self.index) if labelled and self.nlist is None else self.index  # what adds and searches
         self._held: list[np.ndarray] = []  # vectors added before the index is trained
+        self._held_ids: list[np.ndarray] = []
         self._held_rows = 0
         self.ntotal = 0  # vectors added so far
         self._depth = None
@@ -167,24 +201,31 @@ class IndexBuilder:
                             f"({_faiss_message(exc)}); use fewer IVF lists (e.g. IVF{max(1, len(sample) // 39)},Flat) "
                             "or the exact Flat index") from None
 
-    def add(self, vectors: np.ndarray) -> None:
-        """Append (B, D) vectors; their ids follow on from the vectors added before."""
+    def add(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Append (B, D) vectors: with `labelled`, under `ids` (B,) int64, else their ids follow on from the vectors added before."""
+        assert (ids is not None) == self.labelled, "ids go with a labelled index, and only there"
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
         self.ntotal += len(vectors)
         if self.index.is_trained:
-            self.index.add(vectors)
+            self._add(vectors, ids)
             return
         self._held.append(vectors)
+        self._held_ids += [ids] if ids is not None else []
         self._held_rows += len(vectors)
         if self._held_rows >= self.train_size:
             self._flush()
 
+    def _add(self, vectors: np.ndarray, ids: np.ndarray | None) -> None:
+        self._top.add(vectors) if ids is None else self._top.add_with_ids(vectors, ids)
+
     def _flush(self) -> None:
         held = np.concatenate(self._held) if len(self._held) > 1 else self._held[0]
-        self._held, self._held_rows = [], 0
+        ids = np.concatenate(self._held_ids) if self._held_ids else None
+        self._held, self._held_ids, self._held_rows = [], [], 0
         if not self.index.is_trained:
             self._train(held[: self.train_size])
-        self.index.add(held)
+        self._add(held, ids)
 
     def finish(self, depth: int = 10):
         """The searchable index, tuned for lists of `depth` (nprobe for IVF, efSearch for HNSW: at least 2 x depth)."""
@@ -194,7 +235,7 @@ class IndexBuilder:
         if self._held:
             self._flush()
         if depth == self._depth:
-            return self.index
+            return self._top
         self._depth = depth
         params = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
         probes = int(min(self.nprobe or default_nprobe(self.nlist), self.nlist)) if self.nlist is not None else 0
@@ -204,14 +245,16 @@ class IndexBuilder:
             params.set_index_parameter(self.index, "efSearch", max(64, 2 * depth))
         if "quantizer_efSearch" in self.knobs:  # an HNSW coarse quantizer must return at least nprobe lists
             params.set_index_parameter(self.index, "quantizer_efSearch", max(64, 2 * probes))
-        return self.index
+        return self._top
 
-    def ranks(self, queries: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, depth: int,
-              batch_size: int = 4096) -> np.ndarray:
-        """(Q,) ranks of L2-normalised `queries` against everything added (`gallery_labels` (G,), one per vector added)."""
-        assert len(gallery_labels) == self.ntotal, f"{len(gallery_labels)} gallery labels for {self.ntotal} vectors"
+    def ranks(self, queries: np.ndarray, query_labels: np.ndarray, depth: int, batch_size: int = 4096,
+              label_of: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """(Q,) ranks of L2-normalised `queries` against everything added: a listed item is relevant when its label
+        equals the query's, its label being `label_of(id)`, or the id itself (a labelled index's ids, or positions)."""
         scores, ids = search(self.finish(depth), queries, depth, batch_size)
-        return ranks_from_topk(ids, scores, query_labels, gallery_labels)
+        valid = ids >= 0
+        found = ids if label_of is None else np.where(valid, label_of(np.where(valid, ids, 0)), -1)
+        return ranks_from_labels(found, valid, scores, query_labels, self.ntotal)
 
 
 def build_index(gallery: np.ndarray, factory: str = "Flat", nprobe: int | None = None, use_gpu: bool = True,

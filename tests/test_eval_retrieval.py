@@ -165,6 +165,29 @@ def test_tiny_batches_give_the_metrics_of_one_batch(setup, tmp_path):
         assert parts.metrics == whole.metrics and parts.counts == whole.counts and parts.rows == whole.rows
 
 
+def test_the_on_disk_passes_in_tiny_blocks_give_the_metrics_of_one_pass(setup, tmp_path, monkeypatch):
+    """Captions read 3 rows at a time, targets labelled 4 captions at a time and placed 2 at a time, English captions
+    shared by pairs of ids (a target with several captions): the same metrics, counts and rows, at any batch size."""
+    from mclip import captions, eval_captions, eval_gallery
+
+    rows = parallel_rows()
+    for i in range(1, N, 2):
+        rows[i]["caption"] = rows[i - 1]["caption"]
+    data = tiny.write_captions(tmp_path / "dups.jsonl", rows)
+    embed(EmbedConfig(data=str(data), out=str(tmp_path / "cache"), teacher=str(setup["teacher"]), id_column="id", dtype="float32",
+                      shard_size=5, progress=False))
+    kw = dict(cache=str(tmp_path / "cache"), data=str(data), languages=("de", "sh"), teacher_baseline=True)
+    whole = run(config(setup, tmp_path / "whole", **kw))
+    monkeypatch.setattr(captions, "CHUNK", 3)
+    monkeypatch.setattr(eval_captions, "BLOCK", 4)
+    monkeypatch.setattr(eval_gallery, "BLOCK", 4)
+    monkeypatch.setattr(eval_gallery, "PART", 2)
+    for size in (1, 7):
+        parts = run(config(setup, tmp_path / f"b{size}", query_batch_size=size, **kw))
+        assert parts.metrics == whole.metrics and parts.counts == whole.counts and parts.rows == whole.rows
+    assert whole.counts["de"]["english_targets"] == N // 2 and whole.counts["en"]["captions"] == N
+
+
 def test_an_index_trained_on_a_bounded_sample_probing_every_list_gives_the_exact_numbers(setup, tmp_path, monkeypatch):
     exact = run(config(setup, tmp_path / "flat", languages=("fr",))).metrics
     monkeypatch.setattr(retrieval, "TRAIN_MIN", 6)  # 24 targets and 24 captions: both indexes train on a sample of 6

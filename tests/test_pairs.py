@@ -142,7 +142,7 @@ def test_join_counts_what_does_not_join_and_never_misaligns(tmp_path):
 
 
 def test_pairs_built_a_chunk_at_a_time_equal_one_pass_and_read_the_long_format(tmp_path, monkeypatch):
-    from mclip import pairs as mpairs
+    from mclip import captions as mcaptions, pairs as mpairs
 
     n = 50
     ids = [f"id{i}" for i in range(n)]
@@ -154,7 +154,7 @@ def test_pairs_built_a_chunk_at_a_time_equal_one_pass_and_read_the_long_format(t
     config = _config(tmp_path, wide, val_fraction=0.3)
     whole = prepare_pairs(config, cache, tmp_path / "p1")
     monkeypatch.setattr(mpairs, "CHUNK", 7)
-    monkeypatch.setattr(mpairs, "JOIN_ROWS", 5)
+    monkeypatch.setattr(mcaptions, "CHUNK", 5)
     chunked = prepare_pairs(config, cache, tmp_path / "p2")
     long_rows = [{"id": r["id"], "lang": lang, "text": r[f"caption_{lang}"]} for lang in ("zh", "de") for r in rows]
     long = prepare_pairs(_config(tmp_path, tiny.write_captions(tmp_path / "long.jsonl", long_rows), val_fraction=0.3), cache, tmp_path / "p3")

@@ -253,3 +253,15 @@ def test_columns_and_raw_arrays_travel_to_a_spawned_worker(tmp_path):
     raw = shards.RawArray(tmp_path / "a", "<i8")
     raw[0]
     assert pickle.loads(pickle.dumps(raw))[4] == 4
+
+
+def test_bits_ranks_count_the_members_below_each_row():
+    from mclip.columns import Bits
+
+    rng = np.random.default_rng(3)
+    for n in (1, 63, 64, 65, 1003):
+        want = rng.random(n) < 0.4
+        bits = Bits(n)
+        bits.add(np.flatnonzero(want))
+        rows = rng.integers(0, n, 200)
+        np.testing.assert_array_equal(bits.ranks(rows), np.concatenate([[0], np.cumsum(want)])[rows])
