@@ -7,8 +7,10 @@ report.md, r_at_1.png and eval.json to --out and prints the table.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from mclip.errors import UserError, writing
 from mclip.eval_gallery import BASELINE
 
 OUTPUTS = ("metrics.json", "report.md", "r_at_1.png", "eval.json")
+SCRATCH = ".scratch"  # the run's work folder inside --out
 DIRECTIONS = ("text_to_text", "text_to_text_reverse", "text_to_image", "image_to_text")
 RERUN = "rerun the same command with --overwrite"  # after a failed write
 TIE_RULE = "ties count against the query: rank = 1 + non-relevant items scoring >= the best relevant one"
@@ -71,6 +74,22 @@ def is_complete(config: EvalConfig) -> bool:
     return not outputs.changed(saved, config) and (out / "metrics.json").stat().st_mtime >= meta.stat().st_mtime
 
 
+@contextlib.contextmanager
+def _scratch(out: Path):
+    """out/.scratch for the run's on-disk arrays (tens of GB at laion28m: on the disk the user chose for --out, not in
+    $TMPDIR), removed when the run ends, failed or not, with --out itself if the run created it and left it empty."""
+    made = not out.exists()
+    work = out / SCRATCH
+    shutil.rmtree(work, ignore_errors=True)  # a killed run's
+    work.mkdir(parents=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
 def run(config: EvalConfig) -> EvalResult:
     """Score the student per language (and its teacher baseline) and write the report files to --out."""
     start = time.perf_counter()
@@ -80,7 +99,7 @@ def run(config: EvalConfig) -> EvalResult:
 
 def _run(config: EvalConfig, start: float) -> EvalResult:
     out = Path(config.out)
-    outputs.check(out, config.overwrite, owned=lambda name: name in OUTPUTS, command="eval-retrieval")
+    outputs.check(out, config.overwrite, owned=lambda name: name in (*OUTPUTS, SCRATCH), command="eval-retrieval")
     warnings: list[str] = []
     from mclip.student import META, model_folder
 
@@ -95,8 +114,6 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
     use_images = cache.has_images if config.images is None else config.images
     retrieval.make_index(config.index, cache.dim)  # a factory string FAISS rejects fails now, before any encoding
 
-    import tempfile
-
     from mclip import distributed, eval_captions, eval_gallery, join
     from mclip.student import load
 
@@ -104,8 +121,7 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
     metrics: dict[str, float] = {}
     rows: list[dict] = []
     counts: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="mclip-eval-") as workdir:  # the id index and every per-caption array: on disk
-        work = Path(workdir)
+    with _scratch(out) as work:  # the id index and every per-caption array: on disk
         id_index = join.IdIndex.build(cache, work / "ids")
         joined, notes = eval_captions.join(config, cache, id_index, languages, work)
         del id_index

@@ -277,6 +277,20 @@ def test_out_folder_is_refused_unless_overwrite_replaces_a_previous_eval(setup, 
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_scratch_lives_in_out_while_the_run_works_and_goes_after(setup, tmp_path, monkeypatch):
+    from mclip import eval_gallery
+
+    out, seen = tmp_path / "out", []
+    score = eval_gallery.score
+    monkeypatch.setattr(eval_gallery, "score", lambda part, lang, cache, model, teacher, values, cfg, work: (
+        seen.append(work), score(part, lang, cache, model, teacher, values, cfg, work))[1])
+    (out / ".scratch").mkdir(parents=True)
+    (out / ".scratch" / "left").write_text("by a killed run")  # is cleared, not refused
+    run(config(setup, out, overwrite=True))
+    assert seen and all(work == out / ".scratch" for work in seen)  # on --out's disk, not $TMPDIR
+    assert not (out / ".scratch").exists() and (out / "metrics.json").exists()
+
+
 def test_cli_runs_and_errors_are_one_line_exit_2(setup, tmp_path, capsys):
     args = ["eval-retrieval", "--model", str(setup["model"]), "--cache", str(setup["cache"]), "--data", str(setup["data"]),
             "--languages", "de,fr", "--no-progress"]
