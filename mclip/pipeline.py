@@ -126,7 +126,7 @@ def run(config: PipelineConfig) -> PipelineResult:
     stages = {}
     say = (lambda text: print(text, file=sys.stderr)) if config.embed.progress else (lambda text: None)
     eval_dir = Path(config.eval.out)
-    with distributed.group(config.embed.device):  # under torchrun one process group serves all three stages
+    with distributed.group(config.embed.device) as (ctx, _):  # under torchrun one process group serves all three stages
         say(f"[1/3] embed-teacher -> {config.embed.out}")
         stages["embed"] = "skipped" if embed_teacher.is_complete(config.embed) else "ran"
         embed_teacher.run(config.embed)  # a complete cache made with the same arguments returns at once
@@ -136,6 +136,8 @@ def run(config: PipelineConfig) -> PipelineResult:
         train_student.run(dataclasses.replace(config.train, resume=True))  # one command starts, resumes or finds the run done
 
         say(f"[3/3] eval-retrieval -> {config.eval.out}")
+        if not ctx.is_main:  # stage 3 is one process: rank 0 scores; the others end here (a wait could pass NCCL's timeout)
+            return PipelineResult(out, {**stages, "eval": "rank 0"}, {}, time.perf_counter() - start)
         if eval_retrieval.is_complete(config.eval):
             stages["eval"] = "skipped"
             print((eval_dir / "report.md").read_text(encoding="utf-8") if config.eval.progress else "", end="")

@@ -157,3 +157,22 @@ def test_summary_table_shows_student_beside_teacher(tiny_pipeline, tmp_path, cap
     row = next(line for line in printed.splitlines() if line.startswith("| de |"))
     assert f"{result.metrics['de/text_to_text/R@1']:.3f}" in row and f"{result.metrics['de/teacher_baseline/text_to_text/R@1']:.3f}" in row
     assert "avg (non-English)" in printed and "en (no-forgetting check)" in printed
+
+
+@pytest.mark.slow
+def test_run_under_torchrun_scores_once_on_rank_0(tiny_pipeline, tmp_path):
+    # stages 1 and 2 are distributed; stage 3 is one process: rank 0 scores, rank 1 ends after training (it used to run
+    # eval-retrieval too, into the same folder, which the first rank's lock refused)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m", "mclip",
+                           "run", str(tiny_pipeline["toml"]), "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("avg (non-English)") == 1  # one summary table: rank 0's
+    assert json.loads((tmp_path / "run" / "train" / "config.json").read_text())["world_size"] == 2
+    assert "de/text_to_text/R@1" in json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
