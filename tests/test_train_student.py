@@ -343,6 +343,29 @@ def test_embedding_lr_scale_moves_only_the_embedding_matrix_faster(toy, tmp_path
     assert all(np.array_equal(moved[1.0][k], moved[10.0][k]) for k in start if k != emb)
 
 
+def test_embedding_lr_scale_old_slows_only_the_rows_the_student_had_before_extend_vocab(toy, tmp_path):
+    """embedding_lr_scale speeds the whole matrix; embedding_lr_scale_old gives the student's own rows their own lr (one
+    Adam step moves a weight by about its lr), while extend-vocab's new rows still take the full embedding_lr_scale step."""
+    from safetensors.numpy import load_file
+
+    start = load_file(str(toy["student"] / "model.safetensors"))
+    emb = next(k for k in start if k.endswith("word_embeddings.weight"))
+    old = start[emb].shape[0]
+    final = {}
+    for scale_old in (None, 1.0, 0.0):
+        out = tmp_path / f"s{scale_old}"
+        run(_config(toy, out, max_steps=1, warmup_steps=1, clip_grad=0, weight_decay=0, embedding_lr_scale=10.0,
+                    embedding_lr_scale_old=scale_old, extend_vocab=True, extend_vocab_words=1))
+        final[scale_old] = load_file(str(out / "final" / "model.safetensors"))[emb]
+    assert final[None].shape[0] > old  # new rows were added, and they move the same in all three runs
+    assert np.allclose(final[None][old:], final[1.0][old:], atol=1e-7) and np.allclose(final[None][old:], final[0.0][old:], atol=1e-7)
+    moved = {k: v[:old] - start[emb] for k, v in final.items()}
+    rows = np.abs(moved[None]).max(1) > 0
+    assert rows.any()
+    assert np.allclose(moved[1.0], moved[None] / 10, atol=1e-7)  # lr instead of 10 x lr
+    assert np.array_equal(final[0.0][:old], start[emb])  # frozen
+
+
 def _killed_after(out: Path, step: int) -> None:
     """Leave a finished run folder as a run killed after checkpoint `step` would: later checkpoints and final/ gone."""
     import shutil
