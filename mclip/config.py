@@ -135,6 +135,7 @@ class TrainConfig:
     extend_vocab_init: str = option("mean", "New token rows start at: mean (the old rows' mean), aligned (their English captions' tokens).")
     extend_vocab_min_piece_rate: float = option(0.0, "Add only words split into this many pieces per character (0.75: not Latin script).")
     extend_vocab_stems: int = option(0, "Also add stems (3+ char prefixes) shared by this many added words, matched inside words (0 = off).")
+    extend_vocab_stem_piece_rate: float = option(0.75, "Stems only from words split into this many pieces per character (not Latin).")
     embedding_lr_scale_old: float | None = option(None, "Rows of the student's own tokens learn at this x --lr (default: --embedding-lr-scale).")
     projection_init: str = option("auto", "auto (identity when student width == teacher dim), identity, random.")
     loss: str = option("cl", "mse, cosine, or cl = (1 - alpha) * base + alpha * InfoNCE.")
@@ -191,8 +192,8 @@ class TrainConfig:
         _choice("extend_vocab_init", self.extend_vocab_init, ("mean", "aligned"))
         _check(self.embedding_lr_scale > 0, f"embedding_lr_scale={self.embedding_lr_scale} must be > 0 (1 = the same lr as the rest)")
         _check(self.extend_vocab_words >= 0, f"extend_vocab_words={self.extend_vocab_words} must be >= 0 (0 = characters only)")
-        _check(min(self.extend_vocab_stems, self.extend_vocab_min_piece_rate, self.embedding_lr_scale_old or 0) >= 0,
-               "extend_vocab_stems, extend_vocab_min_piece_rate and embedding_lr_scale_old must be >= 0 (0 = off / frozen)")
+        _check(min(self.extend_vocab_stems, self.extend_vocab_min_piece_rate, self.extend_vocab_stem_piece_rate, self.embedding_lr_scale_old or 0) >= 0,
+               "extend_vocab_stems, extend_vocab_min_piece_rate, extend_vocab_stem_piece_rate, embedding_lr_scale_old must be >= 0 (0 = off)")
         _check(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
         _choice("loss", self.loss, LOSSES)
         _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")

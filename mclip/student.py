@@ -186,7 +186,7 @@ def build_student(name_or_path: str, dim: int, pooler: str = "mean", max_length:
 
 
 def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, english=None, keep=(), min_piece_rate: float = 0.0,
-                      stems: int = 0) -> list[str]:
+                      stems: int = 0, stem_piece_rate: float = 0.75) -> list[str]:
     """Add new tokens to the student for what its tokenizer reads badly in `texts`; returns the added tokens.
 
     Always: the characters it can only map to its unknown token (an English-vocabulary student reads most Chinese as
@@ -201,8 +201,9 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
     as the teacher does, and equals it at step 0.
 
     `min_piece_rate`: only words split into at least this many pieces per character (`mclip.vocab.word_candidates`).
-    `stems` > 0: also the stems shared by that many of those words (`mclip.vocab.stem_candidates`); then stems and words
-    of 3+ characters match inside words too, so an unseen inflection of a training word starts from its stem's row.
+    `stems` > 0: also the stems shared by that many of the words split into `stem_piece_rate`+ pieces per character (those
+    spelt letter by letter: not Latin script, by default; `mclip.vocab.stem_candidates`); then those stems and words of 3+
+    characters match inside words too, so an unseen inflection of a training word starts from its stem's row.
     """
     import copy
 
@@ -223,9 +224,10 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
     if min_word_count > 0:
         words = vocab.word_candidates(tok, normal, set(added), min_word_count, min_piece_rate)
         if stems > 0:
+            spelt = vocab.word_candidates(tok, normal, set(added), min_word_count, max(min_piece_rate, stem_piece_rate))
             known = tok.get_vocab()
-            inside = {t for t in vocab.stem_candidates(words, stems) if t not in known}
-            inside |= {w for w in words if len(w) >= vocab.STEM_MIN_CHARS}
+            inside = {t for t in vocab.stem_candidates(spelt, stems) if t not in known}
+            inside |= {w for w in spelt if len(w) >= vocab.STEM_MIN_CHARS}
         added += sorted(set(words) | inside)
 
     def token(t: str) -> AddedToken:  # single_word: a word matches whole words only; normalized: as the tokenizer normalises text

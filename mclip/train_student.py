@@ -118,7 +118,8 @@ def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs)
             english = cache_text.take(other.rows).to_pylist() if config.extend_vocab_init == "aligned" else None
             keep = cache_text.take(np.unique(np.asarray(train.rows))).to_pylist()
             student.meta["added_tokens"] = len(extend_vocabulary(student, other.texts(), config.extend_vocab_words, english, keep,
-                                                                 config.extend_vocab_min_piece_rate, config.extend_vocab_stems))
+                                                                 config.extend_vocab_min_piece_rate, config.extend_vocab_stems,
+                                                                 config.extend_vocab_stem_piece_rate))
     if student.dim != cache.dim:
         raise UserError(f"student {resume_from or config.student} projects to {student.dim} dims but cache {config.cache} holds "
                         f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student")

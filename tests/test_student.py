@@ -164,15 +164,19 @@ def test_extend_vocabulary_min_piece_rate_adds_only_words_spelt_letter_by_letter
 
 
 def test_extend_vocabulary_stems_give_an_unseen_inflection_its_training_words_row(tmp_path):
-    folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["клавиши клавишу клавишами", "a dog"])
-    texts, keep = ["клавиши 4", "клавишу"], ["a dog", "a keyboard"]
+    folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["клавиши клавишу клавишами", "teclas teclado", "a dog"],
+                                  pieces=("te", "##cl", "##as", "##ado"))
+    texts, keep = ["клавиши 4", "клавишу", "teclas", "teclado"], ["a dog", "a keyboard"]
     plain = build_student(str(folder), 16)
-    assert extend_vocabulary(plain, texts, min_word_count=1, keep=keep) == ["клавиши", "клавишу"]
+    assert extend_vocabulary(plain, texts, min_word_count=1, keep=keep) == ["teclado", "teclas", "клавиши", "клавишу"]
     assert not set(plain.tokenizer.tokenize("клавишами")) & {"клавиши", "клавишу"}  # whole words only: spelt letter by letter
     student = build_student(str(folder), 16)
     english = student.tokenizer(keep)["input_ids"]
     added = extend_vocabulary(student, texts, min_word_count=1, keep=keep, stems=2)
-    assert added == ["клавиш", "клавиши", "клавишу"]  # the stem the two words share ("клав" adds nothing: it branches nowhere)
+    # the stem the two Cyrillic words share ("клав" adds nothing: it branches nowhere); the Latin pair, read in a few
+    # pieces (under 0.5 a character < stem_piece_rate 0.75), gives no stem "tecla"
+    assert added == ["teclado", "teclas", "клавиш", "клавиши", "клавишу"]
     assert student.tokenizer.tokenize("клавишами")[0] == "клавиш"  # unseen, yet it starts on the stem's row
     assert student.tokenizer.tokenize("клавиши клавишу") == ["клавиши", "клавишу"]  # training words keep their own rows
+    assert student.tokenizer.tokenize("teclasx") == ["te", "##cl", "##as", "##x"]  # a Latin word still matches whole words only
     assert student.tokenizer(keep)["input_ids"] == english
