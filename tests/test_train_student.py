@@ -423,9 +423,9 @@ def test_aligned_vocabulary_init_pairs_each_text_with_its_own_english_caption(to
     seen = {}
     real = train_student.extend_vocabulary
 
-    def spy(student, texts, min_word_count=0, english=None, keep=()):
+    def spy(student, texts, min_word_count=0, english=None, keep=(), *rest):
         seen.update(texts=list(texts), english=english, keep=list(keep))
-        return real(student, texts, min_word_count, english, keep)
+        return real(student, texts, min_word_count, english, keep, *rest)
 
     monkeypatch.setattr(train_student, "extend_vocabulary", spy)
     result = run(_config(toy, tmp_path / "run", max_steps=1, extend_vocab=True, extend_vocab_words=1, extend_vocab_init="aligned"))
