@@ -70,8 +70,7 @@ class EmbedConfig:
     dtype: str = option("float16", "Storage dtype of the embeddings: float16 or float32.")
     normalize: bool = option(True, "L2-normalise the embeddings.")
     max_length: int | None = option(None, "Token limit (default: the teacher's, 77 for CLIP).")
-    batch_tokens: int | None = option(None, f"Padded tokens per batch (default {CPU_BATCH_TOKENS} on CPU, {GPU_BATCH_TOKENS} on GPU).",
-                                      runtime=True)
+    batch_tokens: int | None = option(None, f"Padded tokens per batch (default {CPU_BATCH_TOKENS} on CPU, {GPU_BATCH_TOKENS} on GPU).", runtime=True)
     max_batch_size: int = option(1024, "Most captions per batch.", runtime=True)
     shard_size: int = option(10_000, "Captions per shard: the unit of resume, of rank split and of length sorting.")
     dedup: bool = option(True, "Embed identical captions once per cache (every id still gets its row); off: embed every row.")
@@ -134,6 +133,10 @@ class TrainConfig:
     extend_vocab: bool = option(False, "Add training characters the student's tokenizer maps to [UNK] as new tokens.")
     extend_vocab_words: int = option(0, "With --extend-vocab, also add words seen this often that it splits into pieces (0 = off).")
     extend_vocab_init: str = option("mean", "New token rows start at: mean (the old rows' mean), aligned (their English captions' tokens).")
+    extend_vocab_min_piece_rate: float = option(0.0, "Add only words split into this many pieces per character (0.75: not Latin script).")
+    extend_vocab_stems: int = option(0, "Also add stems (3+ char prefixes) shared by this many added words, matched inside words (0 = off).")
+    extend_vocab_stem_piece_rate: float = option(0.75, "Stems only from words split into this many pieces per character (not Latin).")
+    embedding_lr_scale_old: float | None = option(None, "Rows of the student's own tokens learn at this x --lr (default: --embedding-lr-scale).")
     projection_init: str = option("auto", "auto (identity when student width == teacher dim), identity, random.")
     loss: str = option("cl", "mse, cosine, or cl = (1 - alpha) * base + alpha * InfoNCE.")
     alpha: float = option(0.1, "Weight of InfoNCE in the cl loss, in [0, 1].")
@@ -189,6 +192,8 @@ class TrainConfig:
         _choice("extend_vocab_init", self.extend_vocab_init, ("mean", "aligned"))
         _check(self.embedding_lr_scale > 0, f"embedding_lr_scale={self.embedding_lr_scale} must be > 0 (1 = the same lr as the rest)")
         _check(self.extend_vocab_words >= 0, f"extend_vocab_words={self.extend_vocab_words} must be >= 0 (0 = characters only)")
+        _check(min(self.extend_vocab_stems, self.extend_vocab_min_piece_rate, self.extend_vocab_stem_piece_rate, self.embedding_lr_scale_old or 0) >= 0,
+               "extend_vocab_stems, extend_vocab_min_piece_rate, extend_vocab_stem_piece_rate, embedding_lr_scale_old must be >= 0 (0 = off)")
         _check(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
         _choice("loss", self.loss, LOSSES)
         _check(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]")
@@ -227,8 +232,6 @@ class TrainConfig:
 
 
 # ---- stage 3: EvalConfig (eval-retrieval) and EncodeConfig (encode) ----
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Stage 3: retrieval per language (R@K, MRR) of a student against the cached teacher (and images), with baselines; writes a report."""
@@ -237,8 +240,7 @@ class EvalConfig:
     cache: str = option("", "Teacher cache from `mclip embed-teacher` (English targets; images when it has them).", required=True)
     data: str = option("", "Parallel captions: wide (id, caption, caption_<lang>) or long (id, lang, text).", required=True)
     out: str = option("", "Output folder for metrics.json, report.md, r_at_1.png, eval.json.", required=True)
-    languages: tuple[str, ...] = option((), "Languages to score, comma-separated, e.g. de,fr,ja (English is added when present).",
-                                        required=True)
+    languages: tuple[str, ...] = option((), "Languages to score, comma-separated, e.g. de,fr,ja (English is added when present).", required=True)
     split: str = option("test", "Dataset split.")
     id_column: str = option("id", "Column with the ids joining captions to the cache.")
     caption_column: str = option("caption", "English column (wide format).")
@@ -331,8 +333,7 @@ class ExportConfig:
     """Export a student to an ONNX folder whose graph gives the finished embedding, run by onnxruntime without torch."""
 
     model: str = option("", "Student: a run's final/ folder, a checkpoint folder, or a run folder.", required=True, argument=True)
-    out: str = option("", "Output folder: onnx/model.onnx, the tokenizer files, mclip.json, sentence-transformers modules.",
-                      required=True)
+    out: str = option("", "Output folder: onnx/model.onnx, the tokenizer files, mclip.json, sentence-transformers modules.", required=True)
     format: str = option("onnx", "Export format: onnx.")
     quantize: str | None = option(None, "Quantise the weights: int8 (onnxruntime dynamic quantisation); default fp32.")
     opset: int = option(18, f"ONNX opset, {OPSETS[0]} to {OPSETS[1]}.")
@@ -350,8 +351,6 @@ class ExportConfig:
 
 
 # ---- pipelines: PipelineConfig (mclip run) ----
-
-
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """A whole run, embed-teacher -> train-student -> eval-retrieval, as one TOML file names it (see mclip/pipeline.py)."""

@@ -185,7 +185,8 @@ def build_student(name_or_path: str, dim: int, pooler: str = "mean", max_length:
     return StudentEncoder(backbone, tokenizer, dim, pooler=pooler, max_length=max_length, projection=projection, meta=meta)
 
 
-def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, english=None, keep=()) -> list[str]:
+def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, english=None, keep=(), min_piece_rate: float = 0.0,
+                      stems: int = 0, stem_piece_rate: float = 0.75) -> list[str]:
     """Add new tokens to the student for what its tokenizer reads badly in `texts`; returns the added tokens.
 
     Always: the characters it can only map to its unknown token (an English-vocabulary student reads most Chinese as
@@ -198,11 +199,17 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
     `keep`: texts whose tokens must not change (the English training captions): a candidate the extended tokenizer would
     use in any of them is dropped, so a student initialised from the teacher still reads the teacher's English exactly
     as the teacher does, and equals it at step 0.
+
+    `min_piece_rate`: only words split into at least this many pieces per character (`mclip.vocab.word_candidates`).
+    `stems` > 0: also the stems shared by that many of the words split into `stem_piece_rate`+ pieces per character (those
+    spelt letter by letter: not Latin script, by default; `mclip.vocab.stem_candidates`); then those stems and words of 3+
+    characters match inside words too, so an unseen inflection of a training word starts from its stem's row.
     """
     import copy
-    from collections import Counter
 
     from tokenizers import AddedToken
+
+    from mclip import vocab
 
     tok = student.tokenizer
     texts, keep = list(texts), sorted(set(keep))
@@ -213,16 +220,18 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
     if tok.unk_token_id is not None and chars:
         ids = tok(chars, add_special_tokens=False)["input_ids"]
         added += [c for c, seq in zip(chars, ids) if tok.unk_token_id in seq]  # SentencePiece reads one as [▁, <unk>]
+    inside: set[str] = set()  # tokens that match inside words (stems, and words with them)
     if min_word_count > 0:
-        unknown = set(added)
-        counts = Counter(w for text in normal for w in text.split() if not (set(w) & unknown))
-        words = sorted(w for w, n in counts.items() if n >= min_word_count and len(w) > 1)
-        pieces = tok(words, add_special_tokens=False)["input_ids"] if words else []
-        vocab = tok.get_vocab()  # a SentencePiece word that is one piece after a bare ▁ ([▁, und]) is no new token
-        added += [w for w, seq in zip(words, pieces) if len(seq) >= 2 and w not in vocab]
+        words = vocab.word_candidates(tok, normal, set(added), min_word_count, min_piece_rate)
+        if stems > 0:
+            spelt = vocab.word_candidates(tok, normal, set(added), min_word_count, max(min_piece_rate, stem_piece_rate))
+            known = tok.get_vocab()
+            inside = {t for t in vocab.stem_candidates(spelt, stems) if t not in known}
+            inside |= {w for w in spelt if len(w) >= vocab.STEM_MIN_CHARS}
+        added += sorted(set(words) | inside)
 
     def token(t: str) -> AddedToken:  # single_word: a word matches whole words only; normalized: as the tokenizer normalises text
-        return AddedToken(t, single_word=len(t) > 1, normalized=True)
+        return AddedToken(t, single_word=len(t) > 1 and t not in inside, normalized=True)
 
     while added and keep:  # drop what would change a kept text; again, since a dropped word can uncover a character inside it
         trial = copy.deepcopy(tok)

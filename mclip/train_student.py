@@ -25,6 +25,7 @@ from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
 from mclip.errors import UserError
 from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
+from mclip.vocab import RowLR
 
 
 @dataclass
@@ -116,7 +117,9 @@ def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs)
             cache_text = cache.column("text")
             english = cache_text.take(other.rows).to_pylist() if config.extend_vocab_init == "aligned" else None
             keep = cache_text.take(np.unique(np.asarray(train.rows))).to_pylist()
-            student.meta["added_tokens"] = len(extend_vocabulary(student, other.texts(), config.extend_vocab_words, english, keep))
+            student.meta["added_tokens"] = len(extend_vocabulary(student, other.texts(), config.extend_vocab_words, english, keep,
+                                                                 config.extend_vocab_min_piece_rate, config.extend_vocab_stems,
+                                                                 config.extend_vocab_stem_piece_rate))
     if student.dim != cache.dim:
         raise UserError(f"student {resume_from or config.student} projects to {student.dim} dims but cache {config.cache} holds "
                         f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student")
@@ -261,6 +264,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.embedding_lr_scale), lr=config.lr, betas=config.betas,
                                   fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    old_rows = RowLR.of(student, config.embedding_lr_scale_old, config.embedding_lr_scale)  # the rows before extend-vocab's
     if config.group_batches > 1:
         token_lengths(student.tokenizer, train, student.max_length, folder / "lengths", ctx.rank, ctx.world_size)
         lengths = open_lengths(folder / "lengths", len(train))
@@ -296,8 +300,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     model.train()
     while step < total_steps:
         plan = EpochPlan(lengths, train.langs, config.batch_size, config.seed, epoch, config.group_batches)
-        steps = EpochSteps(plan, train, targets, layer_targets, student.tokenizer, student.max_length, ctx.rank, ctx.world_size,
-                           config.grad_accum)
+        steps = EpochSteps(plan, train, targets, layer_targets, student.tokenizer, student.max_length, ctx.rank, ctx.world_size, config.grad_accum)
         loader = torch.utils.data.DataLoader(steps, batch_size=None, sampler=range(epoch_step, len(plan)), num_workers=config.num_workers,
                                              pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
         fetch_start = time.perf_counter()  # the first fetch also pays for starting the workers
@@ -318,8 +321,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         emb, states, temperature = ddp(micro["input_ids"].to(device, non_blocking=True),
                                                        micro["attention_mask"].to(device, non_blocking=True))
-                    parts = losses.distillation(emb, batch_targets, pos, same[pos], config.loss, config.alpha, config.cl_base,
-                                                temperature, normalized)
+                    parts = losses.distillation(emb, batch_targets, pos, same[pos], config.loss, config.alpha, config.cl_base, temperature, normalized)
                     if states:
                         parts |= losses.layer_kd(states, [t.to(device)[pos] for t in batch["layers"]], config.layer_kd_weight)
                     scaler.scale(losses.total(parts) / config.grad_accum).backward()
@@ -334,7 +336,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                                 f"lower --lr (now {config.lr:g}) or check the cache for non-finite targets, then rerun with --resume")
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad)) if config.clip_grad > 0 else None
-            scaler.step(optimizer)
+            with old_rows:  # the student's own token rows take embedding_lr_scale_old's share of the step
+                scaler.step(optimizer)
             scaler.update()
             model.clamp_temperature_()
             optimizer.zero_grad(set_to_none=True)

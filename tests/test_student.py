@@ -151,3 +151,32 @@ def test_extend_vocabulary_aligned_starts_new_rows_at_their_english_captions_tok
     assert not torch.allclose(row["狗"], row["女"])
     with pytest.raises(AssertionError, match="English captions"):
         extend_vocabulary(build_student(str(folder), 16), texts, english=english[:2])
+
+
+def test_extend_vocabulary_min_piece_rate_adds_only_words_spelt_letter_by_letter(tmp_path):
+    # "teclas" is te ##cl ##as (0.5 pieces a character): the vocabulary already reads it, so rate 0.75 leaves it alone
+    folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["teclas rojas", "флаг катар"], pieces=("te", "##cl", "##as", "ro", "##jas"))
+    texts = ["teclas rojas", "флаг катар"]
+    assert extend_vocabulary(build_student(str(folder), 16), texts, min_word_count=1) == ["rojas", "teclas", "катар", "флаг"]
+    student = build_student(str(folder), 16)
+    assert extend_vocabulary(student, texts, min_word_count=1, min_piece_rate=0.75) == ["катар", "флаг"]
+    assert student.tokenizer.tokenize("teclas флаг") == ["te", "##cl", "##as", "флаг"]
+
+
+def test_extend_vocabulary_stems_give_an_unseen_inflection_its_training_words_row(tmp_path):
+    folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["клавиши клавишу клавишами", "teclas teclado", "a dog"],
+                                  pieces=("te", "##cl", "##as", "##ado"))
+    texts, keep = ["клавиши 4", "клавишу", "teclas", "teclado"], ["a dog", "a keyboard"]
+    plain = build_student(str(folder), 16)
+    assert extend_vocabulary(plain, texts, min_word_count=1, keep=keep) == ["teclado", "teclas", "клавиши", "клавишу"]
+    assert not set(plain.tokenizer.tokenize("клавишами")) & {"клавиши", "клавишу"}  # whole words only: spelt letter by letter
+    student = build_student(str(folder), 16)
+    english = student.tokenizer(keep)["input_ids"]
+    added = extend_vocabulary(student, texts, min_word_count=1, keep=keep, stems=2)
+    # the stem the two Cyrillic words share ("клав" adds nothing: it branches nowhere); the Latin pair, read in a few
+    # pieces (under 0.5 a character < stem_piece_rate 0.75), gives no stem "tecla"
+    assert added == ["teclado", "teclas", "клавиш", "клавиши", "клавишу"]
+    assert student.tokenizer.tokenize("клавишами")[0] == "клавиш"  # unseen, yet it starts on the stem's row
+    assert student.tokenizer.tokenize("клавиши клавишу") == ["клавиши", "клавишу"]  # training words keep their own rows
+    assert student.tokenizer.tokenize("teclasx") == ["te", "##cl", "##as", "##x"]  # a Latin word still matches whole words only
+    assert student.tokenizer(keep)["input_ids"] == english

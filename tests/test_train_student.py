@@ -343,6 +343,29 @@ def test_embedding_lr_scale_moves_only_the_embedding_matrix_faster(toy, tmp_path
     assert all(np.array_equal(moved[1.0][k], moved[10.0][k]) for k in start if k != emb)
 
 
+def test_embedding_lr_scale_old_slows_only_the_rows_the_student_had_before_extend_vocab(toy, tmp_path):
+    """embedding_lr_scale speeds the whole matrix; embedding_lr_scale_old gives the student's own rows their own lr (one
+    Adam step moves a weight by about its lr), while extend-vocab's new rows still take the full embedding_lr_scale step."""
+    from safetensors.numpy import load_file
+
+    start = load_file(str(toy["student"] / "model.safetensors"))
+    emb = next(k for k in start if k.endswith("word_embeddings.weight"))
+    old = start[emb].shape[0]
+    final = {}
+    for scale_old in (None, 1.0, 0.0):
+        out = tmp_path / f"s{scale_old}"
+        run(_config(toy, out, max_steps=1, warmup_steps=1, clip_grad=0, weight_decay=0, embedding_lr_scale=10.0,
+                    embedding_lr_scale_old=scale_old, extend_vocab=True, extend_vocab_words=1))
+        final[scale_old] = load_file(str(out / "final" / "model.safetensors"))[emb]
+    assert final[None].shape[0] > old  # new rows were added, and they move the same in all three runs
+    assert np.allclose(final[None][old:], final[1.0][old:], atol=1e-7) and np.allclose(final[None][old:], final[0.0][old:], atol=1e-7)
+    moved = {k: v[:old] - start[emb] for k, v in final.items()}
+    rows = np.abs(moved[None]).max(1) > 0
+    assert rows.any()
+    assert np.allclose(moved[1.0], moved[None] / 10, atol=1e-7)  # lr instead of 10 x lr
+    assert np.array_equal(final[0.0][:old], start[emb])  # frozen
+
+
 def _killed_after(out: Path, step: int) -> None:
     """Leave a finished run folder as a run killed after checkpoint `step` would: later checkpoints and final/ gone."""
     import shutil
@@ -400,9 +423,9 @@ def test_aligned_vocabulary_init_pairs_each_text_with_its_own_english_caption(to
     seen = {}
     real = train_student.extend_vocabulary
 
-    def spy(student, texts, min_word_count=0, english=None, keep=()):
+    def spy(student, texts, min_word_count=0, english=None, keep=(), *rest):
         seen.update(texts=list(texts), english=english, keep=list(keep))
-        return real(student, texts, min_word_count, english, keep)
+        return real(student, texts, min_word_count, english, keep, *rest)
 
     monkeypatch.setattr(train_student, "extend_vocabulary", spy)
     result = run(_config(toy, tmp_path / "run", max_steps=1, extend_vocab=True, extend_vocab_words=1, extend_vocab_init="aligned"))
@@ -414,13 +437,15 @@ def test_aligned_vocabulary_init_pairs_each_text_with_its_own_english_caption(to
     assert json.loads((result.final / "mclip.json").read_text())["added_tokens"] > 0
 
 
-def test_a_teacher_initialised_student_equals_the_teacher_at_step_zero(toy, bert_teacher, tmp_path):
+@pytest.mark.parametrize("stems", [0, 2])
+def test_a_teacher_initialised_student_equals_the_teacher_at_step_zero(toy, bert_teacher, tmp_path, stems):
     # the student is the teacher's own weights + identity projection + new tokens for the other languages (aligned):
-    # its English must still be the cache, bit for bit up to float error, and no new row may start at zero
+    # its English must still be the cache, bit for bit up to float error, and no new row may start at zero. With stems:
+    # the tiny vocabulary spells German letter by letter, so German stems match inside words, and none may reach English
     from mclip import train_student
 
     config = _config(toy, tmp_path / "run", student=str(bert_teacher), extend_vocab=True, extend_vocab_words=1,
-                     extend_vocab_init="aligned")
+                     extend_vocab_init="aligned", extend_vocab_stems=stems)
     cache = shards.open_cache(config.cache)
     train, _, _ = prepare_pairs(config, cache)
     base = len(load_tokenizer(bert_teacher))

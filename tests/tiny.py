@@ -93,12 +93,13 @@ def write_tiny_clip(folder: Path, with_vision: bool = True, projection_dim: int 
     return Path(folder)
 
 
-def write_bert_tokenizer(folder: Path, corpus: list[str] | None = None):
-    """A character-level WordPiece tokenizer (BERT format) covering the corpus, returned loaded."""
+def write_bert_tokenizer(folder: Path, corpus: list[str] | None = None, pieces: tuple[str, ...] = ()):
+    """A character-level WordPiece tokenizer (BERT format) covering the corpus, returned loaded; `pieces` adds longer
+    WordPiece entries ("te", "##cl"), as an English vocabulary reads Latin-script words in a few known pieces."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = sorted({c for text in (corpus or CORPUS) for c in text.lower() if not c.isspace()} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
-    return _wordpiece(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars], 64)
+    return _wordpiece(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + list(pieces), 64)
 
 
 def _wordpiece(folder: Path, vocab: list[str], max_length: int):
@@ -114,12 +115,13 @@ def _wordpiece(folder: Path, vocab: list[str], max_length: int):
     return BertTokenizerFast.from_pretrained(folder)
 
 
-def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0) -> Path:
-    """A tiny random BertModel (an 'encoder' teacher or a student) + tokenizer in `folder`."""
+def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0,
+                    pieces: tuple[str, ...] = ()) -> Path:
+    """A tiny random BertModel (an 'encoder' teacher or a student) + tokenizer in `folder` (`pieces`: write_bert_tokenizer)."""
     import torch
     from transformers import BertConfig, BertModel
 
-    tok = write_bert_tokenizer(folder, corpus)
+    tok = write_bert_tokenizer(folder, corpus, pieces)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
