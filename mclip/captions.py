@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mclip import shards
+from mclip.columns import ipc_batches
 from mclip.errors import UserError
 
 CHUNK = 1 << 18  # caption rows read, checked and joined at once (~25 MB of work arrays in a join)
@@ -66,13 +67,8 @@ class CaptionFile:
             yield from self.table.to_batches(max_chunksize=size)
             return
         for path in self.files:
-            with pa.OSFile(path, "rb") as source:
-                try:
-                    reader = pa.ipc.open_file(source)
-                    yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
-                except pa.ArrowInvalid:
-                    source.seek(0)
-                    yield from pa.ipc.open_stream(source)
+            with pa.OSFile(path, "rb") as source:  # plain reads: a pass over every row through the map would stay in RSS
+                yield from ipc_batches(source)
 
     def chunks(self, size: int | None = None, check: bool = True):
         """(first row, ids (string array), rows (a table)) per `size` rows (CHUNK), in order. At the end (with `check`),

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 
-def _batches(source: pa.MemoryMappedFile):
-    """The record batches of an Arrow IPC file or stream, one at a time (zero-copy from the map: only headers are read)."""
+def ipc_batches(source) -> Iterable[pa.RecordBatch]:
+    """The record batches of an Arrow IPC file or stream (`source` an open pa.OSFile or memory map), one at a time (from a
+    map zero-copy: only the headers are read)."""
     try:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
@@ -185,7 +186,7 @@ class Column:
             base = source.read_buffer(1).address if source.size() else 0  # zero-copy: the mapping's first byte
             source.seek(0)
             fd = os.open(str(path), os.O_RDONLY)
-            for k, batch in enumerate(_batches(source)):
+            for k, batch in enumerate(ipc_batches(source)):
                 chunks.append(batch.column(name))
                 where.append((fd, base, source.size()))
                 if k % 64 == 63:  # reading batch headers through the map maps whole folios: give them back as we go
