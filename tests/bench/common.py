@@ -217,7 +217,9 @@ def sampled(cmd: list[str], env: dict | None = None, timeout: float | None = Non
     import tempfile
 
     start = time.perf_counter()
-    exact = Path(tempfile.mkstemp(prefix="maxrss-")[1])
+    handle, name = tempfile.mkstemp(prefix="maxrss-")
+    os.close(handle)  # the wrapper writes it by name
+    exact = Path(name)
     # the command runs under a wrapper whose RUSAGE_CHILDREN ru_maxrss is, once the tree has exited, the exact peak RSS
     # of its largest process: a process that peaks in its last 50 ms (a run's final export and plot) escapes sampling
     cmd = [sys.executable, "-c", _EXACT_PEAK, str(exact), *cmd]
