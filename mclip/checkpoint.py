@@ -4,6 +4,7 @@ final/.
     OUT/config.json  join.json  metrics.jsonl  curves.png  summary.json
     OUT/checkpoints/step-XXXXXXX/   a student folder + trainer.pt + checksums.sha256; the last --keep-last kept
     OUT/final/                      the exported student
+    OUT/start.pt                    the student's step-0 weights, with --wise-ft < 1 (final/ mixes them back in)
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
 METRICS = "metrics.jsonl"
 CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
-ARTEFACTS = ("config.json", METRICS, "curves.png", "join.json", "summary.json", CHECKPOINTS, "final", ".final.tmp", ".old-final")
+START = "start.pt"
+ARTEFACTS = ("config.json", METRICS, "curves.png", "join.json", "summary.json", CHECKPOINTS, "final", ".final.tmp", ".old-final", START)
 RESUME = "rerun the same command with --resume to continue from the last checkpoint"  # after a failed write
 CORRUPT = ".corrupt"  # suffix of a damaged checkpoint set aside on resume (kept for inspection, never loaded)
 
@@ -216,6 +218,32 @@ def _set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def start_weights(out: Path, student, step: int, wise_ft: float) -> None:
+    """WiSE-FT's other end: a fresh run writes the student's step-0 weights to OUT/start.pt; a resumed one must find them."""
+    path = Path(out) / START
+    if step == 0:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+        with writing(path, RESUME), outputs.atomic_file(path) as tmp:
+            torch.save(state, tmp)
+    elif not path.is_file():
+        raise UserError(f"--wise-ft {wise_ft:g} needs the run's step-0 weights {path}, which are gone; put the file back, or pass "
+                        "--overwrite to start over")
+
+
+@torch.no_grad()
+def mix_start(out: Path, student, weight: float) -> None:
+    """WiSE-FT (Wortsman et al. 2022), in place: every floating-point weight becomes weight x trained + (1 - weight) x step 0."""
+    path = Path(out) / START
+    try:
+        start = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"cannot load the step-0 weights {path} ({first_line(exc, 200)}); it is damaged: put the file back, or "
+                        "pass --overwrite to start over") from None
+    for name, value in student.state_dict().items():
+        if value.is_floating_point():
+            value.mul_(weight).add_(start[name].to(value.device, value.dtype), alpha=1.0 - weight)
 
 
 # ---- after the run ----

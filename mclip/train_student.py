@@ -21,10 +21,11 @@ from torch import nn
 
 from mclip import __version__, checkpoint, distributed, losses, outputs, shards
 from mclip.batches import EpochPlan, EpochSteps, open_lengths, token_lengths
-from mclip.config import MIN_TEMPERATURE, TrainConfig, to_dict
+from mclip.config import TrainConfig, to_dict
+from mclip.distiller import Distiller, lr_at, param_groups
 from mclip.errors import UserError
 from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
-from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load, pool
+from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load
 from mclip.vocab import RowLR
 
 
@@ -37,66 +38,6 @@ class TrainResult:
     pairs_per_s: float  # global training throughput of this run (0 when it had nothing left to do)
     seconds: float  # wall time of this run
     join: dict  # what joined and what did not (also in join.json)
-
-
-# ---- model: what trains (student + temperature + layer-kd projections), one module so DDP syncs all of it ----
-
-
-class Distiller(nn.Module):
-    """The student, the InfoNCE temperature (log-parametrised) and the layer-kd projections (student hidden -> teacher hidden)."""
-
-    def __init__(self, student: StudentEncoder, temperature: float, learn_temperature: bool, student_layers: tuple[int, ...] = (),
-                 teacher_width: int = 0):
-        super().__init__()
-        self.student = student
-        log_t = torch.tensor(math.log(temperature), dtype=torch.float32)
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(log_t)
-        else:
-            self.register_buffer("log_temperature", log_t)
-        self.student_layers = tuple(student_layers)
-        self.layer_proj = nn.ModuleList(nn.Linear(student.hidden_size, teacher_width) for _ in self.student_layers)
-
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp()
-
-    @torch.no_grad()
-    def clamp_temperature_(self) -> None:
-        """Keep a learnt temperature at or above MIN_TEMPERATURE by clamping the parameter after each step, as open_clip
-        clamps its logit scale: a clamp inside temperature() would have zero gradient below the floor, so a temperature
-        that momentum carried past it could never come back."""
-        if isinstance(self.log_temperature, nn.Parameter):
-            self.log_temperature.clamp_(min=math.log(MIN_TEMPERATURE))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """input_ids, attention_mask (B, T) -> embedding (B, D), K projected layer states (B, H_teacher), temperature ()."""
-        emb, hidden = self.student(input_ids, attention_mask, output_hidden_states=bool(self.student_layers))
-        states = [proj(pool(hidden[layer], attention_mask, "mean")) for layer, proj in zip(self.student_layers, self.layer_proj)]
-        return emb, states, self.temperature()
-
-
-def param_groups(model: Distiller, weight_decay: float, embedding_lr_scale: float = 1.0) -> list[dict]:
-    """Decay matrices only: biases, norm weights and the temperature are not pulled towards zero. The input-embedding
-    matrix is a group of its own whose lr is `embedding_lr_scale` x lr (each row moves only on the steps its token is in
-    a batch, so new tokens seen a handful of times learn little at the body's lr)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    emb = model.student.backbone.get_input_embeddings().weight
-    groups = [{"params": [p for p in trainable if p.ndim >= 2 and p is not emb], "weight_decay": weight_decay},
-              {"params": [p for p in trainable if p is emb], "weight_decay": weight_decay, "lr_scale": embedding_lr_scale},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then linear/cosine decay to lr * min_lr_ratio."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return config.lr
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-    floor = config.lr * config.min_lr_ratio
-    shape = 1 - progress if config.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-    return floor + (config.lr - floor) * shape
 
 
 def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs) -> StudentEncoder:
@@ -267,9 +208,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     old_rows = RowLR.of(student, config.embedding_lr_scale_old, config.embedding_lr_scale)  # the rows before extend-vocab's
     if config.group_batches > 1:
         token_lengths(student.tokenizer, train, student.max_length, folder / "lengths", ctx.rank, ctx.world_size)
-        lengths = open_lengths(folder / "lengths", len(train))
-    else:
-        lengths = None
+    lengths = open_lengths(folder / "lengths", len(train)) if config.group_batches > 1 else None
     normalized = bool(cache.manifest["normalized"])  # unit targets: the pointwise losses compare the normalised student
     digest = train.digest() + (val.digest() if val is not None else "")  # which pairs train and which validate
     if resume_from is not None:
@@ -284,6 +223,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
             "mclip_version": __version__, "train": to_dict(config), "teacher": teacher, "cache": {"dim": cache.dim, "rows": len(cache),
             "layers": cache.layers}, "world_size": ctx.world_size, "precision": precision, "total_steps": total_steps}, report, step)
         state["claimed"] = True
+        if config.wise_ft < 1:
+            checkpoint.start_weights(out, student, step, config.wise_ft)
         if config.progress:
             print(_plan(report, train, total_steps, config.batch_size, step, out), file=sys.stderr)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
@@ -384,10 +325,16 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     if not last:  # nothing left to train (a finished run resumed): report what it recorded
         for record in checkpoint.records(out):
             (last if record["kind"] == "train" else last_val).update(record)
+    export = ctx.is_main and (trained_pairs or not (out / "final" / META).exists())  # a finished run resumed leaves final/ as it was
+    if export and config.wise_ft < 1:  # WiSE-FT: final/ mixes the trained weights with the step-0 ones; validated as exported
+        checkpoint.mix_start(out, student, config.wise_ft)
+        if val is not None:
+            last_val = {"kind": "val", "step": step, "wise_ft": config.wise_ft, **evaluate(model, val, targets, config, normalized)}
+            checkpoint.log(out, last_val)
     metrics = {k: v for k, v in {**last, **last_val}.items() if k != "kind"}
     result = TrainResult(out, out / "final", step, metrics, trained_pairs / train_seconds if train_seconds else 0.0,
                          time.perf_counter() - started, report)
-    if ctx.is_main and (trained_pairs or not (result.final / META).exists()):  # a finished run resumed leaves its final/ as it was
+    if export:
         checkpoint.finish(out, model, {"final": str(result.final), "steps": step, "total_steps": total_steps, "metrics": result.metrics,
                                        "pairs_per_s": result.pairs_per_s, "seconds": result.seconds, "train_pairs": len(train),
                                        "world_size": ctx.world_size})

@@ -11,7 +11,7 @@ from mclip import checkpoint, verify
 from mclip.config import TrainConfig
 from mclip.errors import UserError
 from mclip.student import build_student, load
-from mclip.train_student import Distiller, param_groups
+from mclip.distiller import Distiller, param_groups
 
 POSITION = dict(epoch=0, epoch_step=3, steps_per_epoch=10, train_pairs=100, pairs_digest="abc", teacher_fingerprint="f" * 64)
 

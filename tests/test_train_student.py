@@ -21,7 +21,8 @@ from mclip.errors import ConfigError, UserError
 from mclip.pairs import prepare_pairs
 from mclip.student import load
 from mclip.checkpoint import checkpoints
-from mclip.train_student import Distiller, lr_at, run
+from mclip.distiller import Distiller, lr_at
+from mclip.train_student import run
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]

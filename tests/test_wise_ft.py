@@ -1,0 +1,84 @@
+"""--wise-ft: final/ is the stated mix of the trained weights and the step-0 ones, on a fresh run and on a resumed one."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from mclip.checkpoint import START, checkpoints
+from mclip.config import TrainConfig
+from mclip.errors import ConfigError, UserError
+from mclip.train_student import run
+from tests import tiny
+from tests.test_train_student import _config, _killed_after, _max_diff, _records, _weights, toy  # noqa: F401 (toy: the fixture)
+
+
+def _start(out) -> dict[str, np.ndarray]:
+    """start.pt in _weights' naming (backbone tensors bare, the projection as dense.*)."""
+    state = torch.load(out / START, weights_only=True)
+    named = {}
+    for key, value in state.items():
+        if value.is_floating_point():
+            named[key.removeprefix("backbone.").replace("projection.", "dense.linear.")] = value.numpy()
+    return named
+
+
+def test_final_is_the_stated_mix_of_the_trained_and_the_step_zero_weights(toy, tmp_path):
+    val = tiny.write_captions(tmp_path / "val.jsonl", toy["rows"][:6])
+    result = run(_config(toy, tmp_path / "run", max_steps=4, wise_ft=0.25, val_data=str(val)))
+    trained = _weights(checkpoints(result.out)[-1][1])  # checkpoints keep the trained weights (a resume continues from them)
+    start = _start(result.out)
+    assert set(trained) <= set(start)
+    final = _weights(result.final)
+    mixed = {k: 0.25 * trained[k] + 0.75 * start[k] for k in trained}
+    assert _max_diff(final, mixed) < 1e-6
+    assert _max_diff(trained, start) > 1e-3  # it trained: the mix is not the trivial one
+    # validation is scored on the weights that were exported, after the trained weights' own score at the same step
+    vals = _records(result.out, "val")
+    assert [r.get("wise_ft") for r in vals[-2:]] == [None, 0.25] and vals[-1]["step"] == vals[-2]["step"] == 4
+    assert result.metrics["wise_ft"] == 0.25
+
+
+def test_wise_ft_zero_exports_the_teacher_a_teacher_initialised_student_started_from(toy, bert_teacher, tmp_path):
+    result = run(_config(toy, tmp_path / "run", student=str(bert_teacher), max_steps=3, wise_ft=0.0))
+    teacher = load_file(str(bert_teacher / "model.safetensors"))
+    final = _weights(result.final)
+    shared = [k for k in final if k in teacher]
+    assert len(shared) > 10
+    assert max(float(np.abs(final[k] - teacher[k]).max()) for k in shared) < 1e-6
+    dense = final["dense.linear.weight"]
+    assert np.abs(dense - np.eye(len(dense))).max() < 1e-6  # the identity projection it started with
+
+
+def test_a_resumed_run_mixes_the_same_step_zero_weights_and_refuses_when_they_are_gone(toy, tmp_path):
+    whole = run(_config(toy, tmp_path / "whole", max_steps=4, save_every=1, wise_ft=0.5))
+    out = tmp_path / "run"
+    run(_config(toy, out, max_steps=4, save_every=1, wise_ft=0.5))
+    _killed_after(out, 3)  # keep_last 2: checkpoints 3 and 4 were kept
+    with pytest.raises(UserError, match=r"other arguments \(wise_ft: 0.5 -> 1.0\)"):  # it sets what final/ is: not a runtime knob
+        run(_config(toy, out, max_steps=4, resume=True))
+    saved = (out / START).read_bytes()
+    (out / START).unlink()
+    with pytest.raises(UserError, match=r"--wise-ft 0.5 needs the run's step-0 weights .*start.pt, which are gone; put the file back"):
+        run(_config(toy, out, max_steps=4, resume=True, wise_ft=0.5))
+    (out / START).write_bytes(saved)
+    resumed = run(_config(toy, out, max_steps=4, resume=True, wise_ft=0.5))
+    assert _max_diff(_weights(resumed.final), _weights(whole.final)) < 1e-6
+
+
+def test_a_damaged_start_file_is_one_line(toy, tmp_path):
+    out = tmp_path / "run"
+    run(_config(toy, out, max_steps=3, save_every=1, wise_ft=0.5))
+    _killed_after(out, 2)
+    (out / START).write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match=r"cannot load the step-0 weights .*start.pt .*damaged: put the file back, or pass --overwrite"):
+        run(_config(toy, out, max_steps=3, resume=True, wise_ft=0.5))
+    assert json.loads((out / "config.json").read_text())["train"]["wise_ft"] == 0.5  # the run folder stays this run's
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_wise_ft_outside_zero_one_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=rf"wise_ft={value} must be in \[0, 1\]"):
+        TrainConfig(data="d", cache="c", out="o", student="s", wise_ft=value)
