@@ -17,7 +17,8 @@ Runs, one after another in this process:
                 falls on the two timed runs alike;
   ST-MSE        `SentenceTransformerTrainer` + `MSELoss` on a `datasets.Dataset` (sentence, label = the pair's cached
                 teacher vector), student `SentenceTransformer(teacher folder)` (Transformer, Pooling(mean), Normalize);
-  mclip cosine, mclip cl (alpha 0.5, as the demo);
+  mclip cosine, mclip cl (alpha 0.5, as the demo), mclip mse with --wise-ft 0.5 (final/ = half the trained weights,
+                half the teacher's: the do-no-harm lever);
   demo recipe   the [train] table of pipelines/demo.toml as mclip's pipeline loader reads it (its own loss, lr, weight
                 decay, vocabulary extension, validation on the validation split), on the same cache; only fields that mclip itself
                 counts as runtime (`option(runtime=True)` in mclip/config.py: out, threads, progress, eval/save cadence) are changed,
@@ -82,8 +83,9 @@ BATCH, EPOCHS, LR, WARMUP, SCHEDULE, WEIGHT_DECAY, SEED, MAX_LENGTH, CLIP = 64, 
 KS = (1, 5)
 # table columns: run name -> label
 RUNS = {"teacher": "teacher", "st_mse": "ST-MSE", "mclip_mse": "mclip mse", "mclip_cosine": "mclip cosine",
-        "mclip_cl": "mclip cl", "demo": "demo recipe"}
-MCLIP_LOSSES = {"mclip_mse": dict(loss="mse"), "mclip_cosine": dict(loss="cosine"), "mclip_cl": dict(loss="cl", alpha=0.5)}
+        "mclip_cl": "mclip cl", "mclip_mse_wise": "mse wise-ft .5", "demo": "demo recipe"}
+MCLIP_LOSSES = {"mclip_mse": dict(loss="mse"), "mclip_cosine": dict(loss="cosine"), "mclip_cl": dict(loss="cl", alpha=0.5),
+                "mclip_mse_wise": dict(loss="mse", wise_ft=0.5)}  # the same mse run, final/ mixed half back to the teacher
 TARGET_ST_RATIO, TARGET_DEMO_RATIO = 1.2, 2.5
 
 
@@ -416,7 +418,7 @@ def main(argv=None) -> dict:
         # the two timed runs back to back
         runs["mclip_mse"] = run_mclip(configs["mclip_mse"])
         runs["st_mse"] = run_st(work, texts, labels, teacher, args)
-        for name in ("mclip_cosine", "mclip_cl"):
+        for name in ("mclip_cosine", "mclip_cl", "mclip_mse_wise"):
             runs[name] = run_mclip(configs[name])
         runs["demo"] = run_mclip(demo)
         for name in ("st_mse", *MCLIP_LOSSES, "demo"):
