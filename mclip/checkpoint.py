@@ -221,7 +221,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def start_weights(out: Path, student, step: int, wise_ft: float) -> None:
-    """WiSE-FT's other end: a fresh run writes the student's step-0 weights to OUT/start.pt; a resumed one must find them."""
+    """WiSE-FT's other end: a fresh run writes the student's step-0 weights to OUT/start.pt; a resumed one checks, before
+    any step, that they are there and fit the student."""
     path = Path(out) / START
     if step == 0:
         state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
@@ -230,17 +231,26 @@ def start_weights(out: Path, student, step: int, wise_ft: float) -> None:
     elif not path.is_file():
         raise UserError(f"--wise-ft {wise_ft:g} needs the run's step-0 weights {path}, which are gone; put the file back, or pass "
                         "--overwrite to start over")
+    else:
+        _load_start(path, student)
+
+
+def _load_start(path: Path, student) -> dict:
+    try:
+        start = torch.load(path, map_location="cpu", weights_only=True)
+        ours = student.state_dict()
+        if not isinstance(start, dict) or any(k not in start or start[k].shape != v.shape for k, v in ours.items() if v.is_floating_point()):
+            raise RuntimeError("its tensors do not fit this run's student")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"cannot load the step-0 weights {path} ({first_line(exc, 200)}); it is damaged: put the file back, or "
+                        "pass --overwrite to start over") from None
+    return start
 
 
 @torch.no_grad()
 def mix_start(out: Path, student, weight: float) -> None:
     """WiSE-FT (Wortsman et al. 2022), in place: every floating-point weight becomes weight x trained + (1 - weight) x step 0."""
-    path = Path(out) / START
-    try:
-        start = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"cannot load the step-0 weights {path} ({first_line(exc, 200)}); it is damaged: put the file back, or "
-                        "pass --overwrite to start over") from None
+    start = _load_start(Path(out) / START, student)
     for name, value in student.state_dict().items():
         if value.is_floating_point():
             value.mul_(weight).add_(start[name].to(value.device, value.dtype), alpha=1.0 - weight)

@@ -75,6 +75,7 @@ def test_a_damaged_start_file_is_one_line(toy, tmp_path):
     (out / START).write_bytes(b"not a torch file")
     with pytest.raises(UserError, match=r"cannot load the step-0 weights .*start.pt .*damaged: put the file back, or pass --overwrite"):
         run(_config(toy, out, max_steps=3, resume=True, wise_ft=0.5))
+    assert [step for step, _ in checkpoints(out)] == [2]  # refused before any step
     assert json.loads((out / "config.json").read_text())["train"]["wise_ft"] == 0.5  # the run folder stays this run's
 
 
