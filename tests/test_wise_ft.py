@@ -83,3 +83,26 @@ def test_a_damaged_start_file_is_one_line(toy, tmp_path):
 def test_wise_ft_outside_zero_one_is_a_config_error(value):
     with pytest.raises(ConfigError, match=rf"wise_ft={value} must be in \[0, 1\]"):
         TrainConfig(data="d", cache="c", out="o", student="s", wise_ft=value)
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_writes_the_same_step_zero_weights_and_final_is_their_mix(toy, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train_student import ROOT, _free_port
+
+    args = ["--data", str(toy["data"]), "--cache", str(toy["cache"]), "--student", str(toy["student"]), "--languages", "zh,de",
+            "--batch-size", "16", "--epochs", "1", "--warmup-steps", "2", "--lr", "2e-3", "--num-workers", "0", "--eval-every", "0",
+            "--save-every", "0", "--no-progress", "--num-threads", "1", "--wise-ft", "0.5"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+                           "-m", "mclip", "train-student", "--out", str(tmp_path / "ddp"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = run(_config(toy, tmp_path / "single", wise_ft=0.5, log_every=10))
+    assert _max_diff(_start(tmp_path / "ddp"), _start(single.out)) == 0.0  # the same seeded init, written once by rank 0
+    trained, start = _weights(checkpoints(tmp_path / "ddp")[-1][1]), _start(tmp_path / "ddp")
+    assert _max_diff(_weights(tmp_path / "ddp" / "final"), {k: 0.5 * trained[k] + 0.5 * start[k] for k in trained}) < 1e-6
+    assert _max_diff(_weights(tmp_path / "ddp" / "final"), _weights(single.final)) < 1e-4  # as the DDP test bounds it
