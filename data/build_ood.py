@@ -29,16 +29,29 @@ DDTP_FILE = "ddtp.jsonl"
 DDTP_LISTS = Path("/var/lib/apt/lists")
 DDTP_SUITE = "bookworm"
 # mclip code -> Debian locales, first choice first: CLDR's "pt" (data/emoji's Portuguese) is Brazilian Portuguese
-DDTP_LANGUAGES = {"es": ("es",), "ja": ("ja",), "ko": ("ko",), "pt": ("pt_BR", "pt"), "it": ("it",), "fr": ("fr",),
-                  "de": ("de",), "zh": ("zh_CN",), "ru": ("ru",)}  # none for fa, id, tr, ar
+DDTP_LANGUAGES = {
+    "es": ("es",),
+    "ja": ("ja",),
+    "ko": ("ko",),
+    "pt": ("pt_BR", "pt"),
+    "it": ("it",),
+    "fr": ("fr",),
+    "de": ("de",),
+    "zh": ("zh_CN",),
+    "ru": ("ru",),
+}  # none for fa, id, tr, ar
 DDTP_ROWS = 600  # rows kept, the descriptions translated into the most languages first; bounds the file's size
 DDTP_SALT = "mclip-ood-ddtp-v1"  # orders descriptions of equal coverage; changing it changes the selection
 
-LICENCE_CLDR = ("Unicode License v3 (https://www.unicode.org/license.txt): CLDR data (c) Unicode, Inc., "
-                "as carried by babel (BSD-3-Clause, (c) the Babel Team)")
-LICENCE_DDTP = ("not established: no licence is stated for DDTP translations; each English text is part of the "
-                "debian/control of a package in Debian main (DFSG-free, under that package's licence), and Debian "
-                "redistributes the translations on its mirrors; see data/README.md")
+LICENCE_CLDR = (
+    "Unicode License v3 (https://www.unicode.org/license.txt): CLDR data (c) Unicode, Inc., "
+    "as carried by babel (BSD-3-Clause, (c) the Babel Team)"
+)
+LICENCE_DDTP = (
+    "not established: no licence is stated for DDTP translations; each English text is part of the "
+    "debian/control of a package in Debian main (DFSG-free, under that package's licence), and Debian "
+    "redistributes the translations on its mirrors; see data/README.md"
+)
 
 
 # ---- text and overlap with the training captions ----
@@ -89,8 +102,13 @@ class Training:
         else:
             tokens = [w for t in texts for w in words(t)]
             share = sum(w in self.vocab[lang] for w in tokens) / len(tokens)
-        return {"captions": len(texts), "inside_a_training_caption": inside, "containing_a_training_caption": covering,
-                "unit": "character" if lang in UNSPACED else "word", "share_in_training_vocab": round(share, 4)}
+        return {
+            "captions": len(texts),
+            "inside_a_training_caption": inside,
+            "containing_a_training_caption": covering,
+            "unit": "character" if lang in UNSPACED else "word",
+            "share_in_training_vocab": round(share, 4),
+        }
 
 
 def column(lang: str) -> str:
@@ -139,7 +157,9 @@ def cldr_table(category: str) -> dict[str, dict[str, str]]:
         if category == "languages":
             tables[lang] = dict(locale.languages)
         else:  # units: the long display name ("kilometers per hour")
-            tables[lang] = {key: names["long"] for key, names in locale._data["unit_display_names"].items() if names.get("long")}
+            tables[lang] = {
+                key: names["long"] for key, names in locale._data["unit_display_names"].items() if names.get("long")
+            }
     common = set.intersection(*(set(t) for t in tables.values()))
     return {lang: {code: clean(tables[lang][code]) for code in common} for lang in LANGUAGES}
 
@@ -190,9 +210,11 @@ def ddtp_files(lists: Path, suite: str) -> dict[str, Path]:
         if matches:
             found[locale] = matches[0]
     if "en" not in found:
-        raise SystemExit(f"build_ood: no Translation-en for {suite} in {lists}; run\n"
-                         "  apt-get update -o Acquire::Languages=en,de,fr,es,it,ja,ko,ru,pt,pt_BR,zh_CN\n"
-                         "(apt-get install lz4 too), or pass --skip-ddtp to build the CLDR files only")
+        raise SystemExit(
+            f"build_ood: no Translation-en for {suite} in {lists}; run\n"
+            "  apt-get update -o Acquire::Languages=en,de,fr,es,it,ja,ko,ru,pt,pt_BR,zh_CN\n"
+            "(apt-get install lz4 too), or pass --skip-ddtp to build the CLDR files only"
+        )
     return found
 
 
@@ -221,8 +243,11 @@ def build_ddtp(lists: Path, suite: str, training: Training) -> tuple[list[dict],
     files = ddtp_files(lists, suite)
     by_locale = {locale: short_descriptions(read_text(path)) for locale, path in files.items()}
     english = by_locale["en"]
-    dropped = {"untranslated_copy": {lang: 0 for lang in DDTP_LANGUAGES}, "duplicate_english": 0,
-               "english_inside_a_training_caption": []}
+    dropped = {
+        "untranslated_copy": {lang: 0 for lang in DDTP_LANGUAGES},
+        "duplicate_english": 0,
+        "english_inside_a_training_caption": [],
+    }
     candidates = {}  # case-folded English -> the row of its best-covered md5
     source = {}  # (md5, lang) -> the Debian locale its caption came from
     for md5 in sorted(english):
@@ -256,10 +281,22 @@ def build_ddtp(lists: Path, suite: str, training: Training) -> tuple[list[dict],
     dropped["ambiguous_caption"] = unambiguous(rows, tuple(DDTP_LANGUAGES))
     order = [lang for lang in LANGUAGES if lang == "en" or lang in DDTP_LANGUAGES]
     rows = [{"id": row["id"], **{column(lang): row[column(lang)] for lang in order}} for row in rows]
-    from_locale = {lang: {loc: sum(row[column(lang)] is not None and source[row["id"][len("ddtp-"):], lang] == loc for row in rows)
-                          for loc in locales} for lang, locales in DDTP_LANGUAGES.items() if len(locales) > 1}
-    inputs = {locale: {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                       "descriptions": len(by_locale[locale])} for locale, path in files.items()}
+    from_locale = {
+        lang: {
+            loc: sum(row[column(lang)] is not None and source[row["id"][len("ddtp-") :], lang] == loc for row in rows)
+            for loc in locales
+        }
+        for lang, locales in DDTP_LANGUAGES.items()
+        if len(locales) > 1
+    }
+    inputs = {
+        locale: {
+            "file": path.name,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "descriptions": len(by_locale[locale]),
+        }
+        for locale, path in files.items()
+    }
     return rows, {"dropped": dropped, "captions_from_locale": from_locale, "inputs": inputs}
 
 
@@ -267,9 +304,14 @@ def build_ddtp(lists: Path, suite: str, training: Training) -> tuple[list[dict],
 
 
 def entry(rows: list[dict], languages: tuple[str, ...], training: Training, **fields) -> dict:
-    return {**fields, "languages": list(languages), "columns": list(rows[0]), "rows": len(rows),
-            "captions": {lang: sum(row.get(column(lang)) is not None for row in rows) for lang in languages},
-            "overlap_with_training": {lang: training.overlap(rows, lang) for lang in languages}}
+    return {
+        **fields,
+        "languages": list(languages),
+        "columns": list(rows[0]),
+        "rows": len(rows),
+        "captions": {lang: sum(row.get(column(lang)) is not None for row in rows) for lang in languages},
+        "overlap_with_training": {lang: training.overlap(rows, lang) for lang in languages},
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -279,23 +321,43 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def build(out: Path, skip_ddtp: bool = False, lists: Path = DDTP_LISTS, suite: str = DDTP_SUITE) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     training = Training()
-    meta = {"training_captions": "data/emoji/train.jsonl", "babel_version": babel.__version__,
-            "cldr_version": get_cldr_version(), "files": {}}
-    for name, category, prefix in (("cldr_languages.jsonl", "languages", "cldr-lang"), ("cldr_units.jsonl", "units", "cldr-unit")):
+    meta = {
+        "training_captions": "data/emoji/train.jsonl",
+        "babel_version": babel.__version__,
+        "cldr_version": get_cldr_version(),
+        "files": {},
+    }
+    for name, category, prefix in (
+        ("cldr_languages.jsonl", "languages", "cldr-lang"),
+        ("cldr_units.jsonl", "units", "cldr-unit"),
+    ):
         rows, dropped = build_cldr(category, prefix, training)
         assert not training.ids & {row["id"] for row in rows}, "an OOD id collides with an emoji id"
         write_jsonl(out / name, rows)
-        meta["files"][name] = entry(rows, LANGUAGES, training, source=f"CLDR {get_cldr_version()} {category} names via babel "
-                                    f"{babel.__version__}", licence=LICENCE_CLDR, dropped=dropped)
+        meta["files"][name] = entry(
+            rows,
+            LANGUAGES,
+            training,
+            source=f"CLDR {get_cldr_version()} {category} names via babel {babel.__version__}",
+            licence=LICENCE_CLDR,
+            dropped=dropped,
+        )
     previous = out / "meta.json"
     if not skip_ddtp:
         rows, info = build_ddtp(lists, suite, training)
         write_jsonl(out / DDTP_FILE, rows)
         languages = ("en",) + tuple(lang for lang in LANGUAGES if lang in DDTP_LANGUAGES)
-        meta["files"][DDTP_FILE] = entry(rows, languages, training, source=f"Debian {suite} main, i18n/Translation-* "
-                                         "(DDTP), first line of each description", licence=LICENCE_DDTP,
-                                         locales={lang: list(locs) for lang, locs in DDTP_LANGUAGES.items()},
-                                         salt=DDTP_SALT, max_rows=DDTP_ROWS, **info)
+        meta["files"][DDTP_FILE] = entry(
+            rows,
+            languages,
+            training,
+            source=f"Debian {suite} main, i18n/Translation-* (DDTP), first line of each description",
+            licence=LICENCE_DDTP,
+            locales={lang: list(locs) for lang, locs in DDTP_LANGUAGES.items()},
+            salt=DDTP_SALT,
+            max_rows=DDTP_ROWS,
+            **info,
+        )
     elif previous.exists() and (out / DDTP_FILE).exists():  # the CLDR part alone keeps the folder's DDTP record
         kept = json.loads(previous.read_text(encoding="utf-8")).get("files", {}).get(DDTP_FILE)
         if kept:
@@ -307,9 +369,18 @@ def build(out: Path, skip_ddtp: bool = False, lists: Path = DDTP_LISTS, suite: s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
-    parser.add_argument("--skip-ddtp", action="store_true", help="build the CLDR files only (needs babel, no apt lists)")
-    parser.add_argument("--lists", type=Path, default=DDTP_LISTS, help=f"apt lists folder with the Translation files (default {DDTP_LISTS})")
-    parser.add_argument("--suite", default=DDTP_SUITE, help=f"Debian suite of the Translation files (default {DDTP_SUITE})")
+    parser.add_argument(
+        "--skip-ddtp", action="store_true", help="build the CLDR files only (needs babel, no apt lists)"
+    )
+    parser.add_argument(
+        "--lists",
+        type=Path,
+        default=DDTP_LISTS,
+        help=f"apt lists folder with the Translation files (default {DDTP_LISTS})",
+    )
+    parser.add_argument(
+        "--suite", default=DDTP_SUITE, help=f"Debian suite of the Translation files (default {DDTP_SUITE})"
+    )
     args = parser.parse_args(argv)
     meta = build(args.out, args.skip_ddtp, args.lists, args.suite)
     print(f"babel {meta['babel_version']} (CLDR {meta['cldr_version']}) -> {args.out}")

@@ -96,7 +96,9 @@ class EpochPlan:
         if self.group == 1:
             batches = part.reshape(g, -1)
             if self.lengths is not None:
-                batches = np.take_along_axis(batches, np.argsort(-np.asarray(self.lengths[batches]), axis=1, kind="stable"), axis=1)
+                batches = np.take_along_axis(
+                    batches, np.argsort(-np.asarray(self.lengths[batches]), axis=1, kind="stable"), axis=1
+                )
             return batches
         part_langs, part_lengths = np.asarray(self.langs[part]), np.asarray(self.lengths[part])
         key = np.empty(len(part))
@@ -120,7 +122,9 @@ def token_lengths(tokenizer, pairs: Pairs, max_length: int, path: Path, rank: in
     if max_length >= 2**15:
         from mclip.errors import UserError
 
-        raise UserError(f"--max-length {max_length} is over the 32767 tokens length grouping counts to; lower it or pass --group-batches 1")
+        raise UserError(
+            f"--max-length {max_length} is over the 32767 tokens length grouping counts to; lower it or pass --group-batches 1"
+        )
     bounds = np.linspace(0, n, world_size + 1).astype(np.int64)
     if rank == 0:
         with open(path, "wb") as handle:
@@ -156,8 +160,18 @@ class EpochSteps(torch.utils.data.Dataset):
     (`shards.Column`), B rows a step: no rank holds a copy of the cache.
     """
 
-    def __init__(self, plan: np.ndarray, pairs: Pairs, targets, layer_targets: list, tokenizer,
-                 max_length: int, rank: int, world_size: int, grad_accum: int):
+    def __init__(
+        self,
+        plan: np.ndarray,
+        pairs: Pairs,
+        targets,
+        layer_targets: list,
+        tokenizer,
+        max_length: int,
+        rank: int,
+        world_size: int,
+        grad_accum: int,
+    ):
         self.plan, self.pairs, self.targets, self.layer_targets = plan, pairs, targets, layer_targets
         self.tokenizer, self.max_length = tokenizer, max_length
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
@@ -171,9 +185,20 @@ class EpochSteps(torch.utils.data.Dataset):
         texts = self.pairs.texts(index)
         micro = []
         for pos in np.array_split(np.arange(self.rank, len(index), self.world_size), self.grad_accum):
-            enc = self.tokenizer([texts[i] for i in pos], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            micro.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pos": torch.from_numpy(pos)})
+            enc = self.tokenizer(
+                [texts[i] for i in pos], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            micro.append(
+                {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pos": torch.from_numpy(pos)}
+            )
         targets = torch.from_numpy(self.targets.gather(rows))  # (B, D)
-        same = losses.same_target(targets, torch.from_numpy(self.pairs.groups(index)))  # (B, B): never each other's negatives
-        return {"rows": torch.from_numpy(rows), "targets": targets, "same": same,
-                "layers": [torch.from_numpy(t.gather(rows)) for t in self.layer_targets], "micro": micro}
+        same = losses.same_target(
+            targets, torch.from_numpy(self.pairs.groups(index))
+        )  # (B, B): never each other's negatives
+        return {
+            "rows": torch.from_numpy(rows),
+            "targets": targets,
+            "same": same,
+            "layers": [torch.from_numpy(t.gather(rows)) for t in self.layer_targets],
+            "micro": micro,
+        }

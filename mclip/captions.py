@@ -22,8 +22,19 @@ class CaptionFile:
     or rows (long) and are then left out of `columns`; `english_column` is the wide format's English column, when
     present (else `template` is used for "en" too)."""
 
-    def __init__(self, data: str, split: str, languages: list[str], *, id_column: str, template: str, lang_column: str = "lang",
-                 text_column: str = "text", english_column: str | None = None, optional: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        data: str,
+        split: str,
+        languages: list[str],
+        *,
+        id_column: str,
+        template: str,
+        lang_column: str = "lang",
+        text_column: str = "text",
+        english_column: str | None = None,
+        optional: tuple[str, ...] = (),
+    ):
         from mclip import data as mdata
 
         ds = mdata.load_dataset(data, split)
@@ -45,8 +56,10 @@ class CaptionFile:
             if column not in have:
                 if lang in self.optional:
                     continue
-                raise UserError(f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(names)} "
-                                "(fix --languages or --text-column-template)")
+                raise UserError(
+                    f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(names)} "
+                    "(fix --languages or --text-column-template)"
+                )
             self.columns[lang] = column
         self.seen_languages: set = set()  # the long format's languages, gathered by chunks()
 
@@ -67,7 +80,9 @@ class CaptionFile:
             yield from self.table.to_batches(max_chunksize=size)
             return
         for path in self.files:
-            with pa.OSFile(path, "rb") as source:  # plain reads: a pass over every row through the map would stay in RSS
+            with pa.OSFile(
+                path, "rb"
+            ) as source:  # plain reads: a pass over every row through the map would stay in RSS
                 yield from ipc_batches(source)
 
     def chunks(self, size: int | None = None, check: bool = True):
@@ -87,15 +102,19 @@ class CaptionFile:
         assert first == len(self), f"{self.data}: read {first} rows from {self.files}, the dataset has {len(self)}"
         if check and self.long:  # English may come from a cache's own text instead
             for lang in [l for l in self.columns if l not in self.optional | {"en"} and l not in self.seen_languages]:
-                raise UserError(f"language {lang!r} has no rows in {self.data} (column {self.lang_column!r} has "
-                                f"{', '.join(sorted(map(str, self.seen_languages))[:20])}); fix --languages")
+                raise UserError(
+                    f"language {lang!r} has no rows in {self.data} (column {self.lang_column!r} has "
+                    f"{', '.join(sorted(map(str, self.seen_languages))[:20])}); fix --languages"
+                )
 
     def _chunk(self, batches: list) -> tuple:
         from mclip.data import as_string
 
         part = pa.Table.from_batches(batches).combine_chunks()
         if self.long:
-            self.seen_languages |= {str(v) for v in pc.unique(part.column(self.lang_column)).to_pylist() if v is not None}
+            self.seen_languages |= {
+                str(v) for v in pc.unique(part.column(self.lang_column)).to_pylist() if v is not None
+            }
         return as_string(part.column(self.id_column)).combine_chunks(), part
 
     def _mine(self, part, lang: str):

@@ -15,8 +15,12 @@ import typer
 
 from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, ExportConfig, TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Distil an English CLIP text tower into a multilingual student, from cached teacher embeddings.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distil an English CLIP text tower into a multilingual student, from cached teacher embeddings.",
+)
 _state = {"debug": False}
 
 
@@ -51,7 +55,9 @@ def _option(field: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     else:
         annotation = hint
     if field.metadata.get("argument"):
-        return annotation, typer.Argument(default, help=field.metadata["help"], show_default=False, metavar=field.name.upper())
+        return annotation, typer.Argument(
+            default, help=field.metadata["help"], show_default=False, metavar=field.name.upper()
+        )
     return annotation, typer.Option(default, *decls, help=field.metadata["help"])
 
 
@@ -59,8 +65,11 @@ def _stage(name: str, config_cls: type, module: str) -> None:
     """`mclip NAME`: one option per field of `config_cls`; runs `mclip.MODULE.run(config)` (imported only then)."""
     hints = get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
-    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
-              for f in fields for annotation, option in [_option(f, hints[f.name])]]
+    params = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+        for f in fields
+        for annotation, option in [_option(f, hints[f.name])]
+    ]
 
     def command(**values):
         for f in fields:
@@ -88,7 +97,9 @@ _stage("export", ExportConfig, "export")
 def run_pipeline(
     pipeline: str = typer.Argument(..., help="Pipeline TOML file, e.g. pipelines/demo.toml."),
     out: Optional[str] = typer.Option(None, help="Run folder (default: the file's out)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting: section.key=value, e.g. train.lr=2e-4 (repeatable)."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", help="Override a setting: section.key=value, e.g. train.lr=2e-4 (repeatable)."
+    ),
 ):
     """Run embed-teacher -> train-student -> eval-retrieval as a pipeline file names them; rerun to resume."""
     from mclip.pipeline import load_pipeline, run
@@ -97,7 +108,11 @@ def run_pipeline(
 
 
 @app.command("verify")
-def verify(path: str = typer.Argument(..., help="A teacher cache, a train-student run folder, or a final/ (or checkpoint) folder.")):
+def verify(
+    path: str = typer.Argument(
+        ..., help="A teacher cache, a train-student run folder, or a final/ (or checkpoint) folder."
+    ),
+):
     """Check a cache, a run (every checkpoint and final/) or a student folder against its checksums; changes nothing.
 
     Prints one line per problem and a summary; exit code 0 when intact, 1 when problems were found, 2 on a user error."""

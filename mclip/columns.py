@@ -173,7 +173,9 @@ class Column:
     def __init__(self, chunks: list[pa.Array], where: list[tuple[int, int] | None] | None = None):
         keep = [i for i, c in enumerate(chunks) if len(c)]
         self.chunks = [chunks[i] for i in keep]
-        self.where = [where[i] for i in keep] if where is not None else [None] * len(self.chunks)  # (fd, mapping base) per chunk
+        self.where = (
+            [where[i] for i in keep] if where is not None else [None] * len(self.chunks)
+        )  # (fd, mapping base) per chunk
         self.starts = np.cumsum([0] + [len(c) for c in self.chunks])  # (C + 1,)
         self._layout: dict[int, tuple] = {}
 
@@ -196,7 +198,9 @@ class Column:
         column._source = ([str(p) for p in paths], name)
         return column
 
-    def __reduce__(self):  # to a DataLoader worker started with spawn: reopen the files there (file descriptors do not travel)
+    def __reduce__(
+        self,
+    ):  # to a DataLoader worker started with spawn: reopen the files there (file descriptors do not travel)
         source = getattr(self, "_source", None)
         return (Column.from_files, source) if source is not None else (Column, (self.chunks,))
 
@@ -217,7 +221,9 @@ class Column:
     def _split(self, rows: np.ndarray):
         """(chunk, positions in `rows`, rows local to the chunk) per chunk that `rows` touch."""
         rows = np.asarray(rows, dtype=np.int64)
-        assert rows.ndim == 1 and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < len(self))), f"rows out of range 0..{len(self)}"
+        assert rows.ndim == 1 and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < len(self))), (
+            f"rows out of range 0..{len(self)}"
+        )
         chunk = np.searchsorted(self.starts, rows, side="right") - 1
         order = np.argsort(chunk, kind="stable")
         bounds = np.flatnonzero(np.diff(chunk[order])) + 1
@@ -275,8 +281,13 @@ class Column:
             for pos, first, count in self._runs(local):
                 offsets = np.frombuffer(os.pread(fd, (count + 1) * odt.itemsize, off + first * odt.itemsize), dtype=odt)
                 data = os.pread(fd, int(offsets[-1] - offsets[0]), data_off + int(offsets[0]))
-                pieces.append(pa.Array.from_buffers(pa.large_string(), count, [None, pa.py_buffer((offsets - offsets[0]).astype("<i8")),
-                                                                                 pa.py_buffer(data)]))
+                pieces.append(
+                    pa.Array.from_buffers(
+                        pa.large_string(),
+                        count,
+                        [None, pa.py_buffer((offsets - offsets[0]).astype("<i8")), pa.py_buffer(data)],
+                    )
+                )
                 where.append(part[pos])
         if not pieces:
             return pa.array([], self.chunks[0].type if self.chunks else pa.null())
@@ -325,7 +336,12 @@ class Bits:
         return start + np.flatnonzero(flags)
 
     def count(self) -> int:
-        return int(sum(np.unpackbits(self.words[i : i + (1 << 16)], bitorder="little").sum() for i in range(0, len(self.words), 1 << 16)))
+        return int(
+            sum(
+                np.unpackbits(self.words[i : i + (1 << 16)], bitorder="little").sum()
+                for i in range(0, len(self.words), 1 << 16)
+            )
+        )
 
     def ranks(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows),) int64: how many members are below each row (a member's position among them, in order). The first

@@ -14,13 +14,23 @@ import numpy as np
 
 from mclip.errors import UserError, first_line
 
-BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".txt": "text"}
+BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 
 
 def _builder_for(files: list[str]) -> str:
     kinds = {BUILDERS.get(_suffix(f)) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise UserError(f"cannot tell the format of {files[0]}; use .parquet, .jsonl, .json, .csv, .tsv or .arrow files")
+        raise UserError(
+            f"cannot tell the format of {files[0]}; use .parquet, .jsonl, .json, .csv, .tsv or .arrow files"
+        )
     return kinds.pop()
 
 
@@ -40,21 +50,33 @@ def load_dataset(data: str, split: str = "train"):
     datasets.disable_progress_bars()  # mclip shows its own progress
     path = Path(data)
     try:
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        if path.is_dir() and (
+            (path / "dataset_info.json").exists()
+            or (path / "dataset_dict.json").exists()
+            or (path / "state.json").exists()
+        ):
             if (path / "dataset_dict.json").exists():
                 splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
                 if split not in splits:
                     raise UserError(f"split {split!r} not in {data}; it has {', '.join(splits)} (use --split)")
                 path = path / split  # only the split asked for: loading them all also fails on an empty sibling split
-            if (path / "state.json").exists() and not json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"]:
+            if (path / "state.json").exists() and not json.loads((path / "state.json").read_text(encoding="utf-8"))[
+                "_data_files"
+            ]:
                 # a saved zero-row dataset has no Arrow file, and load_from_disk dies on it with an IndexError
                 raise UserError(f"{data} (split {split!r}) has zero rows; check --data and --split")
             return datasets.load_from_disk(str(path))
         files = sorted(glob.glob(data)) if any(c in data for c in "*?[") else ([data] if path.is_file() else [])
         if path.is_dir():
-            files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _suffix(p.name) in BUILDERS and not p.name.startswith("."))
+            files = sorted(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file() and _suffix(p.name) in BUILDERS and not p.name.startswith(".")
+            )
             if not files:
-                raise UserError(f"{data} holds no dataset files (.parquet, .jsonl, .csv, .arrow) and no save_to_disk dataset")
+                raise UserError(
+                    f"{data} holds no dataset files (.parquet, .jsonl, .csv, .arrow) and no save_to_disk dataset"
+                )
         if files:
             builder = _builder_for(files)
             if _zero_rows(files, builder):  # the json and parquet builders crash on these (StopIteration, ArrowInvalid)
@@ -70,7 +92,9 @@ def load_dataset(data: str, split: str = "train"):
     except UserError:
         raise
     except UnicodeDecodeError as exc:
-        raise UserError(f"{data} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+        raise UserError(
+            f"{data} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
         first = first_line(exc)
         raise UserError(f"cannot load dataset {data!r} (split {split!r}): {first}") from None
@@ -116,7 +140,9 @@ def _check_utf8(dataset, data: str) -> None:
                 part.validate(full=True)
             except pa.ArrowInvalid:
                 row = start + _first_bad_utf8(part)
-                raise UserError(f"{data} is not valid UTF-8 text (column {name!r}, row {row}); re-encode the file as UTF-8") from None
+                raise UserError(
+                    f"{data} is not valid UTF-8 text (column {name!r}, row {row}); re-encode the file as UTF-8"
+                ) from None
             finally:
                 drop_mapped_pages(files)
 
@@ -164,9 +190,18 @@ class ParallelCaptions:
         return [t for t, ok in zip(texts, found) if ok], rows[found], [i for i, ok in zip(ids, found) if not ok]
 
 
-def load_parallel(data: str, split: str, languages: tuple[str, ...] | list[str], *, id_column: str = "id",
-                  caption_column: str = "caption", text_column_template: str = "caption_{lang}", english: bool = True,
-                  lang_column: str = "lang", text_column: str = "text") -> ParallelCaptions:
+def load_parallel(
+    data: str,
+    split: str,
+    languages: tuple[str, ...] | list[str],
+    *,
+    id_column: str = "id",
+    caption_column: str = "caption",
+    text_column_template: str = "caption_{lang}",
+    english: bool = True,
+    lang_column: str = "lang",
+    text_column: str = "text",
+) -> ParallelCaptions:
     """Parallel captions in the wide format (id, caption, caption_<lang>...) or the long one (id, lang, text).
 
     `english` adds the English captions under "en" (from `caption_column`, or lang == "en" rows in the long format).
@@ -177,9 +212,13 @@ def load_parallel(data: str, split: str, languages: tuple[str, ...] | list[str],
     have = set(ds.column_names)
     table = ds.with_format("arrow")[:]
     if id_column not in have:
-        raise UserError(f"column {id_column!r} not found in {data}; it has {', '.join(ds.column_names)} (use --id-column)")
+        raise UserError(
+            f"column {id_column!r} not found in {data}; it has {', '.join(ds.column_names)} (use --id-column)"
+        )
     ids_all = pc.cast(table[id_column], "string").to_pylist()
-    long = {lang_column, text_column} <= have and not any(text_column_template.format(lang=l) in have for l in languages)
+    long = {lang_column, text_column} <= have and not any(
+        text_column_template.format(lang=l) in have for l in languages
+    )
     wanted = list(languages) + (["en"] if english and "en" not in languages else [])
     by_lang, missing = {}, {}
     if long:
@@ -189,7 +228,9 @@ def load_parallel(data: str, split: str, languages: tuple[str, ...] | list[str],
             rows = [(i, t) for i, l, t in zip(ids_all, langs, texts) if l == lang]
             if not rows and lang != "en":
                 found = sorted({str(l) for l in langs})
-                raise UserError(f"language {lang!r} has no rows in {data} (column {lang_column!r} has {', '.join(found[:20])}); fix --languages")
+                raise UserError(
+                    f"language {lang!r} has no rows in {data} (column {lang_column!r} has {', '.join(found[:20])}); fix --languages"
+                )
             by_lang[lang] = _clean(rows, missing, lang)
         return ParallelCaptions(by_lang, missing)
     for lang in wanted:
@@ -197,8 +238,10 @@ def load_parallel(data: str, split: str, languages: tuple[str, ...] | list[str],
         if column not in have:
             if lang == "en" and lang not in languages:
                 continue
-            raise UserError(f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(ds.column_names)} "
-                            "(fix --languages or --text-column-template)")
+            raise UserError(
+                f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(ds.column_names)} "
+                "(fix --languages or --text-column-template)"
+            )
         by_lang[lang] = _clean(list(zip(ids_all, table[column].to_pylist())), missing, lang)
     return ParallelCaptions(by_lang, missing)
 
@@ -254,7 +297,9 @@ def caption_strings(column, caption_column: str, first_row: int):
         valid = pc.is_valid(column)
         if pc.any(valid).as_py():
             row = first_row + pc.index(valid, True).as_py()
-            raise UserError(f"caption column {caption_column!r} holds {column.type} values (row {row}); point --caption-column at the text")
+            raise UserError(
+                f"caption column {caption_column!r} holds {column.type} values (row {row}); point --caption-column at the text"
+            )
     return pa.nulls(len(column), pa.string()) if pa.types.is_null(column.type) else as_string(column)
 
 
@@ -275,13 +320,17 @@ def check_ids(rows: Rows, id_column: str | None, n: int, work: Path) -> None:
             column = rows[a:b][id_column].combine_chunks()
             if column.null_count:
                 row = a + pc.index(pc.is_null(column), True).as_py()
-                raise UserError(f"id column {id_column!r} is empty at row {row}; fill every id or omit --id-column to use row numbers")
+                raise UserError(
+                    f"id column {id_column!r} is empty at row {row}; fill every id or omit --id-column to use row numbers"
+                )
             column = as_string(column)
             spill.add(hash64(column), np.arange(a, b, dtype=np.int64), column)
             rows.release()
         for row, first, value in spill.repeats():
-            raise UserError(f"id {value!r} appears more than once in column {id_column!r} (rows {first} and {row}); ids must be unique "
-                            "(omit --id-column to use row numbers)")
+            raise UserError(
+                f"id {value!r} appears more than once in column {id_column!r} (rows {first} and {row}); ids must be unique "
+                "(omit --id-column to use row numbers)"
+            )
     finally:
         spill.remove()
 
@@ -321,7 +370,9 @@ def check_strict(rows: Rows, caption_column: str, id_column: str | None, n: int)
         if pc.any(bad).as_py():
             row = a + pc.index(bad, True).as_py()
             ident = row_ids(rows[row : row + 1], id_column, row, row + 1)[0].as_py()
-            raise UserError(f"caption of id {ident!r} (row {row}) is empty; fill it, or drop --strict to skip and count such rows")
+            raise UserError(
+                f"caption of id {ident!r} (row {row}) is empty; fill it, or drop --strict to skip and count such rows"
+            )
         rows.release()
 
 

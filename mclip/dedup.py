@@ -29,7 +29,9 @@ import numpy as np
 from mclip import data, shards
 from mclip.config import request
 from mclip.errors import writing
-from mclip.join import hash64  # the project's one string hash (vectorised over Arrow's buffers; the same in every process)
+from mclip.join import (
+    hash64,
+)  # the project's one string hash (vectorised over Arrow's buffers; the same in every process)
 from mclip.outputs import write_json
 
 PLAN = ".plan"  # the work folder inside --out
@@ -89,7 +91,9 @@ class Spill:
             if p not in self.writers:
                 sink = pa.OSFile(str(self._path(p)), "wb")
                 self.writers[p] = (sink, pa.ipc.new_stream(sink, self.schema))
-            batch = pa.record_batch([pa.array(hashes[idx]), pa.array(rows[idx]), strings.take(pa.array(idx))], schema=self.schema)
+            batch = pa.record_batch(
+                [pa.array(hashes[idx]), pa.array(rows[idx]), strings.take(pa.array(idx))], schema=self.schema
+            )
             self.writers[p][1].write_batch(batch)
 
     def close(self) -> None:
@@ -288,7 +292,10 @@ class Plan:
         `truncated`), one part file memory-mapped at a time."""
         import pyarrow as pa
 
-        out = {c: np.empty((len(slots), w), np.dtype(dtype)) if w else np.empty(len(slots), bool) for c, w in widths.items()}
+        out = {
+            c: np.empty((len(slots), w), np.dtype(dtype)) if w else np.empty(len(slots), bool)
+            for c, w in widths.items()
+        }
         units, positions = self.locate(slots)
         order = np.argsort(units, kind="stable")
         for u, start, end in _runs(units[order]):
@@ -296,5 +303,7 @@ class Plan:
             with pa.memory_map(str(self.parts / shards.shard_name(u))) as source:
                 taken = pa.ipc.open_file(source).read_all().take(pa.array(positions[idx]))
             for column, width in widths.items():
-                out[column][idx] = shards.to_numpy(taken[column], np.dtype(dtype)) if width else taken[column].to_numpy()
+                out[column][idx] = (
+                    shards.to_numpy(taken[column], np.dtype(dtype)) if width else taken[column].to_numpy()
+                )
         return out

@@ -15,8 +15,14 @@ from mclip.student import StudentEncoder, pool
 class Distiller(nn.Module):
     """The student, the InfoNCE temperature (log-parametrised) and the layer-kd projections (student hidden -> teacher hidden)."""
 
-    def __init__(self, student: StudentEncoder, temperature: float, learn_temperature: bool, student_layers: tuple[int, ...] = (),
-                 teacher_width: int = 0):
+    def __init__(
+        self,
+        student: StudentEncoder,
+        temperature: float,
+        learn_temperature: bool,
+        student_layers: tuple[int, ...] = (),
+        teacher_width: int = 0,
+    ):
         super().__init__()
         self.student = student
         log_t = torch.tensor(math.log(temperature), dtype=torch.float32)
@@ -41,7 +47,10 @@ class Distiller(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """input_ids, attention_mask (B, T) -> embedding (B, D), K projected layer states (B, H_teacher), temperature ()."""
         emb, hidden = self.student(input_ids, attention_mask, output_hidden_states=bool(self.student_layers))
-        states = [proj(pool(hidden[layer], attention_mask, "mean")) for layer, proj in zip(self.student_layers, self.layer_proj)]
+        states = [
+            proj(pool(hidden[layer], attention_mask, "mean"))
+            for layer, proj in zip(self.student_layers, self.layer_proj)
+        ]
         return emb, states, self.temperature()
 
 
@@ -51,9 +60,11 @@ def param_groups(model: Distiller, weight_decay: float, embedding_lr_scale: floa
     a batch, so new tokens seen a handful of times learn little at the body's lr)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     emb = model.student.backbone.get_input_embeddings().weight
-    groups = [{"params": [p for p in trainable if p.ndim >= 2 and p is not emb], "weight_decay": weight_decay},
-              {"params": [p for p in trainable if p is emb], "weight_decay": weight_decay, "lr_scale": embedding_lr_scale},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2 and p is not emb], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p is emb], "weight_decay": weight_decay, "lr_scale": embedding_lr_scale},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 

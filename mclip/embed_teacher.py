@@ -94,7 +94,9 @@ def _check_output(config: EmbedConfig) -> str:
     diff = outputs.changed(manifest.get("request", {}), config)
     if diff:
         if not config.overwrite:
-            raise UserError(f"{out} holds a cache made with other arguments ({', '.join(diff)}); repeat them to resume, or pass --overwrite to replace it")
+            raise UserError(
+                f"{out} holds a cache made with other arguments ({', '.join(diff)}); repeat them to resume, or pass --overwrite to replace it"
+            )
         return "replace"
     if not manifest.get("complete"):
         return "resume"
@@ -110,12 +112,22 @@ def _claim_output(config: EmbedConfig, status: str, info) -> None:
     out = Path(config.out)
     manifest = shards.read_manifest(out) if status in ("resume", "repair") else None
     if manifest is None:
-        manifest = {"format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "mclip_version": __version__, "complete": False,
-                    "request": request(config), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        manifest = {
+            "format": shards.FORMAT,
+            "format_version": shards.FORMAT_VERSION,
+            "mclip_version": __version__,
+            "complete": False,
+            "request": request(config),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
     elif manifest.get("teacher") and manifest["teacher"]["fingerprint"] != info.fingerprint:
-        raise UserError(f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these")
+        raise UserError(
+            f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these"
+        )
     replaced = [*shards.shard_files(out), out / shards.MANIFEST] if status == "replace" else []
-    outputs.claim(out, [*replaced, *out.glob(".shard-*.tmp")], RERUN)  # temp shards of a killed run were never visible as shards
+    outputs.claim(
+        out, [*replaced, *out.glob(".shard-*.tmp")], RERUN
+    )  # temp shards of a killed run were never visible as shards
     if status == "repair":  # finished, then a shard went missing or was cut: recompute it and finish again
         manifest = {k: v for k, v in manifest.items() if k not in ("shards", "totals")} | {"complete": False}
     manifest["teacher"] = info.__dict__
@@ -125,8 +137,16 @@ def _claim_output(config: EmbedConfig, status: str, info) -> None:
 
 def _load_rows(config: EmbedConfig):
     ds = data.load_dataset(config.data, config.split)
-    data.require_columns(ds, {"--caption-column": config.caption_column, "--id-column": config.id_column,
-                         "--image-column": config.image_column, "--image-id-column": config.image_id_column}, config.data)
+    data.require_columns(
+        ds,
+        {
+            "--caption-column": config.caption_column,
+            "--id-column": config.id_column,
+            "--image-column": config.image_column,
+            "--image-id-column": config.image_id_column,
+        },
+        config.data,
+    )
     n = len(ds) if config.limit is None else min(config.limit, len(ds))
     if n == 0:
         raise UserError(f"{config.data} (split {config.split!r}) has zero rows; check --data and --split")
@@ -141,18 +161,36 @@ def _tokenized(texts: list[str], teacher, config: EmbedConfig, batch_tokens: int
     return {"batches": batches, "unique": len(texts), "tokens": n_tokens, "flags": np.asarray(truncated, dtype=bool)}
 
 
-def _read_unit(u: int, plan: dedup.Plan, config: EmbedConfig, teacher, batch_tokens: int, pin: bool = False,
-               tokenize_threads: int = 1) -> _Work:
+def _read_unit(
+    u: int,
+    plan: dedup.Plan,
+    config: EmbedConfig,
+    teacher,
+    batch_tokens: int,
+    pin: bool = False,
+    tokenize_threads: int = 1,
+) -> _Work:
     """Unit u of the distinct captions (--dedup), tokenised and cut into padded batches, in the reader thread."""
-    return _Work(u, 0, 0, **_tokenized(plan.unit_texts(u).to_pylist(), teacher, config, batch_tokens, pin, tokenize_threads))
+    return _Work(
+        u, 0, 0, **_tokenized(plan.unit_texts(u).to_pylist(), teacher, config, batch_tokens, pin, tokenize_threads)
+    )
 
 
 def _vector_columns(config: EmbedConfig) -> list[str]:
     return ["embedding", *(shards.layer_column(layer) for layer in sorted(config.cache_layers))]
 
 
-def _read_shard(k: int, rows: data.Rows, config: EmbedConfig, n: int, teacher, batch_tokens: int, plan: dedup.Plan,
-                pin: bool = False, tokenize_threads: int = 1) -> _Work:
+def _read_shard(
+    k: int,
+    rows: data.Rows,
+    config: EmbedConfig,
+    n: int,
+    teacher,
+    batch_tokens: int,
+    plan: dedup.Plan,
+    pin: bool = False,
+    tokenize_threads: int = 1,
+) -> _Work:
     """Rows k*shard_size.. of the input -> kept captions with their caption groups; with --dedup their vectors gathered
     from the units, without it their texts tokenised and cut into padded batches.
 
@@ -171,12 +209,21 @@ def _read_shard(k: int, rows: data.Rows, config: EmbedConfig, n: int, teacher, b
     assert np.array_equal(np.flatnonzero(groups >= 0), keep), f"shard {k}: the plan's kept rows differ"
     groups = groups[keep]
     if config.dedup:
-        widths = {"embedding": teacher.dim, **{shards.layer_column(i): teacher.hidden_size for i in config.cache_layers}, "truncated": None}
+        widths = {
+            "embedding": teacher.dim,
+            **{shards.layer_column(i): teacher.hidden_size for i in config.cache_layers},
+            "truncated": None,
+        }
         values = plan.gather(plan.slots(a, b)[keep], widths, config.dtype)
         work = _Work(k, a, b, [], 0, 0, np.zeros(0, bool), values=values, duplicates=int((groups != a + keep).sum()))
     else:
-        work = _Work(k, a, b, **_tokenized(kept.to_pylist(), teacher, config, batch_tokens, pin, tokenize_threads),
-                     inverse=np.arange(len(kept)))
+        work = _Work(
+            k,
+            a,
+            b,
+            **_tokenized(kept.to_pylist(), teacher, config, batch_tokens, pin, tokenize_threads),
+            inverse=np.arange(len(kept)),
+        )
     work.ids, work.texts, work.groups = data.row_ids(part, config.id_column, a, b).filter(keep_mask), kept, groups
     work.skipped = len(column) - len(keep)
     if config.image_column is not None:
@@ -229,13 +276,19 @@ def _to_table(work: _Work, emb, states, image_emb, config: EmbedConfig, schema):
 
     vectors = {"embedding": emb, **{shards.layer_column(layer): states[layer] for layer in states}}
     if work.ids is None:
-        return pa.table({**{k: shards.fixed_list(v, config.dtype) for k, v in vectors.items()}, "truncated": work.flags})
+        return pa.table(
+            {**{k: shards.fixed_list(v, config.dtype) for k, v in vectors.items()}, "truncated": work.flags}
+        )
     if work.values is None:
         vectors = {k: v[work.inverse] for k, v in vectors.items()}
     else:
         vectors = {k: work.values[k] for k in _vector_columns(config)}
-    columns = {"id": work.ids, "text": work.texts, "caption_group": pa.array(work.groups, pa.int64()),
-               **{k: shards.fixed_list(v, config.dtype) for k, v in vectors.items()}}
+    columns = {
+        "id": work.ids,
+        "text": work.texts,
+        "caption_group": pa.array(work.groups, pa.int64()),
+        **{k: shards.fixed_list(v, config.dtype) for k, v in vectors.items()},
+    }
     if image_emb is not None:
         columns["image_id"] = pa.array(work.image_ids, pa.string())
         columns["image_embedding"] = shards.fixed_list(image_emb[work.image_inverse], config.dtype)
@@ -248,17 +301,30 @@ def _write(folder: Path, work: _Work, emb, states, image_emb, config: EmbedConfi
     if work.ids is None:
         stats = {"unit": work.index, "rows": work.unique}
     else:
-        stats = {"shard": work.index, "first_row": work.first_row, "end_row": work.end_row, "rows": len(work.ids),
-                 "skipped": work.skipped, "truncated": work.truncated, "duplicates": work.duplicates,
-                 "format_version": shards.FORMAT_VERSION}
+        stats = {
+            "shard": work.index,
+            "first_row": work.first_row,
+            "end_row": work.end_row,
+            "rows": len(work.ids),
+            "skipped": work.skipped,
+            "truncated": work.truncated,
+            "duplicates": work.duplicates,
+            "format_version": shards.FORMAT_VERSION,
+        }
     path = folder / shards.shard_name(work.index)
-    with writing(path, RERUN):  # a failed write leaves no shard (the temp file goes), so the rerun recomputes just this one
+    with writing(
+        path, RERUN
+    ):  # a failed write leaves no shard (the temp file goes), so the rerun recomputes just this one
         return shards.write_shard(folder, work.index, _to_table(work, emb, states, image_emb, config, schema), stats)
 
 
 def _finished(out: Path, k: int, config: EmbedConfig) -> bool:
     stats = shards.read_shard_stats(out / shards.shard_name(k))
-    return stats is not None and stats.get("first_row") == k * config.shard_size and stats.get("format_version") == shards.FORMAT_VERSION
+    return (
+        stats is not None
+        and stats.get("first_row") == k * config.shard_size
+        and stats.get("format_version") == shards.FORMAT_VERSION
+    )
 
 
 def run(config: EmbedConfig) -> EmbedResult:
@@ -275,8 +341,17 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
         if ctx.is_main:  # a run killed between its last manifest and removing its plan
             shutil.rmtree(out / dedup.PLAN, ignore_errors=True)
         manifest = shards.read_manifest(out)
-        return EmbedResult(out, manifest["totals"]["rows"], len(manifest["shards"]), 0, 0, 0, time.perf_counter() - start,
-                           manifest["totals"], manifest if ctx.is_main else None)
+        return EmbedResult(
+            out,
+            manifest["totals"]["rows"],
+            len(manifest["shards"]),
+            0,
+            0,
+            0,
+            time.perf_counter() - start,
+            manifest["totals"],
+            manifest if ctx.is_main else None,
+        )
 
     import torch
 
@@ -286,36 +361,69 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
         torch.set_num_threads(config.num_threads)
     rows, n = _load_rows(config)
     precision = distributed.resolve_precision(config.precision, device)
-    teacher = load_teacher(config.teacher, device=str(device), precision=precision, need_images=config.image_column is not None,
-                           max_length=config.max_length, trust_remote_code=config.trust_remote_code)
+    teacher = load_teacher(
+        config.teacher,
+        device=str(device),
+        precision=precision,
+        need_images=config.image_column is not None,
+        max_length=config.max_length,
+        trust_remote_code=config.trust_remote_code,
+    )
     bad_layers = [layer for layer in config.cache_layers if layer > teacher.num_layers]
     if bad_layers:
-        raise UserError(f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick layers 1..{teacher.num_layers}")
+        raise UserError(
+            f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick layers 1..{teacher.num_layers}"
+        )
     info = teacher.info()
     plan = distributed.main_only(ctx, lambda: dedup.build(rows, n, config, out, info.fingerprint))  # checks the ids too
-    distributed.main_only(ctx, lambda: _claim_output(config, status, info))  # only now, with every input checked, is anything written
+    distributed.main_only(
+        ctx, lambda: _claim_output(config, status, info)
+    )  # only now, with every input checked, is anything written
     batch_tokens = config.batch_tokens or default_batch_tokens(device)
-    schema = shards.cache_schema(teacher.dim, config.dtype, {layer: teacher.hidden_size for layer in config.cache_layers},
-                                 teacher.dim if config.image_column else None)
+    schema = shards.cache_schema(
+        teacher.dim,
+        config.dtype,
+        {layer: teacher.hidden_size for layer in config.cache_layers},
+        teacher.dim if config.image_column else None,
+    )
     n_shards = -(-n // config.shard_size)
-    span = [(k * config.shard_size, min(n, (k + 1) * config.shard_size)) for k in range(n_shards)]  # input rows of each shard
+    span = [
+        (k * config.shard_size, min(n, (k + 1) * config.shard_size)) for k in range(n_shards)
+    ]  # input rows of each shard
     todo = [k for k in range(ctx.rank, n_shards, ctx.world_size) if not _finished(out, k, config)]
     pin, threads = device.type == "cuda", _tokenize_threads(device)
     captions = tokens = 0
     compute_start = time.perf_counter()
     if config.dedup:  # every distinct caption once, by the rank of its unit; then the row shards gather them
+
         def units_todo():
             plan.parts.mkdir(exist_ok=True)
             unfinished = [span[k] for k in range(n_shards) if not _finished(out, k, config)]
             return [u for u in plan.needed_units(unfinished) if not plan.unit_done(u)]
 
         units = [u for u in distributed.main_only(ctx, units_todo) if u % ctx.world_size == ctx.rank]
-        read = functools.partial(_read_unit, plan=plan, config=config, teacher=teacher, batch_tokens=batch_tokens, pin=pin,
-                                 tokenize_threads=threads)
+        read = functools.partial(
+            _read_unit,
+            plan=plan,
+            config=config,
+            teacher=teacher,
+            batch_tokens=batch_tokens,
+            pin=pin,
+            tokenize_threads=threads,
+        )
         captions, tokens = _stream(units, read, plan.parts, teacher, config, schema, ctx, "distinct")
         distributed.barrier()
-    read = functools.partial(_read_shard, rows=rows, config=config, n=n, teacher=teacher, batch_tokens=batch_tokens, plan=plan,
-                             pin=pin, tokenize_threads=threads)
+    read = functools.partial(
+        _read_shard,
+        rows=rows,
+        config=config,
+        n=n,
+        teacher=teacher,
+        batch_tokens=batch_tokens,
+        plan=plan,
+        pin=pin,
+        tokenize_threads=threads,
+    )
     more = _stream(todo, read, out, teacher, config, schema, ctx, "rows", sum(span[k][1] - span[k][0] for k in todo))
     captions, tokens = captions + more[0], tokens + more[1]
     compute_seconds = time.perf_counter() - compute_start
@@ -323,21 +431,34 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     manifest = _finalize(config, out, n, n_shards, info, plan, precision) if ctx.is_main else None
     distributed.barrier()
     totals = manifest["totals"] if manifest else {}
-    result = EmbedResult(out, totals.get("rows", 0), n_shards, len(todo), captions, tokens, compute_seconds, totals, manifest)
+    result = EmbedResult(
+        out, totals.get("rows", 0), n_shards, len(todo), captions, tokens, compute_seconds, totals, manifest
+    )
     if ctx.is_main and config.progress:
         print(summary(result, time.perf_counter() - start), file=sys.stderr)
     return result
 
 
-def _stream(todo: list[int], read, folder: Path, teacher, config: EmbedConfig, schema, ctx, what: str, total: int | None = None):
+def _stream(
+    todo: list[int], read, folder: Path, teacher, config: EmbedConfig, schema, ctx, what: str, total: int | None = None
+):
     """Read job i+1 in the reader thread and write job i-1 in the writer thread while the teacher embeds job i; return
     the captions embedded and their tokens."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="cap", desc=f"embed-teacher {what}" + (f"[{ctx.rank}]" if ctx.enabled else ""),
-               disable=not config.progress or not ctx.is_main, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        unit="cap",
+        desc=f"embed-teacher {what}" + (f"[{ctx.rank}]" if ctx.enabled else ""),
+        disable=not config.progress or not ctx.is_main,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     captions = tokens = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="mclip-read") as reader, ThreadPoolExecutor(1, thread_name_prefix="mclip-write") as writer:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="mclip-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="mclip-write") as writer,
+    ):
         pending_read: Future | None = reader.submit(read, todo[0]) if todo else None
         pending_write: Future | None = None
         for pos in range(len(todo)):
@@ -362,38 +483,67 @@ def _finalize(config: EmbedConfig, out: Path, n: int, n_shards: int, info, plan:
         path = out / shards.shard_name(k)
         stats = shards.read_shard_stats(path)
         if stats is None:
-            raise UserError(f"shard {path} is missing or unreadable after the run; rerun the same command to recompute it")
-        entries.append({"file": path.name, "rows": stats["rows"], "first_row": stats["first_row"], "end_row": stats["end_row"],
-                        "bytes": path.stat().st_size, "sha256": outputs.file_sha256(path)})
+            raise UserError(
+                f"shard {path} is missing or unreadable after the run; rerun the same command to recompute it"
+            )
+        entries.append(
+            {
+                "file": path.name,
+                "rows": stats["rows"],
+                "first_row": stats["first_row"],
+                "end_row": stats["end_row"],
+                "bytes": path.stat().st_size,
+                "sha256": outputs.file_sha256(path),
+            }
+        )
         for key in ("rows", "skipped", "truncated", "duplicates"):
             totals[key] += stats[key]
     # what dedup saved: the teacher ran on `embedded` captions for `rows` rows; `distinct_captions` holds either way
     totals.update(distinct_captions=plan.distinct, embedded=totals["rows"] - totals["duplicates"])
     manifest = shards.read_manifest(out)
-    manifest.update({
-        "complete": True, "format_version": shards.FORMAT_VERSION, "mclip_version": __version__,
-        "teacher": info.__dict__, "kind": info.kind, "pooling": info.pooling, "dim": info.dim, "dtype": config.dtype,
-        "normalized": config.normalize, "max_length": info.max_length, "precision": precision,
-        "caption_column": config.caption_column, "id_column": config.id_column, "image_column": config.image_column,
-        "image_dim": info.dim if config.image_column else None,
-        "layers": list(config.cache_layers), "layer_dim": info.hidden_size if config.cache_layers else None,
-        "layer_pooling": ("eos_token" if info.kind == "clip" else "mean") if config.cache_layers else None,
-        "data": {"source": config.data, "split": config.split, "limit": config.limit},
-        "config": to_dict(config), "shards": entries, "totals": totals,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    manifest.update(
+        {
+            "complete": True,
+            "format_version": shards.FORMAT_VERSION,
+            "mclip_version": __version__,
+            "teacher": info.__dict__,
+            "kind": info.kind,
+            "pooling": info.pooling,
+            "dim": info.dim,
+            "dtype": config.dtype,
+            "normalized": config.normalize,
+            "max_length": info.max_length,
+            "precision": precision,
+            "caption_column": config.caption_column,
+            "id_column": config.id_column,
+            "image_column": config.image_column,
+            "image_dim": info.dim if config.image_column else None,
+            "layers": list(config.cache_layers),
+            "layer_dim": info.hidden_size if config.cache_layers else None,
+            "layer_pooling": ("eos_token" if info.kind == "clip" else "mean") if config.cache_layers else None,
+            "data": {"source": config.data, "split": config.split, "limit": config.limit},
+            "config": to_dict(config),
+            "shards": entries,
+            "totals": totals,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     with writing(out / shards.MANIFEST, RERUN):
         shards.write_manifest(out, manifest)
-    shutil.rmtree(plan.folder, ignore_errors=True)  # after the manifest: a kill in between leaves a plan the next run removes
+    shutil.rmtree(
+        plan.folder, ignore_errors=True
+    )  # after the manifest: a kill in between leaves a plan the next run removes
     return manifest
 
 
 def summary(result: EmbedResult, wall: float) -> str:
     t = result.totals
     m = result.manifest or {}
-    return (f"embed-teacher: {t.get('rows', 0):,} captions in {result.shards} shard(s) at {result.out} "
-            f"({m.get('teacher', {}).get('name', '?')}, {m.get('pooling', '?')}, dim {m.get('dim', '?')}, {m.get('dtype', '?')}); "
-            f"this run embedded {result.captions:,} unique captions for {result.computed_shards} shard(s) "
-            f"at {result.captions_per_s:,.0f} captions/s ({wall:.1f}s wall); "
-            f"skipped {t.get('skipped', 0):,} empty, truncated {t.get('truncated', 0):,} over {m.get('max_length', '?')} tokens, "
-            f"{t.get('duplicates', 0):,} repeated captions served by an earlier row's embedding.")
+    return (
+        f"embed-teacher: {t.get('rows', 0):,} captions in {result.shards} shard(s) at {result.out} "
+        f"({m.get('teacher', {}).get('name', '?')}, {m.get('pooling', '?')}, dim {m.get('dim', '?')}, {m.get('dtype', '?')}); "
+        f"this run embedded {result.captions:,} unique captions for {result.computed_shards} shard(s) "
+        f"at {result.captions_per_s:,.0f} captions/s ({wall:.1f}s wall); "
+        f"skipped {t.get('skipped', 0):,} empty, truncated {t.get('truncated', 0):,} over {m.get('max_length', '?')} tokens, "
+        f"{t.get('duplicates', 0):,} repeated captions served by an earlier row's embedding."
+    )

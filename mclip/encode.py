@@ -46,8 +46,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
-                raise UserError(f"{path} line {number + 1} is not UTF-8 ({exc.reason} at byte {exc.start}); "
-                                "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                raise UserError(
+                    f"{path} line {number + 1} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
             yield number, text.removeprefix("\ufeff") if number == 0 else text  # a byte-order mark is not text
 
 
@@ -98,7 +100,11 @@ def _read_column(config: EncodeConfig) -> tuple[Iterator[tuple[str, str]], int, 
         for start in range(0, n, COLUMN_CHUNK):
             part = table.slice(start, COLUMN_CHUNK)
             chunk = part[config.column].to_pylist()
-            ids = pc.cast(part[config.id_column], "string").to_pylist() if config.id_column else [str(i) for i in range(start, start + len(chunk))]
+            ids = (
+                pc.cast(part[config.id_column], "string").to_pylist()
+                if config.id_column
+                else [str(i) for i in range(start, start + len(chunk))]
+            )
             yield from ((i, t) for i, t in zip(ids, chunk) if t is not None and t.strip())
 
     return pairs(), n - skipped, skipped
@@ -108,8 +114,9 @@ def _open_npy(path: Path, dtype: str, shape: tuple[int, int]):
     """embeddings.npy opened for appending rows in order: plain writes, so written rows leave memory with the page cache
     (a memory map would keep every dirty page it wrote in this process's resident set)."""
     handle = open(path, "wb")
-    np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                                                  "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
     return handle
 
 
@@ -139,8 +146,10 @@ def _run(config: EncodeConfig) -> EncodeResult:
     out = Path(config.out)
     onnx = export.is_export(config.model)
     if onnx and not config.normalize:
-        raise UserError(f"--model {config.model} is an ONNX export, whose graph L2-normalises inside; drop --no-normalize, "
-                        "or encode with the torch student it came from")
+        raise UserError(
+            f"--model {config.model} is an ONNX export, whose graph L2-normalises inside; drop --no-normalize, "
+            "or encode with the torch student it came from"
+        )
     folder = model_folder(config.model)
     if config.input is not None:
         source = Path(config.input)
@@ -159,23 +168,46 @@ def _run(config: EncodeConfig) -> EncodeResult:
         from mclip import distributed
         from mclip.student import load
 
-        model = load(folder, device=distributed.resolve_device(config.device), trust_remote_code=config.trust_remote_code)
-    outputs.claim(out, shards.shard_files(out), RERUN)  # a previous encode's files go only now, with the model loaded and the input read
+        model = load(
+            folder, device=distributed.resolve_device(config.device), trust_remote_code=config.trust_remote_code
+        )
+    outputs.claim(
+        out, shards.shard_files(out), RERUN
+    )  # a previous encode's files go only now, with the model loaded and the input read
 
-    schema = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),
-                        pa.field("embedding", pa.list_(shards.ARROW_DTYPES[config.dtype], model.dim), nullable=False)])
+    schema = pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(shards.ARROW_DTYPES[config.dtype], model.dim), nullable=False),
+        ]
+    )
     with writing(out / NPY, RERUN):
         npy = _open_npy(out / NPY, config.dtype, (total, model.dim)) if config.npy else None
-    bar = tqdm(total=total, unit="text", desc="encode", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=total, unit="text", desc="encode", disable=not config.progress, file=sys.stderr, dynamic_ncols=True
+    )
     files, row = [], 0
     for index, (ids, texts) in enumerate(_chunks(pairs, config.shard_size)):
         parts = []
-        for at in range(0, len(texts), 32 * config.batch_size):  # length-sorted inside each slice; the bar moves per slice
-            parts.append(model.encode(texts[at : at + 32 * config.batch_size], batch_size=config.batch_size, normalize=config.normalize))
+        for at in range(
+            0, len(texts), 32 * config.batch_size
+        ):  # length-sorted inside each slice; the bar moves per slice
+            parts.append(
+                model.encode(
+                    texts[at : at + 32 * config.batch_size], batch_size=config.batch_size, normalize=config.normalize
+                )
+            )
             bar.update(len(parts[-1]))
         emb = np.concatenate(parts)  # (n, D)
-        table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
-                          "embedding": shards.fixed_list(emb, config.dtype)}, schema=schema)
+        table = pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "text": pa.array(texts, pa.string()),
+                "embedding": shards.fixed_list(emb, config.dtype),
+            },
+            schema=schema,
+        )
         with writing(out / shards.shard_name(index), RERUN):
             files.append(shards.write_shard(out, index, table, {"rows": len(texts), "first_row": row}))
             if npy is not None:
@@ -186,15 +218,27 @@ def _run(config: EncodeConfig) -> EncodeResult:
     if npy is not None:
         with writing(out / NPY, RERUN):
             npy.close()
-    summary = {"model": str(folder), "rows": row, "skipped": skipped, "dim": model.dim, "dtype": config.dtype,
-               "normalized": config.normalize, "files": [f.name for f in files], "npy": NPY if config.npy else None,
-               "student": {k: model.meta.get(k) for k in ("dim", "pooler", "teacher") if k in model.meta}, "config": to_dict(config)}
+    summary = {
+        "model": str(folder),
+        "rows": row,
+        "skipped": skipped,
+        "dim": model.dim,
+        "dtype": config.dtype,
+        "normalized": config.normalize,
+        "files": [f.name for f in files],
+        "npy": NPY if config.npy else None,
+        "student": {k: model.meta.get(k) for k in ("dim", "pooler", "teacher") if k in model.meta},
+        "config": to_dict(config),
+    }
     with writing(out / SUMMARY, RERUN):
         outputs.write_json(out / SUMMARY, summary)
     if not config.npy:
         (out / NPY).unlink(missing_ok=True)  # a stale one from an overwritten run would no longer match
     seconds = time.perf_counter() - start
     if config.progress:
-        print(f"encode: {row:,} texts -> {len(files)} Arrow file(s){' + ' + NPY if config.npy else ''} in {out} "
-              f"(dim {model.dim}, {config.dtype}); skipped {skipped:,} empty ({seconds:.1f}s)", file=sys.stderr)
+        print(
+            f"encode: {row:,} texts -> {len(files)} Arrow file(s){' + ' + NPY if config.npy else ''} in {out} "
+            f"(dim {model.dim}, {config.dtype}); skipped {skipped:,} empty ({seconds:.1f}s)",
+            file=sys.stderr,
+        )
     return EncodeResult(out, row, skipped, model.dim, files, out / NPY if config.npy else None, seconds)

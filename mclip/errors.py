@@ -29,7 +29,9 @@ def write_error(exc: OSError, path: str | Path, then: str) -> UserError:
     if code in (errno.ENOSPC, errno.EDQUOT):
         return UserError(f"no space left on device writing {path}; free space and {then}")
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return UserError(f"permission denied writing {path} ({exc.strerror}); make it writable (or choose another --out) and {then}")
+        return UserError(
+            f"permission denied writing {path} ({exc.strerror}); make it writable (or choose another --out) and {then}"
+        )
     if code in (errno.ENOTDIR, errno.EEXIST):
         return UserError(f"cannot write {path}: part of that path is a file, not a folder; choose another --out")
     return UserError(f"cannot write {path} ({exc.strerror or exc}); fix that and {then}")

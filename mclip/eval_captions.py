@@ -78,15 +78,25 @@ def _cache_english(scans: list[RawArray], n_cache: int, path: Path, limit: int |
     return RawArray(path, "<i8")
 
 
-def join(config: EvalConfig, cache: shards.TeacherCache, index, languages: list[str], folder: Path) -> tuple[dict[str, Captions], list[str]]:
+def join(
+    config: EvalConfig, cache: shards.TeacherCache, index, languages: list[str], folder: Path
+) -> tuple[dict[str, Captions], list[str]]:
     """Each language's captions with the cache row of their id (`index`: a `join.IdIndex` of the cache), and warnings;
     ids absent from the cache are counted and left out. "en" without English captions in the data: the cache's own
     English text of the ids the other languages scored. Row files go to `folder`."""
     from mclip.captions import CaptionFile
 
-    reader = CaptionFile(config.data, config.split, list(config.languages), id_column=config.id_column,
-                         template=config.text_column_template, lang_column=config.lang_column, text_column=config.text_column,
-                         english_column=config.caption_column, optional=() if "en" in config.languages else ("en",))
+    reader = CaptionFile(
+        config.data,
+        config.split,
+        list(config.languages),
+        id_column=config.id_column,
+        template=config.text_column_template,
+        lang_column=config.lang_column,
+        text_column=config.text_column,
+        english_column=config.caption_column,
+        optional=() if "en" in config.languages else ("en",),
+    )
     scans = {lang: _Scan(folder, lang, config.limit) for lang in languages if lang in reader.columns}
     for start, ids, part in reader.chunks(BLOCK):  # refuses, at the end, a long format's language without rows
         found = index.lookup(ids)  # (chunk,) cache row per data row, -1 where the cache lacks the id
@@ -108,19 +118,25 @@ def join(config: EvalConfig, cache: shards.TeacherCache, index, languages: list[
         if scan is not None:
             data_rows, rows = scan.close()
         if lang == "en" and (scan is None or scan.first_id is None):  # no English in the data: the cache's own captions
-            rows = _cache_english([part.rows for part in joined.values()], len(cache), folder / "en.cache_rows", config.limit)
+            rows = _cache_english(
+                [part.rows for part in joined.values()], len(cache), folder / "en.cache_rows", config.limit
+            )
             joined[lang] = Captions(cache.column("text"), rows, rows, 0, 0)
             continue
         if scan.missing:
-            notes.append(f"{lang}: {scan.missing:,} of {scan.joined + scan.missing:,} ids are not in the cache "
-                         f"(e.g. {scan.first_lost!r}); they are left out")
+            notes.append(
+                f"{lang}: {scan.missing:,} of {scan.joined + scan.missing:,} ids are not in the cache "
+                f"(e.g. {scan.first_lost!r}); they are left out"
+            )
         joined[lang] = Captions(reader.source(lang), data_rows, rows, scan.missing, scan.empty)
         total += len(joined[lang])
     if total == 0:
         sample = next((s.first_id for s in scans.values() if s.first_id is not None), None)
         first_cache_id = cache.column("id").take(np.zeros(1, np.int64))[0].as_py() if len(cache) else None
-        raise UserError(f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
-                        f"(e.g. {first_cache_id!r}); pass the cache built from this data, or the right --id-column")
+        raise UserError(
+            f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
+            f"(e.g. {first_cache_id!r}); pass the cache built from this data, or the right --id-column"
+        )
     for lang in [code for code in joined if len(joined[code]) == 0]:
         notes.append(f"{lang}: no caption joins the cache; the language is left out")
         del joined[lang]

@@ -135,7 +135,9 @@ def _normalized(vectors: np.ndarray) -> np.ndarray:
     return retrieval.l2_normalize(vectors)
 
 
-def _gallery(read: Callable[[np.ndarray], np.ndarray], size: int, config: EvalConfig, dim: int) -> retrieval.IndexBuilder:
+def _gallery(
+    read: Callable[[np.ndarray], np.ndarray], size: int, config: EvalConfig, dim: int
+) -> retrieval.IndexBuilder:
     """An index of `size` vectors read `read(positions)` batch by batch; trained on a seeded sample of them when it needs
     training and they are more than its training sample (all of them, in order, otherwise: as one array would)."""
     builder = retrieval.IndexBuilder(config.index, dim, config.nprobe, config.faiss_gpu)
@@ -169,8 +171,16 @@ class _Spill:
         return self.array[int(at[0]) * self.dim : (int(at[-1]) + 1) * self.dim].reshape(len(at), self.dim)
 
 
-def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher, values: dict[str, Values],
-          config: EvalConfig, folder: Path) -> tuple[dict[str, dict[str, tuple]], dict]:
+def score(
+    part: Captions,
+    lang: str,
+    cache: shards.TeacherCache,
+    model,
+    teacher,
+    values: dict[str, Values],
+    config: EvalConfig,
+    folder: Path,
+) -> tuple[dict[str, dict[str, tuple]], dict]:
     """system -> direction -> (metrics, queries, gallery) for one language, and its counts. `values`: cache_values of
     "text" and, when images are scored, of "image_id"; scratch files go to `folder`."""
     k, batch, n, ks = max(config.ks), config.query_batch_size, len(part), config.ks
@@ -178,17 +188,26 @@ def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher,
     vectors = cache.targets("embedding")
     en = targets(part.rows, values["text"], folder / f"{lang}.en")
     img = targets(part.rows, values["image_id"], folder / f"{lang}.img") if use_images else None
-    counts = {"captions": n, "english_targets": len(en), "missing_ids": part.missing, "empty": part.empty,
-              **({"images": len(img)} if use_images else {})}
+    counts = {
+        "captions": n,
+        "english_targets": len(en),
+        "missing_ids": part.missing,
+        "empty": part.empty,
+        **({"images": len(img)} if use_images else {}),
+    }
 
-    systems: list[tuple[str, Callable, bool]] = [("student", lambda texts, at: model.encode(texts, batch_size=config.batch_size,
-                                                                                            normalize=True), True)]
+    systems: list[tuple[str, Callable, bool]] = [
+        ("student", lambda texts, at: model.encode(texts, batch_size=config.batch_size, normalize=True), True)
+    ]
     if teacher is not None and lang != "en":
         systems.append((BASELINE, lambda texts, at: teacher.encode(texts, batch_size=config.batch_size), True))
     elif lang == "en" and use_images:  # the cached teacher on its own English text: the ceiling the student aims at
         systems.append((BASELINE, lambda texts, at: vectors.gather(part.rows[int(at[0]) : int(at[-1]) + 1]), False))
-    found = {(name, d): retrieval.RankCounts(ks) for name, _, _ in systems
-             for d in ("text_to_text", "text_to_text_reverse", "text_to_image", "image_to_text")}
+    found = {
+        (name, d): retrieval.RankCounts(ks)
+        for name, _, _ in systems
+        for d in ("text_to_text", "text_to_text_reverse", "text_to_image", "image_to_text")
+    }
     spills = {name: _Spill(folder / f"{lang}.{name}.f4", cache.dim) for name, _, _ in systems}
 
     gallery = _gallery(lambda at: vectors.gather(en.rows[at]), len(en), config, cache.dim)  # (1) xx→en
@@ -226,13 +245,23 @@ def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher,
         if text:
             depth = retrieval.search_depth_of_counts(en.most, n, k)
             for at in _batches(len(en), batch):
-                found[name, "text_to_text_reverse"].add(own.ranks(_normalized(vectors.gather(en.rows[at])), at, depth, batch,
-                                                                  label_of=lambda ids: ids // n_img))
+                found[name, "text_to_text_reverse"].add(
+                    own.ranks(
+                        _normalized(vectors.gather(en.rows[at])), at, depth, batch, label_of=lambda ids: ids // n_img
+                    )
+                )
         if use_images:
             depth = retrieval.search_depth_of_counts(img.most, n, k)
             for at in _batches(len(img), batch):
-                found[name, "image_to_text"].add(own.ranks(_normalized(image_vectors.gather(img.rows[at])), at, depth, batch,
-                                                           label_of=lambda ids: ids % n_img))
+                found[name, "image_to_text"].add(
+                    own.ranks(
+                        _normalized(image_vectors.gather(img.rows[at])),
+                        at,
+                        depth,
+                        batch,
+                        label_of=lambda ids: ids % n_img,
+                    )
+                )
         del own
         scored = out.setdefault(name, {})
         if text:
@@ -247,4 +276,11 @@ def score(part: Captions, lang: str, cache: shards.TeacherCache, model, teacher,
 def _bar(total: int, lang: str, config: EvalConfig):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="caption", desc=f"eval {lang}", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        unit="caption",
+        desc=f"eval {lang}",
+        disable=not config.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )

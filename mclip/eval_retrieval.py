@@ -48,18 +48,25 @@ def _warn(warnings: list[str], message: str) -> None:
 def _check_pair(meta: dict, folder: Path, cache: shards.TeacherCache, warnings: list[str]) -> None:
     """Refuse a cache the model cannot be scored against: other dimension, or another teacher's embeddings."""
     if int(meta["dim"]) != cache.dim:
-        raise UserError(f"model {folder} makes {meta['dim']}-d embeddings but cache {cache.path} holds {cache.dim}-d ones; "
-                        "pass the cache of the teacher the model was distilled from")
+        raise UserError(
+            f"model {folder} makes {meta['dim']}-d embeddings but cache {cache.path} holds {cache.dim}-d ones; "
+            "pass the cache of the teacher the model was distilled from"
+        )
     theirs = cache.manifest.get("teacher") or {}
     ours = meta.get("teacher") or {}
     if not ours.get("fingerprint"):
-        _warn(warnings, f"model {folder} records no teacher (no 'teacher' in mclip.json), so it cannot be checked against "
-                        f"{theirs.get('name')!r}, the teacher of {cache.path}; scores are meaningless if they differ")
+        _warn(
+            warnings,
+            f"model {folder} records no teacher (no 'teacher' in mclip.json), so it cannot be checked against "
+            f"{theirs.get('name')!r}, the teacher of {cache.path}; scores are meaningless if they differ",
+        )
     elif ours["fingerprint"] != theirs.get("fingerprint"):
         hint = " (same name, other weights)" if ours.get("name") == theirs.get("name") else ""
-        raise UserError(f"cache {cache.path} was made by teacher {theirs.get('name')!r} ({str(theirs.get('fingerprint'))[:12]}) but "
-                        f"model {folder} was distilled from {ours.get('name')!r} ({ours['fingerprint'][:12]}){hint}; "
-                        "pass the cache made by the model's teacher")
+        raise UserError(
+            f"cache {cache.path} was made by teacher {theirs.get('name')!r} ({str(theirs.get('fingerprint'))[:12]}) but "
+            f"model {folder} was distilled from {ours.get('name')!r} ({ours['fingerprint'][:12]}){hint}; "
+            "pass the cache made by the model's teacher"
+        )
 
 
 def is_complete(config: EvalConfig) -> bool:
@@ -109,8 +116,10 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
     cache = shards.open_cache(config.cache)
     _check_pair(meta, folder, cache, warnings)
     if config.images and not cache.has_images:
-        raise UserError(f"--images asks for text<->image metrics but cache {cache.path} holds no image embeddings; "
-                        "rebuild it with `mclip embed-teacher --image-column ...` or drop --images")
+        raise UserError(
+            f"--images asks for text<->image metrics but cache {cache.path} holds no image embeddings; "
+            "rebuild it with `mclip embed-teacher --image-column ...` or drop --images"
+        )
     use_images = cache.has_images if config.images is None else config.images
     retrieval.make_index(config.index, cache.dim)  # a factory string FAISS rejects fails now, before any encoding
 
@@ -131,18 +140,31 @@ def _run(config: EvalConfig, start: float) -> EvalResult:
         device = distributed.resolve_device(config.device)
         model = load(folder, device=device, trust_remote_code=config.trust_remote_code)
         teacher = _load_baseline_teacher(config, cache, device, warnings) if config.teacher_baseline else None
-        values = {column: eval_gallery.cache_values(cache, column, work / f"cache.{column}")
-                  for column in ("text", "image_id")[: 2 if use_images else 1]}
+        values = {
+            column: eval_gallery.cache_values(cache, column, work / f"cache.{column}")
+            for column in ("text", "image_id")[: 2 if use_images else 1]
+        }
         for lang, part in joined.items():
             scored, counts[lang] = eval_gallery.score(part, lang, cache, model, teacher, values, config, work)
             for system, directions in scored.items():
                 for direction, (found, n_queries, n_gallery) in directions.items():
-                    rows.append({"lang": lang, "system": system, "direction": direction, "queries": n_queries, "gallery": n_gallery, **found})
+                    rows.append(
+                        {
+                            "lang": lang,
+                            "system": system,
+                            "direction": direction,
+                            "queries": n_queries,
+                            "gallery": n_gallery,
+                            **found,
+                        }
+                    )
                     prefix = f"{lang}/{direction}" if system == "student" else f"{lang}/{system}/{direction}"
                     metrics.update({f"{prefix}/{name}": value for name, value in found.items()})
         del joined, values  # their files (read by pread, open until then) go with the folder
     rows += _averages(rows, [code for code in counts if code != "en"], metrics)
-    rows.sort(key=lambda r: (_lang_order(r["lang"], languages), DIRECTIONS.index(r["direction"]), r["system"] != "student"))
+    rows.sort(
+        key=lambda r: (_lang_order(r["lang"], languages), DIRECTIONS.index(r["direction"]), r["system"] != "student")
+    )
     seconds = time.perf_counter() - start
     result = EvalResult(out, metrics, rows, counts, warnings, seconds)
     _write(result, config, folder, meta, cache)
@@ -164,12 +186,19 @@ def _load_baseline_teacher(config: EvalConfig, cache: shards.TeacherCache, devic
     name = config.teacher or record.get("name")
     if not name:
         raise UserError(f"cache {cache.path} names no teacher; pass --teacher for --teacher-baseline")
-    teacher = load_teacher(name, device=str(device), precision=resolve_precision("auto", device),
-                           need_images=cache.has_images and record.get("kind") == "clip",
-                           max_length=record.get("max_length"), trust_remote_code=config.trust_remote_code)
+    teacher = load_teacher(
+        name,
+        device=str(device),
+        precision=resolve_precision("auto", device),
+        need_images=cache.has_images and record.get("kind") == "clip",
+        max_length=record.get("max_length"),
+        trust_remote_code=config.trust_remote_code,
+    )
     if record.get("fingerprint") and teacher.info().fingerprint != record["fingerprint"]:
-        raise UserError(f"teacher {name!r} has other weights than the one that made cache {cache.path}; "
-                        "pass --teacher with the exact teacher the cache was built with")
+        raise UserError(
+            f"teacher {name!r} has other weights than the one that made cache {cache.path}; "
+            "pass --teacher with the exact teacher the cache was built with"
+        )
     return teacher
 
 
@@ -187,7 +216,9 @@ def _averages(rows: list[dict], languages: list[str], metrics: dict[str, float])
             continue
         names = [k for k in members[0] if k.startswith(("R@", "MRR@"))]
         values = {name: float(np.mean([m[name] for m in members])) for name in names}
-        out.append({"lang": "avg", "system": system, "direction": direction, "queries": None, "gallery": None, **values})
+        out.append(
+            {"lang": "avg", "system": system, "direction": direction, "queries": None, "gallery": None, **values}
+        )
         prefix = f"avg/{direction}" if system == "student" else f"avg/{system}/{direction}"
         metrics.update({f"{prefix}/{name}": value for name, value in values.items()})
     return out
@@ -204,32 +235,47 @@ def _system_label(system: str) -> str:
 def _task(lang: str, direction: str) -> str:
     """A compact label for a table cell: de→en, en→de, de→img, img→de."""
     xx = "xx" if lang == "avg" else lang
-    return {"text_to_text": f"{xx}→en", "text_to_text_reverse": "en→en (rev)" if xx == "en" else f"en→{xx}",
-            "text_to_image": f"{xx}→img", "image_to_text": f"img→{xx}"}[direction]
+    return {
+        "text_to_text": f"{xx}→en",
+        "text_to_text_reverse": "en→en (rev)" if xx == "en" else f"en→{xx}",
+        "text_to_image": f"{xx}→img",
+        "image_to_text": f"img→{xx}",
+    }[direction]
 
 
 def _markdown(result: EvalResult, config: EvalConfig, folder: Path, cache: shards.TeacherCache) -> str:
     names = _metric_names(config)
     teacher = (cache.manifest.get("teacher") or {}).get("name")
-    lines = ["# Retrieval report", "",
-             f"- model: `{folder}`",
-             f"- cache: `{cache.path}` (teacher `{teacher}`, dim {cache.dim}{', with images' if 'images' in next(iter(result.counts.values())) else ''})",
-             f"- data: `{config.data}` split `{config.split}`; index `{config.index}`; cosine similarity (L2-normalised, inner product)",
-             "- captions scored: " + ", ".join(f"{lang} {c['captions']:,}" + (f" ({c['missing_ids']:,} ids not in the cache)" if c["missing_ids"] else "")
-                                             + (f", {c['images']:,} images" if "images" in c else "") for lang, c in result.counts.items()),
-             f"- {TIE_RULE}; identical English captions count as one target; avg = mean over the non-English languages",
-             "- xx→en (text_to_text): the model's xx captions search the teacher's English ones; en→xx (text_to_text_reverse) the other way; "
-             "xx→img / img→xx: captions and images (an image hits any of its captions); "
-             "teacher: the teacher applied directly to the xx text (what English CLIP gives); for en with images, the cached teacher itself",
-             ""]
+    lines = [
+        "# Retrieval report",
+        "",
+        f"- model: `{folder}`",
+        f"- cache: `{cache.path}` (teacher `{teacher}`, dim {cache.dim}{', with images' if 'images' in next(iter(result.counts.values())) else ''})",
+        f"- data: `{config.data}` split `{config.split}`; index `{config.index}`; cosine similarity (L2-normalised, inner product)",
+        "- captions scored: "
+        + ", ".join(
+            f"{lang} {c['captions']:,}"
+            + (f" ({c['missing_ids']:,} ids not in the cache)" if c["missing_ids"] else "")
+            + (f", {c['images']:,} images" if "images" in c else "")
+            for lang, c in result.counts.items()
+        ),
+        f"- {TIE_RULE}; identical English captions count as one target; avg = mean over the non-English languages",
+        "- xx→en (text_to_text): the model's xx captions search the teacher's English ones; en→xx (text_to_text_reverse) the other way; "
+        "xx→img / img→xx: captions and images (an image hits any of its captions); "
+        "teacher: the teacher applied directly to the xx text (what English CLIP gives); for en with images, the cached teacher itself",
+        "",
+    ]
     lines.append("| lang | model | task | key | queries | gallery | " + " | ".join(f"{n} (%)" for n in names) + " |")
     lines.append("|---|---|---|---|---:|---:|" + "---:|" * len(names))
     for row in result.rows:
         size = lambda v: "" if v is None else f"{v:,}"  # noqa: E731
         key = row["direction"] if row["system"] == "student" else f"{row['system']}/{row['direction']}"
-        lines.append(f"| {row['lang']} | {_system_label(row['system'])} | {_task(row['lang'], row['direction'])} | {key} | "
-                     f"{size(row['queries'])} | {size(row['gallery'])} | "
-                     + " | ".join(f"{100 * row[n]:.1f}" for n in names) + " |")
+        lines.append(
+            f"| {row['lang']} | {_system_label(row['system'])} | {_task(row['lang'], row['direction'])} | {key} | "
+            f"{size(row['queries'])} | {size(row['gallery'])} | "
+            + " | ".join(f"{100 * row[n]:.1f}" for n in names)
+            + " |"
+        )
     if result.warnings:
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in result.warnings]
     return "\n".join(lines) + "\n"
@@ -247,7 +293,10 @@ def _chart(result: EvalResult, languages: list[str]) -> bytes:
     fig = Figure(figsize=(max(4.0, 0.9 * len(order) + 1.5) * len(panels), 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     width = 0.8 / len(systems)
-    titles = {"text_to_text": "caption → teacher's English caption (xx→en)", "text_to_image": "caption → image (xx→img)"}
+    titles = {
+        "text_to_text": "caption → teacher's English caption (xx→en)",
+        "text_to_image": "caption → image (xx→img)",
+    }
     labels = {"student": "student", BASELINE: "teacher applied to the xx text"}
     for ax, direction in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         x = np.arange(len(order))
@@ -270,11 +319,29 @@ def _write(result: EvalResult, config: EvalConfig, folder: Path, meta: dict, cac
         "metrics.json": lambda: json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n",
         "report.md": lambda: _markdown(result, config, folder, cache),
         "r_at_1.png": lambda: _chart(result, list(config.languages)),
-        "eval.json": lambda: json.dumps({
-            "config": to_dict(config), "model": str(folder), "model_teacher": meta.get("teacher"),
-            "cache": {"path": str(cache.path), "teacher": cache.manifest.get("teacher"), "dim": cache.dim, "images": cache.has_images},
-            "counts": result.counts, "rows": result.rows, "warnings": result.warnings, "tie_rule": TIE_RULE,
-            "seconds": round(result.seconds, 3)}, indent=2, ensure_ascii=False) + "\n",
+        "eval.json": lambda: (
+            json.dumps(
+                {
+                    "config": to_dict(config),
+                    "model": str(folder),
+                    "model_teacher": meta.get("teacher"),
+                    "cache": {
+                        "path": str(cache.path),
+                        "teacher": cache.manifest.get("teacher"),
+                        "dim": cache.dim,
+                        "images": cache.has_images,
+                    },
+                    "counts": result.counts,
+                    "rows": result.rows,
+                    "warnings": result.warnings,
+                    "tie_rule": TIE_RULE,
+                    "seconds": round(result.seconds, 3),
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+            + "\n"
+        ),
     }
     assert tuple(payloads) == OUTPUTS, f"{tuple(payloads)} != {OUTPUTS}"
     outputs.claim(result.out, (), RERUN)
@@ -294,9 +361,14 @@ def _print_table(result: EvalResult, config: EvalConfig) -> None:
     for column in ("lang", "model", "task", "queries", "gallery", *names):
         table.add_column(column, justify="left" if column in ("lang", "model", "task") else "right", no_wrap=True)
     for row in result.rows:
-        table.add_row(row["lang"], _system_label(row["system"]), _task(row["lang"], row["direction"]),
-                      "" if row["queries"] is None else f"{row['queries']:,}", "" if row["gallery"] is None else f"{row['gallery']:,}",
-                      *(f"{100 * row[n]:.1f}" for n in names))
+        table.add_row(
+            row["lang"],
+            _system_label(row["system"]),
+            _task(row["lang"], row["direction"]),
+            "" if row["queries"] is None else f"{row['queries']:,}",
+            "" if row["gallery"] is None else f"{row['gallery']:,}",
+            *(f"{100 * row[n]:.1f}" for n in names),
+        )
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a pipe or file gets the whole table, not a wrapped 80-column one

@@ -38,10 +38,22 @@ FFN_ACTIVATIONS = ("Gelu", "Relu", "FastGelu", "BiasGelu")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # What the verification encodes with both the student and the graph: several scripts, emoji, a text past any token limit.
 PROBES = (
-    "a photo of a dog running on the beach", "Zwei Kinder spielen Fußball im Park", "une tasse de café sur la table",
-    "niño con un globo rojo", "İstanbul'da güneşli bir gün", "一只狗在草地上奔跑", "東京の夜景と桜の花", "바닷가에서 뛰는 개",
-    "Собака бежит по пляжу", "قطة تجلس على الأريكة", "گربه روی مبل نشسته است", "🐶🏖️ dog at the beach 🎉", "👩‍👩‍👧‍👦",
-    "x", "Ünïcödé ẞ ﬁ ｆｕｌｌｗｉｄｔｈ", " ".join(["woman standing next to a red car"] * 80),
+    "a photo of a dog running on the beach",
+    "Zwei Kinder spielen Fußball im Park",
+    "une tasse de café sur la table",
+    "niño con un globo rojo",
+    "İstanbul'da güneşli bir gün",
+    "一只狗在草地上奔跑",
+    "東京の夜景と桜の花",
+    "바닷가에서 뛰는 개",
+    "Собака бежит по пляжу",
+    "قطة تجلس على الأريكة",
+    "گربه روی مبل نشسته است",
+    "🐶🏖️ dog at the beach 🎉",
+    "👩‍👩‍👧‍👦",
+    "x",
+    "Ünïcödé ẞ ﬁ ｆｕｌｌｗｉｄｔｈ",
+    " ".join(["woman standing next to a red car"] * 80),
 )
 
 
@@ -81,8 +93,10 @@ def _providers(device: str | None) -> list[str]:
         return ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in available:
-            raise UserError(f"device={device} but this onnxruntime has no CUDA provider ({', '.join(available)}); "
-                            "install onnxruntime-gpu or pass --device cpu")
+            raise UserError(
+                f"device={device} but this onnxruntime has no CUDA provider ({', '.join(available)}); "
+                "install onnxruntime-gpu or pass --device cpu"
+            )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "auto":
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -108,7 +122,9 @@ class OnnxEncoder:
         assert set(self.input_names) <= set(INPUTS), f"graph inputs {self.input_names} are not {INPUTS}"
 
     def tokenize(self, texts: Sequence[str]) -> dict:
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """input_ids, attention_mask (B, T) int64 -> (B, D) float32 unit vectors."""
@@ -116,12 +132,20 @@ class OnnxEncoder:
         (emb,) = self.session.run([OUTPUTS[0]], {k: v for k, v in feed.items() if k in self.input_names})
         return emb
 
-    def encode(self, texts: Sequence[str] | str, batch_size: int = 64, device: str | None = None, normalize: bool = True,
-               show_progress: bool = False) -> np.ndarray:
+    def encode(
+        self,
+        texts: Sequence[str] | str,
+        batch_size: int = 64,
+        device: str | None = None,
+        normalize: bool = True,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         """Texts -> (N, D) float32; `device` is fixed when the folder is loaded (`mclip.load(path, device=...)`)."""
         if not normalize:
-            raise UserError(f"{self.path or 'this export'} is an ONNX export, whose graph L2-normalises inside; "
-                            "drop --no-normalize (normalize=False), or encode with the torch student it came from")
+            raise UserError(
+                f"{self.path or 'this export'} is an ONNX export, whose graph L2-normalises inside; "
+                "drop --no-normalize (normalize=False), or encode with the torch student it came from"
+            )
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         from mclip.texts import length_sorted
@@ -152,7 +176,9 @@ def load_onnx(path: str | Path, device: str | None = None) -> OnnxEncoder:
         session = ort.InferenceSession(str(graph), options, providers=_providers(device))
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # an export carries no code
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"cannot load the ONNX export {path}: {first_line(exc, 200)}; export the student again") from None
+        raise UserError(
+            f"cannot load the ONNX export {path}: {first_line(exc, 200)}; export the student again"
+        ) from None
     return OnnxEncoder(session, tokenizer, meta, path)
 
 
@@ -171,15 +197,29 @@ def model_folder(path: str | Path) -> Path:
 
 def _owned(name: str) -> bool:
     """What a previous export wrote (what --overwrite may replace)."""
-    return name in (META, "onnx", "checksums.sha256", "config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-                    "1_Pooling", "2_Dense", "3_Normalize", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja") \
-        or name.startswith(("tokenizer", "vocab", "merges", "sentencepiece", "spiece"))
+    return name in (
+        META,
+        "onnx",
+        "checksums.sha256",
+        "config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+        "1_Pooling",
+        "2_Dense",
+        "3_Normalize",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+    ) or name.startswith(("tokenizer", "vocab", "merges", "sentencepiece", "spiece"))
 
 
 def _check_tokenizer(folder: Path) -> None:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"{folder} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); the export must carry the tokenizer "
-                        "the student was trained with: copy them from the run's final/ folder (or save the student again)")
+        raise UserError(
+            f"{folder} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); the export must carry the tokenizer "
+            "the student was trained with: copy them from the run's final/ folder (or save the student again)"
+        )
 
 
 def _need_exporter() -> None:
@@ -188,8 +228,10 @@ def _need_exporter() -> None:
     # onnxscript: torch's ONNX exporter translates with it
     missing = [module for module in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(module) is None]
     if missing:
-        raise UserError(f"mclip export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
-                        "run `pip install 'mclip[onnx]'`")
+        raise UserError(
+            f"mclip export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
+            "run `pip install 'mclip[onnx]'`"
+        )
 
 
 def _graph_module(student):
@@ -205,7 +247,9 @@ def _graph_module(student):
             self.student = student
 
         def forward(self, input_ids, attention_mask):
-            hidden = self.student.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+            hidden = self.student.backbone(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state  # (B, T, H)
             emb = self.student.projection(pool(hidden, attention_mask, self.student.pooler))  # (B, D)
             return torch.nn.functional.normalize(emb, dim=-1), hidden
 
@@ -222,7 +266,9 @@ def _export_graph(student, path: Path, opset: int) -> bool:
 
     import torch
 
-    sample = student.tokenize(["a photo of a dog on the grass", "一只狗"])  # batch 2 != length: neither axis is specialised
+    sample = student.tokenize(
+        ["a photo of a dog on the grass", "一只狗"]
+    )  # batch 2 != length: neither axis is specialised
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     large = sum(p.numel() * p.element_size() for p in student.parameters()) > 1.8 * 2**30
@@ -234,15 +280,25 @@ def _export_graph(student, path: Path, opset: int) -> bool:
             log.setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's progress and deprecation chatter; failures still raise
-            program = torch.onnx.export(_graph_module(student), (sample["input_ids"], sample["attention_mask"]), None,
-                                        input_names=list(INPUTS), output_names=list(OUTPUTS), opset_version=opset,
-                                        dynamic_shapes=shapes, dynamo=True, verbose=False)
+            program = torch.onnx.export(
+                _graph_module(student),
+                (sample["input_ids"], sample["attention_mask"]),
+                None,
+                input_names=list(INPUTS),
+                output_names=list(OUTPUTS),
+                opset_version=opset,
+                dynamic_shapes=shapes,
+                dynamo=True,
+                verbose=False,
+            )
         program.save(str(path), external_data=large)  # else one self-contained file
     except Exception as exc:  # torch.export raises many types; any of them means this student cannot be traced here
         if isinstance(exc, OSError):
             raise
-        raise UserError(f"torch could not export the student to ONNX ({type(exc).__name__}: {first_line(exc, 200)}); "
-                        "rerun with mclip --debug export ... to see the trace") from exc
+        raise UserError(
+            f"torch could not export the student to ONNX ({type(exc).__name__}: {first_line(exc, 200)}); "
+            "rerun with mclip --debug export ... to see the trace"
+        ) from exc
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
@@ -254,7 +310,9 @@ def _ffn_down_projections(model) -> list[str]:
     producer = {out: node for node in model.graph.node for out in node.output}
 
     def activation(node) -> bool:
-        return node is not None and (node.op_type in FFN_ACTIVATIONS or node.name.startswith(("node_gelu", "node_relu")))
+        return node is not None and (
+            node.op_type in FFN_ACTIVATIONS or node.name.startswith(("node_gelu", "node_relu"))
+        )
 
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and activation(producer.get(n.input[0]))]
 
@@ -282,14 +340,23 @@ def _quantize(fp32: Path, int8: Path, large: bool = False) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # its root-logger advice to pre-process applies to static quantisation, not this
     try:
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gather"],
-                         nodes_to_exclude=_ffn_down_projections(model), extra_options={"MatMulConstBOnly": True},
-                         use_external_data_format=large)
+        quantize_dynamic(
+            str(fp32),
+            str(int8),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gather"],
+            nodes_to_exclude=_ffn_down_projections(model),
+            extra_options={"MatMulConstBOnly": True},
+            use_external_data_format=large,
+        )
     except Exception as exc:  # onnx's and onnxruntime's own error types; any means this graph cannot be quantised here
         if isinstance(exc, OSError):
             raise
-        raise UserError(f"onnxruntime could not quantise the graph to int8 ({type(exc).__name__}: {first_line(exc, 200)}); "
-                        "export without --quantize") from exc
+        raise UserError(
+            f"onnxruntime could not quantise the graph to int8 ({type(exc).__name__}: {first_line(exc, 200)}); "
+            "export without --quantize"
+        ) from exc
     finally:
         root.setLevel(level)
 
@@ -337,26 +404,50 @@ def run(config: ExportConfig) -> ExportResult:
         student.tokenizer.save_pretrained(tmp)
         student.backbone.config.save_pretrained(tmp)  # config.json: what sentence-transformers' ONNX backend reads
         student.save_modules(tmp)
-        meta = {"format": FORMAT, "mclip_version": __version__, "pooler": student.pooler, "dim": student.dim,
-                "hidden_size": student.hidden_size, "max_length": student.max_length, "normalize": True,
-                "teacher": student.meta.get("teacher"), "languages": student.meta.get("languages"),
-                "onnx": GRAPH, "inputs": list(INPUTS), "outputs": list(OUTPUTS), "quantize": config.quantize, "opset": opset,
-                "source": str(folder), "config": to_dict(config)}
+        meta = {
+            "format": FORMAT,
+            "mclip_version": __version__,
+            "pooler": student.pooler,
+            "dim": student.dim,
+            "hidden_size": student.hidden_size,
+            "max_length": student.max_length,
+            "normalize": True,
+            "teacher": student.meta.get("teacher"),
+            "languages": student.meta.get("languages"),
+            "onnx": GRAPH,
+            "inputs": list(INPUTS),
+            "outputs": list(OUTPUTS),
+            "quantize": config.quantize,
+            "opset": opset,
+            "source": str(folder),
+            "config": to_dict(config),
+        }
         outputs.write_json(tmp / META, meta)
-        got = load_onnx(tmp, device="cpu").encode(list(PROBES), batch_size=8)  # the runtime users get, on the files as written
+        got = load_onnx(tmp, device="cpu").encode(
+            list(PROBES), batch_size=8
+        )  # the runtime users get, on the files as written
         cos = cosines(got, reference)
         least, mean = MIN_COSINE[config.quantize]
         worst = int(np.argmin(cos))
         fix = "; export without --quantize" if config.quantize else "; report this with the model's config.json"
         if not cos.min() >= least:  # also refuses NaN
-            raise UserError(f"the {config.quantize or 'fp32'} ONNX graph disagrees with the student: cosine {cos.min():.6f} < {least} "
-                            f"on {PROBES[worst][:40]!r}; nothing was written to {out}{fix}")
+            raise UserError(
+                f"the {config.quantize or 'fp32'} ONNX graph disagrees with the student: cosine {cos.min():.6f} < {least} "
+                f"on {PROBES[worst][:40]!r}; nothing was written to {out}{fix}"
+            )
         if not cos.mean() >= mean:
-            raise UserError(f"the {config.quantize or 'fp32'} ONNX graph disagrees with the student: mean cosine {cos.mean():.6f} < "
-                            f"{mean} over {len(PROBES)} texts; nothing was written to {out}{fix}")
+            raise UserError(
+                f"the {config.quantize or 'fp32'} ONNX graph disagrees with the student: mean cosine {cos.mean():.6f} < "
+                f"{mean} over {len(PROBES)} texts; nothing was written to {out}{fix}"
+            )
         report.update(opset=opset, min_cosine=float(cos.min()), mean_cosine=float(cos.mean()))
-        meta["verification"] = {"texts": len(PROBES), "min_cosine": round(float(cos.min()), 7), "mean_cosine": round(float(cos.mean()), 7),
-                                "thresholds": {"min": least, "mean": mean}, "against": "mclip.load(source).encode"}
+        meta["verification"] = {
+            "texts": len(PROBES),
+            "min_cosine": round(float(cos.min()), 7),
+            "mean_cosine": round(float(cos.mean()), 7),
+            "thresholds": {"min": least, "mean": mean},
+            "against": "mclip.load(source).encode",
+        }
         outputs.write_json(tmp / META, meta)
         from mclip.verify import write_checksums
 
@@ -370,10 +461,21 @@ def run(config: ExportConfig) -> ExportResult:
         finally:
             shutil.rmtree(workspace / "fp32", ignore_errors=True)  # then the lock's release removes the empty workspace
     graph = out / GRAPH
-    result = ExportResult(out, graph, config.quantize, report["opset"], report["min_cosine"], report["mean_cosine"], graph.stat().st_size,
-                          time.perf_counter() - start)
+    result = ExportResult(
+        out,
+        graph,
+        config.quantize,
+        report["opset"],
+        report["min_cosine"],
+        report["mean_cosine"],
+        graph.stat().st_size,
+        time.perf_counter() - start,
+    )
     if config.progress:
-        print(f"export: {folder} -> {graph} ({config.quantize or 'fp32'}, opset {result.opset}, {result.graph_bytes / 2**20:.1f} MiB); "
-              f"cosine to the student over {len(PROBES)} texts: min {result.min_cosine:.6f}, mean {result.mean_cosine:.6f} "
-              f"({result.seconds:.1f}s)", file=sys.stderr)
+        print(
+            f"export: {folder} -> {graph} ({config.quantize or 'fp32'}, opset {result.opset}, {result.graph_bytes / 2**20:.1f} MiB); "
+            f"cosine to the student over {len(PROBES)} texts: min {result.min_cosine:.6f}, mean {result.mean_cosine:.6f} "
+            f"({result.seconds:.1f}s)",
+            file=sys.stderr,
+        )
     return result

@@ -94,7 +94,9 @@ class IdIndex:
             for first, ids in cache.batches("id"):
                 chunk = np.empty(len(ids), pair)
                 chunk["hash"], chunk["row"] = hash64(ids), np.arange(first, first + len(ids))
-                which = (chunk["hash"] >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(ids), np.int64)
+                which = (
+                    (chunk["hash"] >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(ids), np.int64)
+                )
                 order = np.argsort(which, kind="stable")
                 bounds = np.searchsorted(which[order], np.arange(len(parts) + 1))
                 for k in np.flatnonzero(np.diff(bounds)):
@@ -158,8 +160,10 @@ class IdIndex:
                 a, b = (int(x) for x in self._read(self.rows, "<i8", offset + int(pos), 2))
                 ids = self._id_column().take(np.array([a, b])).to_pylist()
                 if ids[0] == ids[1]:
-                    raise UserError(f"id {ids[0]!r} appears twice in cache {self.cache.path} (rows {a} and {b}); "
-                                    "rebuild it with `mclip embed-teacher` from data with unique ids")
+                    raise UserError(
+                        f"id {ids[0]!r} appears twice in cache {self.cache.path} (rows {a} and {b}); "
+                        "rebuild it with `mclip embed-teacher` from data with unique ids"
+                    )
             previous = block
 
     def _search(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +176,9 @@ class IdIndex:
         row = np.full(len(h), -1, dtype=np.int64)
         done = 0  # queries (in sorted order) placed so far
         for start, block in self._blocks(self.hashes, "<u8"):
-            upto = done + int(np.searchsorted(sorted_h[done:], block[-1], side="right"))  # queries <= the block's last hash
+            upto = done + int(
+                np.searchsorted(sorted_h[done:], block[-1], side="right")
+            )  # queries <= the block's last hash
             if upto > done:
                 local = np.searchsorted(block, sorted_h[done:upto])
                 where = order[done:upto]

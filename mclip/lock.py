@@ -47,8 +47,10 @@ def _read_info(fd: int) -> dict:
 
 
 def describe(info: dict) -> str:
-    return (f"mclip {info.get('command', '?')} (pid {info.get('pid', '?')} on host {info.get('host', '?')}, "
-            f"started {info.get('started', '?')})")
+    return (
+        f"mclip {info.get('command', '?')} (pid {info.get('pid', '?')} on host {info.get('host', '?')}, "
+        f"started {info.get('started', '?')})"
+    )
 
 
 class OutputLock:
@@ -83,16 +85,23 @@ class OutputLock:
             except BlockingIOError:
                 info = _read_info(fd)
                 os.close(fd)
-                raise UserError(f"--out {self.folder} is in use by {describe(info)}; wait for it to finish, "
-                                "or choose another --out") from None
+                raise UserError(
+                    f"--out {self.folder} is in use by {describe(info)}; wait for it to finish, or choose another --out"
+                ) from None
             if _same_file(fd, self.path):
                 self.fd = fd
                 break
             os.close(fd)
         else:
-            raise UserError(f"could not lock {self.path}: another run keeps replacing it; wait for it to finish, or choose another --out")
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            raise UserError(
+                f"could not lock {self.path}: another run keeps replacing it; wait for it to finish, or choose another --out"
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
@@ -159,4 +168,3 @@ def hold(folder: str | Path, command: str, ctx=None) -> Iterator[OutputLock | No
 def is_lock(name: str) -> bool:
     """Whether a file name in an output folder is the lock (not an output: checks for an empty folder skip it)."""
     return name == LOCK_NAME
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 def mse(student: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """student (B, D), target (B, D) -> {"mse": mean over all B*D elements of (student - target)^2}."""
     assert student.shape == target.shape, f"student {tuple(student.shape)} vs target {tuple(target.shape)}"
@@ -20,8 +21,13 @@ def cosine(student: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tenso
     return {"cosine": (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).mean()}
 
 
-def info_nce(student: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor, same: torch.Tensor,
-             temperature: torch.Tensor | float) -> dict[str, torch.Tensor]:
+def info_nce(
+    student: torch.Tensor,
+    targets: torch.Tensor,
+    positive: torch.Tensor,
+    same: torch.Tensor,
+    temperature: torch.Tensor | float,
+) -> dict[str, torch.Tensor]:
     """In-batch contrastive loss of student rows against fixed teacher vectors (van den Oord et al. 2018, InfoNCE).
 
     student (B, D); targets (N, D) the teacher vectors of the whole global batch (the negatives); positive (B,) long,
@@ -47,14 +53,24 @@ def same_target(targets: torch.Tensor, texts_group: torch.Tensor | None = None, 
     unit = F.normalize(targets.float(), dim=-1)
     same = unit @ unit.T >= 1 - tol  # (N, N)
     if texts_group is not None:
-        assert texts_group.shape == (targets.shape[0],), f"texts_group {tuple(texts_group.shape)} vs targets {tuple(targets.shape)}"
+        assert texts_group.shape == (targets.shape[0],), (
+            f"texts_group {tuple(texts_group.shape)} vs targets {tuple(targets.shape)}"
+        )
         same |= texts_group[:, None] == texts_group[None, :]
     return same
 
 
-def distillation(student: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor, same: torch.Tensor, loss: str,
-                 alpha: float = 0.1, cl_base: str = "mse", temperature: torch.Tensor | float = 0.05,
-                 normalized: bool = True) -> dict[str, torch.Tensor]:
+def distillation(
+    student: torch.Tensor,
+    targets: torch.Tensor,
+    positive: torch.Tensor,
+    same: torch.Tensor,
+    loss: str,
+    alpha: float = 0.1,
+    cl_base: str = "mse",
+    temperature: torch.Tensor | float = 0.05,
+    normalized: bool = True,
+) -> dict[str, torch.Tensor]:
     """The student-to-teacher loss chosen by `--loss`; shapes as in `info_nce`.
 
     mse: MSE(s, t); cosine: 1 - cos(s, t); cl: (1 - alpha) * base(s, t) + alpha * InfoNCE, base = mse or cosine,
@@ -73,11 +89,15 @@ def distillation(student: torch.Tensor, targets: torch.Tensor, positive: torch.T
     assert loss == "cl", f"unknown loss {loss!r}"
     base = (mse if cl_base == "mse" else cosine)(pointwise, own)
     parts = {name: (1 - alpha) * value for name, value in base.items()}
-    parts.update({name: alpha * value for name, value in info_nce(student, targets, positive, same, temperature).items()})
+    parts.update(
+        {name: alpha * value for name, value in info_nce(student, targets, positive, same, temperature).items()}
+    )
     return parts
 
 
-def layer_kd(predicted: list[torch.Tensor], targets: list[torch.Tensor], weight: float = 1.0) -> dict[str, torch.Tensor]:
+def layer_kd(
+    predicted: list[torch.Tensor], targets: list[torch.Tensor], weight: float = 1.0
+) -> dict[str, torch.Tensor]:
     """K projected student layer states (B, H_teacher) and the cached teacher layer states (B, H_teacher) ->
     {"layer_kd": weight * mean over the K layers of MSE(predicted_k, target_k)}."""
     assert len(predicted) == len(targets) > 0, f"{len(predicted)} predicted layers vs {len(targets)} targets"

@@ -39,7 +39,9 @@ def contents(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if not lock.is_lock(p.name)) if out.is_dir() else []
 
 
-def check(out: Path, reuse: bool, refusal: str | None = None, owned: Callable[[str], bool] | None = None, command: str = "") -> list[str]:
+def check(
+    out: Path, reuse: bool, refusal: str | None = None, owned: Callable[[str], bool] | None = None, command: str = ""
+) -> list[str]:
     """Refuse a non-empty --out unless `reuse` (the user's --resume or --overwrite, or the stage's own output there);
     `refusal` ends the line after "--out OUT is not empty" (default: choose an empty folder or --overwrite). With `owned`,
     a reused folder may hold only the files `owned(name)` claims: --overwrite replaces a previous `command`'s own files
@@ -50,8 +52,10 @@ def check(out: Path, reuse: bool, refusal: str | None = None, owned: Callable[[s
         raise UserError(f"--out {out} is not empty{refusal}")
     foreign = [name for name in present if owned is not None and not owned(name)]
     if foreign:
-        raise UserError(f"--out {out} holds files {command} did not write ({', '.join(foreign[:5])}); "
-                        "choose another folder (--overwrite only replaces a previous run's own files)")
+        raise UserError(
+            f"--out {out} holds files {command} did not write ({', '.join(foreign[:5])}); "
+            "choose another folder (--overwrite only replaces a previous run's own files)"
+        )
     return present
 
 

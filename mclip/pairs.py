@@ -30,12 +30,16 @@ class Pairs:
     Python object, or a copy of a caption, per pair: 17 bytes a pair on disk, read through the page cache every rank
     on a node shares."""
 
-    sources: list  # per language: the text column (`shards.Column` over a dataset's or the cache's memory-mapped batches)
+    sources: (
+        list  # per language: the text column (`shards.Column` over a dataset's or the cache's memory-mapped batches)
+    )
     src: np.ndarray  # (P,) int64 row of each pair's caption in sources[langs[i]]
     rows: np.ndarray  # (P,) int64 cache rows
     langs: np.ndarray  # (P,) int8 index into `languages`
     languages: list[str]
-    cache_groups: np.ndarray  # (N,) per cache row: equal for rows with the same English caption (one target, as in stage 3)
+    cache_groups: (
+        np.ndarray
+    )  # (N,) per cache row: equal for rows with the same English caption (one target, as in stage 3)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -58,8 +62,14 @@ class Pairs:
     def subset(self, keep: np.ndarray) -> Pairs:
         """The pairs where `keep` (a mask), in memory: for the validation set and the vocabulary pass, not the whole data."""
         idx = np.flatnonzero(keep)
-        return Pairs(self.sources, np.asarray(self.src[idx]), np.asarray(self.rows[idx]), np.asarray(self.langs[idx]),
-                     self.languages, self.cache_groups)
+        return Pairs(
+            self.sources,
+            np.asarray(self.src[idx]),
+            np.asarray(self.rows[idx]),
+            np.asarray(self.langs[idx]),
+            self.languages,
+            self.cache_groups,
+        )
 
     def digest(self) -> str:
         """What the pairs are (texts, rows, languages, in order): a resumed run must train on exactly these."""
@@ -80,7 +90,9 @@ class _PairWriter:
     def __init__(self, folder: Path, languages: list[str]):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.files = {(k, name): open(folder / f"{name}.{k}", "wb") for k in range(len(languages)) for name in PAIR_FILES}
+        self.files = {
+            (k, name): open(folder / f"{name}.{k}", "wb") for k in range(len(languages)) for name in PAIR_FILES
+        }
         self.count = np.zeros(len(languages), dtype=np.int64)
 
     def add(self, k: int, src: np.ndarray, rows: np.ndarray) -> None:
@@ -103,7 +115,9 @@ class _PairWriter:
 
 
 def _open(folder: Path, sources: list, languages: list[str], cache_groups) -> Pairs:
-    arrays = {name: shards.RawArray(folder / name, dtype) for name, dtype in PAIR_FILES.items()}  # read by pread: flat RSS
+    arrays = {
+        name: shards.RawArray(folder / name, dtype) for name, dtype in PAIR_FILES.items()
+    }  # read by pread: flat RSS
     return Pairs(sources, arrays["src"], arrays["rows"], arrays["langs"], languages, cache_groups)
 
 
@@ -127,8 +141,11 @@ def _cache_groups(cache, folder: Path) -> np.ndarray:
 
 def hash_unit(ids: list[str], seed: int) -> np.ndarray:
     """A uniform number in [0, 1) per id from blake2b(seed:id): a split that holds across runs, machines and row order."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") / 2.0**64 for i in ids),
-                       dtype=np.float64, count=len(ids))
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") / 2.0**64 for i in ids),
+        dtype=np.float64,
+        count=len(ids),
+    )
 
 
 class _Captions(CaptionFile):
@@ -138,8 +155,17 @@ class _Captions(CaptionFile):
         super().__init__(data, split, languages, id_column=config.id_column, template=config.text_column_template)
 
 
-def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder: Path, held: Bits | None,
-          is_val: Bits | None, seed: int, val_fraction: float) -> tuple[dict, dict]:
+def _join(
+    captions: _Captions,
+    languages: list[str],
+    index,
+    n_cache: int,
+    folder: Path,
+    held: Bits | None,
+    is_val: Bits | None,
+    seed: int,
+    val_fraction: float,
+) -> tuple[dict, dict]:
     """Stream one caption file into pair files under folder/"all" (and folder/"held" for held-out ids): per language,
     each non-blank caption whose id is in the cache. "en" pairs take the cache's own text (what the teacher embedded) for
     every id joined in another language. `held`: the cache rows held out for validation (from --val-data), else the
@@ -148,7 +174,9 @@ def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder
     writers = {"all": _PairWriter(folder / "all", languages), "held": _PairWriter(folder / "held", languages)}
     joined = Bits(n_cache)  # cache rows that joined in some language: the English pairs' rows
     trained = Bits(n_cache)  # cache rows with a training pair
-    report = {lang: {"pairs": 0, "empty_texts": 0, "ids_without_target": 0, "examples_without_target": []} for lang in others}
+    report = {
+        lang: {"pairs": 0, "empty_texts": 0, "ids_without_target": 0, "examples_without_target": []} for lang in others
+    }
     seen = {lang: Bits(n_cache) for lang in others}
     for start, ids, part in captions.chunks():  # refuses a long format's language without rows at the end
         rows = index.lookup(ids)  # (chunk,) cache row per data row, -1 where the cache lacks the id
@@ -165,7 +193,9 @@ def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder
             stats["empty_texts"] += in_lang - len(keep)
             stats["ids_without_target"] += len(lost)
             if len(stats["examples_without_target"]) < 20 and len(lost):
-                stats["examples_without_target"] += ids.take(pa.array(lost[: 20 - len(stats["examples_without_target"])])).to_pylist()
+                stats["examples_without_target"] += ids.take(
+                    pa.array(lost[: 20 - len(stats["examples_without_target"])])
+                ).to_pylist()
             src, r = start + keep[ok], r[ok]
             out = held[r] if held is not None else (is_val[r] if is_val is not None else np.zeros(len(r), bool))
             k = languages.index(lang)
@@ -184,7 +214,11 @@ def _join(captions: _Captions, languages: list[str], index, n_cache: int, folder
             out = held[r] if held is not None else (is_val[r] if is_val is not None else np.zeros(len(r), bool))
             writers["all"].add(k, r[~out], r[~out])  # an English pair's caption is the cache's text of its own row
             writers["held"].add(k, r[out], r[out])
-        report["en"] = {"pairs": joined.count(), "source": "cache text", "targets_without_text": n_cache - joined.count()}
+        report["en"] = {
+            "pairs": joined.count(),
+            "source": "cache text",
+            "targets_without_text": n_cache - joined.count(),
+        }
     for writer in writers.values():
         writer.close()
     return report, {name: int(w.count.sum()) for name, w in writers.items()} | {"train_ids": trained.count()}
@@ -208,12 +242,18 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
 
     def load_join(data: str, split: str, sub: str, held, is_val) -> dict:
         captions = _Captions(config, data, split, others)
-        files[sub] = {"files": captions.files, "columns": captions.columns, "rows": len(captions)} if captions.files else None
-        report, counts = _join(captions, languages, index, n, folder / sub, held, is_val, config.seed, config.val_fraction)
+        files[sub] = (
+            {"files": captions.files, "columns": captions.columns, "rows": len(captions)} if captions.files else None
+        )
+        report, counts = _join(
+            captions, languages, index, n, folder / sub, held, is_val, config.seed, config.val_fraction
+        )
         if not any(report[lang]["pairs"] for lang in others):
             sample = next(iter(captions.chunks()))[1][:3].to_pylist() if len(captions) else []
-            raise UserError(f"no caption id in {data} matches an id in the cache {config.cache} (data ids {sample} vs cache ids "
-                            f"{sample_ids}); build the cache from the same rows with `mclip embed-teacher --id-column {config.id_column}`")
+            raise UserError(
+                f"no caption id in {data} matches an id in the cache {config.cache} (data ids {sample} vs cache ids "
+                f"{sample_ids}); build the cache from the same rows with `mclip embed-teacher --id-column {config.id_column}`"
+            )
         return report | {"_counts": counts}
 
     held = is_val = None
@@ -231,7 +271,9 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
     val_rows = held_rows.rows() if held_rows is not None else np.zeros(0, np.int64)
     if config.val_fraction > 0 and not config.val_data and len(val_rows) == 0:
         candidates = report["en"]["pairs"] if "en" in report else sum(report[lang]["pairs"] for lang in others)
-        raise UserError(f"val_fraction={config.val_fraction} holds out none of the {candidates} ids; raise it or pass --val-data")
+        raise UserError(
+            f"val_fraction={config.val_fraction} holds out none of the {candidates} ids; raise it or pass --val-data"
+        )
     eval_rows = np.zeros(0, np.int64)
     if len(val_rows):  # the validation ids the periodic evaluation scores: the smallest hashes, at most val_max_ids
         order = np.argsort(hash_unit(cache.column("id").take(val_rows).to_pylist(), config.seed), kind="stable")
@@ -239,8 +281,15 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
     counts = report.pop("_counts")
     if val_report is not None:
         report["validation_join"] = {k: v for k, v in val_report.items() if k != "_counts"}
-    report.update({"train_pairs": counts["all"], "train_ids": counts["train_ids"], "validation_ids": len(val_rows), "held_out_pairs": counts["held"],
-                   "languages": languages})
+    report.update(
+        {
+            "train_pairs": counts["all"],
+            "train_ids": counts["train_ids"],
+            "validation_ids": len(val_rows),
+            "held_out_pairs": counts["held"],
+            "languages": languages,
+        }
+    )
     np.save(folder / "eval_rows.npy", eval_rows)
     (folder / "sources.json").write_text(json.dumps(files))
     (folder / "report.json").write_text(json.dumps(report))
@@ -277,14 +326,23 @@ def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs |
     eval_rows = np.load(folder / "eval_rows.npy")
     val = None
     if len(eval_rows):
-        held = _open(folder / "val" / "all", sources(config.val_data, config.val_split, "val"), languages, cache_groups) if config.val_data \
+        held = (
+            _open(folder / "val" / "all", sources(config.val_data, config.val_split, "val"), languages, cache_groups)
+            if config.val_data
             else _open(folder / "train" / "held", train_sources, languages, cache_groups)
+        )
         # eval_rows is sorted and small (--val-max-ids): a membership test per block, nothing per cache row
-        keep = np.concatenate([np.isin(rows, eval_rows) for _, rows in held.rows.blocks(CHUNK)]) if len(held) else np.zeros(0, bool)
+        keep = (
+            np.concatenate([np.isin(rows, eval_rows) for _, rows in held.rows.blocks(CHUNK)])
+            if len(held)
+            else np.zeros(0, bool)
+        )
         val = held.subset(keep)
     report.update({"eval_ids": len(np.unique(val.rows)) if val else 0, "eval_pairs": len(val) if val else 0})
     if len(train) == 0:
-        raise UserError("no training pairs are left after holding out validation ids; lower --val-fraction or check --val-data")
+        raise UserError(
+            "no training pairs are left after holding out validation ids; lower --val-fraction or check --val-data"
+        )
     return train, val, report
 
 

@@ -72,7 +72,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise UserError(f"--set {key!r} is nested too deep; write section.key, e.g. train.lr")
         if path and path[0] not in SECTIONS:
             close = difflib.get_close_matches(path[0], list(SECTIONS), n=1)
-            raise UserError(f"--set {key!r}: unknown section {path[0]!r}" + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(SECTIONS)}"))
+            raise UserError(
+                f"--set {key!r}: unknown section {path[0]!r}"
+                + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(SECTIONS)}")
+            )
         target = raw.setdefault(path[0], {}) if path else raw
         target[leaf] = _parse_value(value.strip())
     return raw
@@ -89,10 +92,16 @@ def load_pipeline(path: str | Path, out: str | None = None, overrides: list[str]
     for key in raw:
         if key not in top:
             close = difflib.get_close_matches(key, sorted(top), n=1)
-            raise ConfigError(f"unknown key {key!r} in {path}" + (f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(top))}"))
+            raise ConfigError(
+                f"unknown key {key!r} in {path}"
+                + (f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(top))}")
+            )
     run_dir = Path(out) if out else (_resolve_out(raw.get("out"), base, path))
-    stage_out = {"embed": {"out": run_dir / "cache"}, "train": {"cache": run_dir / "cache", "out": run_dir / "train"},
-                 "eval": {"model": run_dir / "train" / "final", "cache": run_dir / "cache", "out": run_dir / "eval"}}
+    stage_out = {
+        "embed": {"out": run_dir / "cache"},
+        "train": {"cache": run_dir / "cache", "out": run_dir / "train"},
+        "eval": {"model": run_dir / "train" / "final", "cache": run_dir / "cache", "out": run_dir / "eval"},
+    }
     configs = {}
     for name, cls in SECTIONS.items():
         section = raw.get(name, {})
@@ -109,7 +118,7 @@ def load_pipeline(path: str | Path, out: str | None = None, overrides: list[str]
 
 def _resolve_out(value, base: Path, path: Path) -> Path:
     if not value:
-        raise UserError(f"{path} sets no out folder; add out = \"...\" to it or pass --out")
+        raise UserError(f'{path} sets no out folder; add out = "..." to it or pass --out')
     return (base / value).resolve()
 
 
@@ -133,10 +142,14 @@ def run(config: PipelineConfig) -> PipelineResult:
 
         say(f"[2/3] train-student -> {config.train.out}")
         stages["train"] = "skipped" if train_student.is_complete(config.train) else "ran"
-        train_student.run(dataclasses.replace(config.train, resume=True))  # one command starts, resumes or finds the run done
+        train_student.run(
+            dataclasses.replace(config.train, resume=True)
+        )  # one command starts, resumes or finds the run done
 
         say(f"[3/3] eval-retrieval -> {config.eval.out}")
-        if not ctx.is_main:  # stage 3 is one process: rank 0 scores; the others end here (a wait could pass NCCL's timeout)
+        if (
+            not ctx.is_main
+        ):  # stage 3 is one process: rank 0 scores; the others end here (a wait could pass NCCL's timeout)
             return PipelineResult(out, {**stages, "eval": "rank 0"}, {}, time.perf_counter() - start)
         if eval_retrieval.is_complete(config.eval):
             stages["eval"] = "skipped"
@@ -147,8 +160,10 @@ def run(config: PipelineConfig) -> PipelineResult:
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     result = PipelineResult(out, stages, metrics, time.perf_counter() - start)
     print(summary_table(config, metrics))
-    say(f"mclip run: {config.name} done in {result.seconds:.0f}s ({', '.join(f'{k} {v}' for k, v in stages.items())}); "
-        f"metrics in {eval_dir / 'metrics.json'}")
+    say(
+        f"mclip run: {config.name} done in {result.seconds:.0f}s ({', '.join(f'{k} {v}' for k, v in stages.items())}); "
+        f"metrics in {eval_dir / 'metrics.json'}"
+    )
     return result
 
 
@@ -156,9 +171,15 @@ def summary_table(config: PipelineConfig, metrics: dict) -> str:
     """The table that makes the point: student(xx) -> teacher(en) beside the teacher used directly on xx text."""
     languages = [lang for lang in config.eval.languages if lang != "en"]
     ks = [k for k in (1, 5) if k in config.eval.ks] or list(config.eval.ks[:2])
-    head = "| lang | " + " | ".join(f"student R@{k}" for k in ks) + " | " + " | ".join(f"teacher R@{k}" for k in ks) + " |"
-    lines = [f"{config.name}: retrieval of the English caption (teacher space) from a caption in another language", "", head,
-             "|" + "---|" * (1 + 2 * len(ks))]
+    head = (
+        "| lang | " + " | ".join(f"student R@{k}" for k in ks) + " | " + " | ".join(f"teacher R@{k}" for k in ks) + " |"
+    )
+    lines = [
+        f"{config.name}: retrieval of the English caption (teacher space) from a caption in another language",
+        "",
+        head,
+        "|" + "---|" * (1 + 2 * len(ks)),
+    ]
 
     def cell(key: str) -> str:
         return f"{metrics[key]:.3f}" if key in metrics else "-"

@@ -29,8 +29,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def ranks_from_topk(ids: np.ndarray, scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
-                    atol: float = TIE_ATOL) -> np.ndarray:
+def ranks_from_topk(
+    ids: np.ndarray, scores: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray, atol: float = TIE_ATOL
+) -> np.ndarray:
     """Each query's rank (1-based, float) of its best relevant gallery item, ties counted against it; inf when unknown.
 
     ids, scores (Q, L): the top-L gallery indices and scores per query, best first, id -1 for padding.
@@ -42,15 +43,25 @@ def ranks_from_topk(ids: np.ndarray, scores: np.ndarray, query_labels: np.ndarra
     ids, gallery_labels = np.asarray(ids), np.asarray(gallery_labels)
     assert ids.ndim == 2, f"ids {ids.shape} must be (Q, L)"
     valid = ids >= 0  # (Q, L)
-    return ranks_from_labels(gallery_labels[np.where(valid, ids, 0)], valid, scores, query_labels, len(gallery_labels), atol)
+    return ranks_from_labels(
+        gallery_labels[np.where(valid, ids, 0)], valid, scores, query_labels, len(gallery_labels), atol
+    )
 
 
-def ranks_from_labels(found: np.ndarray, valid: np.ndarray, scores: np.ndarray, query_labels: np.ndarray, gallery_size: int,
-                      atol: float = TIE_ATOL) -> np.ndarray:
+def ranks_from_labels(
+    found: np.ndarray,
+    valid: np.ndarray,
+    scores: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_size: int,
+    atol: float = TIE_ATOL,
+) -> np.ndarray:
     """`ranks_from_topk` given the labels of the listed items: found (Q, L) labels, valid (Q, L) False for padding,
     scores (Q, L) best first, query_labels (Q,), gallery_size G: how many items were searched."""
     scores, query_labels = np.asarray(scores, dtype=np.float64), np.asarray(query_labels)
-    assert found.shape == scores.shape == valid.shape and scores.ndim == 2, f"found {found.shape}, scores {scores.shape} must be (Q, L)"
+    assert found.shape == scores.shape == valid.shape and scores.ndim == 2, (
+        f"found {found.shape}, scores {scores.shape} must be (Q, L)"
+    )
     assert scores.shape[0] == len(query_labels), f"{scores.shape[0]} result rows for {len(query_labels)} queries"
     relevant = valid & (found == query_labels[:, None])
     best = np.where(relevant, scores, -np.inf).max(axis=1) if scores.shape[1] else np.full(len(scores), -np.inf)  # (Q,)
@@ -84,7 +95,9 @@ class RankCounts:
 
         n = max(self.n, 1)
         out = {f"R@{k}": sum(c for r, c in self.at.items() if r <= k) / n for k in self.ks}
-        out[f"MRR@{max(self.ks)}"] = float(sum((Fraction(c) / Fraction(r) for r, c in self.at.items()), Fraction(0)) / n)
+        out[f"MRR@{max(self.ks)}"] = float(
+            sum((Fraction(c) / Fraction(r) for r, c in self.at.items()), Fraction(0)) / n
+        )
         return out
 
 
@@ -122,8 +135,10 @@ def make_index(factory: str, dim: int):
     try:
         return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise UserError(f"FAISS rejects index {factory!r} for dimension {dim} ({_faiss_message(exc)}); "
-                        "use Flat (exact) or a factory string such as IVF256,Flat, HNSW32, IVF256,PQ16") from None
+        raise UserError(
+            f"FAISS rejects index {factory!r} for dimension {dim} ({_faiss_message(exc)}); "
+            "use Flat (exact) or a factory string such as IVF256,Flat, HNSW32, IVF256,PQ16"
+        ) from None
 
 
 def default_nprobe(nlist: int) -> int:
@@ -179,7 +194,9 @@ class IndexBuilder:
                 pass
         self.train_size = 0 if self.index.is_trained else max(TRAIN_MIN, TRAIN_PER_LIST * (self.nlist or 0))
         self.labelled = labelled
-        self._top = faiss.IndexIDMap(self.index) if labelled and self.nlist is None else self.index  # what adds and searches
+        self._top = (
+            faiss.IndexIDMap(self.index) if labelled and self.nlist is None else self.index
+        )  # what adds and searches
         self._held: list[np.ndarray] = []  # vectors added before the index is trained
         self._held_ids: list[np.ndarray] = []
         self._held_rows = 0
@@ -197,9 +214,11 @@ class IndexBuilder:
         try:
             self.index.train(sample)
         except RuntimeError as exc:
-            raise UserError(f"index {self.factory!r} cannot be trained on this gallery of {len(sample):,} vectors "
-                            f"({_faiss_message(exc)}); use fewer IVF lists (e.g. IVF{max(1, len(sample) // 39)},Flat) "
-                            "or the exact Flat index") from None
+            raise UserError(
+                f"index {self.factory!r} cannot be trained on this gallery of {len(sample):,} vectors "
+                f"({_faiss_message(exc)}); use fewer IVF lists (e.g. IVF{max(1, len(sample) // 39)},Flat) "
+                "or the exact Flat index"
+            ) from None
 
     def add(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
         """Append (B, D) vectors: with `labelled`, under `ids` (B,) int64, else their ids follow on from the vectors added before."""
@@ -247,8 +266,14 @@ class IndexBuilder:
             params.set_index_parameter(self.index, "quantizer_efSearch", max(64, 2 * probes))
         return self._top
 
-    def ranks(self, queries: np.ndarray, query_labels: np.ndarray, depth: int, batch_size: int = 4096,
-              label_of: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    def ranks(
+        self,
+        queries: np.ndarray,
+        query_labels: np.ndarray,
+        depth: int,
+        batch_size: int = 4096,
+        label_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> np.ndarray:
         """(Q,) ranks of L2-normalised `queries` against everything added: a listed item is relevant when its label
         equals the query's, its label being `label_of(id)`, or the id itself (a labelled index's ids, or positions)."""
         scores, ids = search(self.finish(depth), queries, depth, batch_size)
@@ -257,8 +282,9 @@ class IndexBuilder:
         return ranks_from_labels(found, valid, scores, query_labels, self.ntotal)
 
 
-def build_index(gallery: np.ndarray, factory: str = "Flat", nprobe: int | None = None, use_gpu: bool = True,
-                depth: int = 10):
+def build_index(
+    gallery: np.ndarray, factory: str = "Flat", nprobe: int | None = None, use_gpu: bool = True, depth: int = 10
+):
     """gallery (G, D) float32 -> a searchable FAISS inner-product index, trained on the gallery when it needs training
     (on its first `IndexBuilder.train_size` vectors).
 
@@ -277,15 +303,27 @@ def search(index, queries: np.ndarray, k: int, batch_size: int = 4096) -> tuple[
     scores = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), batch_size):
-        scores[start : start + batch_size], ids[start : start + batch_size] = index.search(queries[start : start + batch_size], k)
+        scores[start : start + batch_size], ids[start : start + batch_size] = index.search(
+            queries[start : start + batch_size], k
+        )
     return scores, ids
 
 
-def retrieve(queries: np.ndarray, gallery: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
-             ks: tuple[int, ...] = (1, 5, 10), factory: str = "Flat", nprobe: int | None = None, use_gpu: bool = True,
-             batch_size: int = 4096) -> tuple[dict[str, float], np.ndarray]:
+def retrieve(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    ks: tuple[int, ...] = (1, 5, 10),
+    factory: str = "Flat",
+    nprobe: int | None = None,
+    use_gpu: bool = True,
+    batch_size: int = 4096,
+) -> tuple[dict[str, float], np.ndarray]:
     """L2-normalise both sides, search the gallery with FAISS, and score: (metrics dict, ranks (Q,))."""
-    assert queries.shape[1] == gallery.shape[1], f"queries {queries.shape} and gallery {gallery.shape} differ in dimension"
+    assert queries.shape[1] == gallery.shape[1], (
+        f"queries {queries.shape} and gallery {gallery.shape} differ in dimension"
+    )
     assert len(gallery) == len(gallery_labels) and len(queries) == len(query_labels)
     depth = search_depth(gallery_labels, max(ks))
     index = build_index(l2_normalize(gallery), factory, nprobe, use_gpu, depth)

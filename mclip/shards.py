@@ -42,7 +42,9 @@ def layer_column(layer: int) -> str:
     return f"layer_{layer}"
 
 
-def cache_schema(dim: int, dtype: str, layer_dims: dict[int, int] | None = None, image_dim: int | None = None) -> pa.Schema:
+def cache_schema(
+    dim: int, dtype: str, layer_dims: dict[int, int] | None = None, image_dim: int | None = None
+) -> pa.Schema:
     """The Arrow schema of a shard: id, text, caption_group, embedding (D), optional layer_<i> (H) and
     image_id/image_embedding (D)."""
     value = ARROW_DTYPES[dtype]
@@ -120,7 +122,9 @@ def read_manifest(folder: Path) -> dict | None:
     except (OSError, ValueError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); restore it or rerun with --overwrite") from None
     if manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not an mclip teacher cache manifest; point to a folder written by `mclip embed-teacher`")
+        raise UserError(
+            f"{path} is not an mclip teacher cache manifest; point to a folder written by `mclip embed-teacher`"
+        )
     return manifest
 
 
@@ -213,7 +217,10 @@ class TeacherCache:
             if not path.is_file():
                 return path, "is missing"
             if shard.get("bytes") is not None and path.stat().st_size != shard["bytes"]:
-                return path, f"has {path.stat().st_size} bytes, not the {shard['bytes']} recorded in manifest.json (truncated or changed)"
+                return (
+                    path,
+                    f"has {path.stat().st_size} bytes, not the {shard['bytes']} recorded in manifest.json (truncated or changed)",
+                )
             stats = read_shard_stats(path)
             if stats is None or stats.get("rows") != shard["rows"]:
                 return path, "is truncated or unreadable"
@@ -223,8 +230,10 @@ class TeacherCache:
         """Raise a one-line UserError naming the first damaged shard (see `damage`)."""
         found = self.damage()
         if found is not None:
-            raise UserError(f"teacher cache shard {found[0]} {found[1]}; delete it and rerun the same `mclip embed-teacher` command "
-                            f"to recompute it (`mclip verify {self.path}` checks every file)")
+            raise UserError(
+                f"teacher cache shard {found[0]} {found[1]}; delete it and rerun the same `mclip embed-teacher` command "
+                f"to recompute it (`mclip verify {self.path}` checks every file)"
+            )
 
     def verify(self) -> list[str]:
         """Problems found (missing files, changed checksums, row counts); empty when the cache is intact."""
@@ -253,7 +262,9 @@ def open_cache(path: str | Path, check: bool = True) -> TeacherCache:
     if manifest is None:
         raise UserError(f"{folder} has no {MANIFEST}; point to a folder written by `mclip embed-teacher`")
     if not manifest.get("complete"):
-        raise UserError(f"teacher cache {folder} is incomplete; rerun the same `mclip embed-teacher` command to finish it")
+        raise UserError(
+            f"teacher cache {folder} is incomplete; rerun the same `mclip embed-teacher` command to finish it"
+        )
     cache = TeacherCache(folder, manifest)
     if check:
         cache.check()

@@ -31,8 +31,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooler: str) -> torch.Tensor:
 class StudentEncoder(nn.Module):
     """backbone (B, T) -> pooled (B, H) -> projection (B, D). Constructed from ready objects; `load`/`build_student` take names."""
 
-    def __init__(self, backbone: nn.Module, tokenizer, dim: int, pooler: str = "mean", max_length: int = 128,
-                 projection: nn.Linear | None = None, meta: dict | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        dim: int,
+        pooler: str = "mean",
+        max_length: int = 128,
+        projection: nn.Linear | None = None,
+        meta: dict | None = None,
+    ):
         super().__init__()
         if pooler not in POOLERS:
             raise UserError(f"pooler={pooler!r} is not valid; choose one of {', '.join(POOLERS)}")
@@ -40,8 +48,9 @@ class StudentEncoder(nn.Module):
         self.hidden_size = int(backbone.config.hidden_size)
         self.dim = int(dim)
         self.projection = projection if projection is not None else nn.Linear(self.hidden_size, self.dim)
-        assert self.projection.in_features == self.hidden_size and self.projection.out_features == self.dim, \
+        assert self.projection.in_features == self.hidden_size and self.projection.out_features == self.dim, (
             f"projection {self.projection} does not map {self.hidden_size} -> {self.dim}"
+        )
         limit = int(getattr(backbone.config, "max_position_embeddings", max_length) or max_length)
         if getattr(backbone.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
             limit -= 2  # RoBERTa-family position ids start after the padding index
@@ -58,16 +67,26 @@ class StudentEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False):
         """input_ids, attention_mask (B, T) -> embedding (B, D) not normalised, and all hidden states (or None)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+        )
         emb = self.projection(pool(out.last_hidden_state, attention_mask, self.pooler))
         return emb, (out.hidden_states if output_hidden_states else None)
 
     def tokenize(self, texts: Sequence[str]) -> dict:
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str] | str, batch_size: int = 64, device: str | torch.device | None = None,
-               normalize: bool = True, show_progress: bool = False) -> np.ndarray:
+    def encode(
+        self,
+        texts: Sequence[str] | str,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        normalize: bool = True,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         """Texts -> (N, D) float32 numpy: length-sorted batches, truncation to the model's limit, any device."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
@@ -96,9 +115,20 @@ class StudentEncoder(nn.Module):
         self.tokenizer.save_pretrained(path)
         self.save_modules(path)
         # what this object is wins over what a loaded folder's meta said (an older version, another max_length)
-        _write_json(path / META, {**self.meta, "format": "mclip-student", "mclip_version": __version__, "pooler": self.pooler,
-                                  "dim": self.dim, "hidden_size": self.hidden_size, "max_length": self.max_length,
-                                  "projection": DENSE_DIR, "normalize": True})
+        _write_json(
+            path / META,
+            {
+                **self.meta,
+                "format": "mclip-student",
+                "mclip_version": __version__,
+                "pooler": self.pooler,
+                "dim": self.dim,
+                "hidden_size": self.hidden_size,
+                "max_length": self.max_length,
+                "projection": DENSE_DIR,
+                "normalize": True,
+            },
+        )
         return path
 
     def save_modules(self, path: Path) -> None:
@@ -106,24 +136,54 @@ class StudentEncoder(nn.Module):
         An ONNX export writes them too, so sentence-transformers' ONNX backend pools and projects as mclip does."""
         from safetensors.torch import save_file
 
-        _write_json(path / "modules.json", [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": DENSE_DIR, "type": "sentence_transformers.models.Dense"},
-            {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"},
-        ])
+        _write_json(
+            path / "modules.json",
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": DENSE_DIR, "type": "sentence_transformers.models.Dense"},
+                {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ],
+        )
         _write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
-        _write_json(path / "config_sentence_transformers.json", {"__version__": {"mclip": __version__}, "prompts": {},
-                                                                  "default_prompt_name": None, "similarity_fn_name": "cosine"})
-        _write_json(path / "1_Pooling" / "config.json", {
-            "word_embedding_dimension": self.hidden_size, "pooling_mode_cls_token": self.pooler == "cls",
-            "pooling_mode_mean_tokens": self.pooler == "mean", "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": False, "include_prompt": True})
-        _write_json(path / DENSE_DIR / "config.json", {"in_features": self.hidden_size, "out_features": self.dim, "bias": True,
-                                                      "activation_function": "torch.nn.modules.linear.Identity"})
-        save_file({"linear.weight": self.projection.weight.detach().cpu().contiguous(),
-                   "linear.bias": self.projection.bias.detach().cpu().contiguous()}, str(path / DENSE_DIR / "model.safetensors"))
+        _write_json(
+            path / "config_sentence_transformers.json",
+            {
+                "__version__": {"mclip": __version__},
+                "prompts": {},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            },
+        )
+        _write_json(
+            path / "1_Pooling" / "config.json",
+            {
+                "word_embedding_dimension": self.hidden_size,
+                "pooling_mode_cls_token": self.pooler == "cls",
+                "pooling_mode_mean_tokens": self.pooler == "mean",
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+                "pooling_mode_weightedmean_tokens": False,
+                "pooling_mode_lasttoken": False,
+                "include_prompt": True,
+            },
+        )
+        _write_json(
+            path / DENSE_DIR / "config.json",
+            {
+                "in_features": self.hidden_size,
+                "out_features": self.dim,
+                "bias": True,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            },
+        )
+        save_file(
+            {
+                "linear.weight": self.projection.weight.detach().cpu().contiguous(),
+                "linear.bias": self.projection.bias.detach().cpu().contiguous(),
+            },
+            str(path / DENSE_DIR / "model.safetensors"),
+        )
         (path / "3_Normalize").mkdir(exist_ok=True)
 
 
@@ -144,19 +204,27 @@ def _backbone(name_or_path: str, trust_remote_code: bool, ours: bool = False):
     name_or_path = resolve_source(str(name_or_path))
     trust.check_folder(name_or_path, trust_remote_code, "student")
     if ours and not (Path(name_or_path) / "model.safetensors").is_file():
-        raise UserError(f"{name_or_path} has no model.safetensors; mclip loads its own students from safetensors only "
-                        "(never pickled weights): point to a folder written by mclip")
+        raise UserError(
+            f"{name_or_path} has no model.safetensors; mclip loads its own students from safetensors only "
+            "(never pickled weights): point to a folder written by mclip"
+        )
     try:
         config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         trust.check_config(config, str(name_or_path), trust_remote_code, "student")
-        backbone = AutoModel.from_pretrained(str(name_or_path), config=config, trust_remote_code=trust_remote_code,
-                                             use_safetensors=True if ours else None)
+        backbone = AutoModel.from_pretrained(
+            str(name_or_path),
+            config=config,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True if ours else None,
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if trust.is_remote_code_error(exc):
             raise trust.refusal("student", str(name_or_path), "a model_type only its own code defines") from None
         first = first_line(exc, 200)
-        raise UserError(f"cannot load student {str(name_or_path)!r}: {first}; pass a hub id or a folder with config.json") from None
+        raise UserError(
+            f"cannot load student {str(name_or_path)!r}: {first}; pass a hub id or a folder with config.json"
+        ) from None
     if hasattr(backbone, "text_model") and not hasattr(backbone.config, "hidden_size"):
         raise UserError(f"{name_or_path!r} is a two-tower model; pass a text encoder as --student")
     return backbone, tokenizer
@@ -165,8 +233,15 @@ def _backbone(name_or_path: str, trust_remote_code: bool, ours: bool = False):
 PROJECTION_INITS = ("auto", "identity", "random")
 
 
-def build_student(name_or_path: str, dim: int, pooler: str = "mean", max_length: int = 128, trust_remote_code: bool = False,
-                  meta: dict | None = None, projection_init: str = "auto") -> StudentEncoder:
+def build_student(
+    name_or_path: str,
+    dim: int,
+    pooler: str = "mean",
+    max_length: int = 128,
+    trust_remote_code: bool = False,
+    meta: dict | None = None,
+    projection_init: str = "auto",
+) -> StudentEncoder:
     """A fresh student from any HF encoder (hub id or folder) with a new projection to `dim`.
 
     projection_init "identity" (what "auto" picks when the hidden size equals `dim`) starts the projection as the identity:
@@ -177,16 +252,28 @@ def build_student(name_or_path: str, dim: int, pooler: str = "mean", max_length:
     projection = None
     if projection_init == "identity" or (projection_init == "auto" and hidden == dim):
         if hidden != dim:
-            raise UserError(f"projection_init=identity needs the student's hidden size ({hidden}) to equal the teacher's dim ({dim}); use random")
+            raise UserError(
+                f"projection_init=identity needs the student's hidden size ({hidden}) to equal the teacher's dim ({dim}); use random"
+            )
         projection = nn.Linear(hidden, dim)
         with torch.no_grad():
             projection.weight.copy_(torch.eye(dim))
             projection.bias.zero_()
-    return StudentEncoder(backbone, tokenizer, dim, pooler=pooler, max_length=max_length, projection=projection, meta=meta)
+    return StudentEncoder(
+        backbone, tokenizer, dim, pooler=pooler, max_length=max_length, projection=projection, meta=meta
+    )
 
 
-def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, english=None, keep=(), min_piece_rate: float = 0.0,
-                      stems: int = 0, stem_piece_rate: float = 0.75) -> list[str]:
+def extend_vocabulary(
+    student: StudentEncoder,
+    texts,
+    min_word_count: int = 0,
+    english=None,
+    keep=(),
+    min_piece_rate: float = 0.0,
+    stems: int = 0,
+    stem_piece_rate: float = 0.75,
+) -> list[str]:
     """Add new tokens to the student for what its tokenizer reads badly in `texts`; returns the added tokens.
 
     Always: the characters it can only map to its unknown token (an English-vocabulary student reads most Chinese as
@@ -230,10 +317,14 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
             inside |= {w for w in spelt if len(w) >= vocab.STEM_MIN_CHARS}
         added += sorted(set(words) | inside)
 
-    def token(t: str) -> AddedToken:  # single_word: a word matches whole words only; normalized: as the tokenizer normalises text
+    def token(
+        t: str,
+    ) -> AddedToken:  # single_word: a word matches whole words only; normalized: as the tokenizer normalises text
         return AddedToken(t, single_word=len(t) > 1 and t not in inside, normalized=True)
 
-    while added and keep:  # drop what would change a kept text; again, since a dropped word can uncover a character inside it
+    while (
+        added and keep
+    ):  # drop what would change a kept text; again, since a dropped word can uncover a character inside it
         trial = copy.deepcopy(tok)
         trial.add_tokens([token(t) for t in added])
         first = len(tok)
@@ -248,7 +339,12 @@ def extend_vocabulary(student: StudentEncoder, texts, min_word_count: int = 0, e
     if english is not None:  # the English side in the old vocabulary, before any new token can claim its words
         english = list(english)
         unique = sorted(set(english))
-        old_ids = dict(zip(unique, tok(unique, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"]))
+        old_ids = dict(
+            zip(
+                unique,
+                tok(unique, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"],
+            )
+        )
     first_new = len(tok)
     tok.add_tokens([token(t) for t in added])
     student.backbone.resize_token_embeddings(len(tok))
@@ -273,7 +369,9 @@ def align_new_tokens(student: StudentEncoder, texts: list[str], english_ids: lis
     sums = torch.zeros(table.shape[0] - first_new, table.shape[1], dtype=torch.float64)
     counts = torch.zeros(table.shape[0] - first_new, dtype=torch.float64)
     centroids: dict[tuple, torch.Tensor | None] = {}  # mean old-token embedding per English caption
-    for ids, en in zip(tok(texts, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"], english_ids):
+    for ids, en in zip(
+        tok(texts, add_special_tokens=False, truncation=True, max_length=student.max_length)["input_ids"], english_ids
+    ):
         new = sorted({t - first_new for t in ids if t >= first_new})
         if not new:
             continue
@@ -295,9 +393,13 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
     path = Path(path)
     meta_path = path / META
     if not meta_path.exists():
-        raise UserError(f"{path} is not an exported mclip student (no {META}); pass a run's final/ folder or a checkpoint folder")
+        raise UserError(
+            f"{path} is not an exported mclip student (no {META}); pass a run's final/ folder or a checkpoint folder"
+        )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") == ONNX_FORMAT:  # an `mclip export` folder: onnxruntime runs it (eval-retrieval can score it too)
+    if (
+        meta.get("format") == ONNX_FORMAT
+    ):  # an `mclip export` folder: onnxruntime runs it (eval-retrieval can score it too)
         from mclip.export import load_onnx
 
         return load_onnx(path, device=None if device is None else str(device))
@@ -305,8 +407,15 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
     weights = load_file(str(path / meta.get("projection", DENSE_DIR) / "model.safetensors"))
     projection = nn.Linear(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
     projection.load_state_dict({"weight": weights["linear.weight"], "bias": weights["linear.bias"]})
-    model = StudentEncoder(backbone, tokenizer, meta["dim"], pooler=meta["pooler"], max_length=meta["max_length"],
-                           projection=projection, meta=meta).eval()
+    model = StudentEncoder(
+        backbone,
+        tokenizer,
+        meta["dim"],
+        pooler=meta["pooler"],
+        max_length=meta["max_length"],
+        projection=projection,
+        meta=meta,
+    ).eval()
     return model.to(device) if device is not None else model
 
 
@@ -322,4 +431,6 @@ def model_folder(path: str | Path) -> Path:
     steps = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / META).is_file())
     if steps:
         raise UserError(f"run {path} has no final/ student yet; pass a checkpoint such as --model {steps[-1]}")
-    raise UserError(f"{path} is not an mclip student (no {META}, no final/{META}); pass a run's final/ folder or a checkpoint folder")
+    raise UserError(
+        f"{path} is not an mclip student (no {META}, no final/{META}); pass a run's final/ folder or a checkpoint folder"
+    )

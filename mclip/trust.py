@@ -11,8 +11,10 @@ CODE_FILES = ("config.json", "tokenizer_config.json")  # where a checkpoint name
 
 
 def refusal(what: str, name: str, where: str) -> UserError:
-    return UserError(f"{what} {name} ships its own Python code ({where}), which mclip runs only with --trust-remote-code; "
-                     "pass it if you trust the checkpoint's source, or use a checkpoint without custom code")
+    return UserError(
+        f"{what} {name} ships its own Python code ({where}), which mclip runs only with --trust-remote-code; "
+        "pass it if you trust the checkpoint's source, or use a checkpoint without custom code"
+    )
 
 
 def check_folder(name_or_path: str | Path, trust_remote_code: bool, what: str) -> None:

@@ -75,7 +75,9 @@ def run(path: str | Path) -> VerifyResult:
 
     folder = Path(path)
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; pass a teacher cache, a train-student run folder or a final/ folder")
+        raise UserError(
+            f"{folder} is not a folder; pass a teacher cache, a train-student run folder or a final/ folder"
+        )
     if (folder / shards.MANIFEST).is_file():
         result = _cache(folder)
     elif (folder / STUDENT_META).is_file():
@@ -84,8 +86,10 @@ def run(path: str | Path) -> VerifyResult:
     elif (folder / "checkpoints").is_dir() or (folder / "final").is_dir():
         result = _run_folder(folder)
     else:
-        raise UserError(f"{folder} is not an mclip folder (no manifest.json, mclip.json, checkpoints/ or final/); pass a teacher "
-                        "cache, a train-student run folder or a final/ folder")
+        raise UserError(
+            f"{folder} is not an mclip folder (no manifest.json, mclip.json, checkpoints/ or final/); pass a teacher "
+            "cache, a train-student run folder or a final/ folder"
+        )
     info = holder(folder)
     if info is not None:
         result.notes.append(f"{folder} is being written by {describe(info)}; check again when it has finished")
@@ -98,11 +102,16 @@ def _cache(folder: Path) -> VerifyResult:
     except UserError as exc:
         return VerifyResult(folder, "teacher cache", [str(exc)], 0)
     if not manifest.get("complete"):
-        problem = (f"{folder / shards.MANIFEST}: the cache is incomplete (its run was interrupted); "
-                   "rerun the same `mclip embed-teacher` command to finish it")
+        problem = (
+            f"{folder / shards.MANIFEST}: the cache is incomplete (its run was interrupted); "
+            "rerun the same `mclip embed-teacher` command to finish it"
+        )
         return VerifyResult(folder, "teacher cache", [problem], 0)
     cache = shards.TeacherCache(folder, manifest)
-    notes = [f"{p}: temp file left by a killed run (removed by the next embed-teacher run)" for p in sorted(folder.glob(".shard-*.tmp"))]
+    notes = [
+        f"{p}: temp file left by a killed run (removed by the next embed-teacher run)"
+        for p in sorted(folder.glob(".shard-*.tmp"))
+    ]
     return VerifyResult(folder, "teacher cache", cache.verify(), len(cache.files), notes)
 
 
@@ -115,12 +124,18 @@ def _run_folder(folder: Path) -> VerifyResult:
         problems.append(f"{config}: missing (a run cannot be resumed without it)")
     except (OSError, ValueError) as exc:
         problems.append(f"{config}: not valid JSON ({exc})")
-    students = sorted(p for p in (folder / "checkpoints").glob("step-*") if p.is_dir()) if (folder / "checkpoints").is_dir() else []
+    students = (
+        sorted(p for p in (folder / "checkpoints").glob("step-*") if p.is_dir())
+        if (folder / "checkpoints").is_dir()
+        else []
+    )
     for path in sorted((folder / "checkpoints").glob("*")) if (folder / "checkpoints").is_dir() else []:
         if path.name.startswith(".tmp-"):
             notes.append(f"{path}: an unfinished save left by a killed run (removed by the next run)")
         elif path.name.endswith(".corrupt"):
-            notes.append(f"{path}: a corrupted checkpoint set aside by a resumed run (delete it when you no longer need it)")
+            notes.append(
+                f"{path}: a corrupted checkpoint set aside by a resumed run (delete it when you no longer need it)"
+            )
     if (folder / "final").is_dir():
         students.append(folder / "final")
     else:

@@ -7,10 +7,14 @@ from collections import Counter
 
 import torch
 
-STEM_MIN_CHARS = 3  # a stem (or a word matched inside words) has 3+ characters: 2-letter ones ("на", "of") are everywhere
+STEM_MIN_CHARS = (
+    3  # a stem (or a word matched inside words) has 3+ characters: 2-letter ones ("на", "of") are everywhere
+)
 
 
-def word_candidates(tok, normal: list[str], unknown: set[str], min_count: int, min_piece_rate: float = 0.0) -> list[str]:
+def word_candidates(
+    tok, normal: list[str], unknown: set[str], min_count: int, min_piece_rate: float = 0.0
+) -> list[str]:
     """Whitespace words of the normalised texts seen `min_count`+ times (none holding an unknown character) that `tok`
     splits into 2+ pieces and into at least `min_piece_rate` pieces per character.
 
@@ -22,7 +26,9 @@ def word_candidates(tok, normal: list[str], unknown: set[str], min_count: int, m
     words = sorted(w for w, n in counts.items() if n >= min_count and len(w) > 1)
     pieces = tok(words, add_special_tokens=False)["input_ids"] if words else []
     vocab = tok.get_vocab()  # a SentencePiece word that is one piece after a bare ▁ ([▁, und]) is no new token
-    return [w for w, seq in zip(words, pieces) if len(seq) >= 2 and len(seq) >= min_piece_rate * len(w) and w not in vocab]
+    return [
+        w for w, seq in zip(words, pieces) if len(seq) >= 2 and len(seq) >= min_piece_rate * len(w) and w not in vocab
+    ]
 
 
 def stem_candidates(words: list[str], min_words: int) -> list[str]:
@@ -61,7 +67,9 @@ class RowLR:
         """The student's own rows (all but the `added_tokens` its meta counts) at scale_old / scale of the embedding
         group's step: lr x scale_old. None: the whole matrix at `scale`, as the optimizer already does."""
         first_new = len(student.tokenizer) - int(student.meta.get("added_tokens", 0))
-        return cls(student.backbone.get_input_embeddings().weight, first_new, 1.0 if scale_old is None else scale_old / scale)
+        return cls(
+            student.backbone.get_input_embeddings().weight, first_new, 1.0 if scale_old is None else scale_old / scale
+        )
 
     def __enter__(self) -> "RowLR":
         if self.active:

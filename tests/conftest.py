@@ -28,7 +28,7 @@ def cli_error(capsys):
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2, err
         assert err.startswith("mclip: error: ") and "\n" not in err and "Traceback" not in err, err
-        return err[len("mclip: error: "):]
+        return err[len("mclip: error: ") :]
 
     return fails
 
@@ -77,19 +77,75 @@ def small_run(tmp_path_factory, bert_teacher):
     root = tmp_path_factory.mktemp("small_run")
     rows = tiny.parallel_rows()
     data = tiny.write_captions(root / "parallel.jsonl", rows)
-    student = tiny.write_tiny_bert(root / "student", hidden=32, seed=2, corpus=[r[k] for r in rows for k in r if k != "id"])
+    student = tiny.write_tiny_bert(
+        root / "student", hidden=32, seed=2, corpus=[r[k] for r in rows for k in r if k != "id"]
+    )
     config = json.loads((student / "config.json").read_text(encoding="utf-8"))
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # runs compare exactly across processes
     (student / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    embed(EmbedConfig(data=str(data), out=str(root / "cache"), teacher=str(bert_teacher), id_column="id", dtype="float32",
-                      shard_size=8, progress=False))
-    train_args = ["--data", str(data), "--cache", str(root / "cache"), "--student", str(student), "--languages", "de,zh",
-                  "--batch-size", "16", "--max-steps", "4", "--save-every", "2", "--warmup-steps", "1", "--lr", "2e-3",
-                  "--num-workers", "0", "--no-progress", "--num-threads", "1"]
-    train(TrainConfig(data=str(data), cache=str(root / "cache"), out=str(root / "run"), student=str(student), languages=("de", "zh"),
-                      batch_size=16, max_steps=4, save_every=2, warmup_steps=1, lr=2e-3, num_workers=0, progress=False, num_threads=1))
-    return {"root": root, "rows": rows, "data": data, "student": student, "cache": root / "cache", "run": root / "run",
-            "teacher": bert_teacher, "train_args": train_args}
+    embed(
+        EmbedConfig(
+            data=str(data),
+            out=str(root / "cache"),
+            teacher=str(bert_teacher),
+            id_column="id",
+            dtype="float32",
+            shard_size=8,
+            progress=False,
+        )
+    )
+    train_args = [
+        "--data",
+        str(data),
+        "--cache",
+        str(root / "cache"),
+        "--student",
+        str(student),
+        "--languages",
+        "de,zh",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--lr",
+        "2e-3",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--num-threads",
+        "1",
+    ]
+    train(
+        TrainConfig(
+            data=str(data),
+            cache=str(root / "cache"),
+            out=str(root / "run"),
+            student=str(student),
+            languages=("de", "zh"),
+            batch_size=16,
+            max_steps=4,
+            save_every=2,
+            warmup_steps=1,
+            lr=2e-3,
+            num_workers=0,
+            progress=False,
+            num_threads=1,
+        )
+    )
+    return {
+        "root": root,
+        "rows": rows,
+        "data": data,
+        "student": student,
+        "cache": root / "cache",
+        "run": root / "run",
+        "teacher": bert_teacher,
+        "train_args": train_args,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,56 @@ from tests import tiny
 
 BENCH = Path(__file__).parent / "bench"
 
-EMBED_KEYS = {"captions_per_s", "naive_captions_per_s", "speedup_vs_naive", "fraction_of_peak", "peak_rss_mb_small", "peak_rss_mb_large"}
+EMBED_KEYS = {
+    "captions_per_s",
+    "naive_captions_per_s",
+    "speedup_vs_naive",
+    "fraction_of_peak",
+    "peak_rss_mb_small",
+    "peak_rss_mb_large",
+}
 RETRIEVAL_KEYS = {"faiss_qps", "numpy_qps", "ivf_recall_at_10", "ivf_speedup"}
 
 # Smallest sizes that still take every path: a 1-layer, 64-wide CLIP text tower with the real tokenizer, captions that
 # span two shards, both memory runs in their own processes, and an IVF index with more than one list.
-EMBED_ARGS = ["--quick", "--layers", "1", "--width", "64", "--captions", "24", "--rss-small", "8", "--rss-large", "24",
-              "--shard-size", "16", "--repeats", "1", "--peak-size", "256"]
-RETRIEVAL_ARGS = ["--quick", "--gallery", "500", "--queries", "20", "--ivf-vectors", "2000", "--nlist", "16", "--repeats", "1"]
+EMBED_ARGS = [
+    "--quick",
+    "--layers",
+    "1",
+    "--width",
+    "64",
+    "--captions",
+    "24",
+    "--rss-small",
+    "8",
+    "--rss-large",
+    "24",
+    "--shard-size",
+    "16",
+    "--repeats",
+    "1",
+    "--peak-size",
+    "256",
+]
+RETRIEVAL_ARGS = [
+    "--quick",
+    "--gallery",
+    "500",
+    "--queries",
+    "20",
+    "--ivf-vectors",
+    "2000",
+    "--nlist",
+    "16",
+    "--repeats",
+    "1",
+]
 
 
 def _start(script: str, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(BENCH / script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(BENCH / script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _result(proc: subprocess.Popen) -> dict:
@@ -61,7 +99,13 @@ def test_profile_embed_times_the_parts_and_writes_the_profiler_table(tmp_path):
     if tiny.real_clip_merges() is None:
         pytest.skip("profile_embed needs the real CLIP tokenizer: pip install --no-deps open-clip-torch")
     r = _result(_start("profile_embed.py", ["--quick", "--captions", "40", "--out", str(tmp_path), "--rows", "5"]))
-    rates = ("captions_per_s", "loop_captions_per_s", "model_captions_per_s", "host_captions_per_s", "tokenize_captions_per_s")
+    rates = (
+        "captions_per_s",
+        "loop_captions_per_s",
+        "model_captions_per_s",
+        "host_captions_per_s",
+        "tokenize_captions_per_s",
+    )
     assert all(_positive(r[k]) for k in rates), r
     assert r["captions"] == 40 and r["slowest_part"] in ("model", "host") and r["device_busy"] is None  # busy: GPU only
     slower = min(r["model_captions_per_s"], r["host_captions_per_s"])

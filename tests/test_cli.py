@@ -30,21 +30,44 @@ def _embed(out, data, teacher, *extra):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from mclip.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'numpy', 'pyarrow') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60, check=False)
+    code = (
+        "import sys; from mclip.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'numpy', 'pyarrow') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert "embed-teacher" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "mclip", "embed-teacher", "--help"], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mclip", "embed-teacher", "--help"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0 and "--cache-layers" in proc.stdout and "--image-column" in proc.stdout
 
 
 def test_embed_teacher_runs(tmp_path, captions, clip_text_teacher, capsys):
-    argv = _embed(tmp_path / "out", captions, clip_text_teacher, "--id-column", "id", "--cache-layers", "1,2", "--dtype", "float32",
-                  "--no-normalize", "--shard-size", "8")
+    argv = _embed(
+        tmp_path / "out",
+        captions,
+        clip_text_teacher,
+        "--id-column",
+        "id",
+        "--cache-layers",
+        "1,2",
+        "--dtype",
+        "float32",
+        "--no-normalize",
+        "--shard-size",
+        "8",
+    )
     main([a for a in argv if a != "--no-progress"])
     err = capsys.readouterr().err
     assert "embed-teacher: 20 captions in 3 shard(s)" in err and "this run embedded 20 unique captions" in err
@@ -72,7 +95,9 @@ def test_empty_captions_skipped_or_refused_with_strict(tmp_path, clip_text_teach
 def test_bad_ids(tmp_path, clip_text_teacher, cli_error):
     rows = [{"id": "a", "caption": "x"}, {"id": "b", "caption": "y"}, {"id": "a", "caption": "z"}]
     data = tiny.write_captions(tmp_path / "dup.jsonl", rows)
-    assert "id 'a' appears more than once" in cli_error(_embed(tmp_path / "o1", data, clip_text_teacher, "--id-column", "id"))
+    assert "id 'a' appears more than once" in cli_error(
+        _embed(tmp_path / "o1", data, clip_text_teacher, "--id-column", "id")
+    )
     data = tiny.write_captions(tmp_path / "none.jsonl", [{"id": "a", "caption": "x"}, {"id": None, "caption": "y"}])
     assert "is empty at row 1" in cli_error(_embed(tmp_path / "o2", data, clip_text_teacher, "--id-column", "id"))
 
@@ -82,8 +107,9 @@ def test_zero_rows(tmp_path, clip_text_teacher, cli_error):
 
     (tmp_path / "empty.jsonl").write_bytes(b"")
     assert "zero rows" in cli_error(_embed(tmp_path / "o1", tmp_path / "empty.jsonl", clip_text_teacher))
-    datasets.Dataset.from_dict({"caption": []}, features=datasets.Features({"caption": datasets.Value("string")})).save_to_disk(
-        str(tmp_path / "empty_ds"))
+    datasets.Dataset.from_dict(
+        {"caption": []}, features=datasets.Features({"caption": datasets.Value("string")})
+    ).save_to_disk(str(tmp_path / "empty_ds"))
     assert "has zero rows" in cli_error(_embed(tmp_path / "o2", tmp_path / "empty_ds", clip_text_teacher))
 
 
@@ -124,16 +150,29 @@ def test_output_folder_checks(tmp_path, captions, clip_text_teacher, cli_error):
     main(_embed(tmp_path / "cache", captions, clip_text_teacher))
     line = cli_error(_embed(tmp_path / "cache", captions, clip_text_teacher, "--dtype", "float32"))
     assert "other arguments (dtype: 'float16' -> 'float32')" in line and "--overwrite" in line
-    assert "--cache-layers [5] exceed" in cli_error(_embed(tmp_path / "o3", captions, clip_text_teacher, "--cache-layers", "5"))
-    assert "not a comma-separated list" in cli_error(_embed(tmp_path / "o4", captions, clip_text_teacher, "--cache-layers", "a,b"))
-    assert "dtype='float64' is not valid" in cli_error(_embed(tmp_path / "o5", captions, clip_text_teacher, "--dtype", "float64"))
+    assert "--cache-layers [5] exceed" in cli_error(
+        _embed(tmp_path / "o3", captions, clip_text_teacher, "--cache-layers", "5")
+    )
+    assert "not a comma-separated list" in cli_error(
+        _embed(tmp_path / "o4", captions, clip_text_teacher, "--cache-layers", "a,b")
+    )
+    assert "dtype='float64' is not valid" in cli_error(
+        _embed(tmp_path / "o5", captions, clip_text_teacher, "--dtype", "float64")
+    )
 
 
 def test_error_through_a_real_process_has_no_traceback(tmp_path, clip_text_teacher):
     data = tiny.write_captions(tmp_path / "dup.jsonl", [{"id": 1, "caption": "x"}, {"id": 1, "caption": "y"}])
     argv = _embed(tmp_path / "out", data, clip_text_teacher, "--id-column", "id")
-    proc = subprocess.run([sys.executable, "-m", "mclip", *argv], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mclip", *argv],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -142,11 +181,30 @@ def test_error_through_a_real_process_has_no_traceback(tmp_path, clip_text_teach
 
 # ---- options are the config fields: names, types, defaults ----
 
-STAGES = [("embed-teacher", "embed_teacher", "EmbedConfig", ["--data", "d", "--out", "o"], dict(data="d", out="o")),
-          ("train-student", "train_student", "TrainConfig", ["--data", "d", "--cache", "c", "--out", "o"], dict(data="d", cache="c", out="o")),
-          ("eval-retrieval", "eval_retrieval", "EvalConfig", ["--model", "m", "--cache", "c", "--data", "d", "--out", "o", "--languages", "de"],
-           dict(model="m", cache="c", data="d", out="o", languages=("de",))),
-          ("encode", "encode", "EncodeConfig", ["--model", "m", "--out", "o", "--input", "t.txt"], dict(model="m", out="o", input="t.txt"))]
+STAGES = [
+    ("embed-teacher", "embed_teacher", "EmbedConfig", ["--data", "d", "--out", "o"], dict(data="d", out="o")),
+    (
+        "train-student",
+        "train_student",
+        "TrainConfig",
+        ["--data", "d", "--cache", "c", "--out", "o"],
+        dict(data="d", cache="c", out="o"),
+    ),
+    (
+        "eval-retrieval",
+        "eval_retrieval",
+        "EvalConfig",
+        ["--model", "m", "--cache", "c", "--data", "d", "--out", "o", "--languages", "de"],
+        dict(model="m", cache="c", data="d", out="o", languages=("de",)),
+    ),
+    (
+        "encode",
+        "encode",
+        "EncodeConfig",
+        ["--model", "m", "--out", "o", "--input", "t.txt"],
+        dict(model="m", out="o", input="t.txt"),
+    ),
+]
 
 
 def _config_of(argv, module, monkeypatch):
@@ -185,27 +243,127 @@ def test_each_config_field_is_one_option_named_after_it(verb, module, cls, requi
 
 
 def test_options_take_the_values_users_type(monkeypatch):
-    train = _config_of(["train-student", "--data", "d", "--cache", "c", "--out", "o", "--languages", "zh, de", "--betas", "0.8,0.99",
-                        "--layer-kd", "--student-layers", "1,2", "--no-include-english", "--no-progress", "--max-steps", "5",
-                        "--lr", "2e-4", "--val-data", "v.jsonl"], "train_student", monkeypatch)
-    assert (train.languages, train.betas, train.student_layers, train.layer_kd) == (("zh", "de"), (0.8, 0.99), (1, 2), True)
-    assert (train.include_english, train.progress, train.max_steps, train.lr, train.val_data) == (False, False, 5, 2e-4, "v.jsonl")
-    embed = _config_of(["embed-teacher", "--data", "d", "--out", "o", "--cache-layers", "4,8,12", "--no-normalize", "--no-dedup",
-                        "--batch-tokens", "64", "--id-column", "id"], "embed_teacher", monkeypatch)
-    assert (embed.cache_layers, embed.normalize, embed.dedup, embed.batch_tokens, embed.id_column) == ((4, 8, 12), False, False, 64, "id")
-    args = ["eval-retrieval", "--model", "m", "--cache", "c", "--data", "d", "--out", "o", "--languages", "de,fr", "--ks", "1,5"]
+    train = _config_of(
+        [
+            "train-student",
+            "--data",
+            "d",
+            "--cache",
+            "c",
+            "--out",
+            "o",
+            "--languages",
+            "zh, de",
+            "--betas",
+            "0.8,0.99",
+            "--layer-kd",
+            "--student-layers",
+            "1,2",
+            "--no-include-english",
+            "--no-progress",
+            "--max-steps",
+            "5",
+            "--lr",
+            "2e-4",
+            "--val-data",
+            "v.jsonl",
+        ],
+        "train_student",
+        monkeypatch,
+    )
+    assert (train.languages, train.betas, train.student_layers, train.layer_kd) == (
+        ("zh", "de"),
+        (0.8, 0.99),
+        (1, 2),
+        True,
+    )
+    assert (train.include_english, train.progress, train.max_steps, train.lr, train.val_data) == (
+        False,
+        False,
+        5,
+        2e-4,
+        "v.jsonl",
+    )
+    embed = _config_of(
+        [
+            "embed-teacher",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--cache-layers",
+            "4,8,12",
+            "--no-normalize",
+            "--no-dedup",
+            "--batch-tokens",
+            "64",
+            "--id-column",
+            "id",
+        ],
+        "embed_teacher",
+        monkeypatch,
+    )
+    assert (embed.cache_layers, embed.normalize, embed.dedup, embed.batch_tokens, embed.id_column) == (
+        (4, 8, 12),
+        False,
+        False,
+        64,
+        "id",
+    )
+    args = [
+        "eval-retrieval",
+        "--model",
+        "m",
+        "--cache",
+        "c",
+        "--data",
+        "d",
+        "--out",
+        "o",
+        "--languages",
+        "de,fr",
+        "--ks",
+        "1,5",
+    ]
     evaluated = _config_of([*args, "--no-images", "--no-faiss-gpu", "--nprobe", "4"], "eval_retrieval", monkeypatch)
-    assert (evaluated.languages, evaluated.ks, evaluated.images, evaluated.faiss_gpu, evaluated.nprobe) == (("de", "fr"), (1, 5), False, False, 4)
+    assert (evaluated.languages, evaluated.ks, evaluated.images, evaluated.faiss_gpu, evaluated.nprobe) == (
+        ("de", "fr"),
+        (1, 5),
+        False,
+        False,
+        4,
+    )
     assert _config_of([*args, "--images"], "eval_retrieval", monkeypatch).images is True
-    encoded = _config_of(["encode", "--model", "m", "--out", "o", "--input", "t.txt", "--npy", "--dtype", "float16"], "encode", monkeypatch)
+    encoded = _config_of(
+        ["encode", "--model", "m", "--out", "o", "--input", "t.txt", "--npy", "--dtype", "float16"],
+        "encode",
+        monkeypatch,
+    )
     assert (encoded.input, encoded.npy, encoded.dtype) == ("t.txt", True, "float16")
 
 
 def test_a_bad_comma_separated_list_is_one_line(cli_error):
-    assert cli_error(["train-student", "--data", "d", "--cache", "c", "--out", "o", "--betas", "0.9,x"]) == \
-        "'0.9,x' is not a comma-separated list of numbers, e.g. 0.9,0.999"
-    assert "is not a comma-separated list of integers, e.g. 4,8,12" in cli_error(["eval-retrieval", "--model", "m", "--cache", "c",
-                                                                                 "--data", "d", "--out", "o", "--languages", "de", "--ks", "1,five"])
+    assert (
+        cli_error(["train-student", "--data", "d", "--cache", "c", "--out", "o", "--betas", "0.9,x"])
+        == "'0.9,x' is not a comma-separated list of numbers, e.g. 0.9,0.999"
+    )
+    assert "is not a comma-separated list of integers, e.g. 4,8,12" in cli_error(
+        [
+            "eval-retrieval",
+            "--model",
+            "m",
+            "--cache",
+            "c",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--languages",
+            "de",
+            "--ks",
+            "1,five",
+        ]
+    )
 
 
 def test_a_missing_required_option_is_clicks_usage_error_not_a_traceback(capsys):

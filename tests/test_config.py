@@ -9,37 +9,46 @@ from mclip import config
 from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, ExportConfig, PipelineConfig, TrainConfig
 from mclip.errors import ConfigError, UserError
 
-MINIMAL = {EmbedConfig: dict(data="d", out="o"), TrainConfig: dict(data="d", cache="c", out="o"),
-           EvalConfig: dict(model="m", cache="c", data="d", out="o", languages=("de",)), EncodeConfig: dict(model="m", out="o", input="t.txt"),
-           ExportConfig: dict(model="m", out="o")}
+MINIMAL = {
+    EmbedConfig: dict(data="d", out="o"),
+    TrainConfig: dict(data="d", cache="c", out="o"),
+    EvalConfig: dict(model="m", cache="c", data="d", out="o", languages=("de",)),
+    EncodeConfig: dict(model="m", out="o", input="t.txt"),
+    ExportConfig: dict(model="m", out="o"),
+}
 STAGES = list(MINIMAL)
 
 
-@pytest.mark.parametrize("cls, changes, says", [
-    (EmbedConfig, dict(data=""), "pass --data"),
-    (EmbedConfig, dict(dtype="float64"), "choose one of float16, float32"),
-    (EmbedConfig, dict(cache_layers=(0,)), "e.g. --cache-layers 4,8,12"),
-    (EmbedConfig, dict(cache_layers=(4, 4)), "repeats a layer"),
-    (EmbedConfig, dict(device="tpu"), "use auto, cpu, cuda, cuda:N or mps"),
-    (TrainConfig, dict(out=""), "pass --out"),
-    (TrainConfig, dict(languages=("zh", "zh")), "repeats a language"),
-    (TrainConfig, dict(text_column_template="caption"), "must contain {lang}"),
-    (TrainConfig, dict(schedule="step"), "choose one of linear, cosine, constant"),
-    (TrainConfig, dict(temperature=0.001), "pass --fixed-temperature"),
-    (TrainConfig, dict(betas=(0.9,)), "e.g. 0.9,0.999"),
-    (TrainConfig, dict(max_steps=0), "max_steps=0 must be >= 1"),
-    (EvalConfig, dict(languages=()), "pass --languages"),
-    (EvalConfig, dict(ks=(5, 1)), "increasing without repeats"),
-    (EvalConfig, dict(languages=("de/x",)), "without '/'"),
-    (EncodeConfig, dict(data="d"), "exactly one of --input"),
-    (EncodeConfig, dict(shard_size=0), "shard_size=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "cls, changes, says",
+    [
+        (EmbedConfig, dict(data=""), "pass --data"),
+        (EmbedConfig, dict(dtype="float64"), "choose one of float16, float32"),
+        (EmbedConfig, dict(cache_layers=(0,)), "e.g. --cache-layers 4,8,12"),
+        (EmbedConfig, dict(cache_layers=(4, 4)), "repeats a layer"),
+        (EmbedConfig, dict(device="tpu"), "use auto, cpu, cuda, cuda:N or mps"),
+        (TrainConfig, dict(out=""), "pass --out"),
+        (TrainConfig, dict(languages=("zh", "zh")), "repeats a language"),
+        (TrainConfig, dict(text_column_template="caption"), "must contain {lang}"),
+        (TrainConfig, dict(schedule="step"), "choose one of linear, cosine, constant"),
+        (TrainConfig, dict(temperature=0.001), "pass --fixed-temperature"),
+        (TrainConfig, dict(betas=(0.9,)), "e.g. 0.9,0.999"),
+        (TrainConfig, dict(max_steps=0), "max_steps=0 must be >= 1"),
+        (EvalConfig, dict(languages=()), "pass --languages"),
+        (EvalConfig, dict(ks=(5, 1)), "increasing without repeats"),
+        (EvalConfig, dict(languages=("de/x",)), "without '/'"),
+        (EncodeConfig, dict(data="d"), "exactly one of --input"),
+        (EncodeConfig, dict(shard_size=0), "shard_size=0 must be >= 1"),
+    ],
+)
 def test_a_bad_value_is_a_one_line_error_naming_the_fix(cls, changes, says):
     with pytest.raises(ConfigError) as error:
         cls(**{**MINIMAL[cls], **changes})
     message = str(error.value)
     assert says in message and "\n" not in message, message
-    assert isinstance(error.value, UserError) and isinstance(error.value, ValueError)  # one line from the CLI; a ValueError to callers
+    assert isinstance(error.value, UserError) and isinstance(
+        error.value, ValueError
+    )  # one line from the CLI; a ValueError to callers
 
 
 @pytest.mark.parametrize("cls", STAGES)
@@ -61,7 +70,10 @@ def test_unknown_keys_name_the_closest_one_and_wrong_types_are_one_line():
 
 
 def test_a_pipeline_needs_every_stage():
-    stages = {name: cls(**MINIMAL[cls]) for name, cls in (("embed", EmbedConfig), ("train", TrainConfig), ("eval", EvalConfig))}
+    stages = {
+        name: cls(**MINIMAL[cls])
+        for name, cls in (("embed", EmbedConfig), ("train", TrainConfig), ("eval", EvalConfig))
+    }
     assert PipelineConfig(out="o", **stages).train == stages["train"]
     with pytest.raises(ConfigError, match=r"no \[eval\] table"):
         PipelineConfig(out="o", embed=stages["embed"], train=stages["train"])
@@ -81,16 +93,36 @@ def test_a_required_option_is_one_the_config_refuses_empty(cls):
     assert required, cls
     positional = {f.name for f in dataclasses.fields(cls) if f.metadata["argument"]}
     for name in required:
-        says = f"as {name.upper()}" if name in positional else f"pass --{name.replace('_', '-')}"  # `mclip export MODEL`
+        says = (
+            f"as {name.upper()}" if name in positional else f"pass --{name.replace('_', '-')}"
+        )  # `mclip export MODEL`
         with pytest.raises(ConfigError, match=says):
             cls(**{**MINIMAL[cls], name: type(getattr(cls(**MINIMAL[cls]), name))()})
 
 
 def test_runtime_fields_are_where_and_how_fast_never_what_is_learnt():
-    assert config.runtime_fields(EmbedConfig) == {"out", "batch_tokens", "max_batch_size", "device", "precision", "num_threads",
-                                                  "overwrite", "progress"}
+    assert config.runtime_fields(EmbedConfig) == {
+        "out",
+        "batch_tokens",
+        "max_batch_size",
+        "device",
+        "precision",
+        "num_threads",
+        "overwrite",
+        "progress",
+    }
     train = config.runtime_fields(TrainConfig)
-    assert {"data", "cache", "out", "val_data", "num_workers", "save_every", "eval_every", "resume", "overwrite"} <= train
+    assert {
+        "data",
+        "cache",
+        "out",
+        "val_data",
+        "num_workers",
+        "save_every",
+        "eval_every",
+        "resume",
+        "overwrite",
+    } <= train
     # epochs and max_steps set the length of the lr schedule: a resume that changed them would train another run
     assert not {"epochs", "max_steps", "lr", "seed", "batch_size", "languages", "student"} & train
     assert config.runtime_fields(EvalConfig) == {"overwrite", "progress"}
@@ -109,5 +141,8 @@ def test_batch_tokens_help_names_the_defaults_the_stage_uses():
     from mclip.embed_teacher import default_batch_tokens
 
     help_text = {f.name: f for f in dataclasses.fields(EmbedConfig)}["batch_tokens"].metadata["help"]
-    cpu, gpu = default_batch_tokens(type("D", (), {"type": "cpu"})), default_batch_tokens(type("D", (), {"type": "cuda"}))
+    cpu, gpu = (
+        default_batch_tokens(type("D", (), {"type": "cpu"})),
+        default_batch_tokens(type("D", (), {"type": "cuda"})),
+    )
     assert f"default {cpu} on CPU, {gpu} on GPU" in help_text

@@ -27,7 +27,9 @@ def test_jsonl_csv_parquet_files(tmp_path, hf_rows):
     hf_rows.to_json(tmp_path / "rows.jsonl")
     hf_rows.to_csv(tmp_path / "rows.csv", index=False)
     hf_rows.to_parquet(tmp_path / "rows.parquet")
-    (tmp_path / "rows.tsv").write_text("id\tcaption\n" + "".join(f"{r['id']}\t{r['caption']}\n" for r in ROWS), encoding="utf-8")
+    (tmp_path / "rows.tsv").write_text(
+        "id\tcaption\n" + "".join(f"{r['id']}\t{r['caption']}\n" for r in ROWS), encoding="utf-8"
+    )
     for name in ("rows.jsonl", "rows.csv", "rows.parquet", "rows.tsv"):
         assert _rows(load_dataset(str(tmp_path / name))) == _expected(), name
 
@@ -86,10 +88,13 @@ def test_zero_row_inputs_are_one_line_errors(tmp_path, hf_rows):
         load_dataset(str(tmp_path / "dict"), split="test")
 
 
-@pytest.mark.parametrize("name,payload", [
-    ("latin1.jsonl", '{"id": "a", "caption": "ok"}\n{"id": "b", "caption": "café au lait"}\n'),
-    ("latin1.csv", "id,caption\na,ok\nb,café au lait\n"),
-])
+@pytest.mark.parametrize(
+    "name,payload",
+    [
+        ("latin1.jsonl", '{"id": "a", "caption": "ok"}\n{"id": "b", "caption": "café au lait"}\n'),
+        ("latin1.csv", "id,caption\na,ok\nb,café au lait\n"),
+    ],
+)
 def test_non_utf8_text_is_refused(tmp_path, name, payload):
     path = tmp_path / name
     path.write_bytes(payload.encode("latin-1"))
@@ -127,5 +132,7 @@ def test_malformed_json_is_one_line(tmp_path):
 
 def test_require_columns_names_what_exists(hf_rows):
     require_columns(hf_rows, {"--caption-column": "caption", "--id-column": None}, "rows.jsonl")
-    with pytest.raises(UserError, match=r"column 'text' not found in rows.jsonl; it has id, caption, n \(use --caption-column\)"):
+    with pytest.raises(
+        UserError, match=r"column 'text' not found in rows.jsonl; it has id, caption, n \(use --caption-column\)"
+    ):
         require_columns(hf_rows, {"--caption-column": "text"}, "rows.jsonl")

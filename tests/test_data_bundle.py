@@ -49,9 +49,13 @@ def test_captions_are_plain_non_empty_phrases(bundle):
     for split in SPLITS:
         for row in bundle[split]:
             for column, text in row.items():
-                assert isinstance(text, str) and text.strip() == text and text, f"{split} {row['id']} {column}: {text!r}"
+                assert isinstance(text, str) and text.strip() == text and text, (
+                    f"{split} {row['id']} {column}: {text!r}"
+                )
                 if column != "id":
-                    assert "_" not in text and not text.startswith(":"), f"slug left in {split} {row['id']} {column}: {text!r}"
+                    assert "_" not in text and not text.startswith(":"), (
+                        f"slug left in {split} {row['id']} {column}: {text!r}"
+                    )
 
 
 def test_one_row_per_concept_without_skin_tones(bundle):
@@ -65,7 +69,9 @@ def test_one_row_per_concept_without_skin_tones(bundle):
 def test_rebuild_gives_byte_identical_files_without_torch(tmp_path, meta):
     emoji = pytest.importorskip("emoji", reason="the rebuild needs the emoji package (pip install emoji)")
     if emoji.__version__ != meta["emoji_version"]:
-        pytest.skip(f"installed emoji {emoji.__version__} differs from the {meta['emoji_version']} the bundle was built from")
+        pytest.skip(
+            f"installed emoji {emoji.__version__} differs from the {meta['emoji_version']} the bundle was built from"
+        )
     # run the script as the README says, in a fresh interpreter, and check it never pulled in torch
     done = tiny.run_script_without_torch(SCRIPT, "--out", tmp_path)
     assert done.returncode == 0, done.stderr

@@ -12,8 +12,11 @@ BUNDLE = ROOT / "data" / "ood"
 SCRIPT = ROOT / "data" / "build_ood.py"
 EMOJI = ROOT / "data" / "emoji"
 ALL = ("en", "es", "ja", "ko", "pt", "it", "fr", "de", "fa", "id", "zh", "ru", "tr", "ar")
-EXPECTED = {"cldr_languages.jsonl": ALL, "cldr_units.jsonl": ALL,  # ddtp.jsonl is optional (its licence is not settled)
-            "ddtp.jsonl": ("en", "es", "ja", "ko", "pt", "it", "fr", "de", "zh", "ru")}
+EXPECTED = {
+    "cldr_languages.jsonl": ALL,
+    "cldr_units.jsonl": ALL,  # ddtp.jsonl is optional (its licence is not settled)
+    "ddtp.jsonl": ("en", "es", "ja", "ko", "pt", "it", "fr", "de", "zh", "ru"),
+}
 CLDR = ("cldr_languages.jsonl", "cldr_units.jsonl")
 
 
@@ -53,8 +56,11 @@ def test_file_has_its_languages_and_matches_meta(name, meta):
 @pytest.mark.parametrize("name", _files())
 def test_ids_are_unique_sorted_and_apart_from_emoji(name):
     ids = [row["id"] for row in _rows(name)]
-    emoji_ids = {json.loads(line)["id"] for split in ("train", "validation", "test")
-                 for line in (EMOJI / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()}
+    emoji_ids = {
+        json.loads(line)["id"]
+        for split in ("train", "validation", "test")
+        for line in (EMOJI / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    }
     assert len(set(ids)) == len(ids) and ids == sorted(ids)
     assert not set(ids) & emoji_ids
     prefix = {"cldr_languages.jsonl": "cldr-lang-", "cldr_units.jsonl": "cldr-unit-", "ddtp.jsonl": "ddtp-"}[name]
@@ -68,7 +74,9 @@ def test_no_caption_occurs_inside_a_training_caption(meta):
         rows = _rows(name)
         for lang in EXPECTED[name]:
             joined = "\n".join(row[_column(lang)].casefold() for row in train)
-            leaked = [row[_column(lang)] for row in rows if row[_column(lang)] and row[_column(lang)].casefold() in joined]
+            leaked = [
+                row[_column(lang)] for row in rows if row[_column(lang)] and row[_column(lang)].casefold() in joined
+            ]
             assert not leaked, f"{name} {lang}: {leaked[:5]} occur in data/emoji/train.jsonl"
             assert meta["files"][name]["overlap_with_training"][lang]["inside_a_training_caption"] == 0
 
@@ -87,7 +95,9 @@ def test_files_load_with_the_mclip_loader():
 def test_cldr_part_rebuilds_byte_identical_without_torch(tmp_path, meta):
     babel = pytest.importorskip("babel", reason="the rebuild needs babel (pip install babel)")
     if babel.__version__ != meta["babel_version"]:
-        pytest.skip(f"installed babel {babel.__version__} differs from the {meta['babel_version']} the bundle was built from")
+        pytest.skip(
+            f"installed babel {babel.__version__} differs from the {meta['babel_version']} the bundle was built from"
+        )
     done = tiny.run_script_without_torch(SCRIPT, "--skip-ddtp", "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     rebuilt = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))

@@ -23,15 +23,31 @@ def small_parts(monkeypatch):
 
 def _rows(tmp_path, captions, ids=None):
     rows = [{"id": ids[i] if ids else f"k{i}", "caption": c} for i, c in enumerate(captions)]
-    config = EmbedConfig(data=str(tiny.write_captions(tmp_path / "rows.jsonl", rows)), out=str(tmp_path / "out"), teacher="t",
-                         id_column="id", shard_size=3)
+    config = EmbedConfig(
+        data=str(tiny.write_captions(tmp_path / "rows.jsonl", rows)),
+        out=str(tmp_path / "out"),
+        teacher="t",
+        id_column="id",
+        shard_size=3,
+    )
     ds = data.load_dataset(config.data)
     return data.Rows(ds), len(ds), config
 
 
 def _captions(n: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
-    pool = ["red apple", "green tree", "a dog", "a photo of a dog", "red apple ", "", None, "  ", "blue car", "Red apple"]
+    pool = [
+        "red apple",
+        "green tree",
+        "a dog",
+        "a photo of a dog",
+        "red apple ",
+        "",
+        None,
+        "  ",
+        "blue car",
+        "Red apple",
+    ]
     return [pool[i] for i in rng.integers(0, len(pool), n)]
 
 
@@ -59,7 +75,8 @@ def test_caption_groups_units_and_slots_match_a_dict(tmp_path, small_parts):
     assert [texts[u][p] for u, p in zip(units, positions)] == [c for c, k in zip(captions, kept) if k]
     assert plan.needed_units([(0, 3)]) == sorted(set(plan.locate(slots[:3][kept[:3]])[0].tolist()))
     assert sorted(p.name for p in (tmp_path / "out" / dedup.PLAN).iterdir()) == sorted(
-        ["plan.json", "group.bin", "slot.bin", *(f"distinct-{p:05d}.arrow" for p in range(len(plan.meta["base"]) - 1))])
+        ["plan.json", "group.bin", "slot.bin", *(f"distinct-{p:05d}.arrow" for p in range(len(plan.meta["base"]) - 1))]
+    )
 
 
 def test_a_hash_collision_never_merges_captions_or_invents_a_duplicate_id(tmp_path, small_parts, monkeypatch):
@@ -69,7 +86,9 @@ def test_a_hash_collision_never_merges_captions_or_invents_a_duplicate_id(tmp_pa
     plan = dedup.build(rows, n, config, tmp_path / "out", "fp")  # 23 distinct ids: no duplicate found
     assert plan.groups(0, n).tolist() == _oracle(captions)
     rows, n, config = _rows(tmp_path, captions[:6], ids=["a", "b", "c", "d", "b", "e"])
-    with pytest.raises(UserError, match=r"^id 'b' appears more than once in column 'id' \(rows 1 and 4\); ids must be unique"):
+    with pytest.raises(
+        UserError, match=r"^id 'b' appears more than once in column 'id' \(rows 1 and 4\); ids must be unique"
+    ):
         dedup.build(rows, n, config, tmp_path / "out", "fp")
 
 

@@ -44,7 +44,9 @@ def test_without_a_group_every_helper_is_the_identity(single_process):
     with pytest.raises(UserError, match="refused"):
         distributed.main_only(Dist(), lambda: (_ for _ in ()).throw(UserError("refused")))
     calls = []
-    assert distributed.main_only(Dist(rank=1, world_size=2), lambda: calls.append(1)) is None and not calls  # rank 0's job only
+    assert (
+        distributed.main_only(Dist(rank=1, world_size=2), lambda: calls.append(1)) is None and not calls
+    )  # rank 0's job only
 
 
 def test_device_and_precision_choices(single_process):
@@ -78,7 +80,9 @@ def test_a_stage_leaves_a_group_it_did_not_join(single_process):
 
 
 def _rank(rank: int, port: int, results) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         with distributed.group("cpu") as (ctx, _):  # what a stage's run() does
             mean = distributed.mean_over_ranks(torch.tensor([float(rank), 10.0 * rank])).tolist()
@@ -108,4 +112,9 @@ def test_two_ranks_share_means_and_rank_zeros_answers_and_end_the_group_they_joi
     assert all(len(r) == 7 for r in got), got
     for rank, owns, mean, chosen, refused, gathered, still_initialized in got:
         assert owns and not still_initialized  # the stage's setup joined the group, so the end of its block ended it
-        assert mean == [0.5, 5.0] and chosen == "rank 0 decided" and refused == "one line for every rank" and gathered == [0, 1]
+        assert (
+            mean == [0.5, 5.0]
+            and chosen == "rank 0 decided"
+            and refused == "one line for every rank"
+            and gathered == [0, 1]
+        )

@@ -62,17 +62,57 @@ def test_cache_contract(tmp_path, clip_teacher, captions, dtype, arrow, atol):
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest == result.manifest
     teacher = load_teacher(str(clip_teacher))
-    assert manifest["teacher"]["name"] == str(clip_teacher) and manifest["teacher"]["fingerprint"] == teacher.info().fingerprint
-    assert {k: manifest[k] for k in ("format", "complete", "kind", "pooling", "dim", "dtype", "normalized", "max_length",
-                                     "caption_column", "id_column", "image_column", "layers", "mclip_version")} == {
-        "format": shards.FORMAT, "complete": True, "kind": "clip", "pooling": "clip_projection", "dim": 16, "dtype": dtype,
-        "normalized": True, "max_length": 77, "caption_column": "caption", "id_column": "id", "image_column": None, "layers": [],
-        "mclip_version": mclip.__version__}
-    assert manifest["totals"] == {"input_rows": 20, "rows": 20, "skipped": 0, "truncated": 0, "duplicates": 0,
-                                  "distinct_captions": 20, "embedded": 20}
+    assert (
+        manifest["teacher"]["name"] == str(clip_teacher)
+        and manifest["teacher"]["fingerprint"] == teacher.info().fingerprint
+    )
+    assert {
+        k: manifest[k]
+        for k in (
+            "format",
+            "complete",
+            "kind",
+            "pooling",
+            "dim",
+            "dtype",
+            "normalized",
+            "max_length",
+            "caption_column",
+            "id_column",
+            "image_column",
+            "layers",
+            "mclip_version",
+        )
+    } == {
+        "format": shards.FORMAT,
+        "complete": True,
+        "kind": "clip",
+        "pooling": "clip_projection",
+        "dim": 16,
+        "dtype": dtype,
+        "normalized": True,
+        "max_length": 77,
+        "caption_column": "caption",
+        "id_column": "id",
+        "image_column": None,
+        "layers": [],
+        "mclip_version": mclip.__version__,
+    }
+    assert manifest["totals"] == {
+        "input_rows": 20,
+        "rows": 20,
+        "skipped": 0,
+        "truncated": 0,
+        "duplicates": 0,
+        "distinct_captions": 20,
+        "embedded": 20,
+    }
     assert manifest["format_version"] == shards.FORMAT_VERSION == 2
     assert [(s["file"], s["rows"], s["first_row"], s["end_row"]) for s in manifest["shards"]] == [
-        ("shard-00000.arrow", 7, 0, 7), ("shard-00001.arrow", 7, 7, 14), ("shard-00002.arrow", 6, 14, 20)]
+        ("shard-00000.arrow", 7, 0, 7),
+        ("shard-00001.arrow", 7, 7, 14),
+        ("shard-00002.arrow", 6, 14, 20),
+    ]
     assert all(s["sha256"] == shards.file_sha256(out / s["file"]) for s in manifest["shards"])
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [s["file"] for s in manifest["shards"]]
 
@@ -82,7 +122,9 @@ def test_cache_contract(tmp_path, clip_teacher, captions, dtype, arrow, atol):
     assert table.column("caption_group").to_pylist() == list(range(20))  # twenty distinct captions: each its own group
     assert table.schema.field("id").type == pa.string() and table.schema.field("embedding").type == pa.list_(arrow, 16)
     rows = _rows(captions)
-    assert table.column("id").to_pylist() == [r["id"] for r in rows] and table.column("text").to_pylist() == [r["caption"] for r in rows]
+    assert table.column("id").to_pylist() == [r["id"] for r in rows] and table.column("text").to_pylist() == [
+        r["caption"] for r in rows
+    ]
     hf = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     assert hf["id"] == [r["id"] for r in rows]
 
@@ -99,7 +141,11 @@ def test_ids_are_row_numbers_or_the_id_column_as_strings(tmp_path, clip_text_tea
     assert shards.open_cache(tmp_path / "a").ids() == ["0", "1", "2", "3", "4"]
     _run(data, tmp_path / "b", clip_text_teacher, id_column="key")
     assert shards.open_cache(tmp_path / "b").ids() == ["100", "101", "102", "103", "104"]
-    _assert_same(dict(zip(range(5), _by_id(tmp_path / "a").values())), dict(zip(range(5), _by_id(tmp_path / "b").values())), atol=0)
+    _assert_same(
+        dict(zip(range(5), _by_id(tmp_path / "a").values())),
+        dict(zip(range(5), _by_id(tmp_path / "b").values())),
+        atol=0,
+    )
     assert shards.open_cache(_run(data, tmp_path / "c", clip_text_teacher, limit=3).out).ids() == ["0", "1", "2"]
 
 
@@ -120,8 +166,16 @@ def formats(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("source,split", [("rows.csv", "train"), ("rows.parquet", "train"), ("part-*.parquet", "train"),
-                                          ("disk", "train"), ("diskdict", "test")])
+@pytest.mark.parametrize(
+    "source,split",
+    [
+        ("rows.csv", "train"),
+        ("rows.parquet", "train"),
+        ("part-*.parquet", "train"),
+        ("disk", "train"),
+        ("diskdict", "test"),
+    ],
+)
 def test_input_formats_give_the_same_cache(tmp_path, formats, clip_text_teacher, source, split):
     ref = tmp_path / "ref"
     _run(formats / "rows.jsonl", ref, clip_text_teacher, id_column="id", dtype="float32")
@@ -137,7 +191,9 @@ def test_truncation_is_the_tokenizers_and_is_counted(tmp_path, clip_text_teacher
     data = tiny.write_captions(tmp_path / "rows.jsonl", [{"caption": t} for t in texts])
     result = _run(data, tmp_path / "out", clip_text_teacher, dtype="float32")
     assert result.totals["truncated"] == 3 and result.totals["duplicates"] == 1
-    batch = AutoTokenizer.from_pretrained(clip_text_teacher)(texts, truncation=True, max_length=77, padding=True, return_tensors="pt")
+    batch = AutoTokenizer.from_pretrained(clip_text_teacher)(
+        texts, truncation=True, max_length=77, padding=True, return_tensors="pt"
+    )
     assert batch["input_ids"].shape[1] == 77
     with torch.no_grad():
         ref = CLIPTextModelWithProjection.from_pretrained(clip_text_teacher).eval()(**batch).text_embeds
@@ -155,7 +211,11 @@ def test_dedup_embeds_each_caption_once(tmp_path, bert_teacher):
     assert dedup.captions == 3 and dedup.totals["duplicates"] == 3 and dedup.totals["rows"] == 6
     emb = _by_id(tmp_path / "dedup")
     assert list(emb) == [f"x{i}" for i in range(6)]
-    assert np.array_equal(emb["x0"], emb["x2"]) and np.array_equal(emb["x0"], emb["x4"]) and np.array_equal(emb["x1"], emb["x5"])
+    assert (
+        np.array_equal(emb["x0"], emb["x2"])
+        and np.array_equal(emb["x0"], emb["x4"])
+        and np.array_equal(emb["x1"], emb["x5"])
+    )
     assert not np.allclose(emb["x0"], emb["x1"])
     plain = _run(data, tmp_path / "plain", bert_teacher, id_column="id", dtype="float32", dedup=False)
     assert plain.captions == 6 and plain.totals["duplicates"] == 0
@@ -183,8 +243,15 @@ def test_each_distinct_caption_is_embedded_once_per_cache(tmp_path, bert_teacher
     source = tiny.write_captions(tmp_path / "rows.jsonl", rows)
     dedup_run = _run(source, tmp_path / "dedup", bert_teacher, id_column="id", dtype="float32", shard_size=4)
     kept = len(_groups_oracle(rows))
-    assert dedup_run.captions == 5 and dedup_run.totals == {"input_rows": 30, "rows": kept, "skipped": 30 - kept, "truncated": 4,
-                                                            "duplicates": kept - 5, "distinct_captions": 5, "embedded": 5}
+    assert dedup_run.captions == 5 and dedup_run.totals == {
+        "input_rows": 30,
+        "rows": kept,
+        "skipped": 30 - kept,
+        "truncated": 4,
+        "duplicates": kept - 5,
+        "distinct_captions": 5,
+        "embedded": 5,
+    }
     plain = _run(source, tmp_path / "plain", bert_teacher, id_column="id", dtype="float32", shard_size=4, dedup=False)
     assert plain.captions == kept and plain.totals | {"duplicates": kept - 5, "embedded": 5} == dedup_run.totals
     for out in ("dedup", "plain"):  # caption_group is the same contract with or without --dedup
@@ -222,8 +289,17 @@ def test_a_killed_run_reuses_its_plan_and_finished_parts(tmp_path, bert_teacher,
 def test_results_do_not_depend_on_batching(tmp_path, captions, which, request):
     teacher = request.getfixturevalue(which)
     _run(captions, tmp_path / "a", teacher, id_column="id", dtype="float32", cache_layers=(1,))
-    _run(captions, tmp_path / "b", teacher, id_column="id", dtype="float32", cache_layers=(1,), shard_size=3, batch_tokens=40,
-         max_batch_size=3)
+    _run(
+        captions,
+        tmp_path / "b",
+        teacher,
+        id_column="id",
+        dtype="float32",
+        cache_layers=(1,),
+        shard_size=3,
+        batch_tokens=40,
+        max_batch_size=3,
+    )
     assert len(shards.open_cache(tmp_path / "b").files) == 7
     for column in ("embedding", "layer_1"):
         _assert_same(_by_id(tmp_path / "b", column), _by_id(tmp_path / "a", column), atol=1e-5)
@@ -283,16 +359,37 @@ def test_image_column(tmp_path, clip_teacher):
 
     images = _images()
     which = [0, 1, 0, 2, 1, 0, 2]  # several captions per image
-    rows = {"id": [f"c{i}" for i in range(7)], "caption": [tiny.CORPUS[i] for i in range(7)], "image": [images[w] for w in which]}
-    features = datasets.Features({"id": datasets.Value("string"), "caption": datasets.Value("string"), "image": datasets.Image()})
+    rows = {
+        "id": [f"c{i}" for i in range(7)],
+        "caption": [tiny.CORPUS[i] for i in range(7)],
+        "image": [images[w] for w in which],
+    }
+    features = datasets.Features(
+        {"id": datasets.Value("string"), "caption": datasets.Value("string"), "image": datasets.Image()}
+    )
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "data"))
-    result = _run(tmp_path / "data", tmp_path / "out", clip_teacher, id_column="id", image_column="image", dtype="float32",
-                  shard_size=4)
+    result = _run(
+        tmp_path / "data",
+        tmp_path / "out",
+        clip_teacher,
+        id_column="id",
+        image_column="image",
+        dtype="float32",
+        shard_size=4,
+    )
     assert result.manifest["image_dim"] == 16 and result.manifest["image_column"] == "image"
     cache = shards.open_cache(tmp_path / "out")
     assert cache.has_images
     image_ids = cache.table(["image_id"]).column("image_id").to_pylist()
-    assert [image_ids.index(x) for x in image_ids] == [0, 1, 0, 3, 1, 0, 3]  # same image <-> same image_id, across shards
+    assert [image_ids.index(x) for x in image_ids] == [
+        0,
+        1,
+        0,
+        3,
+        1,
+        0,
+        3,
+    ]  # same image <-> same image_id, across shards
     ref = _image_reference(clip_teacher, images)
     np.testing.assert_allclose(cache.embeddings("image_embedding"), ref[which], atol=1e-5)
     teacher = load_teacher(str(clip_teacher))
@@ -301,8 +398,13 @@ def test_image_column(tmp_path, clip_teacher):
     # the same images as file paths, grouped by a given image id column
     for i, image in enumerate(images):
         image.save(tmp_path / f"img{i}.png")
-    data = tiny.write_captions(tmp_path / "paths.jsonl", [{"caption": c, "path": str(tmp_path / f"img{w}.png"), "image": f"im{w}"}
-                                                          for c, w in zip(rows["caption"], which)])
+    data = tiny.write_captions(
+        tmp_path / "paths.jsonl",
+        [
+            {"caption": c, "path": str(tmp_path / f"img{w}.png"), "image": f"im{w}"}
+            for c, w in zip(rows["caption"], which)
+        ],
+    )
     _run(data, tmp_path / "paths", clip_teacher, image_column="path", image_id_column="image", dtype="float32")
     cache = shards.open_cache(tmp_path / "paths")
     assert cache.table(["image_id"]).column("image_id").to_pylist() == [f"im{w}" for w in which]
@@ -310,12 +412,26 @@ def test_image_column(tmp_path, clip_teacher):
 
 
 def test_empty_captions_are_skipped_and_counted(tmp_path, clip_text_teacher):
-    data = tiny.write_captions(tmp_path / "rows.jsonl", [{"id": "a", "caption": "red apple"}, {"id": "b", "caption": ""},
-                                                         {"id": "c", "caption": None}, {"id": "d", "caption": "  "},
-                                                         {"id": "e", "caption": "green tree"}])
+    data = tiny.write_captions(
+        tmp_path / "rows.jsonl",
+        [
+            {"id": "a", "caption": "red apple"},
+            {"id": "b", "caption": ""},
+            {"id": "c", "caption": None},
+            {"id": "d", "caption": "  "},
+            {"id": "e", "caption": "green tree"},
+        ],
+    )
     result = _run(data, tmp_path / "out", clip_text_teacher, id_column="id")
-    assert result.totals == {"input_rows": 5, "rows": 2, "skipped": 3, "truncated": 0, "duplicates": 0, "distinct_captions": 2,
-                             "embedded": 2}
+    assert result.totals == {
+        "input_rows": 5,
+        "rows": 2,
+        "skipped": 3,
+        "truncated": 0,
+        "duplicates": 0,
+        "distinct_captions": 2,
+        "embedded": 2,
+    }
     assert shards.open_cache(tmp_path / "out").table(["caption_group"]).column(0).to_pylist() == [0, 4]  # input rows
     assert shards.open_cache(tmp_path / "out").ids() == ["a", "e"]
     with pytest.raises(UserError, match=r"caption of id 'b' \(row 1\) is empty"):
@@ -325,22 +441,32 @@ def test_empty_captions_are_skipped_and_counted(tmp_path, clip_text_teacher):
 def test_blank_is_what_python_strip_calls_blank(tmp_path, clip_text_teacher):
     """Blank captions are found by an Arrow kernel; it skips exactly the captions `not text.strip()` calls blank."""
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
-    assert len(spaces) == 29 and "\x1c" in spaces and "\u3000" in spaces  # Python's set, wider than Unicode's White_Space
+    assert (
+        len(spaces) == 29 and "\x1c" in spaces and "\u3000" in spaces
+    )  # Python's set, wider than Unicode's White_Space
     blank = spaces + ["".join(spaces), "\x1c\x1d \x85"]
     kept = ["\u200b", "a", " x ", "\x1cb\x1c", "\u00a0\u00a0.", "_"]  # zero-width space and punctuation are text
-    rows = [{"id": f"b{i}", "caption": t} for i, t in enumerate(blank)] + [{"id": f"k{i}", "caption": t} for i, t in enumerate(kept)]
-    result = _run(tiny.write_captions(tmp_path / "rows.jsonl", rows), tmp_path / "out", clip_text_teacher, id_column="id")
+    rows = [{"id": f"b{i}", "caption": t} for i, t in enumerate(blank)] + [
+        {"id": f"k{i}", "caption": t} for i, t in enumerate(kept)
+    ]
+    result = _run(
+        tiny.write_captions(tmp_path / "rows.jsonl", rows), tmp_path / "out", clip_text_teacher, id_column="id"
+    )
     assert result.totals["skipped"] == len(blank) == sum(not r["caption"].strip() for r in rows)
     assert shards.open_cache(tmp_path / "out").ids() == [f"k{i}" for i in range(len(kept))]
     # --strict refuses what the skip would drop: the same notion of blank, \x1c included
-    only_separator = tiny.write_captions(tmp_path / "sep.jsonl", [{"id": "a", "caption": "red apple"}, {"id": "b", "caption": "\x1c"}])
+    only_separator = tiny.write_captions(
+        tmp_path / "sep.jsonl", [{"id": "a", "caption": "red apple"}, {"id": "b", "caption": "\x1c"}]
+    )
     with pytest.raises(UserError, match=r"caption of id 'b' \(row 1\) is empty"):
         _run(only_separator, tmp_path / "strict", clip_text_teacher, id_column="id", strict=True)
 
 
 def test_a_caption_column_of_numbers_is_one_line(tmp_path, clip_text_teacher):
     data = tiny.write_captions(tmp_path / "rows.jsonl", [{"caption": None}, {"caption": 3}, {"caption": 4}])
-    with pytest.raises(UserError, match=r"caption column 'caption' holds int64 values \(row 1\); point --caption-column at the text"):
+    with pytest.raises(
+        UserError, match=r"caption column 'caption' holds int64 values \(row 1\); point --caption-column at the text"
+    ):
         _run(data, tmp_path / "out", clip_text_teacher)
 
 
@@ -348,7 +474,9 @@ def test_rerun_is_a_no_op_other_arguments_are_refused(tmp_path, captions, clip_t
     out = tmp_path / "out"
     _run(captions, out, clip_text_teacher, shard_size=8)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = _run(captions, out, clip_text_teacher, shard_size=8, batch_tokens=64)  # a speed-only change is the same request
+    again = _run(
+        captions, out, clip_text_teacher, shard_size=8, batch_tokens=64
+    )  # a speed-only change is the same request
     assert again.computed_shards == 0 and again.rows == 20
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     with pytest.raises(UserError, match=r"other arguments \(dtype: 'float16' -> 'float32'.*pass --overwrite") as err:
@@ -367,7 +495,9 @@ def test_foreign_output_folder_is_refused(tmp_path, captions, clip_text_teacher)
     with pytest.raises(UserError, match="is not empty and holds no mclip cache"):
         _run(captions, out, clip_text_teacher)
     _run(captions, out, clip_text_teacher, overwrite=True)
-    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"  # --overwrite replaces a cache, not the user's files
+    assert (out / "notes.txt").read_text(
+        encoding="utf-8"
+    ) == "mine"  # --overwrite replaces a cache, not the user's files
     assert len(shards.open_cache(out)) == 20
 
 
@@ -377,7 +507,10 @@ def test_resume_recomputes_only_missing_or_broken_shards(tmp_path, captions, cli
     _run(captions, out, clip_text_teacher, id_column="id", dtype="float32", shard_size=4)
     # make it look like a killed run: manifest not final, one shard missing, one cut short, a temp file left
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    shards.write_json(out / "manifest.json", {k: v for k, v in manifest.items() if k not in ("shards", "totals")} | {"complete": False})
+    shards.write_json(
+        out / "manifest.json",
+        {k: v for k, v in manifest.items() if k not in ("shards", "totals")} | {"complete": False},
+    )
     (out / "shard-00001.arrow").unlink()
     data = (out / "shard-00003.arrow").read_bytes()
     (out / "shard-00003.arrow").write_bytes(data[: len(data) // 2])
@@ -413,12 +546,42 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
-    common = ["--data", str(captions), "--teacher", str(clip_teacher), "--id-column", "id", "--dtype", "float32",
-              "--shard-size", "3", "--cache-layers", "1", "--device", "cpu", "--no-progress"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "mclip", "embed-teacher", "--out", str(tmp_path / "dist"), *common]
+    common = [
+        "--data",
+        str(captions),
+        "--teacher",
+        str(clip_teacher),
+        "--id-column",
+        "id",
+        "--dtype",
+        "float32",
+        "--shard-size",
+        "3",
+        "--cache-layers",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "mclip",
+        "embed-teacher",
+        "--out",
+        str(tmp_path / "dist"),
+        *common,
+    ]
     # its own session, so that a hang takes the launcher's worker processes down with it
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -426,8 +589,18 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
         _, stderr = proc.communicate()
         pytest.fail(f"torchrun did not finish within 240 s: {stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
-    _run(captions, tmp_path / "single", clip_teacher, id_column="id", dtype="float32", shard_size=3, cache_layers=(1,), device="cpu")
+    _run(
+        captions,
+        tmp_path / "single",
+        clip_teacher,
+        id_column="id",
+        dtype="float32",
+        shard_size=3,
+        cache_layers=(1,),
+        device="cpu",
+    )
     dist, single = shards.open_cache(tmp_path / "dist"), shards.open_cache(tmp_path / "single")
+
     def layout(manifest):
         return [{k: s[k] for k in ("file", "rows", "first_row", "end_row")} for s in manifest["shards"]]
 
@@ -483,8 +656,13 @@ def test_the_reader_pads_and_pins_the_batches_a_gpu_teacher_gets(tmp_path, clip_
         assert i1.tolist() == i2.tolist() and torch.equal(ids1, ids2) and torch.equal(m1, m2)
     plain = dataclasses.replace(config, dedup=False)  # without --dedup a shard tokenises every kept row itself
     shard = embed_teacher._read_shard(0, rows, plain, n, teacher, batch_tokens=4096, plan=plan)
-    assert (shard.unique, shard.skipped, len(shard.ids), shard.inverse.tolist(), shard.groups.tolist()) == (5, 1, 5, [0, 1, 2, 3, 4],
-                                                                                                          [0, 1, 2, 0, 5])
+    assert (shard.unique, shard.skipped, len(shard.ids), shard.inverse.tolist(), shard.groups.tolist()) == (
+        5,
+        1,
+        5,
+        [0, 1, 2, 3, 4],
+        [0, 1, 2, 0, 5],
+    )
 
 
 @pytest.mark.slow
@@ -492,14 +670,56 @@ def test_torchrun_two_nodes_equal_one_process(tmp_path, clip_teacher):
     """Two torchrun launchers on this machine stand in for two nodes (--nnodes 2, one process each, gloo on CPU):
     the plan, the distinct-caption units split over the nodes' ranks and the gathered shards equal one process's."""
     data = tiny.write_captions(tmp_path / "rows.jsonl", _repeats(40))
-    common = ["--data", str(data), "--teacher", str(clip_teacher), "--id-column", "id", "--dtype", "float32", "--shard-size", "3",
-              "--cache-layers", "1", "--device", "cpu", "--no-progress"]
+    common = [
+        "--data",
+        str(data),
+        "--teacher",
+        str(clip_teacher),
+        "--id-column",
+        "id",
+        "--dtype",
+        "float32",
+        "--shard-size",
+        "3",
+        "--cache-layers",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     port = _free_port()
-    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-                                   "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                                   "-m", "mclip", "embed-teacher", "--out", str(tmp_path / "dist"), *common],
-                                  cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-                 for node in (0, 1)]
+    launchers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "mclip",
+                "embed-teacher",
+                "--out",
+                str(tmp_path / "dist"),
+                *common,
+            ],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for node in (0, 1)
+    ]
     deadline, errors = time.monotonic() + 90, []
     for proc in launchers:
         try:
@@ -510,13 +730,30 @@ def test_torchrun_two_nodes_equal_one_process(tmp_path, clip_teacher):
                     os.killpg(other.pid, signal.SIGKILL)
             pytest.fail(f"two-node torchrun did not finish within 90 s: {proc.communicate()[1][-3000:]}")
     assert [proc.returncode for proc in launchers] == [0, 0], "\n".join(e[-2000:] for e in errors)
-    single = _run(data, tmp_path / "single", clip_teacher, id_column="id", dtype="float32", shard_size=3, cache_layers=(1,), device="cpu")
+    single = _run(
+        data,
+        tmp_path / "single",
+        clip_teacher,
+        id_column="id",
+        dtype="float32",
+        shard_size=3,
+        cache_layers=(1,),
+        device="cpu",
+    )
     dist = shards.open_cache(tmp_path / "dist")
-    assert single.captions == 5 and dist.manifest["totals"] == single.totals and dist.verify() == []  # 2 units: one per node
-    assert len(dist.files) == 14 and [p.name for p in dist.files] == [p.name for p in shards.open_cache(tmp_path / "single").files]
-    for a, b in zip(dist.files, shards.open_cache(tmp_path / "single").files):  # shard by shard: same rows, groups, vectors
+    assert (
+        single.captions == 5 and dist.manifest["totals"] == single.totals and dist.verify() == []
+    )  # 2 units: one per node
+    assert len(dist.files) == 14 and [p.name for p in dist.files] == [
+        p.name for p in shards.open_cache(tmp_path / "single").files
+    ]
+    for a, b in zip(
+        dist.files, shards.open_cache(tmp_path / "single").files
+    ):  # shard by shard: same rows, groups, vectors
         ta, tb = (pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in (a, b))
-        assert ta.schema.metadata == tb.schema.metadata and ta.select(["id", "text", "caption_group"]).equals(tb.select(["id", "text", "caption_group"]))
+        assert ta.schema.metadata == tb.schema.metadata and ta.select(["id", "text", "caption_group"]).equals(
+            tb.select(["id", "text", "caption_group"])
+        )
         for column in ("embedding", "layer_1"):
             np.testing.assert_allclose(shards.to_numpy(ta[column]), shards.to_numpy(tb[column]), atol=1e-5)
     assert not (tmp_path / "dist" / ".plan").exists()

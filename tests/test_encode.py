@@ -15,7 +15,6 @@ from mclip.errors import UserError
 from mclip.student import build_student
 from tests import tiny
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run faster on one thread
 
 
@@ -36,7 +35,11 @@ def test_text_file_to_arrow_and_npy_equals_mclip_load_encode(model, tmp_path):
     lines = texts[:3] + [""] + texts[3:7] + ["   "] + texts[7:]
     source = tmp_path / "queries.txt"
     source.write_text("\ufeff" + "\r\n".join(lines) + "\n", encoding="utf-8")  # BOM and Windows line ends
-    result = run(EncodeConfig(model=str(model), out=str(tmp_path / "out"), input=str(source), npy=True, shard_size=4, progress=False))
+    result = run(
+        EncodeConfig(
+            model=str(model), out=str(tmp_path / "out"), input=str(source), npy=True, shard_size=4, progress=False
+        )
+    )
     assert (result.rows, result.skipped, result.dim, len(result.files)) == (11, 2, 8, 3)
     ids, stored, emb = read_rows(tmp_path / "out")
     assert stored == texts
@@ -51,14 +54,29 @@ def test_text_file_to_arrow_and_npy_equals_mclip_load_encode(model, tmp_path):
 def test_dataset_column_with_ids_float16_and_limit(model, tmp_path):
     rows = [{"key": f"k{i}", "sentence": tiny.CORPUS[i]} for i in range(6)] + [{"key": "k6", "sentence": None}]
     data = tiny.write_captions(tmp_path / "d.jsonl", rows)
-    result = run(EncodeConfig(model=str(model), out=str(tmp_path / "out"), data=str(data), column="sentence", id_column="key",
-                              dtype="float16", progress=False))
+    result = run(
+        EncodeConfig(
+            model=str(model),
+            out=str(tmp_path / "out"),
+            data=str(data),
+            column="sentence",
+            id_column="key",
+            dtype="float16",
+            progress=False,
+        )
+    )
     assert (result.rows, result.skipped) == (6, 1)
     ids, stored, emb = read_rows(tmp_path / "out")
     assert ids == [f"k{i}" for i in range(6)] and stored == tiny.CORPUS[:6]
-    assert pa.ipc.open_file(pa.memory_map(str(result.files[0]))).schema.field("embedding").type.value_type == pa.float16()
+    assert (
+        pa.ipc.open_file(pa.memory_map(str(result.files[0]))).schema.field("embedding").type.value_type == pa.float16()
+    )
     np.testing.assert_allclose(emb, mclip.load(model).encode(tiny.CORPUS[:6]), atol=2e-3)
-    limited = run(EncodeConfig(model=str(model), out=str(tmp_path / "out2"), data=str(data), column="sentence", limit=3, progress=False))
+    limited = run(
+        EncodeConfig(
+            model=str(model), out=str(tmp_path / "out2"), data=str(data), column="sentence", limit=3, progress=False
+        )
+    )
     assert limited.rows == 3
 
 
@@ -67,14 +85,29 @@ def test_a_dataset_column_is_read_in_chunks_with_the_same_rows(model, tmp_path, 
 
     rows = [{"sentence": None if i % 4 == 1 else tiny.CORPUS[i % len(tiny.CORPUS)] + f" {i}"} for i in range(11)]
     data = tiny.write_captions(tmp_path / "d.jsonl", rows)
-    whole = run(EncodeConfig(model=str(model), out=str(tmp_path / "whole"), data=str(data), column="sentence", npy=True, progress=False))
+    whole = run(
+        EncodeConfig(
+            model=str(model), out=str(tmp_path / "whole"), data=str(data), column="sentence", npy=True, progress=False
+        )
+    )
     monkeypatch.setattr(mclip.encode, "COLUMN_CHUNK", 3)  # 11 rows read 3 at a time, written in shards of 2
-    chunked = run(EncodeConfig(model=str(model), out=str(tmp_path / "chunked"), data=str(data), column="sentence", npy=True,
-                               shard_size=2, progress=False))
+    chunked = run(
+        EncodeConfig(
+            model=str(model),
+            out=str(tmp_path / "chunked"),
+            data=str(data),
+            column="sentence",
+            npy=True,
+            shard_size=2,
+            progress=False,
+        )
+    )
     assert (chunked.rows, chunked.skipped) == (whole.rows, whole.skipped) == (8, 3)
     ids, texts, emb = read_rows(tmp_path / "chunked")
     assert ids == [str(i) for i in range(11) if i % 4 != 1] and (ids, texts) == read_rows(tmp_path / "whole")[:2]
-    np.testing.assert_allclose(np.load(tmp_path / "chunked" / "embeddings.npy"), np.load(tmp_path / "whole" / "embeddings.npy"), atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "chunked" / "embeddings.npy"), np.load(tmp_path / "whole" / "embeddings.npy"), atol=1e-5
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "chunked" / "embeddings.npy"), emb)
 
 
@@ -140,9 +173,24 @@ def test_model_folder_accepts_a_student_a_checkpoint_or_a_run(model, tmp_path):
 def test_cli_encode(model, tmp_path, capsys):
     source = tmp_path / "t.txt"
     source.write_text("ein Hund im Park\n一只狗\n", encoding="utf-8")
-    main(["encode", "--model", str(model), "--input", str(source), "--out", str(tmp_path / "out"), "--npy", "--no-progress"])
+    main(
+        [
+            "encode",
+            "--model",
+            str(model),
+            "--input",
+            str(source),
+            "--out",
+            str(tmp_path / "out"),
+            "--npy",
+            "--no-progress",
+        ]
+    )
     assert np.load(tmp_path / "out" / "embeddings.npy").shape == (2, 8)
     with pytest.raises(SystemExit) as exit_info:
         main(["encode", "--model", str(model), "--out", str(tmp_path / "out2"), "--no-progress"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "mclip: error: give exactly one of --input (a text file) or --data (a dataset)"
+    assert (
+        capsys.readouterr().err.strip()
+        == "mclip: error: give exactly one of --input (a text file) or --data (a dataset)"
+    )

@@ -10,13 +10,20 @@ from mclip.errors import ConfigError, UserError, first_line, write_error, writin
 def test_first_line_of_an_exception():
     assert first_line(ValueError("  bad value\n  at line 3\n")) == "bad value"
     assert first_line(ValueError("x" * 500), 200) == "x" * 200
-    assert first_line(KeyError()) == "KeyError" and first_line(RuntimeError("   ")) == "RuntimeError"  # no message: its type
+    assert (
+        first_line(KeyError()) == "KeyError" and first_line(RuntimeError("   ")) == "RuntimeError"
+    )  # no message: its type
 
 
-@pytest.mark.parametrize("code, says", [(errno.ENOSPC, "no space left on device writing out/f; free space and rerun"),
-                                        (errno.EACCES, "permission denied writing out/f"),
-                                        (errno.ENOTDIR, "part of that path is a file, not a folder"),
-                                        (errno.EIO, "cannot write out/f (")])
+@pytest.mark.parametrize(
+    "code, says",
+    [
+        (errno.ENOSPC, "no space left on device writing out/f; free space and rerun"),
+        (errno.EACCES, "permission denied writing out/f"),
+        (errno.ENOTDIR, "part of that path is a file, not a folder"),
+        (errno.EIO, "cannot write out/f ("),
+    ],
+)
 def test_a_failed_write_is_one_line_naming_the_path_and_the_fix(code, says):
     error = write_error(OSError(code, "boom"), "out/f", "rerun")
     assert isinstance(error, UserError) and says in str(error) and "\n" not in str(error)

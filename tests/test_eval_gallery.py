@@ -11,7 +11,9 @@ def test_groups_of_arrow_strings_equal_np_unique_on_python_strings():
     pool = ["a", "b", "ab", "é", "z", "", " a", "B", "日本", "a\x00b", "😀", "ａ"]
     for n in [0, 1, 2, *rng.integers(3, 60, size=60).tolist()]:
         values = [pool[i] for i in rng.integers(0, len(pool), size=n)]
-        first, labels = groups(pa.chunked_array([pa.array(values[: n // 2], pa.string()), pa.array(values[n // 2 :], pa.string())]))
+        first, labels = groups(
+            pa.chunked_array([pa.array(values[: n // 2], pa.string()), pa.array(values[n // 2 :], pa.string())])
+        )
         if n:
             _, first_np, labels_np = np.unique(np.array(values, dtype=object), return_index=True, return_inverse=True)
         else:
@@ -42,8 +44,11 @@ def test_targets_on_disk_equal_np_unique_over_the_captions(tmp_path, monkeypatch
     for case, n in enumerate((1, 7, 60)):
         rows = rng.integers(0, n_cache, n)  # captions' cache rows, repeats allowed
         rows.astype("<i8").tofile(tmp_path / f"rows{case}")
-        got = eval_gallery.targets(RawArray(tmp_path / f"rows{case}", "<i8"),
-                                   eval_gallery.Values(RawArray(tmp_path / "values", "<i8"), 25), tmp_path / f"t{case}")
+        got = eval_gallery.targets(
+            RawArray(tmp_path / f"rows{case}", "<i8"),
+            eval_gallery.Values(RawArray(tmp_path / "values", "<i8"), 25),
+            tmp_path / f"t{case}",
+        )
         first, labels = groups(per_row[rows])
         np.testing.assert_array_equal(np.asarray(got.labels), labels)
         np.testing.assert_array_equal(np.asarray(got.rows), rows[first])

@@ -41,13 +41,23 @@ def caption(i: int) -> str:
 def parallel_rows(n: int = N) -> list[dict]:
     """de is a copy of English (an identity student must be perfect on it), sh a derangement of it (R@1 must be 0),
     fr other text."""
-    return [{"id": f"c{i:03d}", "caption": caption(i), "caption_de": caption(i), "caption_sh": caption((i + 1) % n),
-             "caption_fr": f"{tiny.CORPUS[(3 * i + 5) % len(tiny.CORPUS)]} nombre {i}"} for i in range(n)]
+    return [
+        {
+            "id": f"c{i:03d}",
+            "caption": caption(i),
+            "caption_de": caption(i),
+            "caption_sh": caption((i + 1) % n),
+            "caption_fr": f"{tiny.CORPUS[(3 * i + 5) % len(tiny.CORPUS)]} nombre {i}",
+        }
+        for i in range(n)
+    ]
 
 
 def identity_student(teacher: Path, manifest: dict, folder: Path, record: bool = True) -> Path:
     """The teacher's own encoder as a student (mean pool + identity projection): it reproduces the cache exactly."""
-    student = build_student(str(teacher), dim=manifest["dim"], meta={"teacher": manifest["teacher"]} if record else None)
+    student = build_student(
+        str(teacher), dim=manifest["dim"], meta={"teacher": manifest["teacher"]} if record else None
+    )
     with torch.no_grad():
         student.projection.weight.copy_(torch.eye(manifest["dim"]))
         student.projection.bias.zero_()
@@ -59,15 +69,36 @@ def identity_student(teacher: Path, manifest: dict, folder: Path, record: bool =
 def setup(bert_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = tiny.write_captions(root / "parallel.jsonl", parallel_rows())
-    cache = embed(EmbedConfig(data=str(data), out=str(root / "cache"), teacher=str(bert_teacher), id_column="id",
-                              dtype="float32", progress=False))
+    cache = embed(
+        EmbedConfig(
+            data=str(data),
+            out=str(root / "cache"),
+            teacher=str(bert_teacher),
+            id_column="id",
+            dtype="float32",
+            progress=False,
+        )
+    )
     model = identity_student(bert_teacher, cache.manifest, root / "model")
-    return {"root": root, "data": data, "cache": root / "cache", "model": model, "manifest": cache.manifest, "teacher": bert_teacher}
+    return {
+        "root": root,
+        "data": data,
+        "cache": root / "cache",
+        "model": model,
+        "manifest": cache.manifest,
+        "teacher": bert_teacher,
+    }
 
 
 def config(setup, out, **overrides) -> EvalConfig:
-    values = dict(model=str(setup["model"]), cache=str(setup["cache"]), data=str(setup["data"]), out=str(out),
-                  languages=("de",), progress=False)
+    values = dict(
+        model=str(setup["model"]),
+        cache=str(setup["cache"]),
+        data=str(setup["data"]),
+        out=str(out),
+        languages=("de",),
+        progress=False,
+    )
     values.update(overrides)
     return EvalConfig(**values)
 
@@ -75,7 +106,13 @@ def config(setup, out, **overrides) -> EvalConfig:
 def test_identity_student_is_perfect_a_derangement_scores_zero_and_the_report_is_written(setup, tmp_path):
     result = run(config(setup, tmp_path / "out", languages=("de", "sh", "fr"), teacher_baseline=True))
     m = result.metrics
-    for key in ("de/text_to_text", "de/text_to_text_reverse", "en/text_to_text", "en/text_to_text_reverse", "de/teacher_baseline/text_to_text"):
+    for key in (
+        "de/text_to_text",
+        "de/text_to_text_reverse",
+        "en/text_to_text",
+        "en/text_to_text_reverse",
+        "de/teacher_baseline/text_to_text",
+    ):
         assert m[f"{key}/R@1"] == m[f"{key}/MRR@10"] == 1.0, key
     assert m["sh/text_to_text/R@1"] == 0.0  # each caption's exact text belongs to another id
     assert m["sh/text_to_text/R@10"] > 0.0
@@ -98,7 +135,9 @@ def test_identity_student_is_perfect_a_derangement_scores_zero_and_the_report_is
 
 
 def test_metrics_equal_a_brute_force_oracle_on_a_real_student(setup, bert_student, tmp_path):
-    student = build_student(str(bert_student), dim=setup["manifest"]["dim"], meta={"teacher": setup["manifest"]["teacher"]})
+    student = build_student(
+        str(bert_student), dim=setup["manifest"]["dim"], meta={"teacher": setup["manifest"]["teacher"]}
+    )
     student.save(tmp_path / "student")
     result = run(config(setup, tmp_path / "out", model=str(tmp_path / "student"), languages=("fr",)))
     cache = shards.open_cache(setup["cache"])
@@ -148,11 +187,24 @@ def test_model_may_be_a_run_folder(setup, tmp_path):
 
 def test_a_bf16_cache_has_the_fp32_fingerprint_and_passes_the_baseline_check(setup, tmp_path):
     """A cache made at bf16 (as on a GPU) records the checkpoint's fp32 fingerprint, so a CPU baseline accepts it."""
-    bf16 = embed(EmbedConfig(data=str(setup["data"]), out=str(tmp_path / "cache"), teacher=str(setup["teacher"]), id_column="id",
-                             precision="bf16", progress=False))
-    assert bf16.manifest["precision"] == "bf16" and bf16.manifest["teacher"]["fingerprint"] == setup["manifest"]["teacher"]["fingerprint"]
+    bf16 = embed(
+        EmbedConfig(
+            data=str(setup["data"]),
+            out=str(tmp_path / "cache"),
+            teacher=str(setup["teacher"]),
+            id_column="id",
+            precision="bf16",
+            progress=False,
+        )
+    )
+    assert (
+        bf16.manifest["precision"] == "bf16"
+        and bf16.manifest["teacher"]["fingerprint"] == setup["manifest"]["teacher"]["fingerprint"]
+    )
     model = identity_student(setup["teacher"], bf16.manifest, tmp_path / "model")
-    result = run(config(setup, tmp_path / "out", model=str(model), cache=str(tmp_path / "cache"), teacher_baseline=True))
+    result = run(
+        config(setup, tmp_path / "out", model=str(model), cache=str(tmp_path / "cache"), teacher_baseline=True)
+    )
     assert result.metrics["de/teacher_baseline/text_to_text/R@1"] == 1.0 and not result.warnings
 
 
@@ -160,8 +212,17 @@ def test_tiny_batches_give_the_metrics_of_one_batch(setup, tmp_path):
     """Queries encoded, searched and added in batches of 1 and 5, and galleries added 1 and 5 at a time: the same numbers."""
     whole = run(config(setup, tmp_path / "whole", languages=("de", "sh", "fr"), teacher_baseline=True, limit=17))
     for size in (1, 5):
-        parts = run(config(setup, tmp_path / f"b{size}", languages=("de", "sh", "fr"), teacher_baseline=True, limit=17,
-                           query_batch_size=size, batch_size=2))
+        parts = run(
+            config(
+                setup,
+                tmp_path / f"b{size}",
+                languages=("de", "sh", "fr"),
+                teacher_baseline=True,
+                limit=17,
+                query_batch_size=size,
+                batch_size=2,
+            )
+        )
         assert parts.metrics == whole.metrics and parts.counts == whole.counts and parts.rows == whole.rows
 
 
@@ -174,8 +235,17 @@ def test_the_on_disk_passes_in_tiny_blocks_give_the_metrics_of_one_pass(setup, t
     for i in range(1, N, 2):
         rows[i]["caption"] = rows[i - 1]["caption"]
     data = tiny.write_captions(tmp_path / "dups.jsonl", rows)
-    embed(EmbedConfig(data=str(data), out=str(tmp_path / "cache"), teacher=str(setup["teacher"]), id_column="id", dtype="float32",
-                      shard_size=5, progress=False))
+    embed(
+        EmbedConfig(
+            data=str(data),
+            out=str(tmp_path / "cache"),
+            teacher=str(setup["teacher"]),
+            id_column="id",
+            dtype="float32",
+            shard_size=5,
+            progress=False,
+        )
+    )
     kw = dict(cache=str(tmp_path / "cache"), data=str(data), languages=("de", "sh"), teacher_baseline=True)
     whole = run(config(setup, tmp_path / "whole", **kw))
     monkeypatch.setattr(captions, "CHUNK", 3)
@@ -192,7 +262,10 @@ def test_an_index_trained_on_a_bounded_sample_probing_every_list_gives_the_exact
     exact = run(config(setup, tmp_path / "flat", languages=("fr",))).metrics
     monkeypatch.setattr(retrieval, "TRAIN_MIN", 6)  # 24 targets and 24 captions: both indexes train on a sample of 6
     monkeypatch.setattr(retrieval, "TRAIN_PER_LIST", 3)
-    assert run(config(setup, tmp_path / "ivf", languages=("fr",), index="IVF2,Flat", nprobe=2, query_batch_size=4)).metrics == exact
+    assert (
+        run(config(setup, tmp_path / "ivf", languages=("fr",), index="IVF2,Flat", nprobe=2, query_batch_size=4)).metrics
+        == exact
+    )
 
 
 def rewrite_cache(cache: Path, out: Path, group=None) -> Path:
@@ -209,9 +282,15 @@ def rewrite_cache(cache: Path, out: Path, group=None) -> Path:
             table = table.drop_columns(["caption_group"])
         if group is not None:
             values = [group(text, row + i) for i, text in enumerate(table.column("text").to_pylist())]
-            table = table.append_column(pa.field("caption_group", pa.int64(), nullable=False), pa.array(values, pa.int64()))
-        path = shards.write_shard(out, int(entry["file"][6:11]), table.replace_schema_metadata(None),
-                                  {"rows": table.num_rows, "first_row": row})
+            table = table.append_column(
+                pa.field("caption_group", pa.int64(), nullable=False), pa.array(values, pa.int64())
+            )
+        path = shards.write_shard(
+            out,
+            int(entry["file"][6:11]),
+            table.replace_schema_metadata(None),
+            {"rows": table.num_rows, "first_row": row},
+        )
         entry.update(sha256=shards.file_sha256(path), bytes=path.stat().st_size)
         row += table.num_rows
     shards.write_manifest(out, dict(manifest, format_version=2 if group is not None else 1))
@@ -223,20 +302,37 @@ def test_identical_english_captions_are_one_target_by_caption_group_or_else_by_t
     for i in range(1, N, 2):
         rows[i]["caption"] = rows[i]["caption_de"] = rows[i - 1]["caption"]  # 12 English captions, each of two ids
     data = tiny.write_captions(tmp_path / "dups.jsonl", rows)
-    embed(EmbedConfig(data=str(data), out=str(tmp_path / "cache"), teacher=str(setup["teacher"]), id_column="id", dtype="float32",
-                      shard_size=7, progress=False))
-    by_group = run(config(setup, tmp_path / "group", cache=str(tmp_path / "cache"), data=str(data)))  # stage 1's caption_group
+    embed(
+        EmbedConfig(
+            data=str(data),
+            out=str(tmp_path / "cache"),
+            teacher=str(setup["teacher"]),
+            id_column="id",
+            dtype="float32",
+            shard_size=7,
+            progress=False,
+        )
+    )
+    by_group = run(
+        config(setup, tmp_path / "group", cache=str(tmp_path / "cache"), data=str(data))
+    )  # stage 1's caption_group
     assert by_group.counts["de"]["english_targets"] == 12 and by_group.metrics["de/text_to_text/R@1"] == 1.0
     v1 = rewrite_cache(tmp_path / "cache", tmp_path / "v1")  # no caption_group: grouped by the text
     assert "caption_group" not in shards.open_cache(v1).dataset().schema.names
     by_text = run(config(setup, tmp_path / "text", cache=str(v1), data=str(data)))
     assert by_text.metrics == by_group.metrics and by_text.counts == by_group.counts
-    fours = rewrite_cache(tmp_path / "cache", tmp_path / "fours", lambda text, row: row // 4)  # the column, not the text, decides
+    fours = rewrite_cache(
+        tmp_path / "cache", tmp_path / "fours", lambda text, row: row // 4
+    )  # the column, not the text, decides
     result = run(config(setup, tmp_path / "o2", cache=str(fours), data=str(data)))
     assert result.counts["de"]["english_targets"] == N // 4
-    cached = retrieval.l2_normalize(shards.open_cache(fours).embeddings())  # cache rows follow the data rows, one per id
+    cached = retrieval.l2_normalize(
+        shards.open_cache(fours).embeddings()
+    )  # cache rows follow the data rows, one per id
     labels = np.arange(N) // 4
-    ranks = oracle_ranks(cached, cached[::4], labels, np.arange(N // 4))  # the identity student's de text is the English text
+    ranks = oracle_ranks(
+        cached, cached[::4], labels, np.arange(N // 4)
+    )  # the identity student's de text is the English text
     for k in (1, 5, 10):
         assert result.metrics[f"de/text_to_text/R@{k}"] == pytest.approx(np.mean(ranks <= k), abs=1e-9)
     assert result.metrics["de/text_to_text/R@1"] < 1.0
@@ -250,14 +346,20 @@ def one_line_error(cfg: EvalConfig, match: str) -> str:
 
 
 def test_errors_dimension_teacher_language_ids_index_images(setup, bert_student, tmp_path):
-    other_dim = build_student(str(bert_student), dim=8, meta={"teacher": setup["manifest"]["teacher"]}).save(tmp_path / "dim8")
+    other_dim = build_student(str(bert_student), dim=8, meta={"teacher": setup["manifest"]["teacher"]}).save(
+        tmp_path / "dim8"
+    )
     one_line_error(config(setup, tmp_path / "o1", model=str(other_dim)), "makes 8-d embeddings but cache .* holds 24-d")
     stranger = dict(setup["manifest"]["teacher"], name="someone/else", fingerprint="0" * 32)
     other_teacher = build_student(str(bert_student), dim=24, meta={"teacher": stranger}).save(tmp_path / "other")
-    one_line_error(config(setup, tmp_path / "o2", model=str(other_teacher)),
-                   "was made by teacher .* but model .* was distilled from 'someone/else'")
+    one_line_error(
+        config(setup, tmp_path / "o2", model=str(other_teacher)),
+        "was made by teacher .* but model .* was distilled from 'someone/else'",
+    )
     one_line_error(config(setup, tmp_path / "o3", languages=("ja",)), "column 'caption_ja' for language 'ja' not found")
-    strangers = tiny.write_captions(tmp_path / "strangers.jsonl", [{"id": f"x{i}", "caption": "a", "caption_de": "b"} for i in range(3)])
+    strangers = tiny.write_captions(
+        tmp_path / "strangers.jsonl", [{"id": f"x{i}", "caption": "a", "caption_de": "b"} for i in range(3)]
+    )
     one_line_error(config(setup, tmp_path / "o4", data=str(strangers)), "none of the ids in .* are in cache")
     one_line_error(config(setup, tmp_path / "o5", index="IVF4,Nonsense"), "FAISS rejects index 'IVF4,Nonsense'")
     one_line_error(config(setup, tmp_path / "o6", images=True), "holds no image embeddings")
@@ -271,7 +373,9 @@ def test_out_folder_is_refused_unless_overwrite_replaces_a_previous_eval(setup, 
     one_line_error(config(setup, out), "is not empty; .* --overwrite")
     first = (out / "metrics.json").read_text()
     run(config(setup, out, overwrite=True, languages=("fr",)))
-    assert (out / "metrics.json").read_text() != first and "fr/text_to_text/R@1" in json.loads((out / "metrics.json").read_text())
+    assert (out / "metrics.json").read_text() != first and "fr/text_to_text/R@1" in json.loads(
+        (out / "metrics.json").read_text()
+    )
     (out / "notes.txt").write_text("mine")
     one_line_error(config(setup, out, overwrite=True), "holds files eval-retrieval did not write \\(notes.txt\\)")
     assert (out / "notes.txt").read_text() == "mine"
@@ -282,8 +386,14 @@ def test_scratch_lives_in_out_while_the_run_works_and_goes_after(setup, tmp_path
 
     out, seen = tmp_path / "out", []
     score = eval_gallery.score
-    monkeypatch.setattr(eval_gallery, "score", lambda part, lang, cache, model, teacher, values, cfg, work: (
-        seen.append(work), score(part, lang, cache, model, teacher, values, cfg, work))[1])
+    monkeypatch.setattr(
+        eval_gallery,
+        "score",
+        lambda part, lang, cache, model, teacher, values, cfg, work: (
+            seen.append(work),
+            score(part, lang, cache, model, teacher, values, cfg, work),
+        )[1],
+    )
     (out / ".scratch").mkdir(parents=True)
     (out / ".scratch" / "left").write_text("by a killed run")  # is cleared, not refused
     run(config(setup, out, overwrite=True))
@@ -292,8 +402,18 @@ def test_scratch_lives_in_out_while_the_run_works_and_goes_after(setup, tmp_path
 
 
 def test_cli_runs_and_errors_are_one_line_exit_2(setup, tmp_path, capsys):
-    args = ["eval-retrieval", "--model", str(setup["model"]), "--cache", str(setup["cache"]), "--data", str(setup["data"]),
-            "--languages", "de,fr", "--no-progress"]
+    args = [
+        "eval-retrieval",
+        "--model",
+        str(setup["model"]),
+        "--cache",
+        str(setup["cache"]),
+        "--data",
+        str(setup["data"]),
+        "--languages",
+        "de,fr",
+        "--no-progress",
+    ]
     main(args + ["--out", str(tmp_path / "out"), "--ks", "1,3"])
     printed = capsys.readouterr().out
     assert "de→en" in printed and "R@3" in printed and "MRR@3" in printed
@@ -319,20 +439,53 @@ def image_setup(clip_teacher, bert_student, tmp_path_factory):
         image = root / f"img{i // 3}.png"
         if not image.exists():
             Image.fromarray(rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)).save(image)
-        rows.append({"id": f"c{i}", "caption": caption(i), "caption_de": f"{tiny.CORPUS[(i + 6) % len(tiny.CORPUS)]} {i}",
-                     "image": str(image), "image_id": f"img{i // 3}"})
+        rows.append(
+            {
+                "id": f"c{i}",
+                "caption": caption(i),
+                "caption_de": f"{tiny.CORPUS[(i + 6) % len(tiny.CORPUS)]} {i}",
+                "image": str(image),
+                "image_id": f"img{i // 3}",
+            }
+        )
     data = tiny.write_captions(root / "data.jsonl", rows)
-    cache = embed(EmbedConfig(data=str(data), out=str(root / "cache"), teacher=str(clip_teacher), id_column="id", image_column="image",
-                              image_id_column="image_id", dtype="float32", progress=False))
+    cache = embed(
+        EmbedConfig(
+            data=str(data),
+            out=str(root / "cache"),
+            teacher=str(clip_teacher),
+            id_column="id",
+            image_column="image",
+            image_id_column="image_id",
+            dtype="float32",
+            progress=False,
+        )
+    )
     student = build_student(str(bert_student), dim=cache.manifest["dim"], meta={"teacher": cache.manifest["teacher"]})
     student.save(root / "model")
-    return {"root": root, "data": data, "cache": root / "cache", "model": root / "model", "rows": rows, "student": student}
+    return {
+        "root": root,
+        "data": data,
+        "cache": root / "cache",
+        "model": root / "model",
+        "rows": rows,
+        "student": student,
+    }
 
 
 def test_text_image_metrics_with_several_captions_per_image_match_the_oracle(image_setup, tmp_path):
     s = image_setup
-    result = run(EvalConfig(model=str(s["model"]), cache=str(s["cache"]), data=str(s["data"]), out=str(tmp_path / "out"),
-                            languages=("de",), ks=(1, 2), progress=False))
+    result = run(
+        EvalConfig(
+            model=str(s["model"]),
+            cache=str(s["cache"]),
+            data=str(s["data"]),
+            out=str(tmp_path / "out"),
+            languages=("de",),
+            ks=(1, 2),
+            progress=False,
+        )
+    )
     m = result.metrics
     assert result.counts["de"]["images"] == 4
     sizes = {(r["lang"], r["system"], r["direction"]): (r["queries"], r["gallery"]) for r in result.rows}
@@ -351,9 +504,28 @@ def test_text_image_metrics_with_several_captions_per_image_match_the_oracle(ima
         assert m[f"de/image_to_text/R@{k}"] == pytest.approx(np.mean(i2t <= k))
     assert "en/teacher_baseline/text_to_image/R@1" in m and "en/teacher_baseline/text_to_text/R@1" not in m
     assert "| de | student | img→de | image_to_text | 4 | 12 |" in (tmp_path / "out" / "report.md").read_text()
-    no_images = run(EvalConfig(model=str(s["model"]), cache=str(s["cache"]), data=str(s["data"]), out=str(tmp_path / "out2"),
-                               languages=("de",), images=False, progress=False))
+    no_images = run(
+        EvalConfig(
+            model=str(s["model"]),
+            cache=str(s["cache"]),
+            data=str(s["data"]),
+            out=str(tmp_path / "out2"),
+            languages=("de",),
+            images=False,
+            progress=False,
+        )
+    )
     assert not any("image" in k for k in no_images.metrics)
-    batched = run(EvalConfig(model=str(s["model"]), cache=str(s["cache"]), data=str(s["data"]), out=str(tmp_path / "out3"),
-                             languages=("de",), ks=(1, 2), query_batch_size=2, progress=False))
+    batched = run(
+        EvalConfig(
+            model=str(s["model"]),
+            cache=str(s["cache"]),
+            data=str(s["data"]),
+            out=str(tmp_path / "out3"),
+            languages=("de",),
+            ks=(1, 2),
+            query_batch_size=2,
+            progress=False,
+        )
+    )
     assert batched.metrics == m  # images and captions searched and added two at a time

@@ -22,8 +22,23 @@ from tests import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOJI_TEST = ROOT / "data" / "emoji" / "test.jsonl"
-LANGUAGES = ("es", "de", "fr", "it", "pt", "id")  # scripts whose letters a random model can match to the English caption's
-TEXTS = ["a photo of a dog", "Zwei Kinder spielen Fußball", "一只狗在草地上奔跑", "Собака бежит", "قطة تجلس", "🐶🎉 party", "x"]
+LANGUAGES = (
+    "es",
+    "de",
+    "fr",
+    "it",
+    "pt",
+    "id",
+)  # scripts whose letters a random model can match to the English caption's
+TEXTS = [
+    "a photo of a dog",
+    "Zwei Kinder spielen Fußball",
+    "一只狗在草地上奔跑",
+    "Собака бежит",
+    "قطة تجلس",
+    "🐶🎉 party",
+    "x",
+]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run faster on one thread
@@ -47,24 +62,35 @@ def student(tmp_path_factory, emoji_rows):
     from mclip.student import build_student
 
     root = tmp_path_factory.mktemp("export")
-    corpus = tiny.CORPUS + TEXTS + [r[k] for r in emoji_rows for k in ("caption", *(f"caption_{lang}" for lang in LANGUAGES))]
+    corpus = (
+        tiny.CORPUS
+        + TEXTS
+        + [r[k] for r in emoji_rows for k in ("caption", *(f"caption_{lang}" for lang in LANGUAGES))]
+    )
     backbone = tiny.write_tiny_bert(root / "backbone", hidden=32, seed=4, corpus=corpus)
     config = BertConfig.from_pretrained(backbone)
     config.initializer_range = 0.3
     torch.manual_seed(4)
     BertModel(config).eval().save_pretrained(backbone)
-    return build_student(str(backbone), dim=16, pooler="cls", meta={"teacher": {"name": "tiny", "dim": 16}}).save(root / "final")
+    return build_student(str(backbone), dim=16, pooler="cls", meta={"teacher": {"name": "tiny", "dim": 16}}).save(
+        root / "final"
+    )
 
 
 @pytest.fixture(scope="module")
 def fp32(student, tmp_path_factory):
-    return export.run(ExportConfig(model=str(student), out=str(tmp_path_factory.mktemp("fp32") / "onnx-model"), progress=False))
+    return export.run(
+        ExportConfig(model=str(student), out=str(tmp_path_factory.mktemp("fp32") / "onnx-model"), progress=False)
+    )
 
 
 @pytest.fixture(scope="module")
 def int8(student, tmp_path_factory):
-    return export.run(ExportConfig(model=str(student), out=str(tmp_path_factory.mktemp("int8") / "onnx-int8"), quantize="int8",
-                                   progress=False))
+    return export.run(
+        ExportConfig(
+            model=str(student), out=str(tmp_path_factory.mktemp("int8") / "onnx-int8"), quantize="int8", progress=False
+        )
+    )
 
 
 def test_the_fp32_graph_equals_the_student(student, fp32):
@@ -86,7 +112,9 @@ def test_the_graph_has_dynamic_axes_and_the_projection_inside(fp32):
     assert all(isinstance(d, str) for shape in dims.values() for d in shape), dims  # symbolic batch and sequence
     outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
     assert [o.name for o in model.graph.output] == ["sentence_embedding", "last_hidden_state"]
-    assert outs["sentence_embedding"][1] == 16 and outs["last_hidden_state"][2] == 32  # D = the projection's, not the backbone's
+    assert (
+        outs["sentence_embedding"][1] == 16 and outs["last_hidden_state"][2] == 32
+    )  # D = the projection's, not the backbone's
     session = ort.InferenceSession(str(fp32.graph), providers=["CPUExecutionProvider"])
     for batch, length in ((1, 3), (5, 40)):
         ids = np.full((batch, length), 7, dtype=np.int64)
@@ -98,7 +126,13 @@ def test_the_graph_has_dynamic_axes_and_the_projection_inside(fp32):
 def test_the_folder_holds_the_tokenizer_and_its_json(fp32, student):
     meta = json.loads((fp32.out / "mclip.json").read_text())
     assert {k: meta[k] for k in ("format", "pooler", "dim", "max_length", "quantize", "opset")} == {
-        "format": "mclip-onnx", "pooler": "cls", "dim": 16, "max_length": 64, "quantize": None, "opset": 18}
+        "format": "mclip-onnx",
+        "pooler": "cls",
+        "dim": 16,
+        "max_length": 64,
+        "quantize": None,
+        "opset": 18,
+    }
     assert meta["teacher"] == {"name": "tiny", "dim": 16} and meta["verification"]["min_cosine"] >= 0.9999
     assert (fp32.out / "tokenizer.json").is_file() and (fp32.out / "onnx" / "model.onnx").is_file()
     assert not (fp32.out / "model.safetensors").exists()  # the graph carries the weights
@@ -131,7 +165,8 @@ def test_mclip_load_and_encode_run_the_export_without_torch(fp32, student, tmp_p
     `mclip encode` command on it; both give the student's vectors."""
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     script = tmp_path / "no_torch.py"
-    script.write_text(f"""
+    script.write_text(
+        f"""
 import sys
 sys.modules["torch"] = None  # `import torch` raises ImportError, and find_spec("torch") says it is not installed
 import numpy as np
@@ -142,9 +177,17 @@ np.save({str(tmp_path / "load.npy")!r}, model.encode({TEXTS!r}))
 main(["encode", "--model", {str(fp32.out)!r}, "--input", {str(tmp_path / "texts.txt")!r}, "--out", {str(tmp_path / "enc")!r},
       "--npy", "--no-progress"])
 assert "torch" not in sys.modules or sys.modules["torch"] is None, "imported torch"
-""", encoding="utf-8")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+""",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     ref = mclip.load(student).encode(TEXTS)
     assert export.cosines(np.load(tmp_path / "load.npy"), ref).min() >= 0.9999
@@ -154,7 +197,18 @@ assert "torch" not in sys.modules or sys.modules["torch"] is None, "imported tor
 
 def test_encode_refuses_no_normalize_on_an_export(fp32, tmp_path, cli_error):
     (tmp_path / "t.txt").write_text("a dog\n", encoding="utf-8")
-    err = cli_error(["encode", "--model", str(fp32.out), "--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"), "--no-normalize"])
+    err = cli_error(
+        [
+            "encode",
+            "--model",
+            str(fp32.out),
+            "--input",
+            str(tmp_path / "t.txt"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-normalize",
+        ]
+    )
     assert "normalises inside" in err and not (tmp_path / "o").exists()
 
 
@@ -169,9 +223,15 @@ def test_sentence_transformers_modules_on_the_graphs_hidden_state_give_the_stude
     assert [m["path"] for m in modules] == ["", "1_Pooling", "2_Dense", "3_Normalize"]
     enc = mclip.load(fp32.out).tokenize(TEXTS)
     session = ort.InferenceSession(str(fp32.out / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
-    (hidden,) = session.run(["last_hidden_state"], {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    (hidden,) = session.run(
+        ["last_hidden_state"], {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    )
     features = {"token_embeddings": torch.from_numpy(hidden), "attention_mask": torch.from_numpy(enc["attention_mask"])}
-    for module in (Pooling.load(str(fp32.out), subfolder="1_Pooling"), Dense.load(str(fp32.out), subfolder="2_Dense"), Normalize()):
+    for module in (
+        Pooling.load(str(fp32.out), subfolder="1_Pooling"),
+        Dense.load(str(fp32.out), subfolder="2_Dense"),
+        Normalize(),
+    ):
         features = module(features)
     got = features["sentence_embedding"].detach().numpy()
     assert export.cosines(got, mclip.load(student).encode(TEXTS)).min() >= 0.9999
@@ -255,15 +315,22 @@ def test_a_failed_verification_is_one_line_and_leaves_no_folder(student, fp32, t
     """A graph that disagrees with the student (here: another student's graph) is refused before --out exists."""
     from mclip.student import build_student
 
-    other = build_student(str(student), dim=16, pooler="cls").save(tmp_path / "other")  # same backbone, a new random projection
-    monkeypatch.setattr(export, "_export_graph", lambda s, path, opset: (path.parent.mkdir(parents=True, exist_ok=True),
-                                                                          shutil.copy(fp32.graph, path)))
+    other = build_student(str(student), dim=16, pooler="cls").save(
+        tmp_path / "other"
+    )  # same backbone, a new random projection
+    monkeypatch.setattr(
+        export,
+        "_export_graph",
+        lambda s, path, opset: (path.parent.mkdir(parents=True, exist_ok=True), shutil.copy(fp32.graph, path)),
+    )
     err = cli_error(["export", str(other), "--out", str(tmp_path / "x")])
     assert "the fp32 ONNX graph disagrees with the student: cosine" in err and "nothing was written" in err
     assert _leftovers(tmp_path) == ["other"]
 
 
-def test_a_non_empty_out_needs_overwrite_and_overwrite_replaces_a_previous_export(student, fp32, tmp_path, cli_error, monkeypatch):
+def test_a_non_empty_out_needs_overwrite_and_overwrite_replaces_a_previous_export(
+    student, fp32, tmp_path, cli_error, monkeypatch
+):
     out = tmp_path / "x"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -272,11 +339,16 @@ def test_a_non_empty_out_needs_overwrite_and_overwrite_replaces_a_previous_expor
     (out / "notes.txt").unlink()
     shutil.copytree(fp32.out, out, dirs_exist_ok=True)
     (out / "onnx" / "model.onnx").write_bytes(b"stale")
-    monkeypatch.setattr(export, "_export_graph", lambda s, path, opset: (path.parent.mkdir(parents=True, exist_ok=True),
-                                                                          shutil.copy(fp32.graph, path)))
+    monkeypatch.setattr(
+        export,
+        "_export_graph",
+        lambda s, path, opset: (path.parent.mkdir(parents=True, exist_ok=True), shutil.copy(fp32.graph, path)),
+    )
     from mclip.cli import main
 
-    main(["export", str(student), "--format", "onnx", "--out", str(out), "--overwrite", "--no-progress"])  # MODEL is positional
+    main(
+        ["export", str(student), "--format", "onnx", "--out", str(out), "--overwrite", "--no-progress"]
+    )  # MODEL is positional
     assert (out / "onnx" / "model.onnx").read_bytes() == fp32.graph.read_bytes()
     assert json.loads((out / "mclip.json").read_text())["verification"]["min_cosine"] >= 0.9999
     assert _leftovers(tmp_path) == ["x"]
@@ -307,13 +379,20 @@ def test_the_seed_student_families_export(family, tmp_path):
 @pytest.mark.slow
 def test_the_export_bench_prints_its_contract():
     """tests/bench/bench_export.py on a tiny student: its last line is the JSON the README's table is read from."""
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "bench_export.py"), "--tiny", "--quick", "--texts", "64"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "bench" / "bench_export.py"), "--tiny", "--quick", "--texts", "64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     rates = ("torch_texts_per_s", "onnx_fp32_texts_per_s", "onnx_int8_texts_per_s")
     assert all(result[k] > 0 for k in rates) and result["texts"] == 64
-    assert result["fp32_vs_torch"] == pytest.approx(result["onnx_fp32_texts_per_s"] / result["torch_texts_per_s"], rel=0.01)
+    assert result["fp32_vs_torch"] == pytest.approx(
+        result["onnx_fp32_texts_per_s"] / result["torch_texts_per_s"], rel=0.01
+    )
     assert result["fp32_min_cosine"] >= 0.9999 and result["int8_min_cosine"] >= 0.97
     assert 0 < result["onnx_int8_mb"] < result["onnx_fp32_mb"]
     assert set(result["r_at_1"]) == {"torch", "fp32", "int8"} and "avg" in result["r_at_1"]["int8"]

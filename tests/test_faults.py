@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from mclip import dedup, lock, shards, verify
+from mclip.checkpoint import checkpoints
 from mclip.cli import main
 from mclip.student import load
-from mclip.checkpoint import checkpoints
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +34,20 @@ def _env():
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def weights(final: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    return {**load_file(str(final / "model.safetensors")), **{f"dense.{k}": v for k, v in load_file(str(final / "2_Dense" / "model.safetensors")).items()}}
+    return {
+        **load_file(str(final / "model.safetensors")),
+        **{f"dense.{k}": v for k, v in load_file(str(final / "2_Dense" / "model.safetensors")).items()},
+    }
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -55,15 +61,30 @@ def by_id(cache_dir: Path) -> tuple[list[str], np.ndarray]:
 
 
 def embed_args(data, out, teacher, *extra) -> list[str]:
-    return ["embed-teacher", "--data", str(data), "--out", str(out), "--teacher", str(teacher), "--id-column", "id",
-            "--dtype", "float32", "--no-progress", *extra]
+    return [
+        "embed-teacher",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--teacher",
+        str(teacher),
+        "--id-column",
+        "id",
+        "--dtype",
+        "float32",
+        "--no-progress",
+        *extra,
+    ]
 
 
 # ---- a full disk, an unwritable --out ----
 
 
 @pytest.mark.parametrize("where", ["shard", "manifest"])
-def test_no_space_while_embedding_keeps_finished_shards(where, tmp_path, captions, clip_text_teacher, cli_error, monkeypatch):
+def test_no_space_while_embedding_keeps_finished_shards(
+    where, tmp_path, captions, clip_text_teacher, cli_error, monkeypatch
+):
     out = tmp_path / "out"
     args = embed_args(captions, out, clip_text_teacher, "--shard-size", "4")
     real_shard, real_json, calls = shards.write_shard, shards.write_json, []
@@ -88,11 +109,14 @@ def test_no_space_while_embedding_keeps_finished_shards(where, tmp_path, caption
     else:
         monkeypatch.setattr(shards, "write_json", full_disk_manifest)
         failed = out / "manifest.json"
-    assert cli_error(args) == f"no space left on device writing {failed}; free space and rerun the same command to resume"
+    assert (
+        cli_error(args) == f"no space left on device writing {failed}; free space and rerun the same command to resume"
+    )
     monkeypatch.undo()
     kept = [p for p in shards.shard_files(out)]
-    assert [p.name for p in kept] == (["shard-00000.arrow", "shard-00001.arrow"] if where == "shard" else
-                                      [shards.shard_name(k) for k in range(5)])
+    assert [p.name for p in kept] == (
+        ["shard-00000.arrow", "shard-00001.arrow"] if where == "shard" else [shards.shard_name(k) for k in range(5)]
+    )
     assert all(shards.read_shard_stats(p) is not None for p in kept)  # every visible shard whole and loadable
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["complete"] is False
     mtimes = {p.name: p.stat().st_mtime_ns for p in kept}
@@ -118,11 +142,15 @@ def test_no_space_while_checkpointing_keeps_the_last_checkpoint(small_run, tmp_p
         return real_save(obj, path, *a, **kw)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    assert cli_error(args) == (f"no space left on device writing {out / 'checkpoints' / 'step-0000004'}; free space and "
-                                            "rerun the same command with --resume to continue from the last checkpoint")
+    assert cli_error(args) == (
+        f"no space left on device writing {out / 'checkpoints' / 'step-0000004'}; free space and "
+        "rerun the same command with --resume to continue from the last checkpoint"
+    )
     monkeypatch.undo()
     assert [step for step, _ in checkpoints(out)] == [2] and not (out / "final").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]  # the cut save left nothing behind
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-0000002"
+    ]  # the cut save left nothing behind
     assert verify.check_folder(out / "checkpoints" / "step-0000002") == []
     assert load(out / "checkpoints" / "step-0000002").encode("ein Hund").shape == (24,)
     main(args + ["--resume"])
@@ -135,9 +163,34 @@ def _verb_argv(verb: str, small_run, out: Path) -> list[str]:
     return {
         "embed-teacher": embed_args(s["data"], out, s["teacher"]),
         "train-student": ["train-student", *s["train_args"], "--out", str(out)],
-        "eval-retrieval": ["eval-retrieval", "--model", str(s["run"]), "--cache", str(s["cache"]), "--data", str(s["data"]),
-                           "--languages", "de", "--split", "train", "--out", str(out), "--no-progress"],
-        "encode": ["encode", "--model", str(s["run"]), "--data", str(s["data"]), "--column", "caption_de", "--out", str(out), "--no-progress"],
+        "eval-retrieval": [
+            "eval-retrieval",
+            "--model",
+            str(s["run"]),
+            "--cache",
+            str(s["cache"]),
+            "--data",
+            str(s["data"]),
+            "--languages",
+            "de",
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        "encode": [
+            "encode",
+            "--model",
+            str(s["run"]),
+            "--data",
+            str(s["data"]),
+            "--column",
+            "caption_de",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
     }[verb]
 
 
@@ -146,18 +199,23 @@ def test_an_output_path_under_a_file_is_one_line(verb, small_run, tmp_path, cli_
     (tmp_path / "file").write_text("mine", encoding="utf-8")
     out = tmp_path / "file" / "out"
     assert cli_error(_verb_argv(verb, small_run, out)) == (
-        f"cannot write {out}: part of that path is a file, not a folder; choose another --out")
+        f"cannot write {out}: part of that path is a file, not a folder; choose another --out"
+    )
     assert (tmp_path / "file").read_text(encoding="utf-8") == "mine"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the path-under-a-file test covers unwritable --out")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into read-only folders; the path-under-a-file test covers unwritable --out"
+)
 @pytest.mark.parametrize("verb", ["embed-teacher", "train-student", "eval-retrieval", "encode"])
 def test_a_read_only_output_folder_is_one_line(verb, small_run, tmp_path, cli_error):
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o555)
     try:
-        assert cli_error(_verb_argv(verb, small_run, out)).startswith(f"permission denied writing {out / lock.LOCK_NAME}")
+        assert cli_error(_verb_argv(verb, small_run, out)).startswith(
+            f"permission denied writing {out / lock.LOCK_NAME}"
+        )
     finally:
         out.chmod(0o755)
 
@@ -174,13 +232,19 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     capsys.readouterr()
     main(["train-student", *small_run["train_args"], "--out", str(run), "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [(f"mclip: warning: checkpoint {damaged} is damaged ({damaged / 'model.safetensors'}: checksum differs from "
-                    "checksums.sha256 (file corrupted or changed)); set aside as step-0000004.corrupt, resuming from step-0000002")]
+    assert err == [
+        (
+            f"mclip: warning: checkpoint {damaged} is damaged ({damaged / 'model.safetensors'}: checksum differs from "
+            "checksums.sha256 (file corrupted or changed)); set aside as step-0000004.corrupt, resuming from step-0000002"
+        )
+    ]
     # steps 3 and 4 trained again from step 2 give exactly the weights the damaged checkpoint was meant to hold
     assert max_diff(weights(run / "final"), weights(small_run["run"] / "final")) <= 1e-5
     assert verify.check_folder(damaged) == [] and (run / "checkpoints" / "step-0000004.corrupt").is_dir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == [4]  # logged once (log_every 10 logs the last step only)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [
+        4
+    ]  # logged once (log_every 10 logs the last step only)
 
 
 def test_no_intact_checkpoint_is_one_line_naming_the_file(small_run, tmp_path, cli_error):
@@ -192,7 +256,8 @@ def test_no_intact_checkpoint_is_one_line_naming_the_file(small_run, tmp_path, c
     newest = run / "checkpoints" / "step-0000004"
     assert cli_error(["train-student", *small_run["train_args"], "--out", str(run), "--resume"]) == (
         f"checkpoint {newest} is damaged ({newest / 'trainer.pt'}: checksum differs from checksums.sha256 (file corrupted or "
-        "changed)) and no earlier checkpoint is intact; restore the file, or pass --overwrite to start over")
+        "changed)) and no earlier checkpoint is intact; restore the file, or pass --overwrite to start over"
+    )
     assert snapshot(run) == before
 
 
@@ -201,13 +266,34 @@ def test_a_cut_cache_shard_is_refused_at_open_and_repaired_by_a_rerun(small_run,
     shard = cache / "shard-00002.arrow"
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
-    expected = (f"teacher cache shard {shard} has {size // 2} bytes, not the {size} recorded in manifest.json (truncated or changed); "
-                f"delete it and rerun the same `mclip embed-teacher` command to recompute it (`mclip verify {cache}` checks every file)")
+    expected = (
+        f"teacher cache shard {shard} has {size // 2} bytes, not the {size} recorded in manifest.json (truncated or changed); "
+        f"delete it and rerun the same `mclip embed-teacher` command to recompute it (`mclip verify {cache}` checks every file)"
+    )
     args = list(small_run["train_args"])
     args[args.index("--cache") + 1] = str(cache)
     assert cli_error(["train-student", *args, "--out", str(tmp_path / "run")]) == expected
-    assert cli_error(["eval-retrieval", "--model", str(small_run["run"]), "--cache", str(cache), "--data", str(small_run["data"]),
-                           "--languages", "de", "--split", "train", "--out", str(tmp_path / "eval"), "--no-progress"]) == expected
+    assert (
+        cli_error(
+            [
+                "eval-retrieval",
+                "--model",
+                str(small_run["run"]),
+                "--cache",
+                str(cache),
+                "--data",
+                str(small_run["data"]),
+                "--languages",
+                "de",
+                "--split",
+                "train",
+                "--out",
+                str(tmp_path / "eval"),
+                "--no-progress",
+            ]
+        )
+        == expected
+    )
     assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
     capsys.readouterr()
     main(embed_args(small_run["data"], cache, small_run["teacher"], "--shard-size", "8"))  # the command that made it
@@ -232,7 +318,7 @@ def test_a_flipped_bit_inside_a_shard_passes_the_cheap_open_and_is_found_by_veri
 
 # Each run is a fresh process killed with SIGKILL. They are forked from a parent that has already imported torch,
 # transformers and datasets (and run nothing), so a restart costs milliseconds, not a five-second Python start-up.
-ZYGOTE = r'''
+ZYGOTE = r"""
 import json, os, sys, traceback
 import numpy, pyarrow, torch, transformers, datasets  # noqa: F401
 import mclip.cli, mclip.embed_teacher, mclip.train_student  # noqa: F401
@@ -263,13 +349,19 @@ for line in sys.stdin:
         _, status = os.waitpid(command["pid"], 0)
         print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                           "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}), flush=True)
-'''
+"""
 
 
 class Zygote:
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], cwd=ROOT, env=_env(), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE],
+            cwd=ROOT,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
     def _ask(self, command: dict) -> dict:
@@ -314,7 +406,9 @@ class Reader:
         for path in sorted(self.out.iterdir()) if self.out.is_dir() else []:
             if shards.SHARD_RE.match(path.name) and path.name not in self.seen:
                 table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-                assert table.num_rows == json.loads(table.schema.metadata[b"mclip"])["rows"], f"partial shard {path.name} visible"
+                assert table.num_rows == json.loads(table.schema.metadata[b"mclip"])["rows"], (
+                    f"partial shard {path.name} visible"
+                )
                 self.seen[path.name] = path.stat().st_mtime_ns
                 self.reads += 1
             elif path.name == shards.MANIFEST:
@@ -327,14 +421,19 @@ class Reader:
 
 def _files_after_a_kill(out: Path) -> None:
     for path in out.iterdir():
-        assert (path.name in (shards.MANIFEST, lock.LOCK_NAME, dedup.PLAN) or TEMP_SHARD.match(path.name)
-                or (shards.SHARD_RE.match(path.name) and shards.read_shard_stats(path) is not None)), path.name
+        assert (
+            path.name in (shards.MANIFEST, lock.LOCK_NAME, dedup.PLAN)
+            or TEMP_SHARD.match(path.name)
+            or (shards.SHARD_RE.match(path.name) and shards.read_shard_stats(path) is not None)
+        ), path.name
     if (out / shards.MANIFEST).exists():  # absent when killed before every input was checked (nothing written yet)
         json.loads((out / shards.MANIFEST).read_text(encoding="utf-8"))
 
 
 @pytest.mark.slow
-def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_run(tmp_path, clip_text_teacher, zygote, cli_error):
+def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_run(
+    tmp_path, clip_text_teacher, zygote, cli_error
+):
     n, size = 600, 4
     rows = [{"id": f"k{i}", "caption": f"{tiny.CORPUS[i % len(tiny.CORPUS)]} {i}"} for i in range(n)]
     data = tiny.write_captions(tmp_path / "rows.jsonl", rows)
@@ -343,14 +442,17 @@ def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_ru
 
     # the uninterrupted run, which a second run on the same folder must not disturb
     started = time.monotonic()
-    pid = zygote.start(embed_args(data, ref, clip_text_teacher, "--shard-size", str(size), "--max-batch-size", "1"), log)
+    pid = zygote.start(
+        embed_args(data, ref, clip_text_teacher, "--shard-size", str(size), "--max-batch-size", "1"), log
+    )
     reader = Reader(ref)
     while reader.look() == 0:
         assert zygote.running(pid), log.read_text()
         time.sleep(0.002)  # the reader must not take the core the writer needs
     setup = time.monotonic() - started
-    assert cli_error(embed_args(data, ref, clip_text_teacher, "--shard-size", str(size), "--max-batch-size", "1")) \
-        .startswith(f"--out {ref} is in use by mclip embed-teacher (pid {pid} on host ")
+    assert cli_error(
+        embed_args(data, ref, clip_text_teacher, "--shard-size", str(size), "--max-batch-size", "1")
+    ).startswith(f"--out {ref} is in use by mclip embed-teacher (pid {pid} on host ")
     assert zygote.wait(pid) == {"signal": None, "code": 0}, log.read_text()
     assert shards.open_cache(ref).verify() == []  # the first run, unharmed by the refused second one
     ref_ids, ref_emb = by_id(ref)
@@ -386,7 +488,9 @@ def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_ru
         time.sleep(0.002)
     assert zygote.wait(pid) == {"signal": None, "code": 0}, log.read_text()[-3000:]
     reader.look()
-    assert {p.name: p.stat().st_mtime_ns for p in shards.shard_files(out)} == reader.seen  # no finished shard was rewritten
+    assert {
+        p.name: p.stat().st_mtime_ns for p in shards.shard_files(out)
+    } == reader.seen  # no finished shard was rewritten
     ids, emb = by_id(out)
     assert ids == [r["id"] for r in rows] == ref_ids  # every id once, in order
     assert np.array_equal(emb, ref_emb) and shards.open_cache(out).verify() == []
@@ -395,20 +499,50 @@ def test_stage_one_killed_ten_times_at_random_moments_equals_an_uninterrupted_ru
 
 
 @pytest.mark.slow
-def test_stage_two_killed_at_random_steps_and_resumed_equals_an_uninterrupted_run(small_run, tmp_path, zygote, cli_error):
+def test_stage_two_killed_at_random_steps_and_resumed_equals_an_uninterrupted_run(
+    small_run, tmp_path, zygote, cli_error
+):
     from mclip.config import EmbedConfig
     from mclip.embed_teacher import run as embed
 
     out, ref, log, cache = tmp_path / "run", tmp_path / "reference", tmp_path / "log", tmp_path / "cache"
-    embed(EmbedConfig(data=str(small_run["data"]), out=str(cache), teacher=str(small_run["teacher"]), id_column="id", dtype="float32",
-                      cache_layers=(1, 2), progress=False))
-    common = ["train-student", *small_run["train_args"], "--max-steps", "30", "--epochs", "5", "--save-every", "3", "--log-every", "1",
-              "--loss", "cl", "--alpha", "0.5", "--layer-kd", "--cache", str(cache)]  # the learnt temperature and projections resume too
+    embed(
+        EmbedConfig(
+            data=str(small_run["data"]),
+            out=str(cache),
+            teacher=str(small_run["teacher"]),
+            id_column="id",
+            dtype="float32",
+            cache_layers=(1, 2),
+            progress=False,
+        )
+    )
+    common = [
+        "train-student",
+        *small_run["train_args"],
+        "--max-steps",
+        "30",
+        "--epochs",
+        "5",
+        "--save-every",
+        "3",
+        "--log-every",
+        "1",
+        "--loss",
+        "cl",
+        "--alpha",
+        "0.5",
+        "--layer-kd",
+        "--cache",
+        str(cache),
+    ]  # the learnt temperature and projections resume too
     pid = zygote.start([*common, "--out", str(ref)], log)
     while not (ref / "metrics.jsonl").exists():
         assert zygote.running(pid), log.read_text()
         time.sleep(0.002)
-    assert cli_error([*common, "--out", str(ref)]).startswith(f"--out {ref} is in use by mclip train-student (pid {pid}")
+    assert cli_error([*common, "--out", str(ref)]).startswith(
+        f"--out {ref} is in use by mclip train-student (pid {pid}"
+    )
     assert zygote.wait(pid) == {"signal": None, "code": 0}, log.read_text()[-3000:]
 
     def last_step(started_ns: int) -> int:

@@ -58,7 +58,9 @@ def test_info_nce_masks_rows_sharing_an_id():
     t2 = t.copy()
     t2[1] = -t2[1]
     row0 = losses.info_nce(_t(s[:1]), _t(t2), _t(positive[:1]), _t(same[:1]), 0.05)["infonce"].item()
-    assert row0 == pytest.approx(losses.info_nce(_t(s[:1]), _t(t), _t(positive[:1]), _t(same[:1]), 0.05)["infonce"].item(), rel=1e-6)
+    assert row0 == pytest.approx(
+        losses.info_nce(_t(s[:1]), _t(t), _t(positive[:1]), _t(same[:1]), 0.05)["infonce"].item(), rel=1e-6
+    )
 
 
 def test_cl_is_the_weighted_sum_and_cl_base_swaps_the_pointwise_part():
@@ -85,7 +87,9 @@ def test_mse_against_a_normalised_cache_ignores_the_students_norm():
     s, t = _data(b=4, n=4)
     t /= np.linalg.norm(t, axis=1, keepdims=True)
     positive, same = np.arange(4), np.eye(4, dtype=bool)
-    assert losses.distillation(_t(6.5 * t), _t(t), _t(positive), _t(same), "mse")["mse"].item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.distillation(_t(6.5 * t), _t(t), _t(positive), _t(same), "mse")["mse"].item() == pytest.approx(
+        0.0, abs=1e-7
+    )
     unit = s / np.linalg.norm(s, axis=1, keepdims=True)
     got = losses.distillation(_t(s), _t(t), _t(positive), _t(same), "mse")["mse"].item()
     assert got == pytest.approx(((unit - t) ** 2).mean(), rel=1e-5)
@@ -94,8 +98,9 @@ def test_mse_against_a_normalised_cache_ignores_the_students_norm():
     parts = losses.distillation(_t(6.5 * t), _t(t), _t(positive), _t(same), "cl", 0.5, "mse", 0.05)
     assert parts["mse"].item() == pytest.approx(0.0, abs=1e-7)  # cl's pointwise part too
     # an unnormalised cache (stage 1 --no-normalize) keeps the plain MSE
-    assert losses.distillation(_t(s), _t(t), _t(positive), _t(same), "mse", normalized=False)["mse"].item() == \
-        pytest.approx(((s - t) ** 2).mean(), rel=1e-5)
+    assert losses.distillation(_t(s), _t(t), _t(positive), _t(same), "mse", normalized=False)[
+        "mse"
+    ].item() == pytest.approx(((s - t) ** 2).mean(), rel=1e-5)
 
 
 def test_identical_targets_of_different_ids_are_not_negatives():
@@ -107,8 +112,12 @@ def test_identical_targets_of_different_ids_are_not_negatives():
     positive = np.arange(4)
     by_id = np.eye(4, dtype=bool)  # 4 distinct ids
     same = losses.same_target(_t(t))
-    assert same.numpy().tolist() == [[True, True, False, False], [True, True, False, False], [False, False, True, False],
-                                     [False, False, False, True]]
+    assert same.numpy().tolist() == [
+        [True, True, False, False],
+        [True, True, False, False],
+        [False, False, True, False],
+        [False, False, False, True],
+    ]
     perfect = _t(t * 3.0)
     masked = losses.info_nce(perfect, _t(t), _t(positive), same, 0.01)["infonce"].item()
     by_id_only = losses.info_nce(perfect, _t(t), _t(positive), _t(by_id), 0.01)["infonce"].item()

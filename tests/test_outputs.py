@@ -37,7 +37,10 @@ def test_check_refuses_a_non_empty_folder_and_foreign_files_and_changes_nothing(
     assert outputs.check(out, reuse=False) == [] and not out.exists()
     out.mkdir()
     (out / "report.md").write_text("old")
-    with pytest.raises(UserError, match=r"is not empty; choose an empty folder, or pass --overwrite to replace a previous eval's files$"):
+    with pytest.raises(
+        UserError,
+        match=r"is not empty; choose an empty folder, or pass --overwrite to replace a previous eval's files$",
+    ):
         outputs.check(out, reuse=False, command="eval")
     with pytest.raises(UserError, match=r"is not empty; pass --resume$"):
         outputs.check(out, reuse=False, refusal="; pass --resume")
@@ -67,9 +70,17 @@ def test_changed_names_what_a_resume_must_repeat_and_ignores_runtime_fields():
 
     made = TrainConfig(data="d", cache="c", out="o", lr=1e-3, epochs=2)
     saved = request(made)
-    assert outputs.changed(saved, dataclasses.replace(made, out="elsewhere", num_workers=0, save_every=5, resume=True)) == []
-    assert outputs.changed(saved, dataclasses.replace(made, lr=2e-3, epochs=3)) == ["epochs: 2 -> 3", "lr: 0.001 -> 0.002"]  # field order
-    assert outputs.changed({**saved, "student_layers": [1, 2]}, made, student_layers=[1, 2]) == []  # a default resolved again
+    assert (
+        outputs.changed(saved, dataclasses.replace(made, out="elsewhere", num_workers=0, save_every=5, resume=True))
+        == []
+    )
+    assert outputs.changed(saved, dataclasses.replace(made, lr=2e-3, epochs=3)) == [
+        "epochs: 2 -> 3",
+        "lr: 0.001 -> 0.002",
+    ]  # field order
+    assert (
+        outputs.changed({**saved, "student_layers": [1, 2]}, made, student_layers=[1, 2]) == []
+    )  # a default resolved again
     assert outputs.changed({}, made)[0] == "student: None -> 'xlm-roberta-base'"
 
 
@@ -93,6 +104,7 @@ def test_write_folder_swaps_a_whole_folder_in_and_keeps_the_old_one_on_failure(t
             (folder / "weights").write_text(version)
             if version == "broken":
                 raise OSError(28, "No space left on device")
+
         return write
 
     outputs.write_folder(final, tmp, fill("v1"), "rerun")

@@ -29,16 +29,25 @@ def tiny_pipeline(tmp_path_factory, bert_teacher):
     for lang in LANGS:
         emoji.config.load_language(lang)
     clean = lambda s: s.strip(":").replace("_", " ")  # noqa: E731
-    items = sorted((clean(d["en"]), clean(d["de"]), clean(d["zh"])) for d in emoji.EMOJI_DATA.values()
-                   if "de" in d and "zh" in d and d.get("status") == emoji.STATUS["fully_qualified"] and "skin tone" not in clean(d["en"]))[:60]
-    rows = [{"id": f"e{i:03d}", "caption": en, "caption_de": de, "caption_zh": zh} for i, (en, de, zh) in enumerate(items)]
+    items = sorted(
+        (clean(d["en"]), clean(d["de"]), clean(d["zh"]))
+        for d in emoji.EMOJI_DATA.values()
+        if "de" in d
+        and "zh" in d
+        and d.get("status") == emoji.STATUS["fully_qualified"]
+        and "skin tone" not in clean(d["en"])
+    )[:60]
+    rows = [
+        {"id": f"e{i:03d}", "caption": en, "caption_de": de, "caption_zh": zh} for i, (en, de, zh) in enumerate(items)
+    ]
     tiny.write_captions(root / "data" / "train.jsonl", rows[:40])
     tiny.write_captions(root / "data" / "test.jsonl", rows[40:])
     corpus = [r[k] for r in rows for k in ("caption", "caption_de", "caption_zh")]
     tiny.write_tiny_bert(root / "student", hidden=32, seed=2, corpus=corpus)
     toml = root / "pipelines" / "tiny.toml"
     toml.parent.mkdir()
-    toml.write_text(f'''
+    toml.write_text(
+        f'''
 name = "tiny"
 out = "../runs/tiny"
 [embed]
@@ -64,7 +73,9 @@ split = "train"
 languages = ["de", "zh"]
 teacher_baseline = true
 progress = false
-''', encoding="utf-8")
+''',
+        encoding="utf-8",
+    )
     return {"root": root, "toml": toml}
 
 
@@ -78,7 +89,13 @@ def test_shipped_pipeline_files_parse():
 def test_seed_recipe_file_holds_the_seed_hyper_parameters():
     config = pipeline.load_pipeline(ROOT / "pipelines" / "cc3m-zh-xlmr-base.toml")
     t = config.train
-    assert (config.embed.teacher, t.student, t.loss, t.alpha, t.pooler) == ("openai/clip-vit-base-patch16", "xlm-roberta-base", "cl", 0.1, "cls")
+    assert (config.embed.teacher, t.student, t.loss, t.alpha, t.pooler) == (
+        "openai/clip-vit-base-patch16",
+        "xlm-roberta-base",
+        "cl",
+        0.1,
+        "cls",
+    )
     assert (t.batch_size, t.warmup_steps, t.lr, t.weight_decay, t.epochs, t.seed) == (512, 1000, 1e-4, 1e-4, 10, 42)
 
 
@@ -95,7 +112,9 @@ def test_unknown_keys_name_the_closest_valid_key(tiny_pipeline, tmp_path):
 
 
 def test_paths_resolve_against_the_file_and_set_overrides(tiny_pipeline):
-    config = pipeline.load_pipeline(tiny_pipeline["toml"], overrides=["train.lr=2e-4", "train.languages=['de']", "name=renamed"])
+    config = pipeline.load_pipeline(
+        tiny_pipeline["toml"], overrides=["train.lr=2e-4", "train.languages=['de']", "name=renamed"]
+    )
     root = tiny_pipeline["root"]
     assert config.train.lr == 2e-4 and config.train.languages == ("de",) and config.name == "renamed"
     assert Path(config.train.student) == (root / "student").resolve()
@@ -141,13 +160,22 @@ def test_run_resumes_after_a_killed_stage_and_skips_what_is_complete(tiny_pipeli
 
     resumed = pipeline.run(pipeline.load_pipeline(tiny_pipeline["toml"], out=str(out)))
     assert resumed.stages["embed"] == "skipped"
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir() if not p.name.startswith(".")} == cache_mtimes
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir() if not p.name.startswith(".")
+    } == cache_mtimes
     clean = pipeline.run(pipeline.load_pipeline(tiny_pipeline["toml"], out=str(tmp_path / "clean")))
     assert clean.stages == {"embed": "ran", "train": "ran", "eval": "ran"}
-    for key in ("de/text_to_text/R@1", "zh/text_to_text/R@5", "en/text_to_text/R@1", "de/teacher_baseline/text_to_text/R@1"):
+    for key in (
+        "de/text_to_text/R@1",
+        "zh/text_to_text/R@5",
+        "en/text_to_text/R@1",
+        "de/teacher_baseline/text_to_text/R@1",
+    ):
         assert resumed.metrics[key] == pytest.approx(clean.metrics[key], abs=1e-6), key
     again = pipeline.run(pipeline.load_pipeline(tiny_pipeline["toml"], out=str(out)))
-    assert again.stages == {"embed": "skipped", "train": "skipped", "eval": "skipped"} and again.metrics == resumed.metrics
+    assert (
+        again.stages == {"embed": "skipped", "train": "skipped", "eval": "skipped"} and again.metrics == resumed.metrics
+    )
     assert json.loads((out / "eval" / "metrics.json").read_text()) == resumed.metrics
 
 
@@ -155,7 +183,10 @@ def test_summary_table_shows_student_beside_teacher(tiny_pipeline, tmp_path, cap
     result = pipeline.run(pipeline.load_pipeline(tiny_pipeline["toml"], out=str(tmp_path / "run")))
     printed = capsys.readouterr().out
     row = next(line for line in printed.splitlines() if line.startswith("| de |"))
-    assert f"{result.metrics['de/text_to_text/R@1']:.3f}" in row and f"{result.metrics['de/teacher_baseline/text_to_text/R@1']:.3f}" in row
+    assert (
+        f"{result.metrics['de/text_to_text/R@1']:.3f}" in row
+        and f"{result.metrics['de/teacher_baseline/text_to_text/R@1']:.3f}" in row
+    )
     assert "avg (non-English)" in printed and "en (no-forgetting check)" in printed
 
 
@@ -169,9 +200,28 @@ def test_run_under_torchrun_scores_once_on_rank_0(tiny_pipeline, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m", "mclip",
-                           "run", str(tiny_pipeline["toml"]), "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            port,
+            "-m",
+            "mclip",
+            "run",
+            str(tiny_pipeline["toml"]),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("avg (non-English)") == 1  # one summary table: rank 0's
     assert json.loads((tmp_path / "run" / "train" / "config.json").read_text())["world_size"] == 2

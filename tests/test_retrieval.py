@@ -60,7 +60,9 @@ def test_ranks_from_topk_match_the_oracle_with_exact_ties_in_any_order():
         ranks = retrieval.ranks_from_topk(ids, top, query_labels, gallery_labels, atol=0.0)
         np.testing.assert_array_equal(clip_at(ranks, k), clip_at(truth, k))
         ids, top = topk_with_random_tie_order(scores, len(gallery), rng)  # the full list: every rank exact
-        np.testing.assert_array_equal(retrieval.ranks_from_topk(ids, top, query_labels, gallery_labels, atol=0.0), truth)
+        np.testing.assert_array_equal(
+            retrieval.ranks_from_topk(ids, top, query_labels, gallery_labels, atol=0.0), truth
+        )
 
 
 def test_ties_count_against_the_query_so_a_collapsed_model_scores_zero():
@@ -78,7 +80,9 @@ def test_tolerance_treats_float_noise_as_a_tie():
     assert retrieval.ranks_from_topk(ids, scores, np.array([0]), labels, atol=0.0)[0] == 2
     assert retrieval.ranks_from_topk(ids, scores, np.array([0]), labels, atol=1e-6)[0] == 2
     ids = np.array([[0, 1, 2]])
-    scores = np.array([[0.5, 0.5 - 1e-8, 0.1]])  # the relevant item 0 leads item 1 only by noise: still a tie, counted against
+    scores = np.array(
+        [[0.5, 0.5 - 1e-8, 0.1]]
+    )  # the relevant item 0 leads item 1 only by noise: still a tie, counted against
     assert retrieval.ranks_from_topk(ids, scores, np.array([0]), labels, atol=1e-6)[0] == 2
     assert retrieval.ranks_from_topk(ids, scores, np.array([0]), labels, atol=0.0)[0] == 1
 
@@ -86,13 +90,20 @@ def test_tolerance_treats_float_noise_as_a_tie():
 def test_a_tie_running_past_the_end_of_a_cut_list_is_unknown_but_padding_is_not_a_cut():
     labels = np.arange(5)
     ids = np.array([[3, 0]])
-    assert np.isinf(retrieval.ranks_from_topk(ids, np.array([[0.7, 0.7]]), np.array([0]), labels))[0]  # items 1, 2, 4 may tie too
+    assert np.isinf(retrieval.ranks_from_topk(ids, np.array([[0.7, 0.7]]), np.array([0]), labels))[
+        0
+    ]  # items 1, 2, 4 may tie too
     last_place = retrieval.ranks_from_topk(ids, np.array([[0.7, 0.6]]), np.array([0]), labels)[0]
     assert np.isinf(last_place)  # unlisted items may tie the last listed score
     assert retrieval.ranks_from_topk(ids, np.array([[0.7, 0.6]]), np.array([3]), labels)[0] == 1
     padded = np.array([[3, 0, -1, -1, -1]])  # an IVF index that found only two items: nothing lies beyond
-    assert retrieval.ranks_from_topk(padded, np.array([[0.7, 0.7, -np.inf, -np.inf, -np.inf]]), np.array([0]), labels)[0] == 2
-    assert np.isinf(retrieval.ranks_from_topk(padded, np.zeros((1, 5)), np.array([4]), labels))[0]  # relevant item never listed
+    assert (
+        retrieval.ranks_from_topk(padded, np.array([[0.7, 0.7, -np.inf, -np.inf, -np.inf]]), np.array([0]), labels)[0]
+        == 2
+    )
+    assert np.isinf(retrieval.ranks_from_topk(padded, np.zeros((1, 5)), np.array([4]), labels))[
+        0
+    ]  # relevant item never listed
 
 
 def test_metrics_from_ranks_by_hand():
@@ -125,7 +136,10 @@ def test_a_labelled_index_ranks_as_one_that_looks_its_labels_up(factory):
     labels = rng.integers(0, 50, size=200)
     queries = retrieval.l2_normalize(rng.normal(size=(40, 8)))
     query_labels = rng.integers(0, 50, size=40)
-    plain, labelled = retrieval.IndexBuilder(factory, 8, nprobe=4), retrieval.IndexBuilder(factory, 8, nprobe=4, labelled=True)
+    plain, labelled = (
+        retrieval.IndexBuilder(factory, 8, nprobe=4),
+        retrieval.IndexBuilder(factory, 8, nprobe=4, labelled=True),
+    )
     for start in range(0, 200, 30):
         plain.add(gallery[start : start + 30])
         labelled.add(gallery[start : start + 30], labels[start : start + 30])
@@ -133,7 +147,9 @@ def test_a_labelled_index_ranks_as_one_that_looks_its_labels_up(factory):
     expected = plain.ranks(queries, query_labels, depth, label_of=lambda ids: labels[ids])
     np.testing.assert_array_equal(labelled.ranks(queries, query_labels, depth, batch_size=7), expected)
     if factory == "Flat":
-        np.testing.assert_array_equal(clip_at(expected, 10), clip_at(oracle_ranks(queries, gallery, query_labels, labels), 10))
+        np.testing.assert_array_equal(
+            clip_at(expected, 10), clip_at(oracle_ranks(queries, gallery, query_labels, labels), 10)
+        )
 
 
 def test_identity_case_is_perfect():
@@ -155,8 +171,10 @@ def test_unrelated_queries_score_near_chance():
     assert metrics["R@1"] <= 0.004
     assert metrics["R@10"] <= 0.012
     assert 0.03 <= metrics["R@100"] <= 0.07
-    np.testing.assert_array_equal(clip_at(ranks, 100), clip_at(oracle_ranks(retrieval.l2_normalize(queries),
-                                                                            retrieval.l2_normalize(gallery), labels, labels), 100))
+    np.testing.assert_array_equal(
+        clip_at(ranks, 100),
+        clip_at(oracle_ranks(retrieval.l2_normalize(queries), retrieval.l2_normalize(gallery), labels, labels), 100),
+    )
 
 
 def test_multi_caption_images_both_directions_match_the_oracle():
@@ -168,7 +186,9 @@ def test_multi_caption_images_both_directions_match_the_oracle():
     image_ids = np.arange(n_images)
     # text -> image: one relevant image per caption
     metrics, ranks = retrieval.retrieve(captions, images, caption_image, image_ids, ks=(1, 5, 10))
-    np.testing.assert_array_equal(clip_at(ranks, 10), clip_at(oracle_ranks(captions, images, caption_image, image_ids), 10))
+    np.testing.assert_array_equal(
+        clip_at(ranks, 10), clip_at(oracle_ranks(captions, images, caption_image, image_ids), 10)
+    )
     assert 0 < metrics["R@1"] < 1
     # image -> text: a hit when any of the image's captions is in the top K
     metrics, ranks = retrieval.retrieve(images, captions, image_ids, caption_image, ks=(1, 5, 10))
@@ -200,7 +220,9 @@ def test_an_index_filled_in_batches_equals_one_built_from_the_whole_gallery(fact
     gallery = retrieval.l2_normalize(rng.normal(size=(300, 16)))
     queries = retrieval.l2_normalize(gallery + 0.5 * rng.normal(size=gallery.shape))
     labels = np.arange(300)
-    whole = retrieval.ranks_from_topk(*retrieval.search(retrieval.build_index(gallery, factory), queries, 11)[::-1], labels, labels)
+    whole = retrieval.ranks_from_topk(
+        *retrieval.search(retrieval.build_index(gallery, factory), queries, 11)[::-1], labels, labels
+    )
     builder = retrieval.IndexBuilder(factory, 16)
     for start in range(0, 300, 7):  # a small gallery is held until its end and trained on whole, as one array would be
         builder.add(gallery[start : start + 7])
@@ -228,7 +250,9 @@ def test_approximate_indexes_track_the_exact_one():
     np.testing.assert_array_equal(ivf_ranks, exact_ranks)  # probing every list is exhaustive
     hnsw, _ = retrieval.retrieve(queries, gallery, labels, labels, factory="HNSW16")
     assert hnsw["R@10"] >= exact["R@10"] - 0.02
-    pq, _ = retrieval.retrieve(queries, gallery, labels, labels, factory="IVF4,PQ4x4")  # lossy 4-bit codes: lower, far above chance
+    pq, _ = retrieval.retrieve(
+        queries, gallery, labels, labels, factory="IVF4,PQ4x4"
+    )  # lossy 4-bit codes: lower, far above chance
     assert 0.3 <= pq["R@10"] <= exact["R@10"]
 
 

@@ -1,7 +1,5 @@
 """mclip.shards: the Arrow schema, atomic shard writes, stats of finished vs truncated shards, the reader and verify()."""
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -10,12 +8,17 @@ from mclip import shards
 from mclip.errors import UserError
 
 
-def _table(n: int, dim: int, dtype: str, first: int = 0, layers: dict | None = None, image_dim: int | None = None) -> pa.Table:
+def _table(
+    n: int, dim: int, dtype: str, first: int = 0, layers: dict | None = None, image_dim: int | None = None
+) -> pa.Table:
     rng = np.random.default_rng(first)
     schema = shards.cache_schema(dim, dtype, layers, image_dim)
-    columns = {"id": pa.array([f"r{first + i}" for i in range(n)]), "text": pa.array([f"caption {first + i}" for i in range(n)]),
-               "caption_group": pa.array(np.arange(first, first + n), pa.int64()),
-               "embedding": shards.fixed_list(rng.standard_normal((n, dim)), dtype)}
+    columns = {
+        "id": pa.array([f"r{first + i}" for i in range(n)]),
+        "text": pa.array([f"caption {first + i}" for i in range(n)]),
+        "caption_group": pa.array(np.arange(first, first + n), pa.int64()),
+        "embedding": shards.fixed_list(rng.standard_normal((n, dim)), dtype),
+    }
     for layer, width in (layers or {}).items():
         columns[shards.layer_column(layer)] = shards.fixed_list(rng.standard_normal((n, width)), dtype)
     if image_dim is not None:
@@ -30,17 +33,37 @@ def _write_cache(folder, sizes=(5, 4), dim=8, dtype="float32") -> shards.Teacher
     entries, first = [], 0
     for k, n in enumerate(sizes):
         path = shards.write_shard(folder, k, _table(n, dim, dtype, first), {"rows": n, "first_row": first})
-        entries.append({"file": path.name, "rows": n, "first_row": first, "end_row": first + n, "sha256": shards.file_sha256(path)})
+        entries.append(
+            {"file": path.name, "rows": n, "first_row": first, "end_row": first + n, "sha256": shards.file_sha256(path)}
+        )
         first += n
-    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "complete": True, "dim": dim, "dtype": dtype,
-                                                 "shards": entries, "totals": {"rows": first}})
+    shards.write_json(
+        folder / shards.MANIFEST,
+        {
+            "format": shards.FORMAT,
+            "complete": True,
+            "dim": dim,
+            "dtype": dtype,
+            "shards": entries,
+            "totals": {"rows": first},
+        },
+    )
     return shards.open_cache(folder)
 
 
 @pytest.mark.parametrize("dtype,arrow", [("float16", pa.float16()), ("float32", pa.float32())])
 def test_schema_by_dtype(dtype, arrow):
     schema = shards.cache_schema(16, dtype, {2: 32, 1: 32}, image_dim=16)
-    assert schema.names == ["id", "text", "caption_group", "embedding", "layer_1", "layer_2", "image_id", "image_embedding"]
+    assert schema.names == [
+        "id",
+        "text",
+        "caption_group",
+        "embedding",
+        "layer_1",
+        "layer_2",
+        "image_id",
+        "image_embedding",
+    ]
     assert schema.field("id").type == pa.string() and schema.field("image_id").type == pa.string()
     assert schema.field("caption_group").type == pa.int64() and not schema.field("caption_group").nullable
     assert schema.field("embedding").type == pa.list_(arrow, 16)
@@ -52,7 +75,9 @@ def test_schema_by_dtype(dtype, arrow):
 def test_fixed_list_round_trip():
     x = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
     np.testing.assert_array_equal(shards.to_numpy(shards.fixed_list(x, "float32")), x)
-    np.testing.assert_array_equal(shards.to_numpy(shards.fixed_list(x, "float16")), x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        shards.to_numpy(shards.fixed_list(x, "float16")), x.astype(np.float16).astype(np.float32)
+    )
     chunked = pa.chunked_array([shards.fixed_list(x[:3], "float32"), shards.fixed_list(x[3:], "float32")])
     np.testing.assert_array_equal(shards.to_numpy(chunked), x)
 
@@ -63,7 +88,9 @@ def test_write_shard_is_atomic_and_carries_stats(tmp_path):
     assert path.name == "shard-00003.arrow" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     assert shards.read_shard_stats(path) == {"rows": 6, "first_row": 30}
     back = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    assert back.schema.remove_metadata() == table.schema and back.equals(table.replace_schema_metadata(back.schema.metadata))
+    assert back.schema.remove_metadata() == table.schema and back.equals(
+        table.replace_schema_metadata(back.schema.metadata)
+    )
     # stats that disagree with the rows on disk do not count as finished
     shards.write_shard(tmp_path, 4, table, {"rows": 7})
     assert shards.read_shard_stats(tmp_path / "shard-00004.arrow") is None
@@ -83,7 +110,14 @@ def test_truncated_or_foreign_file_is_not_a_finished_shard(tmp_path):
 
 
 def test_shard_files_ignores_temp_and_other_files(tmp_path):
-    for name in ("shard-00001.arrow", "shard-00000.arrow", ".shard-00002.arrow.abc.tmp", "shard-2.arrow", "notes.txt", "manifest.json"):
+    for name in (
+        "shard-00001.arrow",
+        "shard-00000.arrow",
+        ".shard-00002.arrow.abc.tmp",
+        "shard-2.arrow",
+        "notes.txt",
+        "manifest.json",
+    ):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in shards.shard_files(tmp_path)] == ["shard-00000.arrow", "shard-00001.arrow"]
     assert shards.shard_files(tmp_path / "missing") == []
@@ -107,11 +141,23 @@ def test_a_version_1_cache_without_caption_group_still_reads(tmp_path):
     folder.mkdir()
     table = _table(4, 8, "float32").drop_columns(["caption_group"])
     path = shards.write_shard(folder, 0, table, {"rows": 4, "first_row": 0})
-    shards.write_json(folder / shards.MANIFEST, {"format": shards.FORMAT, "format_version": 1, "complete": True, "dim": 8,
-                                                 "dtype": "float32", "totals": {"rows": 4},
-                                                 "shards": [{"file": path.name, "rows": 4, "first_row": 0, "end_row": 4}]})
+    shards.write_json(
+        folder / shards.MANIFEST,
+        {
+            "format": shards.FORMAT,
+            "format_version": 1,
+            "complete": True,
+            "dim": 8,
+            "dtype": "float32",
+            "totals": {"rows": 4},
+            "shards": [{"file": path.name, "rows": 4, "first_row": 0, "end_row": 4}],
+        },
+    )
     cache = shards.open_cache(folder)
-    assert cache.table().column_names == ["id", "text", "embedding"] and "caption_group" not in cache.dataset().schema.names
+    assert (
+        cache.table().column_names == ["id", "text", "embedding"]
+        and "caption_group" not in cache.dataset().schema.names
+    )
     assert cache.ids() == ["r0", "r1", "r2", "r3"] and cache.embeddings().shape == (4, 8) and cache.verify() == []
 
 

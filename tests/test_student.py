@@ -69,7 +69,9 @@ def test_max_length_is_capped_by_the_model(bert_student):
 
 
 def test_saving_a_loaded_student_keeps_its_meta_current(bert_student, tmp_path):
-    first = build_student(str(bert_student), dim=8, meta={"teacher": {"name": "t"}, "mclip_version": "0.0.0"}).save(tmp_path / "a")
+    first = build_student(str(bert_student), dim=8, meta={"teacher": {"name": "t"}, "mclip_version": "0.0.0"}).save(
+        tmp_path / "a"
+    )
     second = load(first).save(tmp_path / "b")
     meta = json.loads((second / "mclip.json").read_text())
     assert meta["teacher"] == {"name": "t"} and meta["mclip_version"] != "0.0.0"
@@ -100,7 +102,10 @@ def test_identity_projection_reproduces_the_teacher_when_the_student_is_the_teac
     student = build_student(str(bert_teacher), teacher.dim, pooler="mean")
     texts = ["a dog", "woman standing", "red apple on a table"]
     assert np.abs(student.encode(texts) - teacher.encode(texts)).max() < 1e-5
-    assert not torch.equal(build_student(str(bert_teacher), teacher.dim, projection_init="random").projection.weight, torch.eye(teacher.dim))
+    assert not torch.equal(
+        build_student(str(bert_teacher), teacher.dim, projection_init="random").projection.weight,
+        torch.eye(teacher.dim),
+    )
     with pytest.raises(UserError, match="identity needs"):
         build_student(str(bert_teacher), teacher.dim + 1, projection_init="identity")
 
@@ -125,7 +130,10 @@ def test_extend_vocabulary_with_words_adds_frequent_long_words_as_whole_tokens(t
     texts = ["флаг Катар", "флаг Франция", "флаг Чили", "a dog", "a dog go", "go go"]
     assert student.tokenizer.tokenize("go") == ["g", "##o"]
     added = extend_vocabulary(student, texts, min_word_count=3)
-    assert added == ["go", "флаг"]  # seen 3 times and spelt in 2+ pieces; "dog" is 3 pieces but seen twice; "a" is one piece
+    assert added == [
+        "go",
+        "флаг",
+    ]  # seen 3 times and spelt in 2+ pieces; "dog" is 3 pieces but seen twice; "a" is one piece
     tokens = student.tokenizer.tokenize("Флаг Катар флагшток")
     assert tokens[0] == "флаг" and "флаг" not in tokens[1:]  # a whole word only, not inside another word
 
@@ -155,21 +163,34 @@ def test_extend_vocabulary_aligned_starts_new_rows_at_their_english_captions_tok
 
 def test_extend_vocabulary_min_piece_rate_adds_only_words_spelt_letter_by_letter(tmp_path):
     # "teclas" is te ##cl ##as (0.5 pieces a character): the vocabulary already reads it, so rate 0.75 leaves it alone
-    folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["teclas rojas", "флаг катар"], pieces=("te", "##cl", "##as", "ro", "##jas"))
+    folder = tiny.write_tiny_bert(
+        tmp_path / "s", corpus=["teclas rojas", "флаг катар"], pieces=("te", "##cl", "##as", "ro", "##jas")
+    )
     texts = ["teclas rojas", "флаг катар"]
-    assert extend_vocabulary(build_student(str(folder), 16), texts, min_word_count=1) == ["rojas", "teclas", "катар", "флаг"]
+    assert extend_vocabulary(build_student(str(folder), 16), texts, min_word_count=1) == [
+        "rojas",
+        "teclas",
+        "катар",
+        "флаг",
+    ]
     student = build_student(str(folder), 16)
     assert extend_vocabulary(student, texts, min_word_count=1, min_piece_rate=0.75) == ["катар", "флаг"]
     assert student.tokenizer.tokenize("teclas флаг") == ["te", "##cl", "##as", "флаг"]
 
 
 def test_extend_vocabulary_stems_give_an_unseen_inflection_its_training_words_row(tmp_path):
-    folder = tiny.write_tiny_bert(tmp_path / "s", corpus=["клавиши клавишу клавишами", "teclas teclado", "a dog"],
-                                  pieces=("te", "##cl", "##as", "##ado"))
+    folder = tiny.write_tiny_bert(
+        tmp_path / "s",
+        corpus=["клавиши клавишу клавишами", "teclas teclado", "a dog"],
+        pieces=("te", "##cl", "##as", "##ado"),
+    )
     texts, keep = ["клавиши 4", "клавишу", "teclas", "teclado"], ["a dog", "a keyboard"]
     plain = build_student(str(folder), 16)
     assert extend_vocabulary(plain, texts, min_word_count=1, keep=keep) == ["teclado", "teclas", "клавиши", "клавишу"]
-    assert not set(plain.tokenizer.tokenize("клавишами")) & {"клавиши", "клавишу"}  # whole words only: spelt letter by letter
+    assert not set(plain.tokenizer.tokenize("клавишами")) & {
+        "клавиши",
+        "клавишу",
+    }  # whole words only: spelt letter by letter
     student = build_student(str(folder), 16)
     english = student.tokenizer(keep)["input_ids"]
     added = extend_vocabulary(student, texts, min_word_count=1, keep=keep, stems=2)
@@ -178,5 +199,10 @@ def test_extend_vocabulary_stems_give_an_unseen_inflection_its_training_words_ro
     assert added == ["teclado", "teclas", "клавиш", "клавиши", "клавишу"]
     assert student.tokenizer.tokenize("клавишами")[0] == "клавиш"  # unseen, yet it starts on the stem's row
     assert student.tokenizer.tokenize("клавиши клавишу") == ["клавиши", "клавишу"]  # training words keep their own rows
-    assert student.tokenizer.tokenize("teclasx") == ["te", "##cl", "##as", "##x"]  # a Latin word still matches whole words only
+    assert student.tokenizer.tokenize("teclasx") == [
+        "te",
+        "##cl",
+        "##as",
+        "##x",
+    ]  # a Latin word still matches whole words only
     assert student.tokenizer(keep)["input_ids"] == english

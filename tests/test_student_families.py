@@ -4,17 +4,16 @@ token per Chinese character, 512 positions); both poolers, extend-vocab, frozen 
 run resumed, the export loaded three ways, the position limit."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from mclip import train_student
+from mclip.checkpoint import checkpoints
 from mclip.config import EmbedConfig, TrainConfig
 from mclip.embed_teacher import run as embed_teacher
 from mclip.student import build_student, load
-from mclip.checkpoint import checkpoints
 from mclip.train_student import run
 from tests import tiny
 from tests.test_student import _plain_transformers
@@ -32,8 +31,16 @@ def toy(tmp_path_factory, bert_teacher):
     rows = _toy_rows()
     data = tiny.write_captions(root / "parallel.jsonl", rows)
     cache = root / "cache"
-    embed_teacher(EmbedConfig(data=str(data), out=str(cache), teacher=str(bert_teacher), id_column="id", cache_layers=(1, 2),
-                              progress=False))
+    embed_teacher(
+        EmbedConfig(
+            data=str(data),
+            out=str(cache),
+            teacher=str(bert_teacher),
+            id_column="id",
+            cache_layers=(1, 2),
+            progress=False,
+        )
+    )
     return {"root": root, "rows": rows, "data": data, "cache": cache, "texts": [r[k] for r in rows for k in LANGS]}
 
 
@@ -47,9 +54,24 @@ def family(request, toy):
 
 
 def _config(toy, family, out, **changes) -> TrainConfig:
-    base = dict(data=str(toy["data"]), cache=str(toy["cache"]), out=str(out), student=str(family["student"]), languages=("zh", "de"),
-                batch_size=16, epochs=1, max_steps=4, warmup_steps=1, lr=2e-3, num_workers=0, eval_every=0, save_every=0,
-                log_every=1, progress=False, num_threads=1)
+    base = dict(
+        data=str(toy["data"]),
+        cache=str(toy["cache"]),
+        out=str(out),
+        student=str(family["student"]),
+        languages=("zh", "de"),
+        batch_size=16,
+        epochs=1,
+        max_steps=4,
+        warmup_steps=1,
+        lr=2e-3,
+        num_workers=0,
+        eval_every=0,
+        save_every=0,
+        log_every=1,
+        progress=False,
+        num_threads=1,
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -66,11 +88,26 @@ def test_the_tiny_students_are_built_like_the_real_ones(toy, family):
         assert [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
         assert tok.mask_token_id == len(tok) - 1
         pieces = tok.convert_ids_to_tokens(tok("ein Hund")["input_ids"])
-        assert pieces[0] == "<s>" and pieces[-1] == "</s>" and pieces[1].startswith("▁") and any(p.startswith("▁") for p in pieces[2:-1])
+        assert (
+            pieces[0] == "<s>"
+            and pieces[-1] == "</s>"
+            and pieces[1].startswith("▁")
+            and any(p.startswith("▁") for p in pieces[2:-1])
+        )
         assert "▁" in tok.convert_ids_to_tokens(tok("牌")["input_ids"])  # a word start with no ▁-piece: the bare marker
     else:
         assert config.model_type == "bert" and config.max_position_embeddings == 512
-        assert tok.convert_ids_to_tokens(tok("金牌 medal")["input_ids"]) == ["[CLS]", "金", "牌", "m", "##e", "##d", "##a", "##l", "[SEP]"]
+        assert tok.convert_ids_to_tokens(tok("金牌 medal")["input_ids"]) == [
+            "[CLS]",
+            "金",
+            "牌",
+            "m",
+            "##e",
+            "##d",
+            "##a",
+            "##l",
+            "[SEP]",
+        ]
     assert _unknown(tok, [r["caption_zh"] for r in toy["rows"][1::2]])  # characters only the held-out half has
 
 
@@ -79,13 +116,20 @@ def test_both_poolers_train_and_the_export_loads_three_ways_alike(toy, family, t
     from safetensors.numpy import load_file
     from sentence_transformers import SentenceTransformer
 
-    result = run(_config(toy, family, tmp_path / "run", pooler=pooler, loss="cl", alpha=0.5, max_steps=6, max_length=1024))
+    result = run(
+        _config(toy, family, tmp_path / "run", pooler=pooler, loss="cl", alpha=0.5, max_steps=6, max_length=1024)
+    )
     train = _records(result.out, "train")
     assert result.steps == len(train) == 6 and all(np.isfinite(r["loss"]) for r in train)
-    start, final = load_file(str(family["student"] / "model.safetensors")), load_file(str(result.final / "model.safetensors"))
+    start, final = (
+        load_file(str(family["student"] / "model.safetensors")),
+        load_file(str(result.final / "model.safetensors")),
+    )
     assert final.keys() == start.keys() and _max_diff(final, start) > 1e-4  # it trained
     meta = json.loads((result.final / "mclip.json").read_text())
-    assert meta["pooler"] == pooler and meta["max_length"] == 512  # 1024 asked; 514 RoBERTa positions hold 512 tokens, BERT's 512
+    assert (
+        meta["pooler"] == pooler and meta["max_length"] == 512
+    )  # 1024 asked; 514 RoBERTa positions hold 512 tokens, BERT's 512
     texts = [LONG, *toy["texts"][:23], "x"]
     ours = load(result.final).encode(texts, batch_size=5, normalize=True)
     plain = _plain_transformers(result.final, texts)
@@ -98,7 +142,11 @@ def test_both_poolers_train_and_the_export_loads_three_ways_alike(toy, family, t
 
 
 def _unknown_characters(tokenizer, texts) -> set[str]:
-    return {c for c in set("".join(texts)) - set(" ") if tokenizer.unk_token_id in tokenizer(c, add_special_tokens=False)["input_ids"]}
+    return {
+        c
+        for c in set("".join(texts)) - set(" ")
+        if tokenizer.unk_token_id in tokenizer(c, add_special_tokens=False)["input_ids"]
+    }
 
 
 def _extend(toy, family, out, **changes):
@@ -117,8 +165,9 @@ def _extend(toy, family, out, **changes):
 
 @pytest.mark.parametrize("init", ["mean", "aligned"])
 def test_extend_vocab_adds_words_the_student_then_reads_as_one_token(toy, family, tmp_path, init):
-    result, before, tok, added, other, english = _extend(toy, family, tmp_path / "run", extend_vocab_words=1, extend_vocab_init=init,
-                                                         max_steps=2)
+    result, before, tok, added, other, english = _extend(
+        toy, family, tmp_path / "run", extend_vocab_words=1, extend_vocab_init=init, max_steps=2
+    )
     normalize = getattr(tok.backend_tokenizer.normalizer, "normalize_str", lambda s: s)
     words = [w for w in added if len(w) > 1]
     assert words, added
@@ -133,7 +182,11 @@ def test_extend_vocab_adds_words_the_student_then_reads_as_one_token(toy, family
     assert inside > 0
     # every caption whose unknown characters English does not share (English keeps its reading) now reads without <unk>
     shared = _unknown_characters(before, english)
-    fixable = [t for t in other if before.unk_token_id in before(t)["input_ids"] and not _unknown_characters(before, [t]) & shared]
+    fixable = [
+        t
+        for t in other
+        if before.unk_token_id in before(t)["input_ids"] and not _unknown_characters(before, [t]) & shared
+    ]
     assert fixable and not _unknown(tok, fixable), _unknown(tok, fixable)[:5]
     assert tok(english)["input_ids"] == before(english)["input_ids"]
     # the exported tokenizer reads the training text as the one it trained with
@@ -143,9 +196,13 @@ def test_extend_vocab_adds_words_the_student_then_reads_as_one_token(toy, family
 
 @pytest.mark.parametrize("family", ["xlmr", "chinese_bert"], indirect=True)
 def test_extend_vocab_reports_exactly_the_rows_it_added(toy, family, tmp_path):
-    result, before, tok, added, other, english = _extend(toy, family, tmp_path / "run", extend_vocab_words=1, max_steps=1)
+    result, before, tok, added, other, english = _extend(
+        toy, family, tmp_path / "run", extend_vocab_words=1, max_steps=1
+    )
     assert json.loads((result.final / "mclip.json").read_text())["added_tokens"] == len(added)
-    assert set(tok.get_added_vocab()) - set(added) == set(before.get_added_vocab())  # no old token turned into an added one
+    assert set(tok.get_added_vocab()) - set(added) == set(
+        before.get_added_vocab()
+    )  # no old token turned into an added one
 
 
 @pytest.mark.parametrize("family", ["xlmr", "chinese_bert"], indirect=True)
@@ -161,7 +218,10 @@ def test_frozen_embeddings_stay_while_the_rest_trains(toy, family, tmp_path):
     from safetensors.numpy import load_file
 
     result = run(_config(toy, family, tmp_path / "run", freeze_embeddings=True, max_steps=3))
-    start, final = load_file(str(family["student"] / "model.safetensors")), load_file(str(result.final / "model.safetensors"))
+    start, final = (
+        load_file(str(family["student"] / "model.safetensors")),
+        load_file(str(result.final / "model.safetensors")),
+    )
     emb = [k for k in start if k.endswith("word_embeddings.weight")]
     assert len(emb) == 1 and np.array_equal(final[emb[0]], start[emb[0]])
     # only the word matrix: the position rows beside it and the layers train
@@ -173,10 +233,16 @@ def test_frozen_embeddings_stay_while_the_rest_trains(toy, family, tmp_path):
 def test_layer_kd_distils_both_cached_layers(toy, family, tmp_path):
     result = run(_config(toy, family, tmp_path / "run", layer_kd=True, loss="cl", alpha=0.5, max_steps=3, save_every=3))
     records = _records(result.out, "train")
-    assert all(r["layer_kd"] > 0 and r["loss"] == pytest.approx(r["mse"] + r["infonce"] + r["layer_kd"], rel=1e-5) for r in records)
+    assert all(
+        r["layer_kd"] > 0 and r["loss"] == pytest.approx(r["mse"] + r["infonce"] + r["layer_kd"], rel=1e-5)
+        for r in records
+    )
     assert json.loads((result.out / "config.json").read_text())["train"]["student_layers"] == [1, 2]
     state = torch.load(checkpoints(result.out)[-1][1] / "trainer.pt", weights_only=True)
-    assert [state["extra"][f"layer_proj.{k}.weight"].shape for k in (0, 1)] == [(24, 32), (24, 32)]  # student 32 -> teacher 24
+    assert [state["extra"][f"layer_proj.{k}.weight"].shape for k in (0, 1)] == [
+        (24, 32),
+        (24, 32),
+    ]  # student 32 -> teacher 24
 
 
 class Interrupted(Exception):
@@ -186,7 +252,16 @@ class Interrupted(Exception):
 def test_an_interrupted_run_resumed_ends_with_the_uninterrupted_weights(toy, family, tmp_path, monkeypatch):
     # 9 steps an epoch: the kill falls in epoch 2, two steps after the checkpoint of step 8, so the resume crosses the epoch
     # boundary and drops the logged steps 9-10; the learnt temperature, layer-kd projections, added tokens and dropout RNG resume too
-    changes = dict(epochs=2, max_steps=12, save_every=4, loss="cl", alpha=0.5, layer_kd=True, extend_vocab=True, extend_vocab_words=1)
+    changes = dict(
+        epochs=2,
+        max_steps=12,
+        save_every=4,
+        loss="cl",
+        alpha=0.5,
+        layer_kd=True,
+        extend_vocab=True,
+        extend_vocab_words=1,
+    )
     reference = run(_config(toy, family, tmp_path / "reference", **changes))
     make, fetched = train_student.EpochSteps.__getitem__, []
 
@@ -206,7 +281,9 @@ def test_an_interrupted_run_resumed_ends_with_the_uninterrupted_weights(toy, fam
     resumed = run(_config(toy, family, out, resume=True, **changes))
     assert resumed.steps == reference.steps == 12
     assert [r["step"] for r in _records(out, "train")] == list(range(1, 13))
-    assert [r["loss"] for r in _records(out, "train")] == pytest.approx([r["loss"] for r in _records(reference.out, "train")], rel=1e-5)
+    assert [r["loss"] for r in _records(out, "train")] == pytest.approx(
+        [r["loss"] for r in _records(reference.out, "train")], rel=1e-5
+    )
     assert _max_diff(_weights(out / "final"), _weights(reference.final)) <= 1e-5
 
 

@@ -86,7 +86,9 @@ def test_fingerprint_differs_between_seeds(tmp_path, clip_text_teacher):
     assert load_teacher(str(other)).info().fingerprint != load_teacher(str(clip_text_teacher)).info().fingerprint
 
 
-@pytest.mark.parametrize("which,max_length", [("clip_teacher", None), ("clip_teacher", 8), ("bert_teacher", None), ("bert_teacher", 10)])
+@pytest.mark.parametrize(
+    "which,max_length", [("clip_teacher", None), ("clip_teacher", 8), ("bert_teacher", None), ("bert_teacher", 10)]
+)
 def test_truncation_matches_the_tokenizer(which, max_length, request):
     from transformers import AutoTokenizer
 
@@ -141,7 +143,9 @@ def test_image_embedding_equals_get_image_features(clip_teacher):
     images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
     pixels = AutoImageProcessor.from_pretrained(clip_teacher)(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        ref = CLIPModel.from_pretrained(clip_teacher).eval().get_image_features(pixel_values=pixels).pooler_output.numpy()
+        ref = (
+            CLIPModel.from_pretrained(clip_teacher).eval().get_image_features(pixel_values=pixels).pooler_output.numpy()
+        )
     np.testing.assert_allclose(teacher.embed_images(images).numpy(), ref, atol=1e-5)
 
 
@@ -170,15 +174,21 @@ def test_tokenize_in_threads_matches_the_transformers_call(which, request):
         ids, truncated = teacher.tokenize(texts, threads=threads)
         np.testing.assert_array_equal(truncated, ref_cut)
         assert [x for x, cut in zip(ids, ref_cut) if not cut] == [x for x, cut in zip(ref, ref_cut) if not cut]
-        assert len(ids[-3]) == teacher.max_length and ids[-3][-1] == ref[-3][-1]  # cut, keeping the closing special token
+        assert (
+            len(ids[-3]) == teacher.max_length and ids[-3][-1] == ref[-3][-1]
+        )  # cut, keeping the closing special token
 
 
 # Characters of every kind CLIP's two regexes tell apart: letters of several scripts, digits of several kinds (\p{N}
 # includes ², Ⅷ, ٣), punctuation and symbols, emoji, combining marks, joiners, controls, many spaces, apostrophes.
-FUZZ_PIECES = (list("aZéßжЖ中文カナ한글عربيहिन्दीไทย") + list("09²Ⅷ٣５½") + list(".,!?'’\"-_()[]<>|/\\@#$%^&*+=~`;:")
-               + ["🐶", "👩‍🚀", "\u0301", "\u0903", "\u200d", "\u200b", "\x00", "\x1c", "\x85"]
-               + [" ", "  ", "\t", "\n", "\r\n", "\xa0", "\u3000", "\u2028", "\u2009"]
-               + ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "<|endoftext|>", "<|startoftext|>", "<|", "|>"])
+FUZZ_PIECES = (
+    list("aZéßжЖ中文カナ한글عربيहिन्दीไทย")
+    + list("09²Ⅷ٣５½")
+    + list(".,!?'’\"-_()[]<>|/\\@#$%^&*+=~`;:")
+    + ["🐶", "👩‍🚀", "\u0301", "\u0903", "\u200d", "\u200b", "\x00", "\x1c", "\x85"]
+    + [" ", "  ", "\t", "\n", "\r\n", "\xa0", "\u3000", "\u2028", "\u2009"]
+    + ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "<|endoftext|>", "<|startoftext|>", "<|", "|>"]
+)
 
 
 def _fuzz_texts(n: int, seed: int = 0) -> list[str]:
@@ -213,7 +223,9 @@ def test_other_tokenizers_keep_their_pre_tokenizer(bert_teacher):
 
 def test_pad_right_pads_each_sequence_of_a_flat_array(clip_teacher):
     teacher = load_teacher(str(clip_teacher))
-    assert '"use_regex":false' in teacher.tokenizer.backend_tokenizer.to_str().replace(" ", "")  # a CLIP teacher skips it
+    assert '"use_regex":false' in teacher.tokenizer.backend_tokenizer.to_str().replace(
+        " ", ""
+    )  # a CLIP teacher skips it
     seqs = [[5, 6, 7], [8], [9, 10, 11, 12], [13, 14]]
     flat = np.array([t for s in seqs for t in s])
     lengths = np.array([len(s) for s in seqs])
@@ -239,7 +251,13 @@ def _st_folder(folder, base, pooling: str, dense: bool = True, activation=None):
     transformer = models.Transformer(str(base), max_seq_length=24)
     modules = [transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=pooling)]
     if dense:
-        modules.append(models.Dense(modules[-1].get_sentence_embedding_dimension(), 12, **({"activation_function": activation} if activation else {})))
+        modules.append(
+            models.Dense(
+                modules[-1].get_sentence_embedding_dimension(),
+                12,
+                **({"activation_function": activation} if activation else {}),
+            )
+        )
     SentenceTransformer(modules=[*modules, models.Normalize()], device="cpu").save(str(folder))
     return folder
 
@@ -255,14 +273,26 @@ def test_a_sentence_transformers_teacher_cache_equals_its_own_encode(pooling, be
     from mclip.embed_teacher import run
 
     folder = _st_folder(tmp_path / "st", bert_teacher, pooling)
-    result = run(EmbedConfig(data=str(captions), out=str(tmp_path / "cache"), teacher=str(folder), id_column="id", dtype="float32",
-                             progress=False))
+    result = run(
+        EmbedConfig(
+            data=str(captions),
+            out=str(tmp_path / "cache"),
+            teacher=str(folder),
+            id_column="id",
+            dtype="float32",
+            progress=False,
+        )
+    )
     cache = shards.open_cache(result.out)
     texts = cache.table(["text"])["text"].to_pylist()
     ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(cache.embeddings(), ref, atol=2e-6)
     manifest = cache.manifest
-    assert (manifest["pooling"], manifest["dim"], manifest["max_length"]) == (f"{pooling} + dense(24->12, tanh) + normalize", 12, 24)
+    assert (manifest["pooling"], manifest["dim"], manifest["max_length"]) == (
+        f"{pooling} + dense(24->12, tanh) + normalize",
+        12,
+        24,
+    )
     assert manifest["teacher"]["pooling"] == manifest["pooling"]
 
 
@@ -273,9 +303,17 @@ def test_a_legacy_pooling_config_and_an_identity_dense_are_read(bert_teacher, tm
     from sentence_transformers import SentenceTransformer
 
     folder = _st_folder(tmp_path / "st", bert_teacher, "max", activation=torch.nn.Identity())
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 24, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
-        "pooling_mode_max_tokens": True, "pooling_mode_mean_sqrt_len_tokens": False}))
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 24,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": False,
+                "pooling_mode_max_tokens": True,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            }
+        )
+    )
     teacher = load_teacher(str(folder))
     assert teacher.pooling == "max + dense(24->12) + normalize"
     ref = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_numpy=True)
@@ -307,11 +345,22 @@ def test_the_dense_weights_are_part_of_the_fingerprint(bert_student, tmp_path):
     assert fingerprint(load_teacher(str(tmp_path / "a")).model) == fingerprint(student.backbone)
 
 
-@pytest.mark.parametrize("change, says", [
-    (lambda m: m.insert(2, {"idx": 9, "name": "9", "path": "9_X", "type": "my_package.CustomLayer"}), "lists 'my_package.CustomLayer'"),
-    (lambda m: m.insert(2, {"idx": 9, "name": "9", "path": "9_X", "type": "sentence_transformers.models.LayerNorm"}), "LayerNorm"),
-    (lambda m: m.reverse(), "applies Transformer -> Pooling"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (
+            lambda m: m.insert(2, {"idx": 9, "name": "9", "path": "9_X", "type": "my_package.CustomLayer"}),
+            "lists 'my_package.CustomLayer'",
+        ),
+        (
+            lambda m: m.insert(
+                2, {"idx": 9, "name": "9", "path": "9_X", "type": "sentence_transformers.models.LayerNorm"}
+            ),
+            "LayerNorm",
+        ),
+        (lambda m: m.reverse(), "applies Transformer -> Pooling"),
+    ],
+)
 def test_an_unknown_module_is_refused_in_one_line(change, says, bert_teacher, captions, tmp_path, cli_error):
     import json
 
@@ -319,8 +368,20 @@ def test_an_unknown_module_is_refused_in_one_line(change, says, bert_teacher, ca
     modules = json.loads((folder / "modules.json").read_text())
     change(modules)
     (folder / "modules.json").write_text(json.dumps(modules))
-    err = cli_error(["embed-teacher", "--data", str(captions), "--id-column", "id", "--teacher", str(folder), "--out", str(tmp_path / "c"),
-                     "--no-progress"])
+    err = cli_error(
+        [
+            "embed-teacher",
+            "--data",
+            str(captions),
+            "--id-column",
+            "id",
+            "--teacher",
+            str(folder),
+            "--out",
+            str(tmp_path / "c"),
+            "--no-progress",
+        ]
+    )
     assert says in err and "modules.json" in err, err
     assert not (tmp_path / "c").exists()
 
@@ -329,10 +390,14 @@ def test_an_unsupported_pooling_mode_is_refused(bert_teacher, tmp_path):
     import json
 
     folder = _st_folder(tmp_path / "st", bert_teacher, "cls", dense=False)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 24, "pooling_mode": "weightedmean"}))
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"embedding_dimension": 24, "pooling_mode": "weightedmean"})
+    )
     with pytest.raises(UserError, match="pooling mode 'weightedmean'"):
         load_teacher(str(folder))
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 24, "pooling_mode": ["cls", "mean"]}))
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"embedding_dimension": 24, "pooling_mode": ["cls", "mean"]})
+    )
     with pytest.raises(UserError, match="combines pooling modes"):
         load_teacher(str(folder))
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from mclip import shards
+from mclip.checkpoint import checkpoints
 from mclip.cli import main
 from mclip.config import EmbedConfig, TrainConfig
+from mclip.distiller import Distiller, lr_at
 from mclip.embed_teacher import run as embed_teacher
 from mclip.errors import ConfigError, UserError
 from mclip.pairs import prepare_pairs
 from mclip.student import load
-from mclip.checkpoint import checkpoints
-from mclip.distiller import Distiller, lr_at
 from mclip.train_student import run
 from tests import tiny
 
@@ -35,10 +35,18 @@ def _toy_rows(n: int = 48) -> list[dict]:
     for lang in ("de", "zh"):
         emoji.config.load_language(lang)
     clean = lambda s: s.strip(":").replace("_", " ")  # noqa: E731
-    items = sorted((clean(d["en"]), clean(d["de"]), clean(d["zh"])) for d in emoji.EMOJI_DATA.values()
-                   if "de" in d and "zh" in d and d.get("status") == emoji.STATUS["fully_qualified"] and "skin tone" not in clean(d["en"]))
+    items = sorted(
+        (clean(d["en"]), clean(d["de"]), clean(d["zh"]))
+        for d in emoji.EMOJI_DATA.values()
+        if "de" in d
+        and "zh" in d
+        and d.get("status") == emoji.STATUS["fully_qualified"]
+        and "skin tone" not in clean(d["en"])
+    )
     items = [t for t in items if len(t[0]) <= 30][:n]
-    return [{"id": f"e{i:03d}", "caption": en, "caption_de": de, "caption_zh": zh} for i, (en, de, zh) in enumerate(items)]
+    return [
+        {"id": f"e{i:03d}", "caption": en, "caption_de": de, "caption_zh": zh} for i, (en, de, zh) in enumerate(items)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +62,47 @@ def toy(tmp_path_factory, bert_teacher):
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (student / "config.json").write_text(json.dumps(config))
     cache = root / "cache"
-    embed_teacher(EmbedConfig(data=str(data), out=str(cache), teacher=str(bert_teacher), id_column="id", cache_layers=(1, 2), progress=False))
+    embed_teacher(
+        EmbedConfig(
+            data=str(data),
+            out=str(cache),
+            teacher=str(bert_teacher),
+            id_column="id",
+            cache_layers=(1, 2),
+            progress=False,
+        )
+    )
     return {"root": root, "rows": rows, "data": data, "student": student, "cache": cache, "corpus": corpus}
 
 
 def _config(toy, out, **changes) -> TrainConfig:
-    base = dict(data=str(toy["data"]), cache=str(toy["cache"]), out=str(out), student=str(toy["student"]), languages=("zh", "de"),
-                batch_size=16, epochs=1, warmup_steps=2, lr=2e-3, num_workers=0, eval_every=0, save_every=0, log_every=1,
-                progress=False, num_threads=1)
+    base = dict(
+        data=str(toy["data"]),
+        cache=str(toy["cache"]),
+        out=str(out),
+        student=str(toy["student"]),
+        languages=("zh", "de"),
+        batch_size=16,
+        epochs=1,
+        warmup_steps=2,
+        lr=2e-3,
+        num_workers=0,
+        eval_every=0,
+        save_every=0,
+        log_every=1,
+        progress=False,
+        num_threads=1,
+    )
     return TrainConfig(**{**base, **changes})
 
 
 def _weights(final: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    return {**load_file(str(final / "model.safetensors")), **{f"dense.{k}": v for k, v in load_file(str(final / "2_Dense" / "model.safetensors")).items()}}
+    return {
+        **load_file(str(final / "model.safetensors")),
+        **{f"dense.{k}": v for k, v in load_file(str(final / "2_Dense" / "model.safetensors")).items()},
+    }
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -101,18 +135,21 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_at(500, dataclasses.replace(config, schedule="constant"), 110) == 1.0
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(lr=-1e-4), "lr=-0.0001 must be > 0"),
-    (dict(batch_size=0), "batch_size=0 must be >= 1"),
-    (dict(loss="kl"), "loss='kl' is not valid"),
-    (dict(alpha=1.5), r"alpha=1.5 must be in \[0, 1\]"),
-    (dict(temperature=0), "temperature=0 must be > 0"),
-    (dict(val_fraction=0.1, val_data="v.jsonl"), "either --val-data or --val-fraction"),
-    (dict(student_layers=(1,)), "only used with --layer-kd"),
-    (dict(batch_size=10, grad_accum=3), "multiple of grad_accum"),
-    (dict(resume=True, overwrite=True), "either --resume or --overwrite"),
-    (dict(languages=()), "at least one language"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(lr=-1e-4), "lr=-0.0001 must be > 0"),
+        (dict(batch_size=0), "batch_size=0 must be >= 1"),
+        (dict(loss="kl"), "loss='kl' is not valid"),
+        (dict(alpha=1.5), r"alpha=1.5 must be in \[0, 1\]"),
+        (dict(temperature=0), "temperature=0 must be > 0"),
+        (dict(val_fraction=0.1, val_data="v.jsonl"), "either --val-data or --val-fraction"),
+        (dict(student_layers=(1,)), "only used with --layer-kd"),
+        (dict(batch_size=10, grad_accum=3), "multiple of grad_accum"),
+        (dict(resume=True, overwrite=True), "either --resume or --overwrite"),
+        (dict(languages=()), "at least one language"),
+    ],
+)
 def test_bad_config_values_are_one_line_errors(changes, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**{**dict(data="d", cache="c", out="o"), **changes})
@@ -123,7 +160,11 @@ def test_bad_config_values_are_one_line_errors(changes, match):
 
 def test_loss_decreases_and_the_run_folder_is_complete(toy, tmp_path):
     out = tmp_path / "run"
-    result = run(_config(toy, out, loss="mse", epochs=6, val_fraction=0.2, eval_every=6, save_every=6, keep_last=2, num_workers=1))
+    result = run(
+        _config(
+            toy, out, loss="mse", epochs=6, val_fraction=0.2, eval_every=6, save_every=6, keep_last=2, num_workers=1
+        )
+    )
     train = _records(out, "train")
     assert result.steps == len(train) == train[-1]["step"] > 6
     first, last = np.mean([r["loss"] for r in train[:3]]), np.mean([r["loss"] for r in train[-3:]])
@@ -140,7 +181,9 @@ def test_loss_decreases_and_the_run_folder_is_complete(toy, tmp_path):
     assert join["train_pairs"] + join["held_out_pairs"] == 3 * len(cache_ids)
     meta = json.loads((out / "final" / "mclip.json").read_text())
     manifest = shards.open_cache(toy["cache"]).manifest
-    assert meta["teacher"]["fingerprint"] == manifest["teacher"]["fingerprint"] and meta["teacher"]["normalized"] is True
+    assert (
+        meta["teacher"]["fingerprint"] == manifest["teacher"]["fingerprint"] and meta["teacher"]["normalized"] is True
+    )
     assert meta["languages"] == ["zh", "de", "en"] and meta["train"]["loss"] == "mse" and meta["dim"] == manifest["dim"]
     saved = json.loads((out / "config.json").read_text())
     assert TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["train"].items()}).epochs == 6
@@ -167,7 +210,9 @@ def test_train_records_hold_the_share_of_time_spent_waiting_for_batches(toy, tmp
     for r in records:
         assert 0.0 <= r["data_wait"] <= 1.0
         step_seconds = 16 / r["pairs_per_s"]  # batch_size 16, one step per record
-        assert r["data_wait"] * step_seconds >= 0.99 * slow, r  # the wait covers the fetch, whatever the machine's speed
+        assert r["data_wait"] * step_seconds >= 0.99 * slow, (
+            r
+        )  # the wait covers the fetch, whatever the machine's speed
 
 
 def test_validation_ids_are_never_trained_on(toy, tmp_path):
@@ -180,7 +225,9 @@ def test_validation_ids_are_never_trained_on(toy, tmp_path):
     assert np.array_equal(train.rows, again.rows)
     val_file = tiny.write_captions(tmp_path / "val.jsonl", toy["rows"][:5])
     train2, val2, report2 = prepare_pairs(dataclasses.replace(config, val_fraction=0.0, val_data=str(val_file)), cache)
-    assert set(val2.rows) == {0, 1, 2, 3, 4} and not set(train2.rows) & {0, 1, 2, 3, 4} and report2["held_out_pairs"] == 15
+    assert (
+        set(val2.rows) == {0, 1, 2, 3, 4} and not set(train2.rows) & {0, 1, 2, 3, 4} and report2["held_out_pairs"] == 15
+    )
 
 
 def test_contrastive_and_layer_kd_train_with_learnt_temperature(toy, tmp_path):
@@ -188,7 +235,8 @@ def test_contrastive_and_layer_kd_train_with_learnt_temperature(toy, tmp_path):
     result = run(_config(toy, out, loss="cl", alpha=0.5, layer_kd=True, epochs=2, grad_accum=2))
     record = _records(out, "train")[-1]
     assert {"mse", "infonce", "layer_kd"} <= record.keys() and record["loss"] == pytest.approx(
-        record["mse"] + record["infonce"] + record["layer_kd"], rel=1e-5)
+        record["mse"] + record["infonce"] + record["layer_kd"], rel=1e-5
+    )
     assert record["temperature"] != pytest.approx(0.05, abs=1e-7)  # learnt
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["student_layers"] == [1, 2]  # the default maps teacher layers 1,2 of 2 onto student layers 1,2 of 2
@@ -210,7 +258,9 @@ def test_layer_kd_shapes(toy):
 
 def test_layer_kd_needs_cached_layers(toy, tmp_path, bert_teacher, capsys):
     bare = tmp_path / "bare"
-    embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(bare), teacher=str(bert_teacher), id_column="id", progress=False))
+    embed_teacher(
+        EmbedConfig(data=str(toy["data"]), out=str(bare), teacher=str(bert_teacher), id_column="id", progress=False)
+    )
     with pytest.raises(UserError, match="--cache-layers"):
         run(_config(toy, tmp_path / "run", cache=str(bare), layer_kd=True))
 
@@ -235,17 +285,75 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path,
 @pytest.mark.slow
 @pytest.mark.parametrize("nodes", [1, 2], ids=["1-node-x-2", "2-nodes-x-1"])
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp_path, nodes):
-    args = ["--data", str(toy["data"]), "--cache", str(toy["cache"]), "--student", str(toy["student"]), "--languages", "zh,de",
-            "--batch-size", "16", "--epochs", "1", "--warmup-steps", "2", "--lr", "2e-3", "--num-workers", "0", "--eval-every", "0",
-            "--save-every", "0", "--log-every", "1", "--no-progress", "--loss", "cl", "--alpha", "0.5", "--layer-kd", "--num-threads", "1"]
+    args = [
+        "--data",
+        str(toy["data"]),
+        "--cache",
+        str(toy["cache"]),
+        "--student",
+        str(toy["student"]),
+        "--languages",
+        "zh,de",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "2e-3",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--loss",
+        "cl",
+        "--alpha",
+        "0.5",
+        "--layer-kd",
+        "--num-threads",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     port = str(_free_port())
     # two nodes: two torchrun launchers, as on two machines (node ranks 0 and 1, the master on 127.0.0.1), over gloo
-    layout = [["--nproc-per-node", "2"]] if nodes == 1 else [["--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
-                                                            "--master-addr", "127.0.0.1"] for r in range(2)]
-    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *flags, "--master-port", port, "-m", "mclip",
-                                   "train-student", "--out", str(tmp_path / "ddp"), *args], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flags in layout]
+    layout = (
+        [["--nproc-per-node", "2"]]
+        if nodes == 1
+        else [
+            ["--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
+            for r in range(2)
+        ]
+    )
+    launchers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *flags,
+                "--master-port",
+                port,
+                "-m",
+                "mclip",
+                "train-student",
+                "--out",
+                str(tmp_path / "ddp"),
+                *args,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flags in layout
+    ]
     for launcher in launchers:
         _, stderr = launcher.communicate(timeout=240)
         assert launcher.returncode == 0, stderr[-3000:]
@@ -263,9 +371,29 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp
 
 
 def _cli_args(toy, out, *extra) -> list[str]:
-    return ["train-student", "--data", str(toy["data"]), "--cache", str(toy["cache"]), "--out", str(out), "--student", str(toy["student"]),
-            "--languages", "zh,de", "--batch-size", "16", "--max-steps", "2", "--warmup-steps", "1", "--num-workers", "0",
-            "--no-progress", *extra]
+    return [
+        "train-student",
+        "--data",
+        str(toy["data"]),
+        "--cache",
+        str(toy["cache"]),
+        "--out",
+        str(out),
+        "--student",
+        str(toy["student"]),
+        "--languages",
+        "zh,de",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_refuses_a_non_empty_run_folder(toy, tmp_path, cli_error):
@@ -274,7 +402,9 @@ def test_refuses_a_non_empty_run_folder(toy, tmp_path, cli_error):
     (out / "notes.txt").write_text("mine")
     assert "--resume" in cli_error(_cli_args(toy, out))
     main(_cli_args(toy, out, "--overwrite"))
-    assert (out / "notes.txt").read_text() == "mine" and (out / "final").is_dir()  # --overwrite replaces only the run's files
+    assert (out / "notes.txt").read_text() == "mine" and (
+        out / "final"
+    ).is_dir()  # --overwrite replaces only the run's files
 
 
 def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, cli_error):
@@ -282,18 +412,26 @@ def test_resume_refuses_a_cache_from_another_teacher(toy, tmp_path, cli_error):
     main(_cli_args(toy, out, "--save-every", "1"))
     other_teacher = tiny.write_tiny_bert(tmp_path / "other_teacher", hidden=24, seed=7)
     other = tmp_path / "other_cache"
-    embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(other), teacher=str(other_teacher), id_column="id", progress=False))
+    embed_teacher(
+        EmbedConfig(data=str(toy["data"]), out=str(other), teacher=str(other_teacher), id_column="id", progress=False)
+    )
     args = _cli_args(toy, out, "--resume")
     args[args.index("--cache") + 1] = str(other)
     assert "was made by teacher" in cli_error(args)
-    assert "was trained with other arguments (lr: 0.0001 -> 0.001)" in cli_error(_cli_args(toy, out, "--resume", "--lr", "1e-3"))
+    assert "was trained with other arguments (lr: 0.0001 -> 0.001)" in cli_error(
+        _cli_args(toy, out, "--resume", "--lr", "1e-3")
+    )
 
 
 def test_resume_refuses_a_cache_of_another_dimension(toy, tmp_path, clip_text_teacher, cli_error):
     out = tmp_path / "run"
     main(_cli_args(toy, out, "--save-every", "1"))
     clip_cache = tmp_path / "clip_cache"
-    embed_teacher(EmbedConfig(data=str(toy["data"]), out=str(clip_cache), teacher=str(clip_text_teacher), id_column="id", progress=False))
+    embed_teacher(
+        EmbedConfig(
+            data=str(toy["data"]), out=str(clip_cache), teacher=str(clip_text_teacher), id_column="id", progress=False
+        )
+    )
     args = _cli_args(toy, out, "--resume")
     args[args.index("--cache") + 1] = str(clip_cache)
     assert "projects to 24 dims but cache" in cli_error(args)
@@ -314,7 +452,9 @@ def test_empty_join(toy, tmp_path, cli_error):
     args = _cli_args(toy, tmp_path / "run")
     args[args.index("--data") + 1] = str(other_ids)
     assert "no caption id in" in cli_error(args)
-    assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind, so the fixed command runs in the same --out
+    assert not (
+        tmp_path / "run"
+    ).exists()  # a refused run leaves nothing behind, so the fixed command runs in the same --out
 
 
 def test_bad_values_from_the_command_line(toy, tmp_path, cli_error):
@@ -355,11 +495,25 @@ def test_embedding_lr_scale_old_slows_only_the_rows_the_student_had_before_exten
     final = {}
     for scale_old in (None, 1.0, 0.0):
         out = tmp_path / f"s{scale_old}"
-        run(_config(toy, out, max_steps=1, warmup_steps=1, clip_grad=0, weight_decay=0, embedding_lr_scale=10.0,
-                    embedding_lr_scale_old=scale_old, extend_vocab=True, extend_vocab_words=1))
+        run(
+            _config(
+                toy,
+                out,
+                max_steps=1,
+                warmup_steps=1,
+                clip_grad=0,
+                weight_decay=0,
+                embedding_lr_scale=10.0,
+                embedding_lr_scale_old=scale_old,
+                extend_vocab=True,
+                extend_vocab_words=1,
+            )
+        )
         final[scale_old] = load_file(str(out / "final" / "model.safetensors"))[emb]
     assert final[None].shape[0] > old  # new rows were added, and they move the same in all three runs
-    assert np.allclose(final[None][old:], final[1.0][old:], atol=1e-7) and np.allclose(final[None][old:], final[0.0][old:], atol=1e-7)
+    assert np.allclose(final[None][old:], final[1.0][old:], atol=1e-7) and np.allclose(
+        final[None][old:], final[0.0][old:], atol=1e-7
+    )
     moved = {k: v[:old] - start[emb] for k, v in final.items()}
     rows = np.abs(moved[None]).max(1) > 0
     assert rows.any()
@@ -385,7 +539,9 @@ def test_resume_accepts_a_run_written_before_a_setting_existed(toy, tmp_path):
     del saved["train"]["embedding_lr_scale"]  # as an older mclip wrote it
     (out / "config.json").write_text(json.dumps(saved))
     assert run(_config(toy, out, max_steps=3, save_every=1, resume=True)).steps == 3
-    with pytest.raises(UserError, match="embedding_lr_scale: 1.0 -> 2.0"):  # the default stands in, so a real change is refused
+    with pytest.raises(
+        UserError, match="embedding_lr_scale: 1.0 -> 2.0"
+    ):  # the default stands in, so a real change is refused
         run(_config(toy, out, max_steps=3, resume=True, embedding_lr_scale=2.0))
 
 
@@ -429,7 +585,11 @@ def test_aligned_vocabulary_init_pairs_each_text_with_its_own_english_caption(to
         return real(student, texts, min_word_count, english, keep, *rest)
 
     monkeypatch.setattr(train_student, "extend_vocabulary", spy)
-    result = run(_config(toy, tmp_path / "run", max_steps=1, extend_vocab=True, extend_vocab_words=1, extend_vocab_init="aligned"))
+    result = run(
+        _config(
+            toy, tmp_path / "run", max_steps=1, extend_vocab=True, extend_vocab_words=1, extend_vocab_init="aligned"
+        )
+    )
     english_of = {r[f"caption_{lang}"]: r["caption"] for r in toy["rows"] for lang in ("de", "zh")}
     # the new tokens come from the other languages only; the English captions are what they must leave as they were
     assert len(seen["texts"]) == len(seen["english"]) == result.join["train_pairs"] - result.join["train_ids"]
@@ -445,8 +605,15 @@ def test_a_teacher_initialised_student_equals_the_teacher_at_step_zero(toy, bert
     # the tiny vocabulary spells German letter by letter, so German stems match inside words, and none may reach English
     from mclip import train_student
 
-    config = _config(toy, tmp_path / "run", student=str(bert_teacher), extend_vocab=True, extend_vocab_words=1,
-                     extend_vocab_init="aligned", extend_vocab_stems=stems)
+    config = _config(
+        toy,
+        tmp_path / "run",
+        student=str(bert_teacher),
+        extend_vocab=True,
+        extend_vocab_words=1,
+        extend_vocab_init="aligned",
+        extend_vocab_stems=stems,
+    )
     cache = shards.open_cache(config.cache)
     train, _, _ = prepare_pairs(config, cache)
     base = len(load_tokenizer(bert_teacher))
@@ -463,7 +630,9 @@ def test_a_teacher_initialised_student_equals_the_teacher_at_step_zero(toy, bert
 
     emb = torch.from_numpy(student.encode(en.texts(), normalize=False))
     assert float(np.linalg.norm(emb.numpy(), axis=1).mean()) > 1.5  # not unit: the loss must normalise it
-    parts = losses.distillation(emb, torch.from_numpy(want), torch.arange(len(want)), torch.eye(len(want), dtype=torch.bool), "mse")
+    parts = losses.distillation(
+        emb, torch.from_numpy(want), torch.arange(len(want)), torch.eye(len(want), dtype=torch.bool), "mse"
+    )
     assert parts["mse"].item() < 1e-7
 
 
@@ -527,11 +696,18 @@ def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_c
     monkeypatch.setattr(mshards.TeacherCache, "embeddings", no_whole_column)
     gathered = []
     real = mshards.Column.gather
-    monkeypatch.setattr(mshards.Column, "gather", lambda self, rows, *a: gathered.append(len(rows)) or real(self, rows, *a))
+    monkeypatch.setattr(
+        mshards.Column, "gather", lambda self, rows, *a: gathered.append(len(rows)) or real(self, rows, *a)
+    )
     out = tmp_path / "run"
     config = _config(toy, out, loss="cl", layer_kd=True, max_steps=3, num_workers=0, val_fraction=0.25, eval_every=2)
     _, val, _ = prepare_pairs(config, mshards.open_cache(config.cache), tmp_path / "pairs")
-    validation = {len(val), len(np.unique(val.groups(np.arange(len(val)))))}  # evaluate(): its pairs' targets, then the gallery
+    validation = {
+        len(val),
+        len(np.unique(val.groups(np.arange(len(val))))),
+    }  # evaluate(): its pairs' targets, then the gallery
     run(config)
-    assert gathered and set(gathered) <= {16} | validation, gathered  # a batch's targets and layers, or the validation's
+    assert gathered and set(gathered) <= {16} | validation, (
+        gathered
+    )  # a batch's targets and layers, or the validation's
     assert not (out / ".pairs").exists()  # the pairs' scratch folder goes when the run finishes

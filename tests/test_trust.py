@@ -35,21 +35,37 @@ def with_code(folder: Path, marker: Path, model_type: str = "bert") -> Path:
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('model code ran')\n"
         "from transformers import BertConfig, BertModel\n"
         f"class ShippedConfig(BertConfig):\n    model_type = {model_type!r}\n"
-        "class ShippedModel(BertModel):\n    config_class = ShippedConfig\n", encoding="utf-8")
+        "class ShippedModel(BertModel):\n    config_class = ShippedConfig\n",
+        encoding="utf-8",
+    )
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config.update(model_type=model_type, auto_map={"AutoConfig": f"{name}.ShippedConfig", "AutoModel": f"{name}.ShippedModel"})
+    config.update(
+        model_type=model_type, auto_map={"AutoConfig": f"{name}.ShippedConfig", "AutoModel": f"{name}.ShippedModel"}
+    )
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
 
 
-@pytest.mark.parametrize("model_type", ["bert", "shippedbert"])  # a known type (transformers would silently use its own class) or not
+@pytest.mark.parametrize(
+    "model_type", ["bert", "shippedbert"]
+)  # a known type (transformers would silently use its own class) or not
 def test_teacher_code_runs_only_with_trust_remote_code(model_type, tmp_path, captions, cli_error, modules_cache):
     from mclip.teacher import load_teacher
 
     marker = tmp_path / "marker"
     teacher = with_code(tiny.write_tiny_bert(tmp_path / "teacher", hidden=24), marker, model_type)
-    err = cli_error(["embed-teacher", "--data", str(captions), "--out", str(tmp_path / "out"), "--teacher", str(teacher),
-                           "--no-progress"])
+    err = cli_error(
+        [
+            "embed-teacher",
+            "--data",
+            str(captions),
+            "--out",
+            str(tmp_path / "out"),
+            "--teacher",
+            str(teacher),
+            "--no-progress",
+        ]
+    )
     assert f"teacher {teacher} ships its own Python code" in err and "--trust-remote-code" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
     load_teacher(str(teacher), trust_remote_code=True)  # the same folder with the flag: its code does run
@@ -66,9 +82,25 @@ def test_student_code_runs_only_with_trust_remote_code(small_run, tmp_path, cli_
     exported = with_code(shutil.copytree(small_run["run"] / "final", tmp_path / "final"), marker)
     source = tmp_path / "texts.txt"
     source.write_text("ein Hund\n", encoding="utf-8")
-    for argv in (["encode", "--model", str(exported), "--input", str(source), "--out", str(tmp_path / "enc"), "--no-progress"],
-                 ["eval-retrieval", "--model", str(exported), "--cache", str(small_run["cache"]), "--data", str(small_run["data"]),
-                  "--languages", "de", "--split", "train", "--out", str(tmp_path / "eval"), "--no-progress"]):
+    for argv in (
+        ["encode", "--model", str(exported), "--input", str(source), "--out", str(tmp_path / "enc"), "--no-progress"],
+        [
+            "eval-retrieval",
+            "--model",
+            str(exported),
+            "--cache",
+            str(small_run["cache"]),
+            "--data",
+            str(small_run["data"]),
+            "--languages",
+            "de",
+            "--split",
+            "train",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-progress",
+        ],
+    ):
         assert "ships its own Python code" in cli_error(argv)
     assert not marker.exists()
 
@@ -93,7 +125,9 @@ def test_own_students_load_from_safetensors_only(small_run, tmp_path, cli_error)
     torch.save({**weights, "payload": _Payload(marker)}, final / "pytorch_model.bin")
     source = tmp_path / "texts.txt"
     source.write_text("ein Hund\n", encoding="utf-8")
-    err = cli_error(["encode", "--model", str(final), "--input", str(source), "--out", str(tmp_path / "enc"), "--no-progress"])
+    err = cli_error(
+        ["encode", "--model", str(final), "--input", str(source), "--out", str(tmp_path / "enc"), "--no-progress"]
+    )
     assert "has no model.safetensors; mclip loads its own students from safetensors only" in err
     assert not marker.exists()
 
@@ -114,8 +148,15 @@ def _calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
-            name = func.id if isinstance(func, ast.Name) else (
-                f"{func.value.id}.{func.attr}" if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None)
+            name = (
+                func.id
+                if isinstance(func, ast.Name)
+                else (
+                    f"{func.value.id}.{func.attr}"
+                    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                    else None
+                )
+            )
             yield name, node
 
 
@@ -125,23 +166,39 @@ def test_every_torch_load_is_weights_only():
         for name, call in _calls(ast.parse(path.read_text(encoding="utf-8"))):
             if name == "torch.load":
                 weights_only = [k.value for k in call.keywords if k.arg == "weights_only"]
-                assert weights_only and isinstance(weights_only[0], ast.Constant) and weights_only[0].value is True, \
+                assert weights_only and isinstance(weights_only[0], ast.Constant) and weights_only[0].value is True, (
                     f"{path.name}:{call.lineno} torch.load without weights_only=True"
+                )
                 found.append(f"{path.name}:{call.lineno}")
             assert name not in ("pickle.load", "pickle.loads"), f"{path.name}:{call.lineno} unpickles"
     assert found, "expected the trainer-state load in train_student.py"
 
 
 def test_no_config_value_reaches_a_shell_or_eval():
-    banned = {"eval", "exec", "compile", "os.system", "os.popen", "subprocess.run", "subprocess.Popen", "subprocess.call",
-              "subprocess.check_call", "subprocess.check_output", "__import__"}
+    banned = {
+        "eval",
+        "exec",
+        "compile",
+        "os.system",
+        "os.popen",
+        "subprocess.run",
+        "subprocess.Popen",
+        "subprocess.call",
+        "subprocess.check_call",
+        "subprocess.check_output",
+        "__import__",
+    }
     for path in SOURCES:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for name, call in _calls(tree):
             assert name not in banned, f"{path.name}:{call.lineno} calls {name}"
             assert not any(k.arg == "shell" for k in call.keywords), f"{path.name}:{call.lineno} passes shell="
-        imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                    for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not imported & {"subprocess", "shlex"}, f"{path.name} imports {imported & {'subprocess', 'shlex'}}"
 
 
@@ -149,11 +206,16 @@ def test_from_pretrained_always_passes_trust_remote_code():
     """Every from_pretrained that can load checkpoint code is told the user's choice (default False), never left to its prompt."""
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained":
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "from_pretrained"
+            ):
                 owner = ast.unparse(node.func.value)
                 if owner.startswith("Auto"):  # the Auto* classes are the ones that resolve auto_map code
                     assert any(k.arg == "trust_remote_code" for k in node.keywords) or any(
-                        isinstance(k.value, ast.Name) and k.arg is None for k in node.keywords), f"{path.name}:{node.lineno} {owner}"
+                        isinstance(k.value, ast.Name) and k.arg is None for k in node.keywords
+                    ), f"{path.name}:{node.lineno} {owner}"
 
 
 def test_library_default_is_no_trust(tmp_path, modules_cache):

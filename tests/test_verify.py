@@ -15,8 +15,11 @@ from mclip.cli import main
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
     """Every file under `root`: content hash and modification time, to show that nothing changed."""
-    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def flip_byte(path: Path, at: int | None = None) -> None:
@@ -51,13 +54,20 @@ class _Exit:
 def test_checksums_list_every_file_and_match_sha256sum(small_run, tmp_path):
     final = small_run["run"] / "final"
     listing = (final / verify.CHECKSUMS).read_text(encoding="utf-8").splitlines()
-    files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file() and p.name != verify.CHECKSUMS)
+    files = sorted(
+        p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file() and p.name != verify.CHECKSUMS
+    )
     assert [line.split("  ", 1)[1] for line in listing] == files
     assert {"model.safetensors", "2_Dense/model.safetensors", "mclip.json", "tokenizer.json"} <= set(files)
     for checkpoint in sorted((small_run["run"] / "checkpoints").iterdir()):
-        assert "trainer.pt" in (checkpoint / verify.CHECKSUMS).read_text(encoding="utf-8") and verify.check_folder(checkpoint) == []
+        assert (
+            "trainer.pt" in (checkpoint / verify.CHECKSUMS).read_text(encoding="utf-8")
+            and verify.check_folder(checkpoint) == []
+        )
     if shutil.which("sha256sum"):  # the format is sha256sum's, so the standard tool checks it too
-        done = subprocess.run(["sha256sum", "--quiet", "-c", verify.CHECKSUMS], cwd=final, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["sha256sum", "--quiet", "-c", verify.CHECKSUMS], cwd=final, capture_output=True, text=True, check=False
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -70,19 +80,34 @@ def test_check_folder_names_changed_missing_and_added_files(small_run, tmp_path)
     assert verify.check_folder(folder) == [
         f"{folder / 'model.safetensors'}: checksum differs from checksums.sha256 (file corrupted or changed)",
         f"{folder / 'tokenizer.json'}: missing",
-        f"{folder / 'pytorch_model.bin'}: not listed in checksums.sha256 (added after the save)"]
+        f"{folder / 'pytorch_model.bin'}: not listed in checksums.sha256 (added after the save)",
+    ]
     (folder / verify.CHECKSUMS).unlink()
-    assert verify.check_folder(folder) == [(f"{folder / verify.CHECKSUMS}: missing, so {folder} cannot be checked "
-                                            "(it was not written by this mclip, or was changed)")]
+    assert verify.check_folder(folder) == [
+        (
+            f"{folder / verify.CHECKSUMS}: missing, so {folder} cannot be checked "
+            "(it was not written by this mclip, or was changed)"
+        )
+    ]
 
 
 @pytest.mark.parametrize("what", ["cache", "run", "final", "checkpoint"])
 def test_intact_folders_pass_and_nothing_changes(what, small_run, tmp_path, capsys):
-    path = {"cache": small_run["cache"], "run": small_run["run"], "final": small_run["run"] / "final",
-            "checkpoint": small_run["run"] / "checkpoints" / "step-0000002"}[what]
+    path = {
+        "cache": small_run["cache"],
+        "run": small_run["run"],
+        "final": small_run["run"] / "final",
+        "checkpoint": small_run["run"] / "checkpoints" / "step-0000002",
+    }[what]
     before = snapshot(path)
     code, out, err = _verify(path, capsys)
-    assert code == 0 and len(out) == 1 and out[0].startswith("verify: ") and out[0].endswith("file(s) checked)") and "intact" in out[0]
+    assert (
+        code == 0
+        and len(out) == 1
+        and out[0].startswith("verify: ")
+        and out[0].endswith("file(s) checked)")
+        and "intact" in out[0]
+    )
     assert err == ""
     assert snapshot(path) == before
 
@@ -95,9 +120,11 @@ def test_damaged_cache_one_line_per_problem_exit_1_nothing_changed(small_run, tm
     before = snapshot(cache)
     code, out, _ = _verify(cache, capsys)
     assert code == 1
-    assert out == [f"{cache / 'shard-00001.arrow'}: checksum differs from manifest.json (file corrupted or changed)",
-                   f"{cache / 'shard-00003.arrow'}: missing",
-                   f"verify: teacher cache {cache} has 2 problem(s) (4 file(s) checked)"]
+    assert out == [
+        f"{cache / 'shard-00001.arrow'}: checksum differs from manifest.json (file corrupted or changed)",
+        f"{cache / 'shard-00003.arrow'}: missing",
+        f"verify: teacher cache {cache} has 2 problem(s) (4 file(s) checked)",
+    ]
     assert snapshot(cache) == before
 
 
@@ -108,8 +135,10 @@ def test_damaged_run_names_each_file(small_run, tmp_path, capsys):
     before = snapshot(run)
     code, out, _ = _verify(run, capsys)
     assert code == 1 and out[-1].startswith(f"verify: run folder {run} has 2 problem(s)")
-    assert out[:-1] == [f"{run / 'checkpoints' / 'step-0000004' / 'trainer.pt'}: checksum differs from checksums.sha256 (file corrupted or changed)",
-                        f"{run / 'final' / '2_Dense' / 'model.safetensors'}: checksum differs from checksums.sha256 (file corrupted or changed)"]
+    assert out[:-1] == [
+        f"{run / 'checkpoints' / 'step-0000004' / 'trainer.pt'}: checksum differs from checksums.sha256 (file corrupted or changed)",
+        f"{run / 'final' / '2_Dense' / 'model.safetensors'}: checksum differs from checksums.sha256 (file corrupted or changed)",
+    ]
     assert snapshot(run) == before
 
 
@@ -118,7 +147,9 @@ def test_incomplete_cache_and_broken_manifest_are_problems_not_errors(small_run,
     manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
     shards.write_json(cache / "manifest.json", manifest | {"complete": False})
     code, out, _ = _verify(cache, capsys)
-    assert code == 1 and "the cache is incomplete" in out[0] and "rerun the same `mclip embed-teacher` command" in out[0]
+    assert (
+        code == 1 and "the cache is incomplete" in out[0] and "rerun the same `mclip embed-teacher` command" in out[0]
+    )
     (cache / "manifest.json").write_text("{not json", encoding="utf-8")
     code, out, _ = _verify(cache, capsys)
     assert code == 1 and "is not valid JSON" in out[0]
@@ -127,7 +158,13 @@ def test_incomplete_cache_and_broken_manifest_are_problems_not_errors(small_run,
 def test_user_errors_exit_2(tmp_path, capsys):
     for path, message in ((tmp_path / "missing", "is not a folder"), (tmp_path, "is not an mclip folder")):
         code, out, err = _verify(path, capsys)
-        assert code == 2 and out == [] and err.strip().startswith("mclip: error: ") and message in err and "\n" not in err.strip()
+        assert (
+            code == 2
+            and out == []
+            and err.strip().startswith("mclip: error: ")
+            and message in err
+            and "\n" not in err.strip()
+        )
 
 
 def test_a_folder_in_use_is_noted(small_run, tmp_path, capsys):

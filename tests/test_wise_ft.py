@@ -28,7 +28,9 @@ def _start(out) -> dict[str, np.ndarray]:
 def test_final_is_the_stated_mix_of_the_trained_and_the_step_zero_weights(toy, tmp_path):
     val = tiny.write_captions(tmp_path / "val.jsonl", toy["rows"][:6])
     result = run(_config(toy, tmp_path / "run", max_steps=4, wise_ft=0.25, val_data=str(val)))
-    trained = _weights(checkpoints(result.out)[-1][1])  # checkpoints keep the trained weights (a resume continues from them)
+    trained = _weights(
+        checkpoints(result.out)[-1][1]
+    )  # checkpoints keep the trained weights (a resume continues from them)
     start = _start(result.out)
     assert set(trained) <= set(start)
     final = _weights(result.final)
@@ -57,11 +59,15 @@ def test_a_resumed_run_mixes_the_same_step_zero_weights_and_refuses_when_they_ar
     out = tmp_path / "run"
     run(_config(toy, out, max_steps=4, save_every=1, wise_ft=0.5))
     _killed_after(out, 3)  # keep_last 2: checkpoints 3 and 4 were kept
-    with pytest.raises(UserError, match=r"other arguments \(wise_ft: 0.5 -> 1.0\)"):  # it sets what final/ is: not a runtime knob
+    with pytest.raises(
+        UserError, match=r"other arguments \(wise_ft: 0.5 -> 1.0\)"
+    ):  # it sets what final/ is: not a runtime knob
         run(_config(toy, out, max_steps=4, resume=True))
     saved = (out / START).read_bytes()
     (out / START).unlink()
-    with pytest.raises(UserError, match=r"--wise-ft 0.5 needs the run's step-0 weights .*start.pt, which are gone; put the file back"):
+    with pytest.raises(
+        UserError, match=r"--wise-ft 0.5 needs the run's step-0 weights .*start.pt, which are gone; put the file back"
+    ):
         run(_config(toy, out, max_steps=4, resume=True, wise_ft=0.5))
     (out / START).write_bytes(saved)
     resumed = run(_config(toy, out, max_steps=4, resume=True, wise_ft=0.5))
@@ -73,7 +79,9 @@ def test_a_damaged_start_file_is_one_line(toy, tmp_path):
     run(_config(toy, out, max_steps=3, save_every=1, wise_ft=0.5))
     _killed_after(out, 2)
     (out / START).write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match=r"cannot load the step-0 weights .*start.pt .*damaged: put the file back, or pass --overwrite"):
+    with pytest.raises(
+        UserError, match=r"cannot load the step-0 weights .*start.pt .*damaged: put the file back, or pass --overwrite"
+    ):
         run(_config(toy, out, max_steps=3, resume=True, wise_ft=0.5))
     assert [step for step, _ in checkpoints(out)] == [2]  # refused before any step
     assert json.loads((out / "config.json").read_text())["train"]["wise_ft"] == 0.5  # the run folder stays this run's
@@ -93,16 +101,65 @@ def test_under_torchrun_rank_0_writes_the_same_step_zero_weights_and_final_is_th
 
     from tests.test_train_student import ROOT, _free_port
 
-    args = ["--data", str(toy["data"]), "--cache", str(toy["cache"]), "--student", str(toy["student"]), "--languages", "zh,de",
-            "--batch-size", "16", "--epochs", "1", "--warmup-steps", "2", "--lr", "2e-3", "--num-workers", "0", "--eval-every", "0",
-            "--save-every", "0", "--no-progress", "--num-threads", "1", "--wise-ft", "0.5"]
+    args = [
+        "--data",
+        str(toy["data"]),
+        "--cache",
+        str(toy["cache"]),
+        "--student",
+        str(toy["student"]),
+        "--languages",
+        "zh,de",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "2e-3",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--no-progress",
+        "--num-threads",
+        "1",
+        "--wise-ft",
+        "0.5",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                           "-m", "mclip", "train-student", "--out", str(tmp_path / "ddp"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "mclip",
+            "train-student",
+            "--out",
+            str(tmp_path / "ddp"),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     single = run(_config(toy, tmp_path / "single", wise_ft=0.5, log_every=10))
-    assert _max_diff(_start(tmp_path / "ddp"), _start(single.out)) == 0.0  # the same seeded init, written once by rank 0
+    assert (
+        _max_diff(_start(tmp_path / "ddp"), _start(single.out)) == 0.0
+    )  # the same seeded init, written once by rank 0
     trained, start = _weights(checkpoints(tmp_path / "ddp")[-1][1]), _start(tmp_path / "ddp")
-    assert _max_diff(_weights(tmp_path / "ddp" / "final"), {k: 0.5 * trained[k] + 0.5 * start[k] for k in trained}) < 1e-6
+    assert (
+        _max_diff(_weights(tmp_path / "ddp" / "final"), {k: 0.5 * trained[k] + 0.5 * start[k] for k in trained}) < 1e-6
+    )
     assert _max_diff(_weights(tmp_path / "ddp" / "final"), _weights(single.final)) < 1e-4  # as the DDP test bounds it

@@ -16,9 +16,20 @@ from functools import lru_cache
 from pathlib import Path
 
 CORPUS = [
-    "a photo of a dog", "a cat sitting on a red sofa", "woman standing", "man running on the beach",
-    "two children playing football", "a bowl of noodles", "stehende Frau", "ein Hund im Park",
-    "站立的女人", "一只狗", "red apple", "green tree", "blue car on the street", "the sun over the sea",
+    "a photo of a dog",
+    "a cat sitting on a red sofa",
+    "woman standing",
+    "man running on the beach",
+    "two children playing football",
+    "a bowl of noodles",
+    "stehende Frau",
+    "ein Hund im Park",
+    "站立的女人",
+    "一只狗",
+    "red apple",
+    "green tree",
+    "blue car on the street",
+    "the sun over the sea",
 ]
 
 
@@ -62,29 +73,58 @@ def write_clip_tokenizer(folder: Path, merges: list[tuple[str, str]] | None = No
     base = list(_bytes_to_unicode().values())
     vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
     try:  # transformers >= 5 takes the vocabulary itself
-        tok = CLIPTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m) for m in merges], model_max_length=77)
+        tok = CLIPTokenizerFast(
+            vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m) for m in merges], model_max_length=77
+        )
     except TypeError:
-        tok = CLIPTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"), model_max_length=77)
+        tok = CLIPTokenizerFast(
+            vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"), model_max_length=77
+        )
     tok.save_pretrained(folder)
     return CLIPTokenizerFast.from_pretrained(folder)
 
 
-def write_tiny_clip(folder: Path, with_vision: bool = True, projection_dim: int = 16, hidden: int = 32, layers: int = 2, seed: int = 0,
-                    merges: list[tuple[str, str]] | None = None) -> Path:
+def write_tiny_clip(
+    folder: Path,
+    with_vision: bool = True,
+    projection_dim: int = 16,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    merges: list[tuple[str, str]] | None = None,
+) -> Path:
     """A tiny random CLIPModel (or text-only CLIPTextModelWithProjection) + tokenizer (+ image processor) in `folder`."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection
 
     tok = write_clip_tokenizer(folder, merges)
-    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                vocab_size=len(tok), max_position_embeddings=77, projection_dim=projection_dim,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=len(tok),
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     if with_vision:
-        vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                      image_size=32, patch_size=8, projection_dim=projection_dim)
+        vision = dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=projection_dim,
+        )
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     else:
@@ -98,8 +138,13 @@ def write_bert_tokenizer(folder: Path, corpus: list[str] | None = None, pieces: 
     WordPiece entries ("te", "##cl"), as an English vocabulary reads Latin-script words in a few known pieces."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = sorted({c for text in (corpus or CORPUS) for c in text.lower() if not c.isspace()} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
-    return _wordpiece(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + list(pieces), 64)
+    chars = sorted(
+        {c for text in (corpus or CORPUS) for c in text.lower() if not c.isspace()}
+        | set("abcdefghijklmnopqrstuvwxyz0123456789")
+    )
+    return _wordpiece(
+        folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + list(pieces), 64
+    )
 
 
 def _wordpiece(folder: Path, vocab: list[str], max_length: int):
@@ -115,16 +160,29 @@ def _wordpiece(folder: Path, vocab: list[str], max_length: int):
     return BertTokenizerFast.from_pretrained(folder)
 
 
-def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0,
-                    pieces: tuple[str, ...] = ()) -> Path:
+def write_tiny_bert(
+    folder: Path,
+    hidden: int = 32,
+    layers: int = 2,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+    pieces: tuple[str, ...] = (),
+) -> Path:
     """A tiny random BertModel (an 'encoder' teacher or a student) + tokenizer in `folder` (`pieces`: write_bert_tokenizer)."""
     import torch
     from transformers import BertConfig, BertModel
 
     tok = write_bert_tokenizer(folder, corpus, pieces)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+    )
     BertModel(config).eval().save_pretrained(folder)
     return Path(folder)
 
@@ -141,26 +199,43 @@ def write_xlmr_tokenizer(folder: Path, corpus: list[str] | None = None, vocab_si
     spm = Tokenizer(models.Unigram())
     spm.normalizer = normalizers.NFKC()  # what XLM-R's precompiled charsmap amounts to on these texts
     spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    spm.train_from_iterator(corpus or CORPUS, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                                                      unk_token="<unk>", max_piece_length=8))
+    spm.train_from_iterator(
+        corpus or CORPUS,
+        trainers.UnigramTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            unk_token="<unk>",
+            max_piece_length=8,
+        ),
+    )
     vocab = [tuple(v) for v in json.loads(spm.to_str())["model"]["vocab"]] + [("<mask>", 0.0)]
     assert [t for t, _ in vocab[:4]] == ["<s>", "<pad>", "</s>", "<unk>"], vocab[:4]
-    if "vocab" in inspect.signature(XLMRobertaTokenizerFast.__init__).parameters:  # transformers >= 5 builds it from the pieces
+    if (
+        "vocab" in inspect.signature(XLMRobertaTokenizerFast.__init__).parameters
+    ):  # transformers >= 5 builds it from the pieces
         tok = XLMRobertaTokenizerFast(vocab=vocab, model_max_length=512)
     else:
         from tokenizers import decoders, processors
 
         spm.model = models.Unigram(vocab, unk_id=3)
         spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-        spm.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-                                                           special_tokens=[("<s>", 0), ("</s>", 2)])
+        spm.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+        )
         tok = XLMRobertaTokenizerFast(tokenizer_object=spm, model_max_length=512)
     tok.save_pretrained(folder)
     return XLMRobertaTokenizerFast.from_pretrained(folder)
 
 
-def write_tiny_xlmr(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0,
-                    max_position_embeddings: int = 514, dropout: float = 0.1) -> Path:
+def write_tiny_xlmr(
+    folder: Path,
+    hidden: int = 32,
+    layers: int = 2,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+    max_position_embeddings: int = 514,
+    dropout: float = 0.1,
+) -> Path:
     """A tiny random XLMRobertaModel + Unigram tokenizer in `folder`, with xlm-roberta-base's position layout: padding_idx 1,
     position ids from 2, so 514 positions hold 512 tokens."""
     import torch
@@ -169,27 +244,58 @@ def write_tiny_xlmr(folder: Path, hidden: int = 32, layers: int = 2, corpus: lis
     tok = write_xlmr_tokenizer(folder, corpus)
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3), tok
     torch.manual_seed(seed)
-    config = XLMRobertaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                              intermediate_size=2 * hidden, max_position_embeddings=max_position_embeddings, type_vocab_size=1,
-                              pad_token_id=1, bos_token_id=0, eos_token_id=2, hidden_dropout_prob=dropout,
-                              attention_probs_dropout_prob=dropout)
+    config = XLMRobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_position_embeddings,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     XLMRobertaModel(config).eval().save_pretrained(folder)
     return Path(folder)
 
 
-def write_chinese_bert_tokenizer(folder: Path, corpus: list[str] | None = None, latin: tuple[str, ...] = ("the", "on", "of", "red")):
+def write_chinese_bert_tokenizer(
+    folder: Path, corpus: list[str] | None = None, latin: tuple[str, ...] = ("the", "on", "of", "red")
+):
     """A WordPiece vocabulary in bert-base-chinese's manner, returned loaded: one token per CJK character of the corpus,
     the special tokens, Latin letters and digits with their ## continuations, and a few whole Latin words."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cjk = sorted({c for text in (corpus or CORPUS) for c in text if "\u4e00" <= c <= "\u9fff"})
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *cjk, *letters, *latin, *("##" + c for c in letters), "##s", "##ing"]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *cjk,
+        *letters,
+        *latin,
+        *("##" + c for c in letters),
+        "##s",
+        "##ing",
+    ]
     return _wordpiece(folder, list(dict.fromkeys(vocab)), 512)
 
 
-def write_tiny_chinese_bert(folder: Path, hidden: int = 32, layers: int = 2, corpus: list[str] | None = None, seed: int = 0,
-                            max_position_embeddings: int = 512, dropout: float = 0.1) -> Path:
+def write_tiny_chinese_bert(
+    folder: Path,
+    hidden: int = 32,
+    layers: int = 2,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+    dropout: float = 0.1,
+) -> Path:
     """A tiny random BertModel with a Chinese-character WordPiece vocabulary and 512 positions, as chinese-roberta-wwm-ext
     (model_type bert despite its name)."""
     import torch
@@ -197,9 +303,17 @@ def write_tiny_chinese_bert(folder: Path, hidden: int = 32, layers: int = 2, cor
 
     tok = write_chinese_bert_tokenizer(folder, corpus)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=2 * hidden, max_position_embeddings=max_position_embeddings, pad_token_id=tok.pad_token_id,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tok.pad_token_id,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     BertModel(config).eval().save_pretrained(folder)
     return Path(folder)
 
@@ -224,8 +338,15 @@ def write_captions(path: Path, rows: list[dict]) -> Path:
 def parallel_rows(n: int = 32) -> list[dict]:
     """Wide-format parallel captions (id, caption, caption_de, caption_zh) from the corpus; ids p000, p001, ..."""
     k = len(CORPUS)
-    return [{"id": f"p{i:03d}", "caption": f"{CORPUS[i % k]} {i}", "caption_de": f"{CORPUS[(i + 6) % k]} {i}",
-             "caption_zh": f"{CORPUS[(i + 8) % k]} {i}"} for i in range(n)]
+    return [
+        {
+            "id": f"p{i:03d}",
+            "caption": f"{CORPUS[i % k]} {i}",
+            "caption_de": f"{CORPUS[(i + 6) % k]} {i}",
+            "caption_zh": f"{CORPUS[(i + 8) % k]} {i}",
+        }
+        for i in range(n)
+    ]
 
 
 def run_script_without_torch(script: Path, *args: str):
@@ -234,6 +355,10 @@ def run_script_without_torch(script: Path, *args: str):
     import subprocess
     import sys
 
-    code = ("import runpy, sys; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__'); assert 'torch' not in sys.modules, 'imported torch'")
-    return subprocess.run([sys.executable, "-c", code, str(script), *map(str, args)], capture_output=True, text=True, timeout=120)
+    code = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__'); assert 'torch' not in sys.modules, 'imported torch'"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(script), *map(str, args)], capture_output=True, text=True, timeout=120
+    )

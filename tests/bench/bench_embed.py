@@ -27,36 +27,64 @@ import common  # tests/bench is the script's folder; also puts this checkout fir
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="finish within a minute on a 2-core CPU (smaller sizes, one repeat)")
+    p.add_argument(
+        "--quick", action="store_true", help="finish within a minute on a 2-core CPU (smaller sizes, one repeat)"
+    )
     p.add_argument("--captions", type=int, help="captions for the speed comparison (default 2000; 200 with --quick)")
-    p.add_argument("--naive-captions", type=int, help="captions for the naive loop (default: --captions; 64 with --quick); "
-                                                       "rates are per caption")
+    p.add_argument(
+        "--naive-captions",
+        type=int,
+        help="captions for the naive loop (default: --captions; 64 with --quick); rates are per caption",
+    )
     p.add_argument("--rss-small", type=int, help="captions of the small memory run (default 2000; 100 with --quick)")
     p.add_argument("--rss-large", type=int, help="captions of the large memory run (default 20000; 500 with --quick)")
     p.add_argument("--repeats", type=int, help="timed repeats of each way (default 3; 1 with --quick)")
-    p.add_argument("--layers", type=int, help="teacher layers (default 12, the B/16 text tower); fewer only for smoke tests")
-    p.add_argument("--width", type=int, help="teacher width (default 512, the B/16 text tower); smaller only for smoke tests")
+    p.add_argument(
+        "--layers", type=int, help="teacher layers (default 12, the B/16 text tower); fewer only for smoke tests"
+    )
+    p.add_argument(
+        "--width", type=int, help="teacher width (default 512, the B/16 text tower); smaller only for smoke tests"
+    )
     p.add_argument("--threads", type=int, help="torch threads for both ways (default: torch's default)")
-    p.add_argument("--batch-tokens", type=int, help="stage-1 token budget per batch (default: mclip's default for the device)")
+    p.add_argument(
+        "--batch-tokens", type=int, help="stage-1 token budget per batch (default: mclip's default for the device)"
+    )
     p.add_argument("--shard-size", type=int, default=10_000, help="stage-1 captions per shard (mclip's default 10000)")
-    p.add_argument("--rss-shard-size", type=int, help="captions per shard in the memory runs (default --shard-size; 100 "
-                                                       "with --quick, so that the large memory run still streams shards)")
-    p.add_argument("--max-batch-size", type=int, default=1024, help="stage-1 cap on captions per batch (mclip's default 1024)")
+    p.add_argument(
+        "--rss-shard-size",
+        type=int,
+        help="captions per shard in the memory runs (default --shard-size; 100 "
+        "with --quick, so that the large memory run still streams shards)",
+    )
+    p.add_argument(
+        "--max-batch-size", type=int, default=1024, help="stage-1 cap on captions per batch (mclip's default 1024)"
+    )
     p.add_argument("--naive-batch", type=int, default=64, help="naive loop batch size (padded to 77 tokens)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", help="stage-1 precision: auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
     p.add_argument("--skip-naive", action="store_true", help="time mclip only (naive figures become null)")
     p.add_argument("--skip-rss", action="store_true", help="skip the two memory runs (RSS figures become null)")
-    p.add_argument("--peak-size", type=int, help="side of the square matmul that measures the peak (default 4096 on CPU, 8192 on GPU)")
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        help="side of the square matmul that measures the peak (default 4096 on CPU, 8192 on GPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)  # internal: one stage-1 run, print peak RSS
+    p.add_argument(
+        "--rss-child", action="store_true", help=argparse.SUPPRESS
+    )  # internal: one stage-1 run, print peak RSS
     p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
-    for name, full, small in (("captions", 2000, 200), ("rss_small", 2000, 100), ("rss_large", 20000, 500), ("repeats", 3, 1),
-                              ("rss_shard_size", args.shard_size, 100)):
+    for name, full, small in (
+        ("captions", 2000, 200),
+        ("rss_small", 2000, 100),
+        ("rss_large", 20000, 500),
+        ("repeats", 3, 1),
+        ("rss_shard_size", args.shard_size, 100),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     args.naive_captions = args.naive_captions or (min(64, args.captions) if quick else args.captions)
@@ -67,9 +95,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def embed_config(args, data: Path, out: Path):
     from mclip.config import EmbedConfig
 
-    return EmbedConfig(data=str(data), out=str(out), teacher=str(args.teacher), overwrite=True, progress=False,
-                       device=args.device, precision=args.precision, num_threads=args.threads, batch_tokens=args.batch_tokens,
-                       shard_size=args.shard_size, max_batch_size=args.max_batch_size)
+    return EmbedConfig(
+        data=str(data),
+        out=str(out),
+        teacher=str(args.teacher),
+        overwrite=True,
+        progress=False,
+        device=args.device,
+        precision=args.precision,
+        num_threads=args.threads,
+        batch_tokens=args.batch_tokens,
+        shard_size=args.shard_size,
+        max_batch_size=args.max_batch_size,
+    )
 
 
 def rss_child(args) -> None:
@@ -89,9 +127,25 @@ def measure_rss(args, runs: dict[str, tuple[Path, Path]]) -> dict[str, float]:
     RSS does not depend on its neighbours, and the timings are already taken)."""
     procs = {}
     for name, (data, out) in runs.items():
-        cmd = [sys.executable, __file__, "--rss-child", "--teacher", str(args.teacher), "--data", str(data), "--out", str(out),
-               "--device", args.device, "--precision", args.precision, "--shard-size", str(args.rss_shard_size),
-               "--max-batch-size", str(args.max_batch_size)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--rss-child",
+            "--teacher",
+            str(args.teacher),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--device",
+            args.device,
+            "--precision",
+            args.precision,
+            "--shard-size",
+            str(args.rss_shard_size),
+            "--max-batch-size",
+            str(args.max_batch_size),
+        ]
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -122,10 +176,17 @@ class Naive:
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch):
-                inputs = self.tokenizer(texts[start : start + self.batch], padding="max_length", max_length=77, truncation=True,
-                                        return_tensors="pt").to(self.device)
+                inputs = self.tokenizer(
+                    texts[start : start + self.batch],
+                    padding="max_length",
+                    max_length=77,
+                    truncation=True,
+                    return_tensors="pt",
+                ).to(self.device)
                 features = self.model.get_text_features(**inputs)
-                features = features if isinstance(features, torch.Tensor) else features.pooler_output  # transformers 5: an output
+                features = (
+                    features if isinstance(features, torch.Tensor) else features.pooler_output
+                )  # transformers 5: an output
                 out.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
         return np.concatenate(out)
 
@@ -169,7 +230,9 @@ def main(argv=None) -> None:
     # squared lengths) comes from a sample, as tokenising a million captions here would take longer than embedding them.
     teacher = load_teacher(str(args.teacher), max_length=77)
     tower = teacher.model.config
-    lengths = np.array([len(t) for t in teacher.tokenize(texts[: min(args.captions, 20_000)], threads=os.cpu_count() or 1)[0]])
+    lengths = np.array(
+        [len(t) for t in teacher.tokenize(texts[: min(args.captions, 20_000)], threads=os.cpu_count() or 1)[0]]
+    )
     del teacher
     naive = None if args.skip_naive else Naive(args.teacher, device, args.naive_batch)
 
@@ -180,7 +243,9 @@ def main(argv=None) -> None:
 
     ours, naive_rates, peaks, result = [], [], [], None
     for r in range(args.repeats):
-        peaks.append(common.matmul_peak_flops(args.peak_size, repeats=args.peak_repeats, device=device, dtype=peak_dtype))
+        peaks.append(
+            common.matmul_peak_flops(args.peak_size, repeats=args.peak_repeats, device=device, dtype=peak_dtype)
+        )
         shutil.rmtree(root / "cache", ignore_errors=True)  # a finished cache would make run() return at once
         start = time.perf_counter()
         result = embed_teacher.run(embed_config(args, data, root / "cache"))
@@ -190,9 +255,12 @@ def main(argv=None) -> None:
             naive_emb = naive(naive_texts)
             sync(device)
             naive_rates.append(len(naive_texts) / (time.perf_counter() - start))
-        print(f"repeat {r + 1}/{args.repeats}: mclip {args.captions / ours[-1]:,.1f} captions/s "
-              f"(its shard loop {result.captions_per_s:,.1f}), naive {naive_rates[-1] if naive_rates else float('nan'):,.1f} captions/s, "
-              f"matmul peak {peaks[-1] / 1e9:,.1f} GFLOP/s", file=sys.stderr)
+        print(
+            f"repeat {r + 1}/{args.repeats}: mclip {args.captions / ours[-1]:,.1f} captions/s "
+            f"(its shard loop {result.captions_per_s:,.1f}), naive {naive_rates[-1] if naive_rates else float('nan'):,.1f} captions/s, "
+            f"matmul peak {peaks[-1] / 1e9:,.1f} GFLOP/s",
+            file=sys.stderr,
+        )
     peaks.append(common.matmul_peak_flops(args.peak_size, repeats=args.peak_repeats, device=device, dtype=peak_dtype))
 
     diff = None
@@ -203,12 +271,24 @@ def main(argv=None) -> None:
 
     rss_small = rss_large = None
     if not args.skip_rss:
-        peaks_mb = measure_rss(args, {"small": (rss_data[args.rss_small], root / "rss-small"),
-                                      "large": (rss_data[args.rss_large], root / "rss-large")})
+        peaks_mb = measure_rss(
+            args,
+            {
+                "small": (rss_data[args.rss_small], root / "rss-small"),
+                "large": (rss_data[args.rss_large], root / "rss-large"),
+            },
+        )
         rss_small, rss_large = peaks_mb["small"], peaks_mb["large"]
 
-    flops = common.text_tower_flops(result.tokens, float(np.mean(lengths**2)) * result.captions, result.captions,
-                                    tower.hidden_size, tower.num_hidden_layers, tower.intermediate_size, tower.projection_dim)
+    flops = common.text_tower_flops(
+        result.tokens,
+        float(np.mean(lengths**2)) * result.captions,
+        result.captions,
+        tower.hidden_size,
+        tower.num_hidden_layers,
+        tower.intermediate_size,
+        tower.projection_dim,
+    )
     seconds = common.median(ours)
     captions_per_s = args.captions / seconds
     naive_per_s = common.median(naive_rates) if naive_rates else None
@@ -249,12 +329,18 @@ def main(argv=None) -> None:
         f"{result.captions_per_s:,.1f} in its shard loop, which leaves out loading the model and data)",
     ]
     if naive_per_s:
-        lines.append(f"  naive padded loop    {naive_per_s:10,.1f} captions/s   -> speed-up {res['speedup_vs_naive']:.2f}x (target >= 3)")
-    lines.append(f"  achieved {res['achieved_gflops']:,.1f} GFLOP/s on real tokens = {res['fraction_of_peak']:.2f} of the "
-                 f"{res['peak_dtype']} matmul peak {res['peak_gflops']:,.1f} GFLOP/s (target >= 0.5 on CPU)")
+        lines.append(
+            f"  naive padded loop    {naive_per_s:10,.1f} captions/s   -> speed-up {res['speedup_vs_naive']:.2f}x (target >= 3)"
+        )
+    lines.append(
+        f"  achieved {res['achieved_gflops']:,.1f} GFLOP/s on real tokens = {res['fraction_of_peak']:.2f} of the "
+        f"{res['peak_dtype']} matmul peak {res['peak_gflops']:,.1f} GFLOP/s (target >= 0.5 on CPU)"
+    )
     if rss_small:
-        lines.append(f"  peak RSS {rss_small:,.0f} MiB on {args.rss_small:,} captions, {rss_large:,.0f} MiB on {args.rss_large:,} "
-                     f"-> ratio {res['rss_ratio']:.3f} (target <= 1.1)")
+        lines.append(
+            f"  peak RSS {rss_small:,.0f} MiB on {args.rss_small:,} captions, {rss_large:,.0f} MiB on {args.rss_large:,} "
+            f"-> ratio {res['rss_ratio']:.3f} (target <= 1.1)"
+        )
     if diff is not None:
         lines.append(f"  embeddings agree with the naive loop within {diff:.1e} (float16 cache)")
     common.emit(lines, res)

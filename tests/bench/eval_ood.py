@@ -28,9 +28,15 @@ KS = (1, 5, 10)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="exported student folder (a run's train/final), a checkpoint or a run folder")
-    p.add_argument("--out", type=Path, help="keep the work files here: <file>/cache and <file>/eval (default: a temp folder)")
-    p.add_argument("--data", nargs="+", type=Path, help="OOD files in the wide parallel format (default: data/ood/*.jsonl)")
-    p.add_argument("--teacher", help="teacher for stage 1 and the baseline (default: the one the model records in mclip.json)")
+    p.add_argument(
+        "--out", type=Path, help="keep the work files here: <file>/cache and <file>/eval (default: a temp folder)"
+    )
+    p.add_argument(
+        "--data", nargs="+", type=Path, help="OOD files in the wide parallel format (default: data/ood/*.jsonl)"
+    )
+    p.add_argument(
+        "--teacher", help="teacher for stage 1 and the baseline (default: the one the model records in mclip.json)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--limit", type=int, help="score only the first N captions per language (smoke runs)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the student is below the teacher somewhere")
@@ -42,12 +48,11 @@ def languages_of(path: Path) -> tuple[str, ...]:
     """The caption_<lang> columns of a wide file, in file order (every row carries every column, None where missing)."""
     with path.open(encoding="utf-8") as f:
         first = json.loads(f.readline())
-    return tuple(key[len("caption_"):] for key in first if key.startswith("caption_"))
+    return tuple(key[len("caption_") :] for key in first if key.startswith("caption_"))
 
 
 def model_teacher(model: str) -> str | None:
-    from mclip.student import model_folder
-    from mclip.student import META
+    from mclip.student import META, model_folder
 
     meta = json.loads((model_folder(model) / META).read_text(encoding="utf-8"))
     return (meta.get("teacher") or {}).get("name")
@@ -60,45 +65,91 @@ def score_file(path: Path, model: str, teacher: str, work: Path, args) -> dict:
 
     languages = languages_of(path)
     cache = work / "cache"
-    embed_teacher.run(EmbedConfig(data=str(path), teacher=teacher, id_column="id", caption_column="caption", dtype="float32",
-                                  out=str(cache), device=args.device, progress=args.progress))
-    result = eval_retrieval.run(EvalConfig(model=model, cache=str(cache), data=str(path), split="train", languages=languages,
-                                           teacher_baseline=True, teacher=teacher, ks=KS, out=str(work / "eval"),
-                                           device=args.device, limit=args.limit, overwrite=True, progress=args.progress))
+    embed_teacher.run(
+        EmbedConfig(
+            data=str(path),
+            teacher=teacher,
+            id_column="id",
+            caption_column="caption",
+            dtype="float32",
+            out=str(cache),
+            device=args.device,
+            progress=args.progress,
+        )
+    )
+    result = eval_retrieval.run(
+        EvalConfig(
+            model=model,
+            cache=str(cache),
+            data=str(path),
+            split="train",
+            languages=languages,
+            teacher_baseline=True,
+            teacher=teacher,
+            ks=KS,
+            out=str(work / "eval"),
+            device=args.device,
+            limit=args.limit,
+            overwrite=True,
+            progress=args.progress,
+        )
+    )
     m = result.metrics
     per_lang = {}
     for lang in languages:
         if f"{lang}/text_to_text/R@1" not in m:  # every caption of the language was empty: eval left it out
             continue
-        per_lang[lang] = {"captions": result.counts[lang]["captions"],
-                          **{f"{system}_r{k}": round(m[f"{lang}/{key}text_to_text/R@{k}"], 4)
-                             for system, key in (("student", ""), ("teacher", "teacher_baseline/")) for k in (1, 5)}}
-    avg = {f"{system}_r{k}": round(m[f"avg/{key}text_to_text/R@{k}"], 4)
-           for system, key in (("student", ""), ("teacher", "teacher_baseline/")) for k in (1, 5)}
+        per_lang[lang] = {
+            "captions": result.counts[lang]["captions"],
+            **{
+                f"{system}_r{k}": round(m[f"{lang}/{key}text_to_text/R@{k}"], 4)
+                for system, key in (("student", ""), ("teacher", "teacher_baseline/"))
+                for k in (1, 5)
+            },
+        }
+    avg = {
+        f"{system}_r{k}": round(m[f"avg/{key}text_to_text/R@{k}"], 4)
+        for system, key in (("student", ""), ("teacher", "teacher_baseline/"))
+        for k in (1, 5)
+    }
     worse = [lang for lang, v in per_lang.items() if v["student_r1"] < v["teacher_r1"]]
-    return {"rows": result.counts["en"]["captions"], "languages": per_lang, "avg": avg,
-            "en_student_r1": round(m["en/text_to_text/R@1"], 4),  # the student on English: the no-forgetting check
-            "student_ge_teacher_every_language": not worse, "below_teacher": worse,
-            "student_better_on_average": avg["student_r1"] > avg["teacher_r1"], "warnings": result.warnings}
+    return {
+        "rows": result.counts["en"]["captions"],
+        "languages": per_lang,
+        "avg": avg,
+        "en_student_r1": round(m["en/text_to_text/R@1"], 4),  # the student on English: the no-forgetting check
+        "student_ge_teacher_every_language": not worse,
+        "below_teacher": worse,
+        "student_better_on_average": avg["student_r1"] > avg["teacher_r1"],
+        "warnings": result.warnings,
+    }
 
 
 def table(name: str, scored: dict) -> list[str]:
     pct = lambda v: f"{100 * v:5.1f}"  # noqa: E731
-    lines = [f"{name}: {scored['rows']} English targets; R@1 and R@5 (%) of student(xx) -> teacher(en), "
-             "beside the teacher applied to the xx text",
-             f"  {'lang':<5}{'captions':>9}  {'student R@1':>11}{'teacher R@1':>12}{'delta':>7}  {'student R@5':>11}{'teacher R@5':>12}  ok"]
+    lines = [
+        f"{name}: {scored['rows']} English targets; R@1 and R@5 (%) of student(xx) -> teacher(en), "
+        "beside the teacher applied to the xx text",
+        f"  {'lang':<5}{'captions':>9}  {'student R@1':>11}{'teacher R@1':>12}{'delta':>7}  {'student R@5':>11}{'teacher R@5':>12}  ok",
+    ]
     for lang, v in scored["languages"].items():
         delta = 100 * (v["student_r1"] - v["teacher_r1"])
-        lines.append(f"  {lang:<5}{v['captions']:>9}  {pct(v['student_r1']):>11}{pct(v['teacher_r1']):>12}{delta:>+7.1f}  "
-                     f"{pct(v['student_r5']):>11}{pct(v['teacher_r5']):>12}  {'yes' if v['student_r1'] >= v['teacher_r1'] else 'NO'}")
+        lines.append(
+            f"  {lang:<5}{v['captions']:>9}  {pct(v['student_r1']):>11}{pct(v['teacher_r1']):>12}{delta:>+7.1f}  "
+            f"{pct(v['student_r5']):>11}{pct(v['teacher_r5']):>12}  {'yes' if v['student_r1'] >= v['teacher_r1'] else 'NO'}"
+        )
     a = scored["avg"]
-    lines.append(f"  {'avg':<5}{'':>9}  {pct(a['student_r1']):>11}{pct(a['teacher_r1']):>12}"
-                 f"{100 * (a['student_r1'] - a['teacher_r1']):>+7.1f}  {pct(a['student_r5']):>11}{pct(a['teacher_r5']):>12}  "
-                 f"{'yes' if scored['student_better_on_average'] else 'NO'}")
+    lines.append(
+        f"  {'avg':<5}{'':>9}  {pct(a['student_r1']):>11}{pct(a['teacher_r1']):>12}"
+        f"{100 * (a['student_r1'] - a['teacher_r1']):>+7.1f}  {pct(a['student_r5']):>11}{pct(a['teacher_r5']):>12}  "
+        f"{'yes' if scored['student_better_on_average'] else 'NO'}"
+    )
     lines.append(f"  {'en':<5}{scored['rows']:>9}  {pct(scored['en_student_r1']):>11}{'(cache)':>12}")
     below = ", ".join(scored["below_teacher"]) or "none"
-    lines.append(f"  student >= teacher in every language: {'yes' if scored['student_ge_teacher_every_language'] else 'NO'} "
-                 f"(below: {below}); better on average: {'yes' if scored['student_better_on_average'] else 'NO'}")
+    lines.append(
+        f"  student >= teacher in every language: {'yes' if scored['student_ge_teacher_every_language'] else 'NO'} "
+        f"(below: {below}); better on average: {'yes' if scored['student_better_on_average'] else 'NO'}"
+    )
     return lines
 
 
@@ -117,8 +168,10 @@ def main(argv=None) -> int:
     summary = [f"eval_ood: {args.model} (teacher {teacher})", ""]
     for name, s in scored.items():
         summary += table(name, s) + [""]
-    summary.append(f"do no harm out of domain: {'PASS' if ok else 'FAIL'} (R@1: student >= teacher in every language of "
-                   "every file, and better on average)")
+    summary.append(
+        f"do no harm out of domain: {'PASS' if ok else 'FAIL'} (R@1: student >= teacher in every language of "
+        "every file, and better on average)"
+    )
     common.emit(summary, {"model": str(args.model), "teacher": teacher, "pass": ok, "files": scored})
     return 1 if args.strict and not ok else 0
 

@@ -56,20 +56,32 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="mclip-profile-embed-")
     root = Path(tmp.name)
-    teacher_dir = common.write_b16_teacher(root / "teacher", layers=2 if args.quick else None, width=128 if args.quick else None,
-                                           seed=args.seed)
+    teacher_dir = common.write_b16_teacher(
+        root / "teacher", layers=2 if args.quick else None, width=128 if args.quick else None, seed=args.seed
+    )
     texts = common.make_captions(n, args.seed)
     data = common.write_captions(root / "captions", texts)
     warm = common.write_captions(root / "warm", texts[:64])
 
     def config(src: Path, out: Path) -> EmbedConfig:
-        return EmbedConfig(data=str(src), out=str(out), teacher=str(teacher_dir), overwrite=True, progress=False,
-                           device=args.device, precision=args.precision)
+        return EmbedConfig(
+            data=str(src),
+            out=str(out),
+            teacher=str(teacher_dir),
+            overwrite=True,
+            progress=False,
+            device=args.device,
+            precision=args.precision,
+        )
 
     embed_teacher.run(config(warm, root / "warm-out"))  # first-use costs: imports, allocator, kernel choice
 
-    teacher = load_teacher(str(teacher_dir), device=str(device), precision=distributed.resolve_precision(args.precision, device),
-                           max_length=77)
+    teacher = load_teacher(
+        str(teacher_dir),
+        device=str(device),
+        precision=distributed.resolve_precision(args.precision, device),
+        max_length=77,
+    )
     threads = embed_teacher._tokenize_threads(device)
     teacher.tokenize(texts[:10])  # builds the tokenizer stage 1 calls (once per run, ~0.5 s for CLIP's vocabulary)
     start = time.perf_counter()
@@ -83,7 +95,9 @@ def main(argv=None) -> dict:
     result = embed_teacher.run(config(data, root / "cache"))
     end_to_end_s = time.perf_counter() - start
 
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         embed_teacher.run(config(data, root / "cache-profiled"))
@@ -95,8 +109,13 @@ def main(argv=None) -> dict:
     device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
 
     # stage 1's own rate (`captions_per_s` of its result) counts the shard loop, not loading the model and the data
-    rates = {"end_to_end": n / end_to_end_s, "loop": result.captions_per_s, "model": n / model_s, "host": host.captions_per_s,
-             "tokenize": n / tokenize_s}
+    rates = {
+        "end_to_end": n / end_to_end_s,
+        "loop": result.captions_per_s,
+        "model": n / model_s,
+        "host": host.captions_per_s,
+        "tokenize": n / tokenize_s,
+    }
     res = {
         "captions_per_s": common.sig(rates["end_to_end"]),
         "loop_captions_per_s": common.sig(rates["loop"]),
@@ -114,11 +133,17 @@ def main(argv=None) -> dict:
         "quick": args.quick,
     }
     busy = f", device busy {res['device_busy']:.0%} of a profiled run" if res["device_busy"] is not None else ""
-    common.emit([f"stage 1 on {n:,} captions, {device}: end to end {rates['end_to_end']:,.0f} captions/s (its shard loop "
-                 f"{rates['loop']:,.0f}); the model alone "
-                 f"{rates['model']:,.0f}, the host side alone {rates['host']:,.0f} (tokenising alone, {threads} threads, "
-                 f"{rates['tokenize']:,.0f}); slowest: {res['slowest_part']}, overlap {res['overlap_efficiency']:.2f}{busy}; "
-                 f"profiler table in {out_dir / 'profile_embed.txt'}", table], res)
+    common.emit(
+        [
+            f"stage 1 on {n:,} captions, {device}: end to end {rates['end_to_end']:,.0f} captions/s (its shard loop "
+            f"{rates['loop']:,.0f}); the model alone "
+            f"{rates['model']:,.0f}, the host side alone {rates['host']:,.0f} (tokenising alone, {threads} threads, "
+            f"{rates['tokenize']:,.0f}); slowest: {res['slowest_part']}, overlap {res['overlap_efficiency']:.2f}{busy}; "
+            f"profiler table in {out_dir / 'profile_embed.txt'}",
+            table,
+        ],
+        res,
+    )
     return res
 
 
@@ -130,8 +155,13 @@ def model_seconds(teacher, tokens: list[list[int]], device) -> float:
     from mclip import embed_teacher
     from mclip.config import EmbedConfig
 
-    batches, _ = embed_teacher.padded_batches(tokens, teacher, embed_teacher.default_batch_tokens(device), EmbedConfig.max_batch_size,
-                                              pin=device.type == "cuda")
+    batches, _ = embed_teacher.padded_batches(
+        tokens,
+        teacher,
+        embed_teacher.default_batch_tokens(device),
+        EmbedConfig.max_batch_size,
+        pin=device.type == "cuda",
+    )
     _sync(device)
     start = time.perf_counter()
     outs = [torch.nn.functional.normalize(teacher.embed(input_ids, mask)[0], dim=-1) for _, input_ids, mask in batches]

@@ -58,37 +58,79 @@ def measure(rows: int, distinct: int, work: Path, shard_size: int = 10_000, extr
     teacher = _teacher(work / "teacher") if not (work / "teacher" / "config.json").exists() else work / "teacher"
     out = work / f"out-{rows}-{distinct}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "mclip", "embed-teacher", "--data", str(data), "--out", str(out),
-           "--teacher", str(teacher), "--id-column", "id", "--device", "cpu", "--num-threads", "1", "--no-progress",
-           "--shard-size", str(shard_size), *(extra or [])]
-    env = dict(os.environ, PYTHONPATH=str(common.ROOT), OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(work / f"hf-{rows}-{distinct}"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "mclip",
+        "embed-teacher",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--teacher",
+        str(teacher),
+        "--id-column",
+        "id",
+        "--device",
+        "cpu",
+        "--num-threads",
+        "1",
+        "--no-progress",
+        "--shard-size",
+        str(shard_size),
+        *(extra or []),
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(common.ROOT),
+        OMP_NUM_THREADS="1",
+        HF_DATASETS_CACHE=str(work / f"hf-{rows}-{distinct}"),
+    )
     run = common.sampled(cmd, env)
     if run["rc"] != 0:
         sys.exit(f"scale_stage1: embed-teacher failed on {rows} rows:\n{run['stderr_tail']}")
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     totals = manifest["totals"]
-    return {"rows": rows, "distinct": distinct or rows, "peak_rss_mb": run["peak_rss_mb"],
-            "peak_rss_anon_mb": run["peak_anon_mb"], "peak_rss_file_mb": run["peak_file_mb"],
-            "captions_embedded": totals.get("embedded", rows - totals.get("duplicates", 0)), "totals": totals,
-            "wall_s": run["wall_s"], "shards": len(manifest["shards"])}
+    return {
+        "rows": rows,
+        "distinct": distinct or rows,
+        "peak_rss_mb": run["peak_rss_mb"],
+        "peak_rss_anon_mb": run["peak_anon_mb"],
+        "peak_rss_file_mb": run["peak_file_mb"],
+        "captions_embedded": totals.get("embedded", rows - totals.get("duplicates", 0)),
+        "totals": totals,
+        "wall_s": run["wall_s"],
+        "shards": len(manifest["shards"]),
+    }
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000], help="input sizes, one run each")
-    p.add_argument("--distinct", type=int, default=160, help="distinct captions in each input (0: every caption distinct)")
+    p.add_argument(
+        "--distinct", type=int, default=160, help="distinct captions in each input (0: every caption distinct)"
+    )
     p.add_argument("--shard-size", type=int, default=10_000, help="stage-1 captions per shard (mclip's default 10000)")
     p.add_argument("--work", help="work folder (default: a temp folder, removed at the end)")
     p.add_argument("--no-dedup", action="store_true", help="pass --no-dedup to embed-teacher")
     args = p.parse_args(argv)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mclip-scale-"))
     try:
-        results = [measure(rows, args.distinct, work, args.shard_size, ["--no-dedup"] if args.no_dedup else None) for rows in args.rows]
+        results = [
+            measure(rows, args.distinct, work, args.shard_size, ["--no-dedup"] if args.no_dedup else None)
+            for rows in args.rows
+        ]
         for result in results:
             print(json.dumps(result), flush=True)
         if len(results) > 1:
-            print(json.dumps({"rss_ratio": round(results[-1]["peak_rss_mb"] / results[0]["peak_rss_mb"], 3),
-                              "rows": [r["rows"] for r in results]}))
+            print(
+                json.dumps(
+                    {
+                        "rss_ratio": round(results[-1]["peak_rss_mb"] / results[0]["peak_rss_mb"], 3),
+                        "rows": [r["rows"] for r in results],
+                    }
+                )
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
