@@ -7,7 +7,10 @@ import dataclasses
 import importlib
 import inspect
 import os
+import shlex
+import signal
 import sys
+import threading
 import types
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -21,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Distil an English CLIP text tower into a multilingual student, from cached teacher embeddings.",
 )
-_state = {"debug": False}
+_state = {"debug": False, "signal": signal.SIGINT}
 
 
 @app.callback()
@@ -75,7 +78,9 @@ def _stage(name: str, config_cls: type, module: str) -> None:
         for f in fields:
             if get_origin(hints[f.name]) is tuple:  # tuple[int, ...], tuple[float, float], tuple[str, ...]
                 values[f.name] = _split(values[f.name], get_args(hints[f.name])[0])
-        importlib.import_module(f"mclip.{module}").run(config_cls(**values))
+        config = config_cls(**values)
+        stage = importlib.import_module(f"mclip.{module}")
+        _interruptible(stage.run, stage.interrupted, config)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -102,9 +107,24 @@ def run_pipeline(
     ),
 ):
     """Run embed-teacher -> train-student -> eval-retrieval as a pipeline file names them; rerun to resume."""
-    from mclip.pipeline import load_pipeline, run
+    from mclip.pipeline import interrupted, load_pipeline, run
 
-    run(load_pipeline(pipeline, out=out, overrides=set_ or []))
+    _interruptible(run, interrupted, load_pipeline(pipeline, out=out, overrides=set_ or []))
+
+
+def _interruptible(run: Any, interrupted: Any, config: Any) -> None:
+    """run(config); SIGINT or SIGTERM (a KeyboardInterrupt, see `_on_sigterm`) becomes `Interrupted`, which carries what
+    the output keeps (`interrupted(config)`) past typer, which would otherwise swallow it into a returned exit code."""
+    from mclip.errors import Interrupted
+
+    try:
+        run(config)
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        raise Interrupted(*interrupted(config)) from None
 
 
 @app.command("verify")
@@ -123,21 +143,58 @@ def verify(
         raise SystemExit(code)
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler's stop, torchrun's agent stopping its ranks) takes Ctrl-C's path: the run stops where it is,
+    its output keeps what is written, and one line says how to continue. A second SIGTERM ends the process at once."""
+    _state["signal"] = signum
+    signal.signal(signum, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
+def _continue_command(args: list[str], flag: str | None) -> str:
+    """The command line that continues an interrupted one: the same arguments, with `flag` (--resume, --overwrite) added
+    in place of the ones it excludes."""
+    if flag and flag not in args:
+        drop = {"--resume": ("--overwrite", "--no-resume"), "--overwrite": ("--no-overwrite",)}.get(flag, ())
+        args = [a for a in args if a not in drop] + [flag]
+    return shlex.join(["mclip", *args])
+
+
+def _interrupted(kept: str | None, flag: str | None, args: list[str]) -> None:
+    """The one line of an interrupted command, then exit 128 + the signal (130 for SIGINT, 143 for SIGTERM); under
+    torchrun only rank 0 speaks."""
+    signum = _state["signal"]
+    if os.environ.get("RANK", "0") == "0":
+        name, command = signal.Signals(signum).name, _continue_command(args, flag)
+        print(
+            f"mclip: interrupted by {name}; {kept or 'nothing written yet'}; continue with: {command}", file=sys.stderr
+        )
+    sys.exit(128 + signum)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: a user error is one line on stderr and exit code 2 (the traceback only with --debug)."""
-    from mclip.errors import UserError
+    """Entry point: a user error is one line on stderr and exit code 2 (the traceback only with --debug); SIGINT and
+    SIGTERM are one line saying what was kept and how to continue, and exit code 130 or 143."""
+    from mclip.errors import Interrupted, UserError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = list(sys.argv[1:] if argv is None else argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    before = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if before == signal.SIG_DFL:  # never over a handler the caller installed, nor a SIGTERM it ignores
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    _state["signal"] = signal.SIGINT
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except UserError as exc:
         if _state["debug"]:
             raise
         print(f"mclip: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("mclip: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    except Interrupted as exc:
+        _interrupted(exc.kept, exc.flag, args)
+    except KeyboardInterrupt:  # before typer ran the command (typer turns one inside it into a returned 130)
+        _interrupted(None, None, args)
     except Exception as exc:
         click_errors, aborts = _click_exceptions()
         if isinstance(exc, click_errors):
@@ -146,6 +203,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if isinstance(exc, aborts):
             sys.exit(1)
         raise
+    finally:
+        if before == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if code == 130:  # typer's Exit(130): interrupted while parsing the options, before any command ran
+        _interrupted(None, None, args)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -374,6 +374,11 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
+def interrupted(config: ExportConfig) -> tuple[str, str | None]:
+    """An export is written beside --out and renamed onto it whole: an interrupted one leaves --out as it was."""
+    return f"{config.out} as it was (an export appears whole or not at all)", None
+
+
 def run(config: ExportConfig) -> ExportResult:
     """Export, verify against the student, and only then put the folder at --out (written beside it, then renamed)."""
     start = time.perf_counter()

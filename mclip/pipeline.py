@@ -167,6 +167,17 @@ def run(config: PipelineConfig) -> PipelineResult:
     return result
 
 
+def interrupted(config: PipelineConfig) -> tuple[str, str | None]:
+    """What an interrupted pipeline left in its folder, stage by stage; the same command continues it."""
+    from mclip import embed_teacher, train_student
+
+    kept = [
+        "cache complete" if embed_teacher.is_complete(config.embed) else embed_teacher.interrupted(config.embed)[0],
+        "training finished" if train_student.is_complete(config.train) else train_student.interrupted(config.train)[0],
+    ]
+    return "; ".join(kept), None
+
+
 def summary_table(config: PipelineConfig, metrics: dict) -> str:
     """The table that makes the point: student(xx) -> teacher(en) beside the teacher used directly on xx text."""
     languages = [lang for lang in config.eval.languages if lang != "en"]

@@ -205,6 +205,16 @@ def run(config: TrainConfig) -> TrainResult:
             raise
 
 
+def interrupted(config: TrainConfig) -> tuple[str, str | None]:
+    """What an interrupted run left in --out, and the flag that continues it."""
+    found = checkpoint.checkpoints(Path(config.out))
+    if checkpoint.is_finished(Path(config.out)):
+        return f"the finished run in {config.out} kept", "--resume"
+    if not found:
+        return f"no checkpoint written yet (one every {config.save_every} steps)", "--resume"
+    return f"checkpoint {found[-1][1]} kept (step {found[-1][0]})", "--resume"
+
+
 class _Window:
     """The steps since the last train record, which holds their mean loss parts and speed, not one batch's."""
 
