@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, to_dict
+from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, parse_text, to_dict, unquote
 from mclip.errors import ConfigError, UserError
 
 SECTIONS = {"embed": EmbedConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -53,14 +53,6 @@ def _resolve(value, base: Path):
     return value
 
 
-def _parse_value(text: str):
-    """A --set value with TOML's rules (2e-4, true, [1, 2], "x"); a bare word is a string."""
-    try:
-        return _toml(f"v = {text}", "--set")["v"]
-    except UserError:
-        return text
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply --set section.key=value (or key=value at the top level) to the parsed file."""
     for item in overrides:
@@ -77,7 +69,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(SECTIONS)}")
             )
         target = raw.setdefault(path[0], {}) if path else raw
-        target[leaf] = _parse_value(value.strip())
+        cls = SECTIONS[path[0]] if path else None
+        known = cls is not None and leaf in {f.name for f in dataclasses.fields(cls)}
+        # parsed by the field's type; an unknown key is refused, with the closest one, by from_dict
+        target[leaf] = parse_text(cls, leaf, value, where=f"--set {item}") if known else unquote(value.strip())
     return raw
 
 
