@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import inspect
 import os
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Distil an English CLIP text tower into a multilingual student, from cached teacher embeddings.",
 )
-_state = {"debug": False, "signal": signal.SIGINT}
+_state = {"debug": False, "signal": signal.SIGINT, "args": []}
 
 
 @app.callback()
@@ -115,7 +116,7 @@ def run_pipeline(
 def _interruptible(run: Any, interrupted: Any, config: Any) -> None:
     """run(config); SIGINT or SIGTERM (a KeyboardInterrupt, see `_on_sigterm`) becomes `Interrupted`, which carries what
     the output keeps (`interrupted(config)`) past typer, which would otherwise swallow it into a returned exit code."""
-    from mclip.errors import Interrupted
+    from mclip.errors import Interrupted, UserError
 
     try:
         run(config)
@@ -125,6 +126,15 @@ def _interruptible(run: Any, interrupted: Any, config: Any) -> None:
 
             traceback.print_exc()
         raise Interrupted(*interrupted(config)) from None
+    except OSError as exc:  # a full disk met by a write no stage turned into its own line
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or _state["debug"]:
+            raise
+        kept, flag = interrupted(config)
+        where = f" writing {exc.filename}" if exc.filename else ""
+        raise UserError(
+            f"no space left on device{where}; {kept}; free space and continue with: "
+            f"{_continue_command(_state['args'], flag)}"
+        ) from None
 
 
 @app.command("verify")
@@ -179,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = list(sys.argv[1:] if argv is None else argv)
+    _state["args"] = args
     main_thread = threading.current_thread() is threading.main_thread()  # where Python delivers signals
     before = signal.getsignal(signal.SIGTERM) if main_thread else None
     if before == signal.SIG_DFL:  # never over a handler the caller installed, nor a SIGTERM it ignores

@@ -219,7 +219,7 @@ def _run(config: EncodeConfig) -> EncodeResult:
         with writing(out / shards.shard_name(index), RERUN):
             files.append(shards.write_shard(out, index, table, {"rows": len(texts), "first_row": row}))
             if npy is not None:
-                np.ascontiguousarray(emb, dtype=config.dtype).tofile(npy)
+                outputs.write_array(npy, emb.astype(config.dtype, copy=False))
         row += len(texts)
     bar.close()
     assert row == total, f"encoded {row} texts, counted {total}"

@@ -23,6 +23,7 @@ from mclip import retrieval, shards
 from mclip.columns import Bits, RawArray
 from mclip.config import EvalConfig
 from mclip.eval_captions import BLOCK, Captions
+from mclip.outputs import write_array
 
 GROUP_COLUMN = "caption_group"  # int64 per cache row, equal <=> identical English caption (cache format_version 2)
 BASELINE = "teacher_baseline"
@@ -74,7 +75,7 @@ def cache_values(cache: shards.TeacherCache, column: str, path: Path) -> Values:
                 out.write(values.tobytes())
         return Values(RawArray(path, "<i8"), size)
     first, labels = groups(cache.table([column]).column(column))
-    labels.astype("<i8").tofile(path)
+    write_array(path, labels.astype("<i8"))
     return Values(RawArray(path, "<i8"), len(first))
 
 

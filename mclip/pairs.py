@@ -18,6 +18,7 @@ from mclip.captions import CaptionFile
 from mclip.columns import Bits
 from mclip.config import TrainConfig
 from mclip.errors import UserError
+from mclip.outputs import write_array
 
 PAIR_FILES = {"rows": "<i8", "src": "<i8", "langs": "<i1"}  # one raw little-endian array per field, P values each
 CHUNK = 1 << 16  # pairs handled at once in a pass over them: bounded memory whatever the data's size
@@ -135,7 +136,7 @@ def _cache_groups(cache, folder: Path) -> np.ndarray:
             for _, values in cache.batches("caption_group"):
                 handle.write(values.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     else:
-        text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8").tofile(path)
+        write_array(path, text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8"))
     return shards.RawArray(path, "<i8")
 
 
