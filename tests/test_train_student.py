@@ -711,3 +711,50 @@ def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_c
         gathered
     )  # a batch's targets and layers, or the validation's
     assert not (out / ".pairs").exists()  # the pairs' scratch folder goes when the run finishes
+
+
+# ---- settings not taken as given: honoured, or warned of in the log and the run's summary ----
+
+
+def test_continuing_an_mclip_student_honours_extend_vocab_and_max_length(toy, tmp_path):
+    """--student FINAL/ once ignored --extend-vocab and --max-length while final/mclip.json recorded them."""
+    first = load(run(_config(toy, tmp_path / "first", max_steps=1, warmup_steps=1)).final)
+    changes = dict(max_steps=1, warmup_steps=1, extend_vocab=True, extend_vocab_words=1, max_length=16)
+    second = run(_config(toy, tmp_path / "second", student=str(tmp_path / "first" / "final"), **changes))
+    after = load(second.final)
+    assert len(after.tokenizer) > len(first.tokenizer)
+    assert after.meta["added_tokens"] == len(after.tokenizer) - len(first.tokenizer)
+    assert after.backbone.get_input_embeddings().weight.shape[0] == len(after.tokenizer)
+    assert after.max_length == 16 == after.meta["train"]["max_length"] and first.max_length == 64
+
+
+def _warned(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("mclip: warning: ")]
+
+
+def test_warmup_longer_than_the_run_is_warned_in_the_log_and_the_summary(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    result = run(_config(toy, out, max_steps=3, warmup_steps=1000))
+    line = (
+        "--warmup-steps 1000 is longer than the run's 3 steps, so the learning rate peaks at 6e-06, not --lr 0.002; "
+        "lower --warmup-steps (e.g. 1)"
+    )
+    assert _warned(capsys) == [f"mclip: warning: {line}"] and result.warnings == [line]
+    for name in ("summary.json", "config.json"):
+        assert json.loads((out / name).read_text(encoding="utf-8"))["warnings"] == [line]
+
+
+def test_a_max_length_above_the_students_positions_is_warned_and_the_limit_in_effect_recorded(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    result = run(_config(toy, out, max_steps=1, warmup_steps=1, max_length=100))
+    line = (
+        f"--max-length 100 is above the 64 positions of student {toy['student']}; captions are cut at 64 tokens "
+        "(recorded as max_length)"
+    )
+    assert _warned(capsys) == [f"mclip: warning: {line}"] and result.warnings == [line]
+    for name in ("summary.json", "config.json"):
+        record = json.loads((out / name).read_text(encoding="utf-8"))
+        assert record["max_length"] == 64 and record["warnings"] == [line]
+    assert load(result.final).max_length == 64
