@@ -49,8 +49,8 @@ def _warnings(config: TrainConfig, student: StudentEncoder, total_steps: int) ->
     # the default is documented as capped by the student's limit; a --max-length the user chose above it is warned of
     if student.max_length < config.max_length != default:
         found.append(
-            f"--max-length {config.max_length} is above the {student.max_length} positions of student {config.student}; "
-            f"captions are cut at {student.max_length} tokens (recorded as max_length)"
+            f"--max-length {config.max_length} is above the {student.max_length} positions of student "
+            f"{config.student}; captions are cut at {student.max_length} tokens (recorded as max_length)"
         )
     if config.warmup_steps > total_steps:
         peak = lr_at(total_steps - 1, config, total_steps)
@@ -62,8 +62,8 @@ def _warnings(config: TrainConfig, student: StudentEncoder, total_steps: int) ->
 
 
 def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs) -> StudentEncoder:
-    """The checkpoint's student on resume; else an exported mclip student to continue, or a fresh HF encoder + projection.
-    A continued student takes --max-length and --extend-vocab as a fresh one does (they were once ignored)."""
+    """The checkpoint's student on resume; else an exported mclip student to continue, or a fresh HF encoder and
+    projection. A continued student takes --max-length and --extend-vocab as a fresh one does."""
     continued = resume_from is None and (Path(config.student) / META).exists()
     if resume_from is not None or continued:
         source = resume_from or Path(config.student)
