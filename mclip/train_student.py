@@ -22,6 +22,7 @@ from torch import nn
 from mclip import __version__, checkpoint, distributed, losses, outputs, shards
 from mclip.batches import EpochPlan, EpochSteps, open_lengths, token_lengths
 from mclip.config import TrainConfig, to_dict
+from mclip.retrieval import ranks_from_labels
 from mclip.distiller import Distiller, lr_at, param_groups
 from mclip.errors import UserError
 from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
@@ -149,7 +150,8 @@ def evaluate(
 ) -> dict:
     """Validation loss (the distillation loss without layer-kd, in chunks of --batch-size) and R@1 of student(xx) -> teacher(en)
     per language, by exact search over the validation ids' teacher vectors; as in stage 3, identical English captions
-    are one target, so retrieving the twin of a caption's English counts as a hit."""
+    are one target, so retrieving the twin of a caption's English counts as a hit, and a tie counts against the query
+    (`retrieval.ranks_from_labels`, stage 3's one rule)."""
     emb = torch.from_numpy(
         model.student.encode(val.texts(), batch_size=config.eval_batch_size, normalize=False)
     )  # (V, D)
@@ -176,8 +178,20 @@ def evaluate(
     gallery_groups, first = np.unique(val_groups, return_index=True)  # one gallery entry per distinct English caption
     gallery = F.normalize(torch.from_numpy(targets.gather(val.rows[first])), dim=-1)  # (G, D)
     queries = F.normalize(emb, dim=-1)
-    best = torch.cat([(queries[s : s + 4096] @ gallery.T).argmax(1) for s in range(0, len(queries), 4096)]).numpy()
-    hit = gallery_groups[best] == val_groups
+    hit = np.concatenate(  # stage 3's rule: a tie with the English caption counts against the query, not argmax's luck
+        [
+            ranks_from_labels(
+                np.broadcast_to(gallery_groups, (len(chunk), len(gallery_groups))),
+                np.ones((len(chunk), len(gallery_groups)), bool),
+                (chunk @ gallery.T).numpy(),
+                val_groups[s : s + len(chunk)],
+                len(gallery_groups),
+            )
+            <= 1
+            for s in range(0, len(queries), 1024)
+            for chunk in [queries[s : s + 1024]]
+        ]
+    )
     result = {"val_loss": total / len(val)}
     for k, lang in enumerate(val.languages):
         if (val.langs == k).any():

@@ -758,3 +758,15 @@ def test_a_max_length_above_the_students_positions_is_warned_and_the_limit_in_ef
         record = json.loads((out / name).read_text(encoding="utf-8"))
         assert record["max_length"] == 64 and record["warnings"] == [line]
     assert load(result.final).max_length == 64
+
+
+def test_validation_r1_counts_ties_against_the_query_as_stage_3_does(toy, tmp_path, monkeypatch):
+    """A student whose embeddings are all zero ties every English caption: stage 3 scores that R@1 = 0, and so must
+    validation (argmax once gave the queries of the first gallery item a hit)."""
+    from mclip.student import StudentEncoder
+
+    monkeypatch.setattr(StudentEncoder, "encode", lambda self, texts, **kw: np.zeros((len(texts), self.dim), np.float32))
+    out = tmp_path / "run"
+    run(_config(toy, out, max_steps=1, warmup_steps=1, val_fraction=0.25))
+    val = _records(out, "val")[-1]
+    assert val["val_r1_zh"] == 0.0 and val["val_r1_de"] == 0.0, val
