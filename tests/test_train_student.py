@@ -765,7 +765,8 @@ def test_validation_r1_counts_ties_against_the_query_as_stage_3_does(toy, tmp_pa
     validation (argmax once gave the queries of the first gallery item a hit)."""
     from mclip.student import StudentEncoder
 
-    monkeypatch.setattr(StudentEncoder, "encode", lambda self, texts, **kw: np.zeros((len(texts), self.dim), np.float32))
+    zeros = lambda self, texts, **kw: np.zeros((len(texts), self.dim), np.float32)  # noqa: E731
+    monkeypatch.setattr(StudentEncoder, "encode", zeros)
     out = tmp_path / "run"
     run(_config(toy, out, max_steps=1, warmup_steps=1, val_fraction=0.25))
     val = _records(out, "val")[-1]
