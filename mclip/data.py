@@ -82,6 +82,8 @@ def load_dataset(data: str, split: str = "train"):
             if _zero_rows(files, builder):  # the json and parquet builders crash on these (StopIteration, ArrowInvalid)
                 raise UserError(f"{data} is empty (zero rows); check --data")
             kwargs = {"delimiter": "\t"} if builder == "csv" and _suffix(files[0]) == ".tsv" else {}
+            if builder == "csv":  # every column as text: pandas would read ids 000, 001 as the integers 0, 1
+                kwargs["features"] = _text_features(files[0], kwargs.get("delimiter", ","))
             loaded = datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
             if builder in ("json", "csv", "text"):
                 _check_utf8(loaded, data)
@@ -108,6 +110,17 @@ def load_dataset(data: str, split: str = "train"):
             first = first_line(exc)
             raise UserError(f"cannot read dataset {data!r}: {first}; fix or re-export the file") from None
         raise
+
+
+def _text_features(path: str, delimiter: str):
+    """`datasets.Features` reading every column of a CSV/TSV file (named by its header) as a string, as ids are."""
+    import csv
+
+    import datasets
+
+    with open(path, encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle, delimiter=delimiter), [])
+    return datasets.Features({name: datasets.Value("string") for name in header}) if header else None
 
 
 def _zero_rows(files: list[str], builder: str) -> bool:

@@ -34,6 +34,18 @@ def test_jsonl_csv_parquet_files(tmp_path, hf_rows):
         assert _rows(load_dataset(str(tmp_path / name))) == _expected(), name
 
 
+@pytest.mark.parametrize("name, sep", [("ids.csv", ","), ("ids.tsv", "\t")])
+def test_csv_ids_keep_their_string_form(tmp_path, name, sep):
+    """Ids 000, 001 read from a CSV were the integers 0, 1 (pandas' inference), and a cache keyed '0' joined no caption
+    file that wrote them as the strings they are."""
+    path = tmp_path / name
+    path.write_text(
+        "id" + sep + "caption\n" + "".join(f"{i:03d}{sep}caption {i}\n" for i in range(12)), encoding="utf-8"
+    )
+    ds = load_dataset(str(path))
+    assert ds["id"] == [f"{i:03d}" for i in range(12)] and ds["caption"][0] == "caption 0"
+
+
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path, hf_rows):
     import datasets
 
