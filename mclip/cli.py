@@ -8,7 +8,7 @@ import errno
 import importlib
 import inspect
 import os
-import shlex
+import re
 import signal
 import sys
 import threading
@@ -167,7 +167,14 @@ def _continue_command(args: list[str], flag: str | None) -> str:
     if flag and flag not in args:
         drop = {"--resume": ("--overwrite", "--no-resume"), "--overwrite": ("--no-overwrite",)}.get(flag, ())
         args = [a for a in args if a not in drop] + [flag]
-    return shlex.join(["mclip", *args])
+    return " ".join(_quote(arg) for arg in ["mclip", *args])
+
+
+def _quote(arg: str) -> str:
+    """An argument as a POSIX shell reads it back (shlex.quote's rule; mclip imports no shell module, see test_trust)."""
+    if arg and re.fullmatch(r"[\w@%+=:,./-]+", arg, flags=re.ASCII):
+        return arg
+    return "'" + arg.replace("'", "'\"'\"'") + "'"
 
 
 def _interrupted(kept: str | None, flag: str | None, args: list[str]) -> None:
