@@ -78,6 +78,11 @@ def load_dataset(data: str, split: str = "train"):
                     f"{data} holds no dataset files (.parquet, .jsonl, .csv, .arrow) and no save_to_disk dataset"
                 )
         if files:
+            if split != "train":  # nothing to select: the files are read whole, whatever the split was called
+                raise UserError(
+                    f"split {split!r} does not apply to {data}: local files are read whole, as the one split datasets "
+                    "names 'train'; pass --split train (--val-split train for --val-data), or a dataset that has splits"
+                )
             builder = _builder_for(files)
             if _zero_rows(files, builder):  # the json and parquet builders crash on these (StopIteration, ArrowInvalid)
                 raise UserError(f"{data} is empty (zero rows); check --data")

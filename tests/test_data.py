@@ -46,6 +46,15 @@ def test_csv_ids_keep_their_string_form(tmp_path, name, sep):
     assert ds["id"] == [f"{i:03d}" for i in range(12)] and ds["caption"][0] == "caption 0"
 
 
+def test_a_split_other_than_train_is_refused_for_local_files(tmp_path, hf_rows):
+    """A split names nothing in a local file: eval-retrieval's default 'test' read the whole file and recorded 'test'."""
+    hf_rows.to_json(tmp_path / "rows.jsonl")
+    for data in (str(tmp_path / "rows.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path)):
+        with pytest.raises(UserError, match=r"^split 'test' does not apply to .*; pass --split train"):
+            load_dataset(data, split="test")
+        assert _rows(load_dataset(data, split="train")) == _expected()
+
+
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path, hf_rows):
     import datasets
 
