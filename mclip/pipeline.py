@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, parse_text, to_dict, unquote
-from mclip.errors import ConfigError, UserError
+from mclip.errors import ConfigError, UserError, writing
 
 SECTIONS = {"embed": EmbedConfig, "train": TrainConfig, "eval": EvalConfig}
 # Set by the pipeline itself: where each stage writes and what it reads from the stage before.
@@ -125,8 +125,9 @@ def run(config: PipelineConfig) -> PipelineResult:
 
     start = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
+    with writing(out, "rerun the same command"):  # as each verb alone: one line, not a traceback
+        out.mkdir(parents=True, exist_ok=True)
+        outputs.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
     stages = {}
     say = (lambda text: print(text, file=sys.stderr)) if config.embed.progress else (lambda text: None)
     eval_dir = Path(config.eval.out)

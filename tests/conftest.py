@@ -192,6 +192,27 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no one may write into, root included (CI runs as root, who ignores chmod): a read-only tmpfs mounted
+    at tmp_path/ro for the test, holding an empty folder `out`; skipped with the reason where mounting is not permitted."""
+    import subprocess
+
+    path = tmp_path / "ro"
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs ({mounted.stderr.strip() or mounted.returncode}); run as root")
+    try:
+        (path / "out").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny models run several times faster on one thread than on two contended ones (use at module scope)."""

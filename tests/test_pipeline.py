@@ -151,6 +151,14 @@ def test_a_string_for_a_typed_key_in_the_file_is_one_line_naming_the_key(
     assert cli_error(["run", str(bad)]).startswith(says.format(toml=bad))
 
 
+@pytest.mark.parametrize("where", ["out", "out/run"])
+def test_a_read_only_run_folder_is_one_line(where, tiny_pipeline, read_only_dir, cli_error):
+    """Each verb alone said one line; `mclip run` ended in a 39-line traceback."""
+    out = read_only_dir / where
+    line = cli_error(["run", str(tiny_pipeline["toml"]), "--out", str(out)])
+    assert line.startswith(f"permission denied writing {out}") and "Read-only file system" in line, line
+
+
 def test_a_stage_output_key_in_the_file_is_refused(tiny_pipeline, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(tiny_pipeline["toml"].read_text().replace("[train]\n", "[train]\nout = 'x'\n"))
