@@ -58,10 +58,18 @@ class CaptionFile:
                     continue
                 raise UserError(
                     f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(names)} "
-                    "(fix --languages or --text-column-template)"
+                    f"(fix --languages or --text-column-template{self._long_hint(have, lang_column, text_column)})"
                 )
             self.columns[lang] = column
         self.seen_languages: set = set()  # the long format's languages, gathered by chunks()
+
+    @staticmethod
+    def _long_hint(have: set, lang_column: str, text_column: str) -> str:
+        """How the data falls short of the long format, when it looks meant to be in it (one of its two columns)."""
+        missing = [c for c in (lang_column, text_column) if c not in have]
+        if len(missing) == 1:
+            return f"; the long format needs columns {lang_column!r} and {text_column!r} by the id: it has no {missing[0]!r}"
+        return f"; or give the long format: columns id, {lang_column}, {text_column}"
 
     def __len__(self) -> int:
         return self.table.num_rows

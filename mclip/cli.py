@@ -34,11 +34,12 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
 
 
 def _split(text: str | None, kind: type) -> tuple:
-    """A comma-separated value (--languages zh,de, --cache-layers 4,8,12, --betas 0.9,0.999) as a tuple of `kind`."""
+    """A comma- or space-separated value (--languages zh,de or "zh de", --cache-layers 4,8,12, --betas 0.9,0.999) as a
+    tuple of `kind`: no value holds a comma or a space, so `--languages "de zh"` is two languages, not one."""
     from mclip.errors import UserError
 
     try:
-        return tuple(kind(x.strip()) for x in (text or "").split(",") if x.strip())
+        return tuple(kind(x) for x in re.split(r"[,\s]+", text or "") if x)
     except ValueError:
         what = "integers, e.g. 4,8,12" if kind is int else "numbers, e.g. 0.9,0.999"
         raise UserError(f"{text!r} is not a comma-separated list of {what}") from None

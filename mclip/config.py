@@ -243,6 +243,10 @@ class TrainConfig:
             len(self.languages) > 0 and all(isinstance(x, str) and x.strip() for x in self.languages),
             f"languages={list(self.languages)} must name at least one language, e.g. --languages zh,de",
         )
+        _check(
+            not any(c.isspace() or c == "," for x in self.languages for c in x),
+            f"languages={list(self.languages)} must be codes without spaces or commas; list them as zh,de",
+        )
         _check(len(set(self.languages)) == len(self.languages), f"languages={list(self.languages)} repeats a language")
         _check(
             "{lang}" in self.text_column_template,
@@ -370,8 +374,11 @@ class EvalConfig:
         _check(bool(self.out), "out is empty; pass --out with an output folder")
         _check(len(self.languages) > 0, "languages is empty; pass --languages, e.g. --languages de,fr")
         _check(
-            all(isinstance(code, str) and code and "/" not in code for code in self.languages),
-            f"languages={list(self.languages)} must be non-empty codes without '/', e.g. de,fr",
+            all(
+                isinstance(code, str) and code and not any(c in "/," or c.isspace() for c in code)
+                for code in self.languages
+            ),
+            f"languages={list(self.languages)} must be non-empty codes without '/', ',' or spaces, e.g. de,fr",
         )
         _check(len(set(self.languages)) == len(self.languages), f"languages={list(self.languages)} repeats a language")
         _check(bool(self.id_column), "id_column is empty; pass --id-column")

@@ -67,9 +67,17 @@ def test_english_column_optional_languages_and_the_errors(tmp_path):
     with pytest.raises(
         UserError,
         match=r"column 'caption_ja' for language 'ja' not found in .*wide.jsonl; it has id, caption, "
-        r"caption_de, caption_fr \(fix --languages or --text-column-template\)",
+        r"caption_de, caption_fr \(fix --languages or --text-column-template; or give the long format: columns id, "
+        r"lang, text\)$",
     ):
         CaptionFile(data, "train", ["ja"], id_column="id", template="caption_{lang}")
+    no_lang = tiny.write_captions(tmp_path / "no_lang.jsonl", [{"id": "a", "text": "x"}])  # long, but no lang column
+    with pytest.raises(
+        UserError,
+        match=r"^column 'caption_de' for language 'de' not found in .*no_lang.jsonl; it has id, text \(fix --languages "
+        r"or --text-column-template; the long format needs columns 'lang' and 'text' by the id: it has no 'lang'\)$",
+    ):
+        CaptionFile(str(no_lang), "train", ["de"], id_column="id", template="caption_{lang}")
     with pytest.raises(UserError, match=r"column 'key' not found in .*; it has id, .* \(use --id-column\)"):
         CaptionFile(data, "train", ["de"], id_column="key", template="caption_{lang}")
     long = tiny.write_captions(

@@ -218,6 +218,13 @@ def _config_of(argv, module, monkeypatch):
     return seen[0]
 
 
+@pytest.mark.parametrize("languages", ["de zh", "de,zh", " de , zh ", "de, zh"])
+def test_a_list_option_takes_commas_or_spaces(languages, monkeypatch):
+    """--languages "de zh" once looked for a column named caption_de zh."""
+    argv = ["train-student", "--data", "d", "--cache", "c", "--out", "o", "--languages", languages]
+    assert _config_of(argv, "train_student", monkeypatch).languages == ("de", "zh")
+
+
 @pytest.mark.parametrize("verb, module, cls, required, values", STAGES, ids=[s[0] for s in STAGES])
 def test_an_option_left_out_takes_the_config_default(verb, module, cls, required, values, monkeypatch):
     import mclip.config
