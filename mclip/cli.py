@@ -215,6 +215,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:  # before typer ran the command (typer turns one inside it into a returned 130)
         _interrupted(None, None, args)
     except Exception as exc:
+        broken = _broken_torchvision(exc)
+        if broken and not _state["debug"]:
+            print(f"mclip: error: {broken}", file=sys.stderr)
+            sys.exit(2)
         click_errors, aborts = _click_exceptions()
         if isinstance(exc, click_errors):
             exc.show()
@@ -229,6 +233,35 @@ def main(argv: Optional[list[str]] = None) -> None:
         _interrupted(None, None, args)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _broken_torchvision(exc: BaseException) -> str | None:
+    """One line for a torchvision that cannot load beside the installed torch (one built for CUDA beside a CPU torch,
+    or for another torch version): transformers imports it whenever it is installed, and its failure surfaces as
+    `Could not import module 'BertModel'`, naming neither torchvision nor the fix. None for any other error."""
+    import traceback
+    from importlib import metadata
+
+    seen, cause = [], exc
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for error in seen:
+        frames = traceback.extract_tb(error.__traceback__)
+        if "torchvision" in str(error) or any(f"{os.sep}torchvision{os.sep}" in f.filename for f in frames):
+            from mclip.errors import first_line
+
+            try:
+                version = metadata.version("torchvision")
+            except metadata.PackageNotFoundError:
+                version = "?"
+            torch = sys.modules.get("torch")
+            beside = f"torch {torch.__version__}" if torch is not None else "the installed torch"
+            return (
+                f"torchvision {version} cannot be imported beside {beside} ({first_line(error, 160)}), and transformers "
+                "imports it whenever it is installed; install the torchvision built for this torch, or uninstall it"
+            )
+    return None
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
