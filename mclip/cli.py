@@ -258,8 +258,9 @@ def _broken_torchvision(exc: BaseException) -> str | None:
             torch = sys.modules.get("torch")
             beside = f"torch {torch.__version__}" if torch is not None else "the installed torch"
             return (
-                f"torchvision {version} cannot be imported beside {beside} ({first_line(error, 160)}), and transformers "
-                "imports it whenever it is installed; install the torchvision built for this torch, or uninstall it"
+                f"torchvision {version} cannot be imported beside {beside} ({first_line(error, 160)}), and "
+                "transformers imports it whenever it is installed; install the torchvision built for this torch, or "
+                "uninstall it"
             )
     return None
 

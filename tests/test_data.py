@@ -47,7 +47,7 @@ def test_csv_ids_keep_their_string_form(tmp_path, name, sep):
 
 
 def test_a_split_other_than_train_is_refused_for_local_files(tmp_path, hf_rows):
-    """A split names nothing in a local file: eval-retrieval's default 'test' read the whole file and recorded 'test'."""
+    """A split names nothing in a local file: eval-retrieval's default 'test' read all of it and recorded 'test'."""
     hf_rows.to_json(tmp_path / "rows.jsonl")
     for data in (str(tmp_path / "rows.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path)):
         with pytest.raises(UserError, match=r"^split 'test' does not apply to .*; pass --split train"):
