@@ -68,7 +68,8 @@ class CaptionFile:
         """How the data falls short of the long format, when it looks meant to be in it (one of its two columns)."""
         missing = [c for c in (lang_column, text_column) if c not in have]
         if len(missing) == 1:
-            return f"; the long format needs columns {lang_column!r} and {text_column!r} by the id: it has no {missing[0]!r}"
+            needs = f"columns {lang_column!r} and {text_column!r}"
+            return f"; the long format needs {needs} by the id: it has no {missing[0]!r}"
         return f"; or give the long format: columns id, {lang_column}, {text_column}"
 
     def __len__(self) -> int:

@@ -172,7 +172,7 @@ def _continue_command(args: list[str], flag: str | None) -> str:
 
 
 def _quote(arg: str) -> str:
-    """An argument as a POSIX shell reads it back (shlex.quote's rule; mclip imports no shell module, see test_trust)."""
+    """An argument as a POSIX shell reads it back: shlex.quote's rule (mclip imports no shell module: test_trust)."""
     if arg and re.fullmatch(r"[\w@%+=:,./-]+", arg, flags=re.ASCII):
         return arg
     return "'" + arg.replace("'", "'\"'\"'") + "'"

@@ -194,8 +194,8 @@ def small_disk(tmp_path):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    """A folder no one may write into, root included (CI runs as root, who ignores chmod): a read-only tmpfs mounted
-    at tmp_path/ro for the test, holding an empty folder `out`; skipped with the reason where mounting is not permitted."""
+    """A folder no one may write into, root included (CI runs as root, who ignores chmod): a read-only tmpfs mounted at
+    tmp_path/ro for the test, holding an empty folder `out`; skipped with the reason where mounting is not permitted."""
     import subprocess
 
     path = tmp_path / "ro"
