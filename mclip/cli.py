@@ -18,6 +18,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import typer
 
 from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, ExportConfig, TrainConfig
+from mclip.errors import Interrupted, UserError, first_line
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +37,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
 def _split(text: str | None, kind: type) -> tuple:
     """A comma- or space-separated value (--languages zh,de or "zh de", --cache-layers 4,8,12, --betas 0.9,0.999) as a
     tuple of `kind`: no value holds a comma or a space, so `--languages "de zh"` is two languages, not one."""
-    from mclip.errors import UserError
 
     try:
         return tuple(kind(x) for x in re.split(r"[,\s]+", text or "") if x)
@@ -67,7 +67,7 @@ def _option(field: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
 
 
 def _stage(name: str, config_cls: type, module: str) -> None:
-    """`mclip NAME`: one option per field of `config_cls`; runs `mclip.MODULE.run(config)` (imported only then)."""
+    """`mclip NAME`: one option per field of `config_cls`; runs `MODULE.run(config)` (imported only then)."""
     hints = get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
     params = [
@@ -81,20 +81,20 @@ def _stage(name: str, config_cls: type, module: str) -> None:
             if get_origin(hints[f.name]) is tuple:  # tuple[int, ...], tuple[float, float], tuple[str, ...]
                 values[f.name] = _split(values[f.name], get_args(hints[f.name])[0])
         config = config_cls(**values)
-        stage = importlib.import_module(f"mclip.{module}")
+        stage = importlib.import_module(module)
         _interruptible(stage.run, stage.interrupted, config)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__name__, command.__doc__ = module, config_cls.__doc__
+    command.__name__, command.__doc__ = name.replace("-", "_"), config_cls.__doc__
     app.command(name)(command)
 
 
-_stage("embed-teacher", EmbedConfig, "embed_teacher")
-_stage("train-student", TrainConfig, "train_student")
-_stage("eval-retrieval", EvalConfig, "eval_retrieval")
-_stage("encode", EncodeConfig, "encode")
-_stage("export", ExportConfig, "export")
+_stage("embed-teacher", EmbedConfig, "mclip.embed.run")
+_stage("train-student", TrainConfig, "mclip.train.run")
+_stage("eval-retrieval", EvalConfig, "mclip.evaluate.run")
+_stage("encode", EncodeConfig, "mclip.deploy.encode")
+_stage("export", ExportConfig, "mclip.deploy.export")
 
 
 # ---- pipelines: run; hardening: verify ----
@@ -117,8 +117,6 @@ def run_pipeline(
 def _interruptible(run: Any, interrupted: Any, config: Any) -> None:
     """run(config); SIGINT or SIGTERM (a KeyboardInterrupt, see `_on_sigterm`) becomes `Interrupted`, which carries what
     the output keeps (`interrupted(config)`) past typer, which would otherwise swallow it into a returned exit code."""
-    from mclip.errors import Interrupted, UserError
-
     try:
         run(config)
     except KeyboardInterrupt:
@@ -147,7 +145,7 @@ def verify(
     """Check a cache, a run (every checkpoint and final/) or a student folder against its checksums; changes nothing.
 
     Prints one line per problem and a summary; exit code 0 when intact, 1 when problems were found, 2 on a user error."""
-    from mclip.verify import report, run
+    from mclip.store.verify import report, run
 
     code = report(run(path))
     if code:
@@ -193,7 +191,6 @@ def _interrupted(kept: str | None, flag: str | None, args: list[str]) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: a user error is one line on stderr and exit code 2 (the traceback only with --debug); SIGINT and
     SIGTERM are one line saying what was kept and how to continue, and exit code 130 or 143."""
-    from mclip.errors import Interrupted, UserError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = list(sys.argv[1:] if argv is None else argv)
@@ -249,8 +246,6 @@ def _broken_torchvision(exc: BaseException) -> str | None:
     for error in seen:
         frames = traceback.extract_tb(error.__traceback__)
         if "torchvision" in str(error) or any(f"{os.sep}torchvision{os.sep}" in f.filename for f in frames):
-            from mclip.errors import first_line
-
             try:
                 version = metadata.version("torchvision")
             except metadata.PackageNotFoundError:

@@ -13,8 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mclip import distributed
 from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, parse_text, to_dict, unquote
+from mclip.embed import run as embed_teacher
 from mclip.errors import ConfigError, UserError, writing
+from mclip.evaluate import run as eval_retrieval
+from mclip.store import outputs
+from mclip.train import run as train_student
 
 SECTIONS = {"embed": EmbedConfig, "train": TrainConfig, "eval": EvalConfig}
 # Set by the pipeline itself: where each stage writes and what it reads from the stage before.
@@ -121,8 +126,6 @@ def run(config: PipelineConfig) -> PipelineResult:
     """embed-teacher -> train-student -> eval-retrieval into config.out, skipping what is already complete."""
     import time
 
-    from mclip import distributed, embed_teacher, eval_retrieval, outputs, train_student
-
     start = time.perf_counter()
     out = Path(config.out)
     with writing(out, "rerun the same command"):  # as each verb alone: one line, not a traceback
@@ -165,8 +168,6 @@ def run(config: PipelineConfig) -> PipelineResult:
 
 def interrupted(config: PipelineConfig) -> tuple[str, str | None]:
     """What an interrupted pipeline left in its folder, stage by stage; the same command continues it."""
-    from mclip import embed_teacher, train_student
-
     kept = [
         "cache complete" if embed_teacher.is_complete(config.embed) else embed_teacher.interrupted(config.embed)[0],
         "training finished" if train_student.is_complete(config.train) else train_student.interrupted(config.train)[0],

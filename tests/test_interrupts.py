@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mclip import shards, verify
-from mclip.checkpoint import checkpoints
+from mclip.store import shards, verify
+from mclip.train.checkpoint import checkpoints
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_sigterm_during_training_keeps_the_checkpoint_and_resume_finishes(small_
 
 def test_sigint_during_eval_retrieval_leaves_no_report_and_the_same_command_finishes(small_run, tmp_path):
     from mclip.config import EmbedConfig
-    from mclip.embed_teacher import run as embed
+    from mclip.embed.run import run as embed
 
     rows = [
         {"id": f"v{i:04d}", "caption": f"{tiny.CORPUS[i % 14]} {i}", "caption_de": f"{tiny.CORPUS[(i + 6) % 14]} {i}"}
