@@ -8,7 +8,8 @@ Checked in every ```bash block of README.md and docs/*.md (backslash continuatio
   tests/bench/common.py).
 Checked on every page: each repository path it names (a token starting with mclip/, tests/, pipelines/, data/, docs/
 or .ci/, in a bash block or an inline code span; globs allowed) exists; each relative markdown link resolves to a file,
-and its #anchor to a heading of that file; the README links every docs/ page.
+and its #anchor to a heading of that file; the README links every docs/ page; docs/design.md's layout names every module
+of mclip/ and no other.
 
 Executed: a ```bash or ```python block whose previous non-blank line is `<!-- test: run -->`. The blocks of one page run
 in order in one fresh folder that holds a tiny finished run under the names the pages use (`runs/cc3m-zh-xlmr-base`
@@ -297,3 +298,35 @@ def test_runnable_blocks_exist():
     text = "\n".join(b.text for b in readme)
     for needed in ("mclip verify", "mclip encode", "mclip export", "mclip eval-retrieval", "mclip.load("):
         assert needed in text, f"README.md has no runnable block with {needed!r}"
+
+
+def design_modules() -> set[str]:
+    """The modules docs/design.md's layout lists under mclip/: `name.py` at the top, `pkg/name.py` inside a package."""
+    block = next(b for b in blocks(ROOT / "docs" / "design.md") if b.lang == "text")
+    listed, package, inside = set(), "", False
+    for line in block.text.splitlines():
+        match = re.match(r"^( *)(\S+)", line)
+        if not match:
+            continue
+        indent, name = len(match.group(1)), match.group(2)
+        if indent == 0:
+            inside = name == "mclip/"
+        elif inside and indent == 2:
+            package = name if name.endswith("/") else ""
+            listed |= {name} if name.endswith(".py") else set()
+        elif inside and indent == 4 and name.endswith(".py"):
+            listed.add(package + name)
+    return listed
+
+
+def test_design_lists_every_module():
+    """docs/design.md's layout names every module of mclip/ and no other (a package's own __init__.py aside)."""
+    actual = {
+        str(p.relative_to(ROOT / "mclip"))
+        for p in (ROOT / "mclip").rglob("*.py")
+        if "__pycache__" not in p.parts and not (p.name == "__init__.py" and p.parent != ROOT / "mclip")
+    }
+    listed = design_modules()
+    assert listed == actual, (
+        f"not in docs/design.md: {sorted(actual - listed)}; listed but absent: {sorted(listed - actual)}"
+    )
