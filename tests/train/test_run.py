@@ -20,7 +20,6 @@ from mclip.errors import ConfigError, UserError
 from mclip.models.student import load
 from mclip.store import shards
 from mclip.train.checkpoint import checkpoints
-from mclip.train.distiller import Distiller, lr_at
 from mclip.train.pairs import prepare_pairs
 from mclip.train.run import run
 from tests import tiny
@@ -121,18 +120,6 @@ def _free_port() -> int:
 
 
 # ---- pure pieces ----
-
-
-def test_lr_schedule_warms_up_then_decays():
-    config = TrainConfig(data="d", cache="c", out="o", lr=1.0, warmup_steps=10, schedule="linear")
-    assert lr_at(0, config, 110) == pytest.approx(0.1)
-    assert lr_at(9, config, 110) == pytest.approx(1.0)
-    assert lr_at(60, config, 110) == pytest.approx(0.5)
-    assert lr_at(110, config, 110) == pytest.approx(0.0)
-    cosine = dataclasses.replace(config, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_at(60, cosine, 110) == pytest.approx(0.55)
-    assert lr_at(110, cosine, 110) == pytest.approx(0.1)
-    assert lr_at(500, dataclasses.replace(config, schedule="constant"), 110) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -243,17 +230,6 @@ def test_contrastive_and_layer_kd_train_with_learnt_temperature(toy, tmp_path):
     state = torch.load(checkpoints(out)[-1][1] / "trainer.pt", weights_only=True)
     assert state["extra"]["layer_proj.0.weight"].shape == (24, 32)  # student hidden 32 -> teacher hidden 24
     assert state["step"] == result.steps
-
-
-def test_layer_kd_shapes(toy):
-    from mclip.models.student import build_student
-
-    student = build_student(str(toy["student"]), dim=24)
-    model = Distiller(student, 0.05, True, student_layers=(1, 2), teacher_width=24)
-    enc = student.tokenize(["goldmedaille", "金牌 and more"])
-    emb, states, temperature = model(enc["input_ids"], enc["attention_mask"])
-    assert emb.shape == (2, 24) and [s.shape for s in states] == [(2, 24), (2, 24)] and temperature.shape == ()
-    assert Distiller(student, 0.05, False).log_temperature.requires_grad is False
 
 
 def test_layer_kd_needs_cached_layers(toy, tmp_path, bert_teacher, capsys):
@@ -640,34 +616,6 @@ def load_tokenizer(folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
-
-
-def test_a_learnt_temperature_pushed_below_the_floor_comes_back(toy, tmp_path):
-    from mclip.config import MIN_TEMPERATURE
-    from mclip.models.student import load as load_student
-
-    student = load_student(toy["root"] / "run-final") if (toy["root"] / "run-final").exists() else None
-    model = Distiller(student or _tiny_student(toy), 0.05, learn_temperature=True)
-    with torch.no_grad():
-        model.log_temperature.fill_(np.log(MIN_TEMPERATURE) - 0.5)  # where momentum can carry it
-    model.clamp_temperature_()
-    assert model.temperature().item() == pytest.approx(MIN_TEMPERATURE, rel=1e-6)
-    s, t = torch.randn(4, 8), torch.randn(4, 8)
-    from mclip.train import losses
-
-    losses.info_nce(s, t, torch.arange(4), torch.eye(4, dtype=torch.bool), model.temperature())["infonce"].backward()
-    assert model.log_temperature.grad.abs() > 0  # at the floor it still has a gradient, so it can move back up
-    fixed = Distiller(_tiny_student(toy), 0.001, learn_temperature=False)
-    fixed.clamp_temperature_()
-    assert fixed.temperature().item() == pytest.approx(0.001)  # a fixed temperature is the user's, floor or not
-    with pytest.raises(ConfigError, match="below the floor 0.01 of a learnt temperature"):
-        TrainConfig(data="d", cache="c", out="o", loss="cl", temperature=0.005)
-
-
-def _tiny_student(toy):
-    from mclip.models.student import build_student
-
-    return build_student(str(toy["student"]), 8, projection_init="random")
 
 
 def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_path):
