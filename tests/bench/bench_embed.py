@@ -26,7 +26,7 @@ import common  # tests/bench is the script's folder; also puts this checkout fir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument(
         "--quick", action="store_true", help="finish within a minute on a 2-core CPU (smaller sizes, one repeat)"
     )

@@ -31,7 +31,7 @@ LANGUAGES = ("es", "ja", "ko", "pt", "it", "fr", "de", "fa", "id", "zh", "ru", "
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--model", help="a student folder (a run's final/); default: the demo's starting student")
     p.add_argument(
         "--tiny", action="store_true", help="a tiny random student instead (smoke test; figures mean nothing)"

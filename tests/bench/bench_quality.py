@@ -65,18 +65,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # numpy loads inside the functions that need it
     import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+try:
+    import common  # run as a script: tests/bench is the script's folder; also puts this checkout first on sys.path
+except ImportError:  # imported as tests.bench.bench_quality
+    from tests.bench import common
 
-ROOT = Path(__file__).resolve().parents[2]
-if (
-    str(ROOT) not in sys.path
-):  # run as `python tests/bench/bench_quality.py` from anywhere: this checkout's mclip and tests
-    sys.path.insert(0, str(ROOT))
-
-from tests.bench import common  # noqa: E402
+ROOT = common.ROOT
 
 DATA = ROOT / "data" / "emoji"
 DEMO = ROOT / "pipelines" / "demo.toml"
@@ -107,7 +101,7 @@ TARGET_ST_RATIO, TARGET_DEMO_RATIO = 1.2, 2.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument(
         "--quick",
         action="store_true",

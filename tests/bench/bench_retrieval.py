@@ -21,7 +21,7 @@ import numpy as np
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="finish within a minute (smaller galleries, one repeat)")
     p.add_argument(
         "--gallery", type=int, help="gallery size for the queries/s comparison (default 100000; 20000 with --quick)"

@@ -14,7 +14,6 @@ The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.bench.common import ROOT, emit, sampled, sig  # noqa: E402
+from tests.bench.common import ROOT, emit, environment, parser, sampled, sig  # noqa: E402
 
 SHARD_ROWS = 500_000
 
@@ -230,34 +229,34 @@ def train_student(cache: Path, data: Path, student: Path, out: Path, ranks: int,
         ]
     else:
         cmd = [sys.executable, *args]
-    return measured(cmd, {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    return measured(cmd, environment(1))
 
 
 def verify(cache: Path) -> dict:
-    return measured([sys.executable, "-m", "mclip", "verify", str(cache)], {"PYTHONPATH": str(ROOT)})
+    return measured([sys.executable, "-m", "mclip", "verify", str(cache)], environment())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="work folder (caches of 10M rows take ~11 GB)")
-    parser.add_argument("--sizes", default="100000,1000000,10000000")
-    parser.add_argument(
+    p = parser(__doc__)
+    p.add_argument("--out", type=Path, required=True, help="work folder (caches of 10M rows take ~11 GB)")
+    p.add_argument("--sizes", default="100000,1000000,10000000")
+    p.add_argument(
         "--group-batches",
         type=int,
         default=1,
         help="train-student's length grouping (64 is the default; 1 skips the token-length pass, which at 10M "
         "rows tokenises 20M captions on this machine's cores for ~30 min and is itself flat: a file)",
     )
-    parser.add_argument("--quick", action="store_true", help="one rank only")
-    parser.add_argument(
+    p.add_argument("--quick", action="store_true", help="one rank only")
+    p.add_argument(
         "--stages",
         default="embed,train,eval,verify",
         help="which to measure: embed (stage 1 with a tiny teacher, at the sizes up to 1M; 160 distinct "
         "captions, as LAION repeats them), train, eval (stage 3 at the sizes up to 1M, IVF1024,PQ16, "
         "--query-batch-size 1024 and 8192), verify",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the caches")
-    args = parser.parse_args()
+    p.add_argument("--keep", action="store_true", help="keep the caches")
+    args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = args.out
     work.mkdir(parents=True, exist_ok=True)

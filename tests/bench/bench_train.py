@@ -43,16 +43,10 @@ import time
 from pathlib import Path
 from unittest import mock
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-ROOT = Path(__file__).resolve().parents[2]
-if (
-    str(ROOT) not in sys.path
-):  # run as `python tests/bench/bench_train.py` from anywhere: this checkout's mclip and tests
-    sys.path.insert(0, str(ROOT))
+try:
+    import common  # run as a script: tests/bench is the script's folder; also puts this checkout first on sys.path
+except ImportError:  # imported as tests.bench.bench_train (bench_quality's cpu_name)
+    from tests.bench import common
 
 # (layers, width, heads) of each model, the teacher's output dim and the student's vocabulary rows.
 SIZES = {
@@ -93,7 +87,7 @@ GLUE = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument(
         "--quick",
         action="store_true",

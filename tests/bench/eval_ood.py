@@ -26,7 +26,7 @@ KS = (1, 5, 10)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("model", help="exported student folder (a run's train/final), a checkpoint or a run folder")
     p.add_argument(
         "--out", type=Path, help="keep the work files here: <file>/cache and <file>/eval (default: a temp folder)"

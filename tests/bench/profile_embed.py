@@ -31,7 +31,7 @@ import common  # tests/bench is the script's folder; also puts this checkout fir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="seconds on a CPU: a 2-layer, 128-wide tower and 300 captions")
     p.add_argument("--captions", type=int, help="captions (default 200000 on GPU, 2000 on CPU, 300 with --quick)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -16,9 +16,7 @@ rows, and that every batch size gives the same metrics. The last printed line is
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -207,15 +205,7 @@ def measure_eval(
     if not (model / "mclip.json").exists():
         write_student(model, manifest)
     setup_s = time.perf_counter() - start
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        PYTHONPATH=str(common.ROOT),
-    )
+    env = common.environment(threads, MKL_NUM_THREADS=str(threads))
     result = {
         "rows": rows,
         "dim": manifest["dim"],
@@ -275,7 +265,7 @@ def measure_eval(
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--query-batch-size", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--index", default="IVF1024,PQ16")
