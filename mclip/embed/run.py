@@ -394,6 +394,9 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     ]  # input rows of each shard
     todo = [k for k in range(ctx.rank, n_shards, ctx.world_size) if not _finished(out, k, config)]
     pin, threads = device.type == "cuda", _tokenize_threads(device)
+    batching = dict(
+        plan=plan, config=config, teacher=teacher, batch_tokens=batch_tokens, pin=pin, tokenize_threads=threads
+    )
     captions = tokens = 0
     compute_start = time.perf_counter()
     if config.dedup:  # every distinct caption once, by the rank of its unit; then the row shards gather them
@@ -404,28 +407,10 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
             return [u for u in plan.needed_units(unfinished) if not plan.unit_done(u)]
 
         units = [u for u in distributed.main_only(ctx, units_todo) if u % ctx.world_size == ctx.rank]
-        read = functools.partial(
-            _read_unit,
-            plan=plan,
-            config=config,
-            teacher=teacher,
-            batch_tokens=batch_tokens,
-            pin=pin,
-            tokenize_threads=threads,
-        )
+        read = functools.partial(_read_unit, **batching)
         captions, tokens = _stream(units, read, plan.parts, teacher, config, schema, ctx, "distinct")
         distributed.barrier()
-    read = functools.partial(
-        _read_shard,
-        rows=rows,
-        config=config,
-        n=n,
-        teacher=teacher,
-        batch_tokens=batch_tokens,
-        plan=plan,
-        pin=pin,
-        tokenize_threads=threads,
-    )
+    read = functools.partial(_read_shard, rows=rows, n=n, **batching)
     more = _stream(todo, read, out, teacher, config, schema, ctx, "rows", sum(span[k][1] - span[k][0] for k in todo))
     captions, tokens = captions + more[0], tokens + more[1]
     compute_seconds = time.perf_counter() - compute_start
