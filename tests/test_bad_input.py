@@ -1,5 +1,6 @@
-"""The bad-input catalogue: every mistake below, through `mclip.cli.main` in-process, is one `mclip: error:` line naming the
-problem and the fix, exit code 2, no traceback (unless --debug), and whatever the output folder held before is untouched."""
+"""The bad-input catalogue: every mistake below, through `mclip.cli.main` in-process, is one `mclip: error:` line naming
+the problem and the fix, exit code 2, no traceback (unless --debug), and whatever the output folder held before is
+untouched."""
 
 import hashlib
 import json
@@ -421,7 +422,8 @@ def test_debug_shows_the_traceback(fx, tmp_path, capsys):
 
 
 def test_a_refused_run_can_be_fixed_and_rerun_in_the_same_folder(fx, tmp_path, capsys):
-    """Nothing a refused run leaves behind stands in the way of the corrected command (no half-made cache to --overwrite)."""
+    """Nothing a refused run leaves behind stands in the way of the corrected command (no half-made cache to
+    --overwrite)."""
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
         main(embed_(fx, out, "--caption-column", "text", "--id-column", "id"))

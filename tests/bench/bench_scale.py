@@ -1,10 +1,12 @@
-"""Memory at scale: peak RSS of every stage as the rows grow, on synthetic caches written straight through the shard writer.
+"""Memory at scale: peak RSS of every stage as the rows grow, on synthetic caches written straight through the shard
+writer.
 
 What is measured is memory, not the teacher, so stage 2's caches hold random unit vectors (512-d float16, as CLIP
 B/16's) and 10M rows need no teacher run. Each command runs in its own process tree, sampled every 50 ms from /proc:
 "peak RSS" is the largest VmHWM of any process of the tree (what `/usr/bin/time -v` reports), "private" the largest
-RssAnon, the memory a process holds alone; the rest of RSS is file pages of the memory-mapped cache, which the page cache
-holds once per node for all ranks and can drop. A torchrun rank is one process of the tree, so the figures are per rank.
+RssAnon, the memory a process holds alone; the rest of RSS is file pages of the memory-mapped cache, which the page
+cache holds once per node for all ranks and can drop. A torchrun rank is one process of the tree, so the figures are per
+rank.
 
     python tests/bench/bench_scale.py --out /tmp/scale            # 100k, 1M, 10M rows (about 25 GB of disk, ~30 min)
     python tests/bench/bench_scale.py --out /tmp/scale --sizes 100000,1000000 --quick --stages train,verify
@@ -42,7 +44,8 @@ def measured(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> 
 
 def tiny_teacher_cache(work: Path) -> Path:
     """A real stage-1 cache of a few rows from a tiny CLIP teacher with a 512-d projection: the manifest the synthetic
-    caches copy (teacher record, format fields), so train-student and eval-retrieval read them as they read real ones."""
+    caches copy (teacher record, format fields), so train-student and eval-retrieval read them as they read real
+    ones."""
     from tests import tiny
 
     folder = work / "teacher-cache"
@@ -319,7 +322,8 @@ def main() -> None:
         ratio = r["peak_rss_mb"] / base[r["stage"], r["ranks"]]["peak_rss_mb"]
         r["peak_rss_vs_first"] = sig(ratio)
         print(
-            f"{r['stage']:<15} {r['rows']:>11,} {r['ranks']:>5} {r['peak_rss_mb']:>12,.0f} {r['private_mb']:>11,.0f} {ratio:>8.2f} {r['wall_s']:>7.1f}"
+            f"{r['stage']:<15} {r['rows']:>11,} {r['ranks']:>5} {r['peak_rss_mb']:>12,.0f} {r['private_mb']:>11,.0f} "
+            f"{ratio:>8.2f} {r['wall_s']:>7.1f}"
             + (f"  ({r['captions_embedded']:,} captions embedded)" if "captions_embedded" in r else "")
         )
     emit(summary, {"bench": "scale", "group_batches": args.group_batches, "rows": rows})

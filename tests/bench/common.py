@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: seeded realistic captions, a B/16-sized random CLIP teacher, matmul peak, peak RSS, JSON output."""
+"""Shared benchmark helpers: seeded realistic captions, a B/16-sized random CLIP teacher, matmul peak, peak RSS, JSON
+output."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ if str(ROOT) not in sys.path:  # run as `python tests/bench/x.py` from anywhere:
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """A benchmark's command line, described by the first line of its docstring."""
-    return argparse.ArgumentParser(description=doc.splitlines()[0])
+    """A benchmark's command line, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
 
 
 def environment(threads: int | None = None, **extra: str) -> dict[str, str]:
@@ -111,7 +112,8 @@ def content_words() -> tuple[str, ...]:
 
 
 def caption_lengths(n: int, rng) -> np.ndarray:
-    """Words per caption: mostly 5-20 (log-normal around 10), 4% long ones of 25-75 words that reach CLIP's 77-token limit."""
+    """Words per caption: mostly 5-20 (log-normal around 10), 4% long ones of 25-75 words that reach CLIP's 77-token
+    limit."""
     import numpy as np
 
     short = np.clip(np.rint(rng.lognormal(np.log(10.0), 0.35, n)), 2, 24)

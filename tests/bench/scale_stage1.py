@@ -26,7 +26,8 @@ except ImportError:  # imported as tests.bench.scale_stage1 (tests/bench/bench_s
 
 
 def write_input(path: Path, rows: int, distinct: int, seed: int = 0) -> Path:
-    """A parquet file of `rows` rows (id, caption): `distinct` captions spread at random over the rows (0: all distinct)."""
+    """A parquet file of `rows` rows (id, caption): `distinct` captions spread at random over the rows (0: all
+    distinct)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq

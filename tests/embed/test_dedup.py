@@ -1,5 +1,5 @@
-"""mclip.embed.dedup: stage 1's plan (caption groups, distinct-caption units, slots) and the sort-based id check, against a
-dict oracle, through several partitions, row buckets and input chunks, and under forced hash collisions."""
+"""mclip.embed.dedup: stage 1's plan (caption groups, distinct-caption units, slots) and the sort-based id check,
+against a dict oracle, through several partitions, row buckets and input chunks, and under forced hash collisions."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""Stage 1 end to end: the cache contract, input formats, dedup, batching invariance, layers, images, resume, torchrun."""
+"""Stage 1 end to end: the cache contract, input formats, dedup, batching invariance, layers, images, resume,
+torchrun."""
 
 import dataclasses
 import json
@@ -617,7 +618,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
 
 def test_the_reader_pads_and_pins_the_batches_a_gpu_teacher_gets(tmp_path, clip_text_teacher, monkeypatch):
     """Batches are made in the reader thread, length-sorted within the token budget, and page-locked for a CUDA teacher
-    (pin_memory needs CUDA, so here it is recorded instead): a unit of distinct captions with --dedup, a shard without."""
+    (pin_memory needs CUDA, so here it is recorded instead): a unit of distinct captions with --dedup, a shard
+    without."""
     import torch
 
     from mclip.embed import dedup

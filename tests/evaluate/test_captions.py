@@ -31,7 +31,9 @@ def _data(n: int = 23) -> list[dict]:
 
 def _join(tmp_path, rows, languages=("de", "fr"), limit=None):
     cache = _write_cache(tmp_path / "cache", sizes=(5, 4))  # ids r0..r8, English text "caption 0".."caption 8"
-    data = tmp_path / "data.parquet"  # row groups of 2: the data's Arrow file holds batches of 2 rows, read a few at a time
+    data = (
+        tmp_path / "data.parquet"
+    )  # row groups of 2: the data's Arrow file holds batches of 2 rows, read a few at a time
     pq.write_table(pa.Table.from_pylist(rows), data, row_group_size=2)
     config = EvalConfig(
         model="m",
@@ -85,5 +87,7 @@ def test_limit_keeps_the_first_captions_of_each_language(tmp_path):
 
 def test_a_join_of_nothing_is_one_line(tmp_path):
     rows = [{"id": f"x{i}", "caption_de": f"de {i}", "caption_fr": f"fr {i}"} for i in range(4)]
-    with pytest.raises(UserError, match=r"^none of the ids in .*data.parquet \(e.g. 'x0', column 'id'\) are in cache .*"):
+    with pytest.raises(
+        UserError, match=r"^none of the ids in .*data.parquet \(e.g. 'x0', " r"column 'id'\) are in cache .*"
+    ):
         _join(tmp_path, rows)

@@ -1,4 +1,5 @@
-"""mclip.models.teacher: CLIP projection and mean pooling against the HF models' own outputs, truncation, fingerprints, refusals."""
+"""mclip.models.teacher: CLIP projection and mean pooling against the HF models' own outputs, truncation, fingerprints,
+refusals."""
 
 import numpy as np
 import pytest

@@ -13,7 +13,8 @@ from tests.models.test_teacher import TEXTS
 
 
 def _st_folder(folder, base, pooling: str, dense: bool = True, activation=None):
-    """A sentence-transformers model saved by sentence-transformers itself: Transformer + Pooling(pooling) [+ Dense] + Normalize."""
+    """A sentence-transformers model saved by sentence-transformers itself: Transformer + Pooling(pooling) [+ Dense] +
+    Normalize."""
     from sentence_transformers import SentenceTransformer, models
 
     torch.manual_seed(3)
@@ -33,8 +34,8 @@ def _st_folder(folder, base, pooling: str, dense: bool = True, activation=None):
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "max", "lasttoken"])
 def test_a_sentence_transformers_teacher_cache_equals_its_own_encode(pooling, bert_teacher, captions, tmp_path):
-    """BGE-style CLS pooling + Dense + Normalize (and the other modes): the cache equals SentenceTransformer(path).encode,
-    and the manifest records what was applied."""
+    """BGE-style CLS pooling + Dense + Normalize (and the other modes): the cache equals
+    SentenceTransformer(path).encode, and the manifest records what was applied."""
     from sentence_transformers import SentenceTransformer
 
     from mclip.config import EmbedConfig
@@ -66,7 +67,8 @@ def test_a_sentence_transformers_teacher_cache_equals_its_own_encode(pooling, be
 
 
 def test_a_legacy_pooling_config_and_an_identity_dense_are_read(bert_teacher, tmp_path):
-    """Older sentence-transformers wrote one boolean per pooling mode; an Identity Dense (mclip's own 2_Dense) is linear."""
+    """Older sentence-transformers wrote one boolean per pooling mode; an Identity Dense (mclip's own 2_Dense) is
+    linear."""
     import json
 
     from sentence_transformers import SentenceTransformer
@@ -90,8 +92,8 @@ def test_a_legacy_pooling_config_and_an_identity_dense_are_read(bert_teacher, tm
 
 
 def test_an_mclip_student_is_a_teacher_in_its_own_space(bert_student, tmp_path):
-    """Chained distillation: a final/ folder as --teacher gives exactly what mclip.load(final).encode gives (CLS pooling and
-    the 2_Dense projection applied; mean pooling over the backbone would be another space)."""
+    """Chained distillation: a final/ folder as --teacher gives exactly what mclip.load(final).encode gives (CLS pooling
+    and the 2_Dense projection applied; mean pooling over the backbone would be another space)."""
     import mclip
     from mclip.models.student import build_student
 

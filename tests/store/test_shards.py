@@ -1,4 +1,5 @@
-"""mclip.store.shards: the Arrow schema, atomic shard writes, stats of finished vs truncated shards, the reader and verify()."""
+"""mclip.store.shards: the Arrow schema, atomic shard writes, stats of finished vs truncated shards, the reader and
+verify()."""
 
 import numpy as np
 import pyarrow as pa

@@ -40,7 +40,8 @@ def test_shuffle_looks_random():
 
 @pytest.mark.parametrize("group", [1, 3, 64])
 def test_epoch_plan_is_a_partition_across_its_blocks(group):
-    # 1003 pairs in batches of 4: 250 steps, several blocks of batches (64 ungrouped, `group` grouped), a partial last one
+    # 1003 pairs in batches of 4: 250 steps, several blocks of batches (64 ungrouped, `group` grouped), a partial last
+    # one
     lengths = np.random.default_rng(0).integers(1, 50, 1003)
     plan = plan_epoch(lengths, np.zeros(1003, np.int8), 4, seed=5, epoch=2, group=group)
     assert plan.shape == (250, 4) and len(np.unique(plan)) == 1000

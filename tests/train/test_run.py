@@ -50,8 +50,8 @@ def _toy_rows(n: int = 48) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, bert_teacher):
-    """Parallel captions, a tiny student whose vocabulary covers them (no dropout, so runs compare exactly across process
-    layouts), and a teacher cache from the tiny BERT teacher with both layers cached."""
+    """Parallel captions, a tiny student whose vocabulary covers them (no dropout, so runs compare exactly across
+    process layouts), and a teacher cache from the tiny BERT teacher with both layers cached."""
     root = tmp_path_factory.mktemp("toy")
     rows = _toy_rows()
     data = tiny.write_captions(root / "parallel.jsonl", rows)
@@ -338,7 +338,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp
     assert len(ddp_records) == len(single_records) == single.steps
     assert np.allclose([r["loss"] for r in ddp_records], [r["loss"] for r in single_records], rtol=1e-4)
     # gloo's all-reduce sums in another order than one process; Adam's normalised step turns that float rounding on
-    # near-zero gradients into drifts of ~1e-5 at lr 2e-3, so weights agree to 1e-4 (resume, same process layout, is exact)
+    # near-zero gradients into drifts of ~1e-5 at lr 2e-3, so weights agree to 1e-4 (resume, same process layout, is
+    # exact)
     assert _max_diff(_weights(tmp_path / "ddp" / "final"), _weights(tmp_path / "single" / "final")) < 1e-4
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
 
@@ -462,7 +463,8 @@ def test_embedding_lr_scale_moves_only_the_embedding_matrix_faster(toy, tmp_path
 
 def test_embedding_lr_scale_old_slows_only_the_rows_the_student_had_before_extend_vocab(toy, tmp_path):
     """embedding_lr_scale speeds the whole matrix; embedding_lr_scale_old gives the student's own rows their own lr (one
-    Adam step moves a weight by about its lr), while extend-vocab's new rows still take the full embedding_lr_scale step."""
+    Adam step moves a weight by about its lr), while extend-vocab's new rows still take the full embedding_lr_scale
+    step."""
     from safetensors.numpy import load_file
 
     start = load_file(str(toy["student"] / "model.safetensors"))
@@ -634,7 +636,8 @@ def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_p
 
 
 def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_column(toy, tmp_path, monkeypatch):
-    """At laion28m x 512 dims a float copy of the targets is 56 GB per rank: the run must only gather the rows it uses."""
+    """At laion28m x 512 dims a float copy of the targets is 56 GB per rank: the run must only gather the rows it
+    uses."""
     from mclip.store import shards as mshards
     from mclip.store.columns import Column
 
