@@ -46,8 +46,9 @@ def _split(text: str | None, kind: type) -> tuple:
 
 
 def _option(field: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
-    """The annotation and typer.Option of a config field: a tuple is one comma-separated string, `X | None` is Optional[X],
-    a bool is --name/--no-name (typer's default; spelled out for `bool | None`, whose None means "decide for me")."""
+    """The annotation and typer.Option of a config field: a tuple is one comma-separated string, `X | None` is
+    Optional[X], a bool is --name/--no-name (typer's default; spelled out for `bool | None`, whose None means "decide
+    for me")."""
     default = ... if field.metadata["required"] else field.default
     decls = []
     if get_origin(hint) is tuple:
@@ -86,7 +87,8 @@ def _stage(name: str, config_cls: type, module: str) -> None:
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__name__, command.__doc__ = name.replace("-", "_"), config_cls.__doc__
+    # the config's docstring, one line in `mclip --help`'s list of commands however its source is wrapped
+    command.__name__, command.__doc__ = name.replace("-", "_"), " ".join(config_cls.__doc__.split())
     app.command(name)(command)
 
 
@@ -144,7 +146,8 @@ def verify(
 ):
     """Check a cache, a run (every checkpoint and final/) or a student folder against its checksums; changes nothing.
 
-    Prints one line per problem and a summary; exit code 0 when intact, 1 when problems were found, 2 on a user error."""
+    Prints one line per problem and a summary; exit code 0 when intact, 1 when problems were found, 2 on a user error.
+    """
     from mclip.store.verify import report, run
 
     code = report(run(path))

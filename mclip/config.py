@@ -14,7 +14,8 @@ from mclip.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# Stage 1's padded tokens per forward batch when --batch-tokens is not given (why 2048: mclip.embed.batches.default_batch_tokens)
+# Stage 1's padded tokens per forward batch when --batch-tokens is not given (why 2048:
+# mclip.embed.batches.default_batch_tokens)
 CPU_BATCH_TOKENS = 2048
 GPU_BATCH_TOKENS = 131072
 
@@ -202,7 +203,8 @@ class TrainConfig:
         "(default: spaced like the teacher's).",
     )
     layer_kd_weight: float = option(1.0, "Weight of the layer-kd loss.")
-    # Not runtime: epochs and max_steps set the length of the lr schedule, so a resumed run changing them would learn otherwise.
+    # Not runtime: epochs and max_steps set the length of the lr schedule, so a resumed run changing them would learn
+    # otherwise.
     epochs: int = option(1, "Passes over the training pairs.")
     max_steps: int | None = option(None, "Cap on optimizer steps (default: epochs decide).")
     batch_size: int = option(64, "Global batch in pairs (split over ranks and accumulation).")
@@ -217,7 +219,8 @@ class TrainConfig:
     seed: int = option(42, "Seed of init, dropout, data order and validation split.")
     wise_ft: float = option(
         1.0,
-        "WiSE-FT: final/ = this x the trained weights + (1 - this) x the step-0 ones (try 0.5 from a teacher; 1 = off).",
+        "WiSE-FT: final/ = this x the trained weights + (1 - this) x the step-0 ones (try 0.5 "
+        "from a teacher; 1 = off).",
     )
     group_batches: int = option(64, "Batches per length-sorted mega-batch (1 = no length grouping).")
     num_workers: int = option(2, "DataLoader workers tokenising batches.", runtime=True)
@@ -327,7 +330,8 @@ class TrainConfig:
 # ---- stage 3: EvalConfig (eval-retrieval) and EncodeConfig (encode) ----
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Stage 3: retrieval per language (R@K, MRR) of a student against the cached teacher (and images), with baselines; writes a report."""
+    """Stage 3: retrieval per language (R@K, MRR) of a student against the cached teacher (and images), with baselines;
+    writes a report."""
 
     model: str = option(
         "", "Student: a run's final/ folder, a checkpoint folder, or a run folder (its final/).", required=True
@@ -448,8 +452,8 @@ class EncodeConfig:
 # ---- export: ExportConfig (mclip export) ----
 EXPORT_FORMATS = ("onnx",)
 QUANTIZE = ("int8",)
-# torch's ONNX exporter writes opset 18 at the least (it silently raised a lower request to 18), and newer opsets than 23
-# came out broken or unrunnable by onnxruntime 1.31 (no adapter for Gelu, an Attention node it cannot load)
+# torch's ONNX exporter writes opset 18 at the least (it silently raised a lower request to 18), and newer opsets than
+# 23 came out broken or unrunnable by onnxruntime 1.31 (no adapter for Gelu, an Attention node it cannot load)
 OPSETS = (18, 23)
 
 
@@ -482,14 +486,16 @@ class ExportConfig:
         )
         _check(
             isinstance(self.opset, int) and OPSETS[0] <= self.opset <= OPSETS[1],
-            f"opset={self.opset} is not supported; use --opset {OPSETS[0]} to {OPSETS[1]} (torch's exporter and onnxruntime)",
+            f"opset={self.opset} is not supported; use --opset {OPSETS[0]} to {OPSETS[1]} (torch's "
+            "exporter and onnxruntime)",
         )
 
 
 # ---- pipelines: PipelineConfig (mclip run) ----
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """A whole run, embed-teacher -> train-student -> eval-retrieval, as one TOML file names it (see mclip/pipeline.py)."""
+    """A whole run, embed-teacher -> train-student -> eval-retrieval, as one TOML file names it (see
+    mclip/pipeline.py)."""
 
     name: str = ""  # what the pipeline is, shown in the final report
     out: str = ""  # run folder: cache/, train/ and eval/ land inside it

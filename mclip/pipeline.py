@@ -1,7 +1,8 @@
-"""`mclip run PIPELINE.toml`: a TOML file names a whole run (embed-teacher -> train-student -> eval-retrieval) into one folder.
+"""`mclip run PIPELINE.toml`: a TOML file names a whole run (embed-teacher -> train-student -> eval-retrieval) into one
+folder.
 
-Paths in the file are relative to the file. The stages land in OUT/cache, OUT/train and OUT/eval; a stage whose output is
-already complete is skipped, so a killed run resumes by running the same command again.
+Paths in the file are relative to the file. The stages land in OUT/cache, OUT/train and OUT/eval; a stage whose output
+is already complete is skipped, so a killed run resumes by running the same command again.
 """
 
 from __future__ import annotations

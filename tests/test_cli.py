@@ -1,5 +1,5 @@
-"""The `mclip` command line: options are the config fields (names, types, defaults); every bad input is one `mclip: error:`
-line and exit code 2, never a traceback."""
+"""The `mclip` command line: options are the config fields (names, types, defaults); every bad input is one `mclip:
+error:` line and exit code 2, never a traceback."""
 
 import json
 import os

@@ -1,5 +1,6 @@
 """Faults: SIGKILL at random moments (stage 1 ten times, stage 2 at random steps), a full disk, an unwritable --out, two
-runs on one folder, damaged checkpoints and shards. Each ends with one clear line or an exact resume; nothing is lost."""
+runs on one folder, damaged checkpoints and shards. Each ends with one clear line or an exact resume; nothing is
+lost."""
 
 import errno
 import hashlib
@@ -230,7 +231,8 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert err == [
         (
             f"mclip: warning: checkpoint {damaged} is damaged ({damaged / 'model.safetensors'}: checksum differs from "
-            "checksums.sha256 (file corrupted or changed)); set aside as step-0000004.corrupt, resuming from step-0000002"
+            "checksums.sha256 (file corrupted or changed)); set aside as step-0000004.corrupt, "
+            "resuming from step-0000002"
         )
     ]
     # steps 3 and 4 trained again from step 2 give exactly the weights the damaged checkpoint was meant to hold
@@ -262,8 +264,9 @@ def test_no_intact_checkpoint_is_one_line_naming_the_file(small_run, tmp_path, c
     before = snapshot(run)
     newest = run / "checkpoints" / "step-0000004"
     assert cli_error(["train-student", *small_run["train_args"], "--out", str(run), "--resume"]) == (
-        f"checkpoint {newest} is damaged ({newest / 'trainer.pt'}: checksum differs from checksums.sha256 (file corrupted or "
-        "changed)) and no earlier checkpoint is intact; restore the file, or pass --overwrite to start over"
+        f"checkpoint {newest} is damaged ({newest / 'trainer.pt'}: checksum differs from checksums.sha256 (file "
+        "corrupted or changed)) and no earlier checkpoint is intact; restore the file, or pass "
+        "--overwrite to start over"
     )
     assert snapshot(run) == before
 
@@ -274,8 +277,9 @@ def test_a_cut_cache_shard_is_refused_at_open_and_repaired_by_a_rerun(small_run,
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
     expected = (
-        f"teacher cache shard {shard} has {size // 2} bytes, not the {size} recorded in manifest.json (truncated or changed); "
-        f"delete it and rerun the same `mclip embed-teacher` command to recompute it (`mclip verify {cache}` checks every file)"
+        f"teacher cache shard {shard} has {size // 2} bytes, not the {size} recorded in manifest.json (truncated or "
+        "changed); delete it and rerun the same `mclip embed-teacher` command to recompute it (`mclip verify "
+        f"{cache}` checks every file)"
     )
     args = list(small_run["train_args"])
     args[args.index("--cache") + 1] = str(cache)
@@ -404,7 +408,8 @@ def zygote():
 
 
 class Reader:
-    """A reader polling the cache folder while it is written: every visible shard must read whole, the manifest parse."""
+    """A reader polling the cache folder while it is written: every visible shard must read whole, the manifest
+    parse."""
 
     def __init__(self, out: Path):
         self.out, self.seen, self.reads = out, {}, 0

@@ -1,7 +1,7 @@
 """`mclip encode`: texts (a UTF-8 text file or a dataset column) -> a student's embeddings in Arrow files (and .npy).
 
-The model is loaded and run exactly as `mclip.load(path).encode(texts)` does, so a user's own code gets the same vectors.
-An `mclip export` ONNX folder runs with onnxruntime, and then nothing here imports torch (machines without it).
+The model is loaded and run exactly as `mclip.load(path).encode(texts)` does, so a user's own code gets the same
+vectors. An `mclip export` ONNX folder runs with onnxruntime, and then nothing here imports torch (machines without it).
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[
 
 
 def run(config: EncodeConfig) -> EncodeResult:
-    """Encode every text with the student; write shard-NNNNN.arrow (id, text, embedding), encode.json and embeddings.npy."""
+    """Encode every text with the student; write shard-NNNNN.arrow (id, text, embedding), encode.json and
+    embeddings.npy."""
     with outputs.hold(config.out, "encode"):
         return _run(config)
 

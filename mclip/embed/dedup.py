@@ -2,12 +2,13 @@
 
 Before anything is embedded, rank 0 streams over the input a chunk of rows at a time (`inputs.CHUNK_ROWS`), hashes each
 kept caption to 64 bits (`hash64`) and spills (hash, row, caption) records into partition files routed by hash
-(`store.spill.Spill`, under `--out/.plan/`). Each partition, about `PARTITION_ROWS` records, is then sorted alone (numpy argsort):
-rows with equal hashes whose captions are the identical string (compared as strings, so a hash collision never merges
-two captions) form a group, whose first input row is the group's `caption_group`. A partition's distinct captions,
-ordered by that first row, are cut into units of `--shard-size` captions; slot g numbers them over all partitions.
-The (row, caption_group, slot) triples go through row-range bucket files into `group.bin` and `slot.bin` (int64 per
-input row, -1 for a skipped row), read back a shard's range at a time. The duplicate-id check is the same spill (`Spill`).
+(`store.spill.Spill`, under `--out/.plan/`). Each partition, about `PARTITION_ROWS` records, is then sorted alone (numpy
+argsort): rows with equal hashes whose captions are the identical string (compared as strings, so a hash collision never
+merges two captions) form a group, whose first input row is the group's `caption_group`. A partition's distinct
+captions, ordered by that first row, are cut into units of `--shard-size` captions; slot g numbers them over all
+partitions. The (row, caption_group, slot) triples go through row-range bucket files into `group.bin` and `slot.bin`
+(int64 per input row, -1 for a skipped row), read back a shard's range at a time. The duplicate-id check is the same
+spill (`Spill`).
 
 Embedding then runs in two steps. Every distinct caption is embedded once, by the rank that owns its unit (unit
 u % world), into `.plan/parts/shard-<u>.arrow`; after a barrier each rank assembles its row shards by gathering every

@@ -46,7 +46,8 @@ def _suffix(name: str) -> str:
 
 
 def load_dataset(data: str, split: str = "train"):
-    """A `datasets.Dataset` (memory-mapped Arrow) for a hub name, a save_to_disk folder, a data folder, files or a glob."""
+    """A `datasets.Dataset` (memory-mapped Arrow) for a hub name, a save_to_disk folder, a data folder, files or a
+    glob."""
     import datasets
 
     # CRITICAL, not ERROR: the csv builder logs the parse error it then raises, and mclip reports it once itself

@@ -1,5 +1,5 @@
-"""Output folders, the rules every stage shares: claim or refuse --out, its lock, atomic file and folder writes, checksums,
-and which settings a resumed run may change.
+"""Output folders, the rules every stage shares: claim or refuse --out, its lock, atomic file and folder writes,
+checksums, and which settings a resumed run may change.
 
 A stage checks its --out read-only first (`check`), loads and checks its inputs, and only then makes the folder its own
 (`claim`), so a refused run leaves nothing behind. Every file appears whole or not at all: written to a temp file in the
@@ -23,7 +23,8 @@ from mclip.config import request
 from mclip.errors import UserError, writing
 from mclip.store import lock
 
-META = "mclip.json"  # the marker of an mclip model folder (a student, a checkpoint or an export): what it is and how it loads
+# the marker of an mclip model folder (a student, a checkpoint or an export): what it is and how it loads
+META = "mclip.json"
 
 
 def hold(folder: str | Path, command: str, ctx=None):
@@ -46,9 +47,9 @@ def check(
     out: Path, reuse: bool, refusal: str | None = None, owned: Callable[[str], bool] | None = None, command: str = ""
 ) -> list[str]:
     """Refuse a non-empty --out unless `reuse` (the user's --resume or --overwrite, or the stage's own output there);
-    `refusal` ends the line after "--out OUT is not empty" (default: choose an empty folder or --overwrite). With `owned`,
-    a reused folder may hold only the files `owned(name)` claims: --overwrite replaces a previous `command`'s own files
-    and nothing else. Read-only; returns `contents(out)`."""
+    `refusal` ends the line after "--out OUT is not empty" (default: choose an empty folder or --overwrite). With
+    `owned`, a reused folder may hold only the files `owned(name)` claims: --overwrite replaces a previous `command`'s
+    own files and nothing else. Read-only; returns `contents(out)`."""
     present = contents(out)
     if present and not reuse:
         refusal = refusal or f"; choose an empty folder, or pass --overwrite to replace a previous {command}'s files"
@@ -74,9 +75,9 @@ def claim(out: Path, previous: Iterable[Path], then: str) -> None:
 
 
 def changed(saved: dict, config: Any, **resolved: Any) -> list[str]:
-    """`name: old -> new` for each field that decides what the output holds (not `option(runtime=True)`) and differs from
-    the `saved` values the output was made with: what a resume or rerun on it refuses. `resolved`: JSON values that stand
-    for the config's own (a default the run resolves the same way again, as the saved value was)."""
+    """`name: old -> new` for each field that decides what the output holds (not `option(runtime=True)`) and differs
+    from the `saved` values the output was made with: what a resume or rerun on it refuses. `resolved`: JSON values that
+    stand for the config's own (a default the run resolves the same way again, as the saved value was)."""
     now = request(config) | resolved
     return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
 
@@ -108,8 +109,8 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[str]:
-    """A temp file beside `path` (`.NAME.*.tmp`) for the block to write; then fsynced and renamed onto `path`, so a reader
-    sees the old file or the new one, never a partial one. A failed block removes the temp file."""
+    """A temp file beside `path` (`.NAME.*.tmp`) for the block to write; then fsynced and renamed onto `path`, so a
+    reader sees the old file or the new one, never a partial one. A failed block removes the temp file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

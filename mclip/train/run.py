@@ -1,6 +1,6 @@
 """Stage 2: train a multilingual student on (caption, cached teacher vector) pairs, top to bottom: the inputs, the model
-and optimizer, the loop, the export. The pairs and the epoch plan are `mclip.train.pairs`', the run folder, checkpoints and
-resume `mclip.train.checkpoint`'s."""
+and optimizer, the loop, the export. The pairs and the epoch plan are `mclip.train.pairs`', the run folder, checkpoints
+and resume `mclip.train.checkpoint`'s."""
 
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs)
     if student.dim != cache.dim:
         raise UserError(
             f"student {resume_from or config.student} projects to {student.dim} dims but cache {config.cache} holds "
-            f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student"
+            f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was "
+            "trained on, or a fresh --student"
         )
     pooler_head = getattr(student.backbone, "pooler", None)
     if isinstance(
@@ -149,10 +150,10 @@ def _layer_plan(config: TrainConfig, cache, student: StudentEncoder) -> tuple[in
 
 @torch.no_grad()
 def evaluate(model: Distiller, val: Pairs, targets: Column, config: TrainConfig, normalized: bool = True) -> dict:
-    """Validation loss (the distillation loss without layer-kd, in chunks of --batch-size) and R@1 of student(xx) -> teacher(en)
-    per language, by exact search over the validation ids' teacher vectors; as in stage 3, identical English captions
-    are one target, so retrieving the twin of a caption's English counts as a hit, and a tie counts against the query
-    (`_first_without_ties`)."""
+    """Validation loss (the distillation loss without layer-kd, in chunks of --batch-size) and R@1 of student(xx) ->
+    teacher(en) per language, by exact search over the validation ids' teacher vectors; as in stage 3, identical English
+    captions are one target, so retrieving the twin of a caption's English counts as a hit, and a tie counts against
+    the query (`_first_without_ties`)."""
     emb = torch.from_numpy(
         model.student.encode(val.texts(), batch_size=config.eval_batch_size, normalize=False)
     )  # (V, D)
@@ -218,8 +219,9 @@ def summary(result: TrainResult) -> str:
     val = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
     shown = ", ".join(f"{k[4:]} {v:.4f}" for k, v in val.items())
     return (
-        f"train-student: {result.steps:,} steps on {result.join['train_pairs']:,} pairs, loss {result.metrics.get('loss', float('nan')):.4f}"
-        f"{'; ' + shown if shown else ''}; {result.pairs_per_s:,.0f} pairs/s, {result.seconds:.1f}s; student at {result.final}"
+        f"train-student: {result.steps:,} steps on {result.join['train_pairs']:,} pairs, loss "
+        f"{result.metrics.get('loss', float('nan')):.4f}{'; ' + shown if shown else ''}; {result.pairs_per_s:,.0f} "
+        f"pairs/s, {result.seconds:.1f}s; student at {result.final}"
     )
 
 
@@ -227,12 +229,14 @@ def summary(result: TrainResult) -> str:
 
 
 def is_complete(config: TrainConfig) -> bool:
-    """Whether --out holds a finished run (a rerun with --resume finds nothing to do; `mclip run` reports it skipped)."""
+    """Whether --out holds a finished run (a rerun with --resume finds nothing to do; `mclip run` reports it
+    skipped)."""
     return checkpoint.is_finished(Path(config.out))
 
 
 def run(config: TrainConfig) -> TrainResult:
-    """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over ranks."""
+    """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over
+    ranks."""
     started = time.perf_counter()
     with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "train-student", ctx):
         state = {"made_out": not Path(config.out).exists(), "scratch": None, "claimed": False}
@@ -283,7 +287,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     resume_from, damaged = distributed.main_only(ctx, lambda: checkpoint.check_out(config, cache))
     if config.batch_size % (ctx.world_size * config.grad_accum):
         raise UserError(
-            f"--batch-size {config.batch_size} must split evenly over {ctx.world_size} rank(s) x --grad-accum {config.grad_accum}"
+            f"--batch-size {config.batch_size} must split evenly over {ctx.world_size} rank(s) x "
+            f"--grad-accum {config.grad_accum}"
         )
     precision = distributed.resolve_precision(config.precision, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -323,7 +328,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     layer_targets = [
         cache.targets(shards.layer_column(t)) for t in (cache.layers if config.layer_kd else ())
     ]  # K x (N, H)
-    # fused: one kernel over all parameters; on CPU it is ~6x faster than the per-tensor loop for a 22M-parameter student
+    # fused: one kernel over all parameters; on CPU it is ~6x faster than the per-tensor loop for a 22M-parameter
+    # student
     optimizer = torch.optim.AdamW(
         param_groups(model, config.weight_decay, config.embedding_lr_scale),
         lr=config.lr,
@@ -469,7 +475,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                 )
                 raise UserError(
                     f"loss is {loss} at step {step + 1} (epoch {epoch + 1}); stopped before applying it and {where}; "
-                    f"lower --lr (now {config.lr:g}) or check the cache for non-finite targets, then rerun with --resume"
+                    f"lower --lr (now {config.lr:g}) or check the cache for non-finite "
+                    "targets, then rerun with --resume"
                 )
             scaler.unscale_(optimizer)
             grad_norm = (

@@ -1,4 +1,5 @@
-"""Stage 1 end to end: the cache contract, input formats, dedup, batching invariance, layers, images, resume, torchrun."""
+"""Stage 1 end to end: the cache contract, input formats, dedup, batching invariance, layers, images, resume,
+torchrun."""
 
 import dataclasses
 import json
@@ -615,24 +616,10 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
             np.testing.assert_allclose(shards.to_numpy(ta[column]), shards.to_numpy(tb[column]), atol=1e-5)
 
 
-def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkeypatch):
-    import torch
-
-    from mclip.embed.batches import _tokenize_threads
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    for cores, want in [(16, 14), (128, 16), (3, 1), (1, 1)]:
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
-        assert _tokenize_threads(cuda) == want and _tokenize_threads(cpu) == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun ranks on one machine share it
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
-    assert _tokenize_threads(cuda) == 14
-
-
 def test_the_reader_pads_and_pins_the_batches_a_gpu_teacher_gets(tmp_path, clip_text_teacher, monkeypatch):
     """Batches are made in the reader thread, length-sorted within the token budget, and page-locked for a CUDA teacher
-    (pin_memory needs CUDA, so here it is recorded instead): a unit of distinct captions with --dedup, a shard without."""
+    (pin_memory needs CUDA, so here it is recorded instead): a unit of distinct captions with --dedup, a shard
+    without."""
     import torch
 
     from mclip.embed import dedup

@@ -211,7 +211,8 @@ def test_a_bf16_cache_has_the_fp32_fingerprint_and_passes_the_baseline_check(set
 
 
 def test_tiny_batches_give_the_metrics_of_one_batch(setup, tmp_path):
-    """Queries encoded, searched and added in batches of 1 and 5, and galleries added 1 and 5 at a time: the same numbers."""
+    """Queries encoded, searched and added in batches of 1 and 5, and galleries added 1 and 5 at a time: the same
+    numbers."""
     whole = run(config(setup, tmp_path / "whole", languages=("de", "sh", "fr"), teacher_baseline=True, limit=17))
     for size in (1, 5):
         parts = run(
