@@ -375,7 +375,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def run(config: ExportConfig) -> ExportResult:
-    """Export, verify against the student, and only then put the folder at --out (written beside it, then renamed)."""
+    """Export, verify against the student, and only then put the folder at --out (written beside it, then renamed).
+    --format open_clip: `mclip.deploy.open_clip.run`."""
+    if config.format == "open_clip":
+        from mclip.deploy.open_clip import run as open_clip_export
+
+        return open_clip_export(config)
     start = time.perf_counter()
     from mclip.student import load, model_folder
 

@@ -18,6 +18,7 @@ POOLERS = ("mean", "cls")
 META = "mclip.json"
 DENSE_DIR = "2_Dense"
 ONNX_FORMAT = "mclip-onnx"  # mclip.json's format in an `mclip export --format onnx` folder (mclip/export.py)
+OPEN_CLIP_FORMAT = "mclip-open-clip"  # ... in an `mclip export --format open_clip` folder (mclip/deploy/open_clip.py)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooler: str) -> torch.Tensor:
@@ -403,6 +404,11 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
         from mclip.export import load_onnx
 
         return load_onnx(path, device=None if device is None else str(device))
+    if meta.get("format") == OPEN_CLIP_FORMAT:
+        raise UserError(
+            f"{path} is an open_clip export: load it with open_clip.create_model_and_transforms('local-dir:{path}'), "
+            f"or pass the student it came from ({meta.get('source', 'a run final/ folder')})"
+        )
     backbone, tokenizer = _backbone(str(path), trust_remote_code, ours=True)
     weights = load_file(str(path / meta.get("projection", DENSE_DIR) / "model.safetensors"))
     projection = nn.Linear(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
