@@ -11,7 +11,8 @@ read: `hf_model_name` is the folder's absolute path), mclip.json and checksums.s
 open_clip's HF text projection is a Linear without bias; mclip's has one. It is folded into the backbone's last
 LayerNorm, whose output is every token's last hidden state: shifting those states by c with W c = b shifts the mean
 (or CLS) vector by c, and W (h + c) = W h + b. Such a c exists iff b lies in W's column space, always when W (D x H) has
-rank D; otherwise the export is refused. Token states (open_clip's output_tokens=True) carry the shift.
+rank D; otherwise the export is refused. Token states (open_clip's output_tokens=True) carry the shift. The backbone's
+dropout is 0 in the folder's config.json, so the model embeds exactly in train mode too (set it back to fine-tune).
 
 Writing needs neither open_clip nor torchvision (open_clip imports torchvision, whose wheels load beside their own torch
 build only). The check runs the written files through a plain torch forward that follows open_clip's HFTextEncoder and
@@ -20,6 +21,7 @@ VisionTransformer (tests hold it to open_clip's own), and through open_clip as w
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import unicodedata
@@ -42,6 +44,7 @@ TEXT_TYPES = ("bert", "roberta", "xlm-roberta")  # in open_clip's HF text tower 
 POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
 QUICK_GELU = {"quick_gelu": True, "gelu": False}  # Hugging Face hidden_act -> open_clip's quick_gelu
 INTERPOLATIONS = {2: "bilinear", 3: "bicubic"}  # PIL resample codes
+DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")  # BERT, RoBERTa, XLM-R
 MIN_COSINE = 0.9999  # export vs mclip.load(model).encode, and vs the teacher's get_image_features
 FOLD_TOLERANCE = 1e-6  # |W c - b| / |b| in float64: exact up to rounding, or the bias is outside W's column space
 # open_clip's HFTokenizer runs ftfy before tokenising, which rewrites ligatures and fullwidth letters as NFKC does;
@@ -469,8 +472,14 @@ def run(config: ExportConfig) -> OpenClipResult:
 
     def fill(tmp: Path) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
-        # config.json: what open_clip's HFTextEncoder builds the backbone from (its weights are in WEIGHTS)
-        student.backbone.config.save_pretrained(tmp)
+        # config.json: what open_clip's HFTextEncoder builds the backbone from (its weights are in WEIGHTS), without
+        # dropout: open_clip returns models in train mode, and loaders that never call eval() (all_clip, which
+        # clip-retrieval uses) would otherwise embed each text differently every time
+        backbone = copy.deepcopy(student.backbone.config)
+        for name in DROPOUTS:
+            if getattr(backbone, name, None):
+                setattr(backbone, name, 0.0)
+        backbone.save_pretrained(tmp)
         student.tokenizer.save_pretrained(tmp)
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg = model_cfg(tmp)  # open_clip finds the backbone's config.json here while the check loads it from tmp

@@ -49,8 +49,7 @@ def spread(folder, write, seed: int):
 
     write(folder, hidden=32, corpus=CORPUS, seed=seed)
     config = AutoConfig.from_pretrained(folder)
-    config.initializer_range = 0.3
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.initializer_range = 0.3  # dropout stays at 0.1, as in the real backbones
     torch.manual_seed(seed)
     AutoModel.from_config(config).eval().save_pretrained(folder)
     return folder
@@ -163,6 +162,9 @@ def test_the_folder_holds_open_clip_config_weights_and_tokenizer(exported, teach
         "mclip.json",
     } <= names
     assert not names & {"model.safetensors", "pytorch_model.bin"}  # one weights file: the one open_clip loads
+    backbone_config = json.loads((out / "config.json").read_text())
+    assert student.backbone.config.hidden_dropout_prob == 0.1  # the student's, as trained
+    assert backbone_config["hidden_dropout_prob"] == backbone_config["attention_probs_dropout_prob"] == 0.0
     # the text tower: the backbone without its pooler, the projection's weight, its bias folded into the last LayerNorm
     backbone = student.backbone.state_dict()
     text = {k.removeprefix("text.transformer."): v for k, v in weights.items() if k.startswith("text.transformer.")}
@@ -330,6 +332,9 @@ def test_open_clip_loads_the_export_with_mclips_text_and_the_teachers_image_embe
     )
     assert text_cos.min() >= 0.9999 and image_cos.min() >= 0.9999
     assert model.logit_scale.item() == teacher.model.logit_scale.item()
+    with torch.no_grad():  # open_clip hands the model over in train mode; without dropout that embeds the same
+        np.testing.assert_allclose(model.train().encode_text(tokenizer(TEXTS), normalize=True).numpy(), text, atol=1e-6)
+    model.eval()
     # open_clip's own transform gives the teacher processor's pixels (its resize, crop, mean and std)
     pixels_open_clip = torch.stack([preprocess(i) for i in images])
     torch.testing.assert_close(pixels_open_clip, pixels, atol=1e-5, rtol=1e-5)
