@@ -31,14 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mclip import __version__, export, outputs
+from mclip import __version__
 from mclip.config import ExportConfig, to_dict
+from mclip.deploy.probes import PROBES, RERUN, check_tokenizer, cosines, is_tokenizer_file
 from mclip.errors import UserError, first_line
-from mclip.student import OPEN_CLIP_FORMAT, StudentEncoder
+from mclip.models.onnx import is_export
+from mclip.models.student import OPEN_CLIP_FORMAT, StudentEncoder, load, model_folder
+from mclip.models.teacher import fingerprint, load_teacher, resolve_source
+from mclip.store import outputs
+from mclip.store.outputs import META
+from mclip.store.verify import write_checksums
 
 CONFIG = "open_clip_config.json"  # the names open_clip's local-dir: loader looks for
 WEIGHTS = "open_clip_model.safetensors"
-META = "mclip.json"
 TEXT_TYPES = ("bert", "roberta", "xlm-roberta")  # in open_clip's HF text tower (hf_configs) and ending in a LayerNorm
 # mclip's poolers in open_clip's names (its cls_pooler would take BERT's tanh pooler output instead of the CLS state)
 POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
@@ -49,7 +54,7 @@ MIN_COSINE = 0.9999  # export vs mclip.load(model).encode, and vs the teacher's 
 FOLD_TOLERANCE = 1e-6  # |W c - b| / |b| in float64: exact up to rounding, or the bias is outside W's column space
 # open_clip's HFTokenizer runs ftfy before tokenising, which rewrites ligatures and fullwidth letters as NFKC does;
 # the check uses the texts it leaves alone, so both sides tokenise the same string.
-TEXTS = tuple(text for text in export.PROBES if unicodedata.normalize("NFKC", text) == text)
+TEXTS = tuple(text for text in PROBES if unicodedata.normalize("NFKC", text) == text)
 
 
 @dataclass
@@ -64,8 +69,8 @@ class OpenClipResult:
 
 
 def _owned(name: str) -> bool:
-    """What a previous export wrote (what --overwrite may replace)."""
-    return name in (CONFIG, WEIGHTS) or export._owned(name)
+    """What a previous open_clip export wrote (what --overwrite may replace)."""
+    return name in (CONFIG, WEIGHTS, META, "config.json", "checksums.sha256") or is_tokenizer_file(name)
 
 
 # ---- the text tower: the student's backbone, its pooler and its projection with the bias folded in ----
@@ -264,8 +269,6 @@ def load_clip_teacher(config: ExportConfig, student: StudentEncoder, folder: Pat
     records (text and vision, or its text tower alone, as a cache without images records it), or --teacher."""
     from transformers import AutoConfig
 
-    from mclip.teacher import fingerprint, load_teacher, resolve_source
-
     recorded = student.meta.get("teacher") or {}
     name = config.teacher or recorded.get("name")
     if not name:
@@ -422,7 +425,7 @@ def open_clip_features(
 
 def _agree(got: np.ndarray, want: np.ndarray, what: str, probes: list[str], checker: str, out: Path) -> float:
     """The least cosine of got vs want (N, D) row by row; one below MIN_COSINE (or NaN) is refused in one line."""
-    cos = export.cosines(got, want)
+    cos = cosines(got, want)
     if not cos.min() >= MIN_COSINE:
         worst = probes[int(np.argmin(np.nan_to_num(cos, nan=-2.0)))]
         raise UserError(
@@ -438,14 +441,11 @@ def run(config: ExportConfig) -> OpenClipResult:
     start = time.perf_counter()
     from safetensors.torch import save_file
 
-    from mclip.student import load, model_folder
-    from mclip.verify import write_checksums
-
     out = Path(config.out)
     folder = model_folder(config.model)
-    if export.is_export(folder):
+    if is_export(folder):
         raise UserError(f"{folder} is an ONNX export; pass the student it came from (a run's final/ folder)")
-    export._check_tokenizer(folder)
+    check_tokenizer(folder)
     outputs.check(out, config.overwrite, owned=_owned, command="export")
     student = load(folder, device="cpu", trust_remote_code=config.trust_remote_code).eval()
     check_student(student, folder)
@@ -532,7 +532,7 @@ def run(config: ExportConfig) -> OpenClipResult:
 
     workspace = out.with_name(f".{out.name}.export")  # beside --out: the rename onto it stays on one filesystem
     with outputs.hold(workspace, "export"):
-        outputs.write_folder(out, workspace / "folder", fill, export.RERUN)
+        outputs.write_folder(out, workspace / "folder", fill, RERUN)
     result = OpenClipResult(
         out, teacher.name, report["text"], report["image"], report["checks"], residual, time.perf_counter() - start
     )

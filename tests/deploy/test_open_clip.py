@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import mclip
-from mclip import export
 from mclip.config import EmbedConfig, EvalConfig, ExportConfig
+from mclip.deploy import export
 from mclip.deploy import open_clip as oc_export
 from mclip.errors import UserError
-from mclip.student import build_student
-from mclip.teacher import load_teacher
+from mclip.models.student import build_student
+from mclip.models.teacher import load_teacher
 from tests import tiny
 
 OPEN_CLIP, WHY = oc_export.import_open_clip()
@@ -186,7 +186,7 @@ def test_the_folder_holds_open_clip_config_weights_and_tokenizer(exported, teach
     checks = meta["verification"]["least_cosine"]
     assert "torch" in checks and all(v >= 0.9999 for check in checks.values() for v in check.values())
     assert result.text_cosine >= 0.9999 and result.image_cosine >= 0.9999 and result.fold_residual < 1e-9
-    from mclip.verify import check_folder
+    from mclip.store.verify import check_folder
 
     assert check_folder(out) == []  # checksums written last
 
@@ -365,7 +365,8 @@ def test_clip_benchmarks_retrieval_on_the_export_equals_mclips_eval_retrieval(
     stage 3's text->image recall of the student against the teacher's cached image embeddings: the same numbers."""
     from PIL import Image
 
-    from mclip import embed_teacher, eval_retrieval
+    from mclip.embed import run as embed_teacher
+    from mclip.evaluate import run as eval_retrieval
 
     rng = np.random.default_rng(3)
     n, languages = 24, ("de", "zh")
