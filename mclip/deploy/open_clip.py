@@ -281,7 +281,8 @@ def load_clip_teacher(config: ExportConfig, student: StudentEncoder, folder: Pat
             "no image tower shares its space, so there is no whole CLIP to export; use --format onnx"
         )
     try:
-        kind = AutoConfig.from_pretrained(resolve_source(str(name))).model_type
+        # model_type needs no code: a config that does fails here, and load_teacher applies the trust rules
+        kind = AutoConfig.from_pretrained(resolve_source(str(name)), trust_remote_code=False).model_type
     except (OSError, ValueError):
         kind = None  # load_teacher says what is wrong in its own words
     if kind is not None and kind != "clip":
@@ -349,11 +350,11 @@ def torch_text(folder: Path, weights: dict, text: dict, texts: list[str]) -> tor
     bias-free projection. (HFTokenizer cleans the text with ftfy first; see TEXTS.)"""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # BERT, RoBERTa, XLM-R: no code
     backbone = AutoModel.from_config(config, add_pooling_layer=False).eval()
     prefix = "text.transformer."
     backbone.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     ids = tokenizer(
         texts, return_tensors="pt", max_length=text["context_length"], padding="max_length", truncation=True
     ).input_ids  # (N, T)
