@@ -41,6 +41,14 @@ def _owned(name: str) -> bool:
     return name in (SUMMARY, NPY) or bool(shards.SHARD_RE.match(name))
 
 
+def interrupted(config: EncodeConfig) -> tuple[str, str | None]:
+    """What an interrupted run left in --out (encode has no resume), and the flag that starts it again."""
+    written = [p for p in Path(config.out).iterdir() if _owned(p.name)] if Path(config.out).is_dir() else []
+    if written:
+        return f"{len(written)} file(s) in {config.out} incomplete (encode has no resume)", "--overwrite"
+    return "nothing written yet", None
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(0-based line number, text) per line; a line that is not UTF-8 is a UserError naming it."""
     with open(path, "rb") as handle:
@@ -211,7 +219,7 @@ def _run(config: EncodeConfig) -> EncodeResult:
         with writing(out / shards.shard_name(index), RERUN):
             files.append(shards.write_shard(out, index, table, {"rows": len(texts), "first_row": row}))
             if npy is not None:
-                np.ascontiguousarray(emb, dtype=config.dtype).tofile(npy)
+                outputs.write_array(npy, emb.astype(config.dtype, copy=False))
         row += len(texts)
     bar.close()
     assert row == total, f"encoded {row} texts, counted {total}"

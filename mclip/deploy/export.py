@@ -224,6 +224,11 @@ def _opset(graph: Path) -> int:
     return int(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
 
 
+def interrupted(config: ExportConfig) -> tuple[str, str | None]:
+    """An export is written beside --out and renamed onto it whole: an interrupted one leaves --out as it was."""
+    return f"{config.out} as it was (an export appears whole or not at all)", None
+
+
 def run(config: ExportConfig) -> ExportResult:
     """Export, verify against the student, and only then put the folder at --out (written beside it, then renamed).
     --format open_clip: `mclip.deploy.open_clip.run`, which returns an OpenClipResult."""

@@ -84,6 +84,12 @@ def is_complete(config: EmbedConfig) -> bool:
     return bool(manifest and manifest.get("complete")) and not outputs.changed(manifest.get("request", {}), config)
 
 
+def interrupted(config: EmbedConfig) -> tuple[str, str | None]:
+    """What an interrupted run left in --out, and the flag that continues it (None: the same command resumes)."""
+    done = len(shards.shard_files(Path(config.out)))
+    return f"{done} finished shard(s) kept in {config.out}", None
+
+
 def _check_output(config: EmbedConfig) -> str:
     """What the output folder holds for this request, read-only: 'fresh' (nothing of ours), 'replace' (--overwrite of
     another cache), 'resume' (a killed run of this request), 'repair' (a finished one with a missing or cut shard) or

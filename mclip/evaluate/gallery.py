@@ -24,6 +24,7 @@ from mclip.evaluate import metrics
 from mclip.evaluate.captions import BLOCK, Captions
 from mclip.store import shards
 from mclip.store.columns import Bits, RawArray
+from mclip.store.outputs import write_array
 
 GROUP_COLUMN = "caption_group"  # int64 per cache row, equal <=> identical English caption (cache format_version 2)
 BASELINE = "teacher_baseline"
@@ -75,7 +76,7 @@ def cache_values(cache: shards.TeacherCache, column: str, path: Path) -> Values:
                 out.write(values.tobytes())
         return Values(RawArray(path, "<i8"), size)
     first, labels = groups(cache.table([column]).column(column))
-    labels.astype("<i8").tofile(path)
+    write_array(path, labels.astype("<i8"))
     return Values(RawArray(path, "<i8"), len(first))
 
 

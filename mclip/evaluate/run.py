@@ -87,6 +87,14 @@ def is_complete(config: EvalConfig) -> bool:
     return not outputs.changed(saved, config) and (out / "metrics.json").stat().st_mtime >= meta.stat().st_mtime
 
 
+def interrupted(config: EvalConfig) -> tuple[str, str | None]:
+    """What an interrupted run left in --out (the report is written at the end), and the flag that continues it."""
+    written = [name for name in OUTPUTS if (Path(config.out) / name).exists()]
+    if written:
+        return f"{', '.join(written)} in {config.out} incomplete", "--overwrite"
+    return "no report written yet (it is written at the end)", None
+
+
 @contextlib.contextmanager
 def _scratch(out: Path):
     """out/.scratch for the run's on-disk arrays (tens of GB at laion28m: on the disk the user chose for --out, not in

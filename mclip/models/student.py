@@ -54,11 +54,18 @@ class StudentEncoder(nn.Module):
         assert self.projection.in_features == self.hidden_size and self.projection.out_features == self.dim, (
             f"projection {self.projection} does not map {self.hidden_size} -> {self.dim}"
         )
-        limit = int(getattr(backbone.config, "max_position_embeddings", max_length) or max_length)
-        if getattr(backbone.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-            limit -= 2  # RoBERTa-family position ids start after the padding index
-        self.max_length = int(min(max_length, limit))
+        self.max_length = int(min(max_length, self.position_limit or max_length))
         self.meta = dict(meta or {})
+
+    @property
+    def position_limit(self) -> int | None:
+        """The most tokens the backbone's position embeddings hold (None when its config does not say)."""
+        limit = getattr(self.backbone.config, "max_position_embeddings", None)
+        if not limit:
+            return None
+        if getattr(self.backbone.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            limit -= 2  # RoBERTa-family position ids start after the padding index
+        return int(limit)
 
     @property
     def device(self) -> torch.device:

@@ -9,6 +9,7 @@ same folder, fsynced, renamed (`atomic_file`); a folder of files the same way (`
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -129,6 +130,20 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         handle.write(payload)
 
 
+def write_array(target: Any, array: Any) -> None:
+    """An array's bytes written to an open binary file (appended where it stands), or to a new file at a path. Never
+    `ndarray.tofile`: on a full disk it wrote nothing and raised nothing (its C stream's failed flush goes unchecked),
+    while a Python file's write, or its close, raises ENOSPC."""
+    import numpy as np
+
+    data = memoryview(np.ascontiguousarray(array)).cast("B")
+    if isinstance(target, (str, Path)):
+        with open(target, "wb") as handle:
+            handle.write(data)
+    else:
+        target.write(data)
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
@@ -140,6 +155,12 @@ def write_folder(final: Path, tmp: Path, fill: Callable[[Path], None], then: str
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             fill(tmp)
+        except Exception as exc:
+            full = None if isinstance(exc, (OSError, UserError)) else disk_full(tmp if tmp.is_dir() else tmp.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full is not None:  # torch.save's RuntimeError, safetensors' SafetensorError: a full disk, said so
+                raise full from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -150,6 +171,26 @@ def write_folder(final: Path, tmp: Path, fill: Callable[[Path], None], then: str
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def disk_full(folder: Path) -> OSError | None:
+    """After a library failed a write with an error of its own, naming no errno (torch.save's `RuntimeError: ...
+    unexpected pos`, safetensors' `I/O error`): the ENOSPC or EDQUOT a small write in `folder` meets now, or None when
+    the disk still takes data (so the failure was something else)."""
+    probe = Path(folder) / f".space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * (1 << 16))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        return exc if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
 
 
 def file_sha256(path: Path) -> str:

@@ -164,7 +164,7 @@ def claim(
         with writing(out / name, RESUME):
             outputs.write_json(out / name, data)
     lines = (out / METRICS).read_text(encoding="utf-8").splitlines() if (out / METRICS).exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if (record := _record(line)) is not None and record["step"] <= step]
     with writing(out / METRICS, RESUME):
         outputs.atomic_write_bytes(out / METRICS, "".join(line + "\n" for line in kept).encode("utf-8"))
 
@@ -172,14 +172,20 @@ def claim(
 # ---- during the run: records and checkpoints ----
 
 
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line's record; None for a blank line or the cut last one of a run killed (or out of disk) while
+    appending it: the steps after the last checkpoint are logged again by the resumed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
 def records(out: Path) -> list[dict]:
     """metrics.jsonl's train and val records, in order (none before the first)."""
     path = Path(out) / METRICS
-    return [
-        json.loads(line)
-        for line in (path.read_text(encoding="utf-8").splitlines() if path.exists() else [])
-        if line.strip()
-    ]
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return [record for line in lines if (record := _record(line)) is not None]
 
 
 def log(out: Path, record: dict) -> None:

@@ -18,6 +18,7 @@ from mclip.errors import UserError
 from mclip.store.captions import CaptionFile
 from mclip.store.columns import Bits, Column, RawArray
 from mclip.store.join import IdIndex
+from mclip.store.outputs import write_array
 
 PAIR_FILES = {"rows": "<i8", "src": "<i8", "langs": "<i1"}  # one raw little-endian array per field, P values each
 CHUNK = 1 << 16  # pairs handled at once in a pass over them: bounded memory whatever the data's size
@@ -131,7 +132,7 @@ def _cache_groups(cache, folder: Path) -> np.ndarray:
             for _, values in cache.batches("caption_group"):
                 handle.write(values.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     else:
-        text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8").tofile(path)
+        write_array(path, text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8"))
     return RawArray(path, "<i8")
 
 

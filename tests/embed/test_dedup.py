@@ -124,6 +124,22 @@ def test_a_finished_plan_is_reused_only_for_the_same_request(tmp_path, small_par
     assert dedup.build(rows, n, config, tmp_path / "out", "fp").groups(0, n).tolist() == _oracle(captions)
 
 
+@pytest.mark.parametrize("damage", ["group.bin", "slot.bin", "distinct"])
+def test_a_damaged_plan_is_rebuilt_not_trusted(tmp_path, small_parts, damage):
+    """A full disk once left plan.json beside an empty group.bin; every rerun then failed an assertion on it."""
+    captions = _captions(17, seed=4)
+    rows, n, config = _rows(tmp_path, captions)
+    plan = dedup.build(rows, n, config, tmp_path / "out", "fp")
+    stamp = (plan.folder / "plan.json").stat().st_mtime_ns
+    if damage == "distinct":
+        next(plan.folder.glob("distinct-*.arrow")).unlink()
+    else:
+        (plan.folder / damage).write_bytes(b"")
+    again = dedup.build(rows, n, config, tmp_path / "out", "fp")
+    assert (plan.folder / "plan.json").stat().st_mtime_ns != stamp  # made again, not reused
+    assert again.groups(0, n).tolist() == _oracle(captions) and again.meta == plan.meta
+
+
 def _mapped_kb(path: str) -> int:
     """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
     total, current = 0, None

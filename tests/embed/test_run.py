@@ -760,3 +760,15 @@ def test_torchrun_two_nodes_equal_one_process(tmp_path, clip_teacher):
         for column in ("embedding", "layer_1"):
             np.testing.assert_allclose(shards.to_numpy(ta[column]), shards.to_numpy(tb[column]), atol=1e-5)
     assert not (tmp_path / "dist" / ".plan").exists()
+
+
+def test_csv_ids_are_cached_in_their_string_form(tmp_path, bert_teacher):
+    """A CSV's ids 000..011 were cached as '0'..'11', so a caption file with the same ids as strings joined nothing."""
+    path = tmp_path / "rows.csv"
+    path.write_text("id,caption\n" + "".join(f"{i:03d},{tiny.CORPUS[i]}\n" for i in range(12)), encoding="utf-8")
+    run(
+        EmbedConfig(
+            data=str(path), out=str(tmp_path / "cache"), teacher=str(bert_teacher), id_column="id", progress=False
+        )
+    )
+    assert shards.open_cache(tmp_path / "cache").ids() == [f"{i:03d}" for i in range(12)]

@@ -710,3 +710,80 @@ def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_c
         gathered
     )  # a batch's targets and layers, or the validation's
     assert not (out / ".pairs").exists()  # the pairs' scratch folder goes when the run finishes
+
+
+# ---- settings not taken as given: honoured, or warned of in the log and the run's summary ----
+
+
+def test_continuing_an_mclip_student_honours_extend_vocab_and_max_length(toy, tmp_path):
+    """--student FINAL/ once ignored --extend-vocab and --max-length while final/mclip.json recorded them."""
+    first = load(run(_config(toy, tmp_path / "first", max_steps=1, warmup_steps=1)).final)
+    changes = dict(max_steps=1, warmup_steps=1, extend_vocab=True, extend_vocab_words=1, max_length=16)
+    second = run(_config(toy, tmp_path / "second", student=str(tmp_path / "first" / "final"), **changes))
+    after = load(second.final)
+    assert len(after.tokenizer) > len(first.tokenizer)
+    assert after.meta["added_tokens"] == len(after.tokenizer) - len(first.tokenizer)
+    assert after.backbone.get_input_embeddings().weight.shape[0] == len(after.tokenizer)
+    assert after.max_length == 16 == after.meta["train"]["max_length"] and first.max_length == 64
+
+
+def _warned(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("mclip: warning: ")]
+
+
+def test_warmup_longer_than_the_run_is_warned_in_the_log_and_the_summary(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    result = run(_config(toy, out, max_steps=3, warmup_steps=1000))
+    line = (
+        "--warmup-steps 1000 is longer than the run's 3 steps, so the learning rate peaks at 6e-06, not --lr 0.002; "
+        "lower --warmup-steps (e.g. 1)"
+    )
+    assert _warned(capsys) == [f"mclip: warning: {line}"] and result.warnings == [line]
+    for name in ("summary.json", "config.json"):
+        assert json.loads((out / name).read_text(encoding="utf-8"))["warnings"] == [line]
+
+
+def test_a_max_length_above_the_students_positions_is_warned_and_the_limit_in_effect_recorded(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    result = run(_config(toy, out, max_steps=1, warmup_steps=1, max_length=100))
+    line = (
+        f"--max-length 100 is above the 64 positions of student {toy['student']}; captions are cut at 64 tokens "
+        "(recorded as max_length)"
+    )
+    assert _warned(capsys) == [f"mclip: warning: {line}"] and result.warnings == [line]
+    for name in ("summary.json", "config.json"):
+        record = json.loads((out / name).read_text(encoding="utf-8"))
+        assert record["max_length"] == 64 and record["warnings"] == [line]
+    assert load(result.final).max_length == 64
+
+
+def test_validation_r1_counts_ties_against_the_query_as_stage_3_does(toy, tmp_path, monkeypatch):
+    """A student whose embeddings are all zero ties every English caption: stage 3 scores that R@1 = 0, and so must
+    validation (argmax once gave the queries of the first gallery item a hit)."""
+    from mclip.models.student import StudentEncoder
+
+    zeros = lambda self, texts, **kw: np.zeros((len(texts), self.dim), np.float32)  # noqa: E731
+    monkeypatch.setattr(StudentEncoder, "encode", zeros)
+    out = tmp_path / "run"
+    run(_config(toy, out, max_steps=1, warmup_steps=1, val_fraction=0.25))
+    val = _records(out, "val")[-1]
+    assert val["val_r1_zh"] == 0.0 and val["val_r1_de"] == 0.0, val
+
+
+def test_validation_rank_one_is_stage_3s_rank_one_on_ties():
+    """Stage 2 may not import stage 3, so validation applies the tie rule itself: on seeded scores with ties (equal
+    gallery items, all-zero queries, near-equal scores within the tolerance), its hits equal ranks_from_labels <= 1."""
+    from mclip.evaluate.metrics import ranks_from_labels
+    from mclip.train.run import _first_without_ties
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, size=(200, 7)).astype(np.float32) / 4  # few values: many exact ties
+    scores[:20] = 0.0  # a query scoring every item alike
+    scores[20:40, 1] = scores[20:40, 0] + 5e-7  # within the tolerance: a tie
+    relevant = rng.integers(0, 7, size=200)
+    ours = _first_without_ties(torch.from_numpy(scores), torch.from_numpy(relevant)).numpy()
+    labels = np.arange(7)
+    stage3 = ranks_from_labels(np.broadcast_to(labels, scores.shape), np.ones(scores.shape, bool), scores, relevant, 7)
+    assert np.array_equal(ours, stage3 <= 1) and 0 < ours.sum() < 200
