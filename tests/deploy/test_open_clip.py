@@ -407,6 +407,7 @@ def test_clip_benchmarks_retrieval_on_the_export_equals_mclips_eval_retrieval(
             data=str(data),
             out=str(tmp_path / "eval"),
             languages=languages,
+            split="train",  # a local file is one split, named train
             ks=ks,
             progress=False,
         )
