@@ -450,7 +450,7 @@ class EncodeConfig:
 
 
 # ---- export: ExportConfig (mclip export) ----
-EXPORT_FORMATS = ("onnx",)
+EXPORT_FORMATS = ("onnx", "open_clip")
 QUANTIZE = ("int8",)
 # torch's ONNX exporter writes opset 18 at the least (it silently raised a lower request to 18), and newer opsets than
 # 23 came out broken or unrunnable by onnxruntime 1.31 (no adapter for Gelu, an Attention node it cannot load)
@@ -459,17 +459,27 @@ OPSETS = (18, 23)
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """Export a student to an ONNX folder whose graph gives the finished embedding, run by onnxruntime without torch."""
+    """Export a student: an ONNX folder whose graph gives the finished embedding, run by onnxruntime without torch; or
+    an open_clip model folder joining the student's text tower to its teacher's vision tower."""
 
     model: str = option(
         "", "Student: a run's final/ folder, a checkpoint folder, or a run folder.", required=True, argument=True
     )
     out: str = option(
         "",
-        "Output folder: onnx/model.onnx, the tokenizer files, mclip.json, sentence-transformers modules.",
+        "Output folder (onnx: onnx/model.onnx, tokenizer, mclip.json, sentence-transformers modules; "
+        "open_clip: open_clip_config.json, open_clip_model.safetensors, tokenizer).",
         required=True,
     )
-    format: str = option("onnx", "Export format: onnx.")
+    format: str = option(
+        "onnx",
+        "Export format: onnx, or open_clip (a whole CLIP: open_clip.create_model_and_transforms('local-dir:OUT')).",
+    )
+    teacher: str | None = option(
+        None,
+        "open_clip: the teacher CLIP (hub id or folder, text + vision) whose image tower joins the student "
+        "(default: the teacher named in the student's mclip.json).",
+    )
     quantize: str | None = option(None, "Quantise the weights: int8 (onnxruntime dynamic quantisation); default fp32.")
     opset: int = option(18, f"ONNX opset, {OPSETS[0]} to {OPSETS[1]}.")
     overwrite: bool = option(False, "Replace a previous export in --out.")
@@ -480,6 +490,15 @@ class ExportConfig:
         _check(bool(self.model), "model is empty; pass a student folder (a run's final/) as MODEL")
         _check(bool(self.out), "out is empty; pass --out with an output folder")
         _choice("format", self.format, EXPORT_FORMATS)
+        _check(
+            self.quantize is None or self.format == "onnx",
+            f"quantize={self.quantize!r} applies to --format onnx only; drop --quantize for --format {self.format}",
+        )
+        _check(
+            self.teacher is None or self.format == "open_clip",
+            "teacher applies to --format open_clip only (the image tower it adds); drop --teacher for --format onnx",
+        )
+        _check(self.teacher is None or bool(self.teacher), "teacher is empty; pass --teacher with a CLIP id or folder")
         _check(
             self.quantize is None or self.quantize in QUANTIZE,
             f"quantize={self.quantize!r} is not valid; use int8 or leave it out (fp32)",

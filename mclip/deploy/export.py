@@ -18,13 +18,13 @@ import numpy as np
 
 from mclip import __version__
 from mclip.config import ExportConfig, to_dict
+from mclip.deploy.probes import PROBES, RERUN, check_tokenizer, cosines, is_tokenizer_file
 from mclip.errors import UserError, first_line
 from mclip.models.onnx import FORMAT, GRAPH, INPUTS, OUTPUTS, is_export, load_onnx
 from mclip.store import outputs
 from mclip.store.outputs import META
 from mclip.store.verify import write_checksums
 
-RERUN = "rerun the same command"
 # Verification thresholds over PROBES, graph vs student: (least cosine of any text, mean cosine). An fp32 graph must
 # equal the student. int8's activations are quantised per tensor per batch, so a very short text whose few tokens
 # include BERT-style outlier states ([CLS]/[SEP] of all-MiniLM-L6-v2) moves most: there the least was 0.986 at a mean of
@@ -33,27 +33,6 @@ MIN_COSINE = {None: (0.9999, 0.9999), "int8": (0.97, 0.99)}
 # Activation ops whose outputs feed a transformer's FFN down-projection: torch's exporter decomposes GELU into a Mul
 # named node_gelu (opset < 20), so names count as well as op types
 FFN_ACTIVATIONS = ("Gelu", "Relu", "FastGelu", "BiasGelu")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# What the verification encodes with both the student and the graph: several scripts, emoji, a text past any token
-# limit.
-PROBES = (
-    "a photo of a dog running on the beach",
-    "Zwei Kinder spielen Fußball im Park",
-    "une tasse de café sur la table",
-    "niño con un globo rojo",
-    "İstanbul'da güneşli bir gün",
-    "一只狗在草地上奔跑",
-    "東京の夜景と桜の花",
-    "바닷가에서 뛰는 개",
-    "Собака бежит по пляжу",
-    "قطة تجلس على الأريكة",
-    "گربه روی مبل نشسته است",
-    "🐶🏖️ dog at the beach 🎉",
-    "👩‍👩‍👧‍👦",
-    "x",
-    "Ünïcödé ẞ ﬁ ｆｕｌｌｗｉｄｔｈ",
-    " ".join(["woman standing next to a red car"] * 80),
-)
 
 
 @dataclass
@@ -97,18 +76,7 @@ def _owned(name: str) -> bool:
         "1_Pooling",
         "2_Dense",
         "3_Normalize",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "chat_template.jinja",
-    ) or name.startswith(("tokenizer", "vocab", "merges", "sentencepiece", "spiece"))
-
-
-def _check_tokenizer(folder: Path) -> None:
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(
-            f"{folder} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); the export must carry the tokenizer "
-            "the student was trained with: copy them from the run's final/ folder (or save the student again)"
-        )
+    ) or is_tokenizer_file(name)
 
 
 def _need_exporter() -> None:
@@ -258,19 +226,18 @@ def _opset(graph: Path) -> int:
     return int(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of two (N, D) arrays."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-
-
 def interrupted(config: ExportConfig) -> tuple[str, str | None]:
     """An export is written beside --out and renamed onto it whole: an interrupted one leaves --out as it was."""
     return f"{config.out} as it was (an export appears whole or not at all)", None
 
 
 def run(config: ExportConfig) -> ExportResult:
-    """Export, verify against the student, and only then put the folder at --out (written beside it, then renamed)."""
+    """Export, verify against the student, and only then put the folder at --out (written beside it, then renamed).
+    --format open_clip: `mclip.deploy.open_clip.run`, which returns an OpenClipResult."""
+    if config.format == "open_clip":
+        from mclip.deploy.open_clip import run as open_clip_export
+
+        return open_clip_export(config)
     start = time.perf_counter()
     from mclip.models.student import load, model_folder
 
@@ -278,7 +245,7 @@ def run(config: ExportConfig) -> ExportResult:
     folder = model_folder(config.model)
     if is_export(folder):
         raise UserError(f"{folder} is already an ONNX export; pass the student it came from (a run's final/ folder)")
-    _check_tokenizer(folder)
+    check_tokenizer(folder)
     _need_exporter()
     outputs.check(out, config.overwrite, owned=_owned, command="export")
     student = load(folder, device="cpu", trust_remote_code=config.trust_remote_code).eval()

@@ -20,6 +20,7 @@ from mclip.store.outputs import META
 
 POOLERS = ("mean", "cls")
 DENSE_DIR = "2_Dense"
+OPEN_CLIP_FORMAT = "mclip-open-clip"  # mclip.json's format in an `mclip export --format open_clip` folder
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooler: str) -> torch.Tensor:
@@ -290,6 +291,11 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
         meta.get("format") == onnx.FORMAT
     ):  # an `mclip export` folder: onnxruntime runs it (eval-retrieval can score it too)
         return onnx.load_onnx(path, device=None if device is None else str(device))
+    if meta.get("format") == OPEN_CLIP_FORMAT:
+        raise UserError(
+            f"{path} is an open_clip export: load it with open_clip.create_model_and_transforms('local-dir:{path}'), "
+            f"or pass the student it came from ({meta.get('source', 'a run final/ folder')})"
+        )
     backbone, tokenizer = _backbone(str(path), trust_remote_code, ours=True)
     weights = load_file(str(path / meta.get("projection", DENSE_DIR) / "model.safetensors"))
     projection = nn.Linear(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
