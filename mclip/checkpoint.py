@@ -5,6 +5,7 @@ final/.
     OUT/checkpoints/step-XXXXXXX/   a student folder + trainer.pt + checksums.sha256; the last --keep-last kept
     OUT/final/                      the exported student
     OUT/start.pt                    the student's step-0 weights, with --wise-ft < 1 (final/ mixes them back in)
+    OUT/tensorboard/  OUT/wandb/    the live curves, with --report-to (mclip/train/report.py)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mclip import distributed, outputs, verify
 from mclip.config import TrainConfig
 from mclip.errors import UserError, first_line, writing
 from mclip.student import META
+from mclip.train.report import TENSORBOARD, WANDB
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
@@ -43,6 +45,8 @@ ARTEFACTS = (
     ".final.tmp",
     ".old-final",
     START,
+    TENSORBOARD,
+    WANDB,
 )
 RESUME = "rerun the same command with --resume to continue from the last checkpoint"  # after a failed write
 CORRUPT = ".corrupt"  # suffix of a damaged checkpoint set aside on resume (kept for inspection, never loaded)

@@ -26,6 +26,7 @@ from mclip.distiller import Distiller, lr_at, param_groups
 from mclip.errors import UserError
 from mclip.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
 from mclip.student import META, StudentEncoder, build_student, extend_vocabulary, load
+from mclip.train.report import Reporter, check_installed
 from mclip.vocab import RowLR
 
 
@@ -192,7 +193,7 @@ def run(config: TrainConfig) -> TrainResult:
     """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over ranks."""
     started = time.perf_counter()
     with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "train-student", ctx):
-        state = {"made_out": not Path(config.out).exists(), "scratch": None, "claimed": False}
+        state = {"made_out": not Path(config.out).exists(), "scratch": None, "claimed": False, "reporter": None}
         try:
             return _run(config, ctx, device, started, state)
         except UserError:
@@ -203,6 +204,9 @@ def run(config: TrainConfig) -> TrainResult:
                 if state["made_out"] and Path(config.out).is_dir() and not any(Path(config.out).iterdir()):
                     Path(config.out).rmdir()
             raise
+        finally:
+            if state["reporter"] is not None:
+                state["reporter"].close()
 
 
 class _Window:
@@ -227,6 +231,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
         torch.set_num_threads(config.num_threads)
     out = Path(config.out)
     cache = shards.open_cache(config.cache)
+    check_installed(config.report_to)
     resume_from, damaged = distributed.main_only(ctx, lambda: checkpoint.check_out(config, cache))
     if config.batch_size % (ctx.world_size * config.grad_accum):
         raise UserError(
@@ -310,6 +315,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
             step,
         )
         state["claimed"] = True
+        state["reporter"] = Reporter(out, config.report_to, step, to_dict(config))
         if config.wise_ft < 1:
             checkpoint.start_weights(out, student, step, config.wise_ft)
         if config.progress:
@@ -448,10 +454,12 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                 bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{last['pairs_per_s']:,.0f}", refresh=False)
                 if ctx.is_main:
                     checkpoint.log(out, last)
+                    state["reporter"].log(last)
             if val is not None and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 if ctx.is_main:
                     last_val = {"kind": "val", "step": step, **evaluate(model, val, targets, config, normalized)}
                     checkpoint.log(out, last_val)
+                    state["reporter"].log(last_val)
                     model.train()
                 distributed.barrier()
             if (config.save_every and step % config.save_every == 0) or step == total_steps:
@@ -496,6 +504,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                 **evaluate(model, val, targets, config, normalized),
             }
             checkpoint.log(out, last_val)
+            state["reporter"].log(last_val)
     metrics = {k: v for k, v in {**last, **last_val}.items() if k != "kind"}
     result = TrainResult(
         out,
