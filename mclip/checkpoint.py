@@ -26,6 +26,7 @@ import torch
 from mclip import distributed, outputs, verify
 from mclip.config import TrainConfig
 from mclip.errors import UserError, first_line, writing
+from mclip.models.card import write_card
 from mclip.student import META
 from mclip.train.report import TENSORBOARD, WANDB
 
@@ -351,11 +352,12 @@ def mix_start(out: Path, student, weight: float) -> None:
 
 
 def finish(out: Path, model, summary: dict) -> None:
-    """The end of a run: final/ (the trained student with its checksums, whole or absent: a previous final/ stays until
-    the new one is in), curves.png from metrics.jsonl, and summary.json."""
+    """The end of a run: final/ (the trained student, its model card README.md and its checksums, whole or absent: a
+    previous final/ stays until the new one is in), curves.png from metrics.jsonl, and summary.json."""
 
     def fill(tmp: Path) -> None:
         model.student.save(tmp)
+        write_card(tmp, json.loads((tmp / META).read_text(encoding="utf-8")))
         verify.write_checksums(tmp)
 
     out = Path(out)

@@ -21,6 +21,7 @@ import numpy as np
 from mclip import __version__, outputs
 from mclip.config import ExportConfig, to_dict
 from mclip.errors import UserError, first_line
+from mclip.models.card import CARD, write_card
 
 FORMAT = "mclip-onnx"  # mclip.json's "format" in an export folder (student.ONNX_FORMAT names the same string)
 META = "mclip.json"
@@ -211,6 +212,7 @@ def _owned(name: str) -> bool:
         "special_tokens_map.json",
         "added_tokens.json",
         "chat_template.jinja",
+        CARD,
     ) or name.startswith(("tokenizer", "vocab", "merges", "sentencepiece", "spiece"))
 
 
@@ -449,6 +451,7 @@ def run(config: ExportConfig) -> ExportResult:
             "against": "mclip.load(source).encode",
         }
         outputs.write_json(tmp / META, meta)
+        write_card(tmp, {**student.meta, **meta})  # the student's training record, then what the export is
         from mclip.verify import write_checksums
 
         write_checksums(tmp)  # last, as for a final/: `mclip verify DIR` (and sha256sum -c) check the export

@@ -261,8 +261,10 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
             | {"normalized": cache.manifest["normalized"]},
             "languages": report["languages"],
             "train": to_dict(config),
+            "base_model": student.meta.get("base_model") or config.student,  # what training began from (model card)
         }
     )
+    student.meta.pop("metrics", None)  # a continued student's are its last run's; final/ gets this run's
     model = Distiller(
         student,
         config.temperature,
@@ -516,6 +518,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
         report,
     )
     if export:
+        student.meta["metrics"] = result.metrics  # final/'s mclip.json and model card carry the last figures
         checkpoint.finish(
             out,
             model,
