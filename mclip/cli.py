@@ -14,6 +14,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import typer
 
 from mclip.config import EmbedConfig, EncodeConfig, EvalConfig, ExportConfig, TrainConfig
+from mclip.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -42,7 +43,6 @@ def _root(
 
 def _split(text: str | None, kind: type) -> tuple:
     """A comma-separated value (--languages zh,de, --cache-layers 4,8,12, --betas 0.9,0.999) as a tuple of `kind`."""
-    from mclip.errors import UserError
 
     try:
         return tuple(kind(x.strip()) for x in (text or "").split(",") if x.strip())
@@ -73,7 +73,7 @@ def _option(field: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
 
 
 def _stage(name: str, config_cls: type, module: str) -> None:
-    """`mclip NAME`: one option per field of `config_cls`; runs `mclip.MODULE.run(config)` (imported only then)."""
+    """`mclip NAME`: one option per field of `config_cls`; runs `MODULE.run(config)` (imported only then)."""
     hints = get_type_hints(config_cls)
     fields = dataclasses.fields(config_cls)
     params = [
@@ -86,19 +86,19 @@ def _stage(name: str, config_cls: type, module: str) -> None:
         for f in fields:
             if get_origin(hints[f.name]) is tuple:  # tuple[int, ...], tuple[float, float], tuple[str, ...]
                 values[f.name] = _split(values[f.name], get_args(hints[f.name])[0])
-        importlib.import_module(f"mclip.{module}").run(config_cls(**values))
+        importlib.import_module(module).run(config_cls(**values))
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__name__, command.__doc__ = module, config_cls.__doc__
+    command.__name__, command.__doc__ = name.replace("-", "_"), config_cls.__doc__
     app.command(name)(command)
 
 
-_stage("embed-teacher", EmbedConfig, "embed_teacher")
-_stage("train-student", TrainConfig, "train_student")
-_stage("eval-retrieval", EvalConfig, "eval_retrieval")
-_stage("encode", EncodeConfig, "encode")
-_stage("export", ExportConfig, "export")
+_stage("embed-teacher", EmbedConfig, "mclip.embed.run")
+_stage("train-student", TrainConfig, "mclip.train.run")
+_stage("eval-retrieval", EvalConfig, "mclip.evaluate.run")
+_stage("encode", EncodeConfig, "mclip.deploy.encode")
+_stage("export", ExportConfig, "mclip.deploy.export")
 
 
 # ---- pipelines: run; hardening: verify ----
@@ -127,7 +127,7 @@ def verify(
     """Check a cache, a run (every checkpoint and final/) or a student folder against its checksums; changes nothing.
 
     Prints one line per problem and a summary; exit code 0 when intact, 1 when problems were found, 2 on a user error."""
-    from mclip.verify import report, run
+    from mclip.store.verify import report, run
 
     code = report(run(path))
     if code:
@@ -136,7 +136,6 @@ def verify(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: a user error is one line on stderr and exit code 2 (the traceback only with --debug)."""
-    from mclip.errors import UserError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

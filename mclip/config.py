@@ -12,7 +12,7 @@ from mclip.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# Stage 1's padded tokens per forward batch when --batch-tokens is not given (why 2048: embed_teacher.default_batch_tokens)
+# Stage 1's padded tokens per forward batch when --batch-tokens is not given (why 2048: mclip.embed.batches.default_batch_tokens)
 CPU_BATCH_TOKENS = 2048
 GPU_BATCH_TOKENS = 131072
 

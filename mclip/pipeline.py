@@ -13,9 +13,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mclip import distributed
 from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, to_dict
+from mclip.embed import run as embed_teacher
 from mclip.errors import ConfigError, UserError
+from mclip.evaluate import run as eval_retrieval
 from mclip.models.card import update_card
+from mclip.store import outputs
+from mclip.train import run as train_student
 
 SECTIONS = {"embed": EmbedConfig, "train": TrainConfig, "eval": EvalConfig}
 # Set by the pipeline itself: where each stage writes and what it reads from the stage before.
@@ -126,8 +131,6 @@ def _resolve_out(value, base: Path, path: Path) -> Path:
 def run(config: PipelineConfig) -> PipelineResult:
     """embed-teacher -> train-student -> eval-retrieval into config.out, skipping what is already complete."""
     import time
-
-    from mclip import distributed, embed_teacher, eval_retrieval, outputs, train_student
 
     start = time.perf_counter()
     out = Path(config.out)

@@ -71,8 +71,8 @@ def small_run(tmp_path_factory, bert_teacher):
     import json
 
     from mclip.config import EmbedConfig, TrainConfig
-    from mclip.embed_teacher import run as embed
-    from mclip.train_student import run as train
+    from mclip.embed.run import run as embed
+    from mclip.train.run import run as train
 
     root = tmp_path_factory.mktemp("small_run")
     rows = tiny.parallel_rows()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mclip import shards
+import mclip
 from mclip.cli import main
+from mclip.store import shards
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,10 +230,8 @@ STAGES = [
 
 def _config_of(argv, module, monkeypatch):
     """The config the CLI hands to the stage's run() for argv (the stage itself does not run)."""
-    import importlib
-
     seen = []
-    monkeypatch.setattr(importlib.import_module(f"mclip.{module}"), "run", seen.append)
+    monkeypatch.setattr(getattr(mclip, module), "run", seen.append)  # mclip.<verb> is the stage's module
     main(argv)
     assert len(seen) == 1
     return seen[0]

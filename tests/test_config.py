@@ -138,7 +138,7 @@ def test_request_is_the_json_of_the_fields_a_resume_must_repeat():
 
 
 def test_batch_tokens_help_names_the_defaults_the_stage_uses():
-    from mclip.embed_teacher import default_batch_tokens
+    from mclip.embed.run import default_batch_tokens
 
     help_text = {f.name: f for f in dataclasses.fields(EmbedConfig)}["batch_tokens"].metadata["help"]
     cpu, gpu = (

@@ -19,10 +19,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mclip import dedup, lock, shards, verify
-from mclip.checkpoint import checkpoints
 from mclip.cli import main
-from mclip.student import load
+from mclip.embed import dedup
+from mclip.models.student import load
+from mclip.store import lock, shards, verify
+from mclip.train.checkpoint import checkpoints
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,7 +322,7 @@ def test_a_flipped_bit_inside_a_shard_passes_the_cheap_open_and_is_found_by_veri
 ZYGOTE = r"""
 import json, os, sys, traceback
 import numpy, pyarrow, torch, transformers, datasets  # noqa: F401
-import mclip.cli, mclip.embed_teacher, mclip.train_student  # noqa: F401
+import mclip.cli, mclip.embed.run, mclip.train.run  # noqa: F401
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection, BertModel  # noqa: F401
 import transformers.models.clip.modeling_clip, transformers.models.bert.modeling_bert  # noqa: F401
 print(json.dumps({"ready": True}), flush=True)
@@ -503,7 +504,7 @@ def test_stage_two_killed_at_random_steps_and_resumed_equals_an_uninterrupted_ru
     small_run, tmp_path, zygote, cli_error
 ):
     from mclip.config import EmbedConfig
-    from mclip.embed_teacher import run as embed
+    from mclip.embed.run import run as embed
 
     out, ref, log, cache = tmp_path / "run", tmp_path / "reference", tmp_path / "log", tmp_path / "cache"
     embed(

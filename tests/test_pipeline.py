@@ -232,8 +232,8 @@ def test_final_gains_stage_3s_table_in_its_model_card_and_train_report_to_draws_
     from huggingface_hub import ModelCard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mclip import verify
-    from mclip.checkpoint import records
+    from mclip.store import verify
+    from mclip.train.checkpoint import records
 
     out = tmp_path / "run"
     config = pipeline.load_pipeline(tiny_pipeline["toml"], out=str(out), overrides=['train.report_to=["tensorboard"]'])

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mclip.config import TrainConfig, to_dict
-from mclip.outputs import atomic_write_bytes, file_sha256
-from mclip.verify import STUDENT_META, listed, update_checksum
+from mclip.store.outputs import META, atomic_write_bytes, file_sha256
+from mclip.store.verify import listed, update_checksum
 
 CARD = "README.md"
 TAGS = ("mclip", "clip", "multilingual", "knowledge-distillation", "sentence-similarity")
@@ -78,7 +78,7 @@ def update_card(folder: str | Path, *, name: str | None = None, evaluation: str 
     kill between the two writes); or "edited" when README.md is no longer what mclip wrote (its checksum differs): the
     user's edit is kept and nothing is written."""
     folder = Path(folder)
-    meta = json.loads((folder / STUDENT_META).read_text(encoding="utf-8"))
+    meta = json.loads((folder / META).read_text(encoding="utf-8"))
     text = str(card(meta, FORMATS[str(meta.get("format"))], name, evaluation)).encode("utf-8")
     path = folder / CARD
     if path.is_file() and path.read_bytes() == text:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from mclip import verify
-from mclip.checkpoint import records
 from mclip.cli import main
 from mclip.models.card import CARD, TAGS, card, hub_id, update_card
+from mclip.store import verify
+from mclip.train.checkpoint import records
 
 META = {  # a final/'s mclip.json, as train-student writes it
     "format": "mclip-student",
@@ -106,8 +106,8 @@ def test_a_card_edited_by_the_user_is_kept_and_an_unchanged_one_is_not_rewritten
 def test_an_onnx_export_carries_a_card(run_with_validation, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from mclip import export
     from mclip.config import ExportConfig
+    from mclip.deploy import export
 
     out = tmp_path / "onnx"
     export.run(ExportConfig(model=str(run_with_validation), out=str(out), progress=False))

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mclip.checkpoint import records
 from mclip.cli import main
+from mclip.train.checkpoint import records
 from mclip.train.report import TENSORBOARD, scalars
 
 ROOT = Path(__file__).resolve().parents[2]
