@@ -17,7 +17,7 @@ from mclip.config import EvalConfig
 from mclip.errors import UserError
 from mclip.store import shards
 from mclip.store.captions import CaptionFile
-from mclip.store.columns import Bits, RawArray
+from mclip.store.columns import Bits, Column, RawArray
 
 BLOCK = 1 << 16  # caption rows read and joined at once, and handled at once in a pass over a language's rows
 
@@ -26,7 +26,7 @@ BLOCK = 1 << 16  # caption rows read and joined at once, and handled at once in 
 class Captions:
     """One language's captions joined to the cache: texts are read from `source` (a column) at `data_rows`."""
 
-    source: shards.Column  # the text column the captions are read from: the data's, or the cache's own English text
+    source: Column  # the text column the captions are read from: the data's, or the cache's own English text
     data_rows: RawArray  # (N,) int64 row in `source` of each caption, on disk
     rows: RawArray  # (N,) int64 cache row of its id, on disk
     missing: int  # captions whose id is not in the cache

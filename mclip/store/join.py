@@ -75,7 +75,7 @@ class IdIndex:
 
     def __init__(self, cache, folder: Path, hashes: Path, rows: Path):
         self.cache, self.folder, self.hashes, self.rows = cache, Path(folder), hashes, rows
-        self._ids = None  # the cache's id column (shards.Column), opened on the first lookup
+        self._ids = None  # the cache's id column (Column), opened on the first lookup
 
     @classmethod
     def build(cls, cache, folder: str | Path) -> IdIndex:
@@ -147,7 +147,7 @@ class IdIndex:
 
     def _id_column(self):
         if self._ids is None:
-            self._ids = self.cache.column("id")  # shards.Column: reads rows without mapping the shards
+            self._ids = self.cache.column("id")  # Column: reads rows without mapping the shards
         return self._ids
 
     def _check_unique(self) -> None:

@@ -1,4 +1,4 @@
-"""One writer per output folder: a `.mclip.store.lock` file holding pid, host and start time, guarded by an flock.
+"""One writer per output folder: a `.mclip.lock` file holding pid, host and start time, guarded by an flock.
 
 The flock, not the file, is the lock: the kernel drops it when the holder dies, even by SIGKILL, so a lock file left by
 a killed run is stale and the next run takes it over. Under torchrun only rank 0 takes it (`hold(..., ctx)`).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mclip.errors import UserError, write_error
 
-LOCK_NAME = ".mclip.store.lock"
+LOCK_NAME = ".mclip.lock"
 
 
 def holder(folder: str | Path) -> dict | None:

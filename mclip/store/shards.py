@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from mclip.errors import UserError
-from mclip.store.columns import Column, RawArray, drop_mapped_pages  # noqa: F401  (shards.Column etc., as stages name them)
+from mclip.store.columns import Column
 from mclip.store.outputs import atomic_file, file_sha256, write_json
 
 MANIFEST = "manifest.json"

@@ -155,7 +155,7 @@ class EpochSteps(torch.utils.data.Dataset):
     Rank r takes positions r, r + world, ... of the length-sorted global batch, so ranks get alike lengths; every rank gets
     all B targets because they are the InfoNCE negatives (fixed teacher vectors: the same as all_gathering them, minus the
     communication, and it covers accumulation micro-batches too). Targets are gathered from the cache's memory map
-    (`shards.Column`), B rows a step: no rank holds a copy of the cache.
+    (`Column`), B rows a step: no rank holds a copy of the cache.
     """
 
     def __init__(

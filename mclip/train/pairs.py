@@ -15,9 +15,8 @@ import pyarrow.compute as pc
 
 from mclip.config import TrainConfig
 from mclip.errors import UserError
-from mclip.store import shards
 from mclip.store.captions import CaptionFile
-from mclip.store.columns import Bits
+from mclip.store.columns import Bits, Column, RawArray
 from mclip.store.join import IdIndex
 
 PAIR_FILES = {"rows": "<i8", "src": "<i8", "langs": "<i1"}  # one raw little-endian array per field, P values each
@@ -31,9 +30,7 @@ class Pairs:
     Python object, or a copy of a caption, per pair: 17 bytes a pair on disk, read through the page cache every rank
     on a node shares."""
 
-    sources: (
-        list  # per language: the text column (`shards.Column` over a dataset's or the cache's memory-mapped batches)
-    )
+    sources: list  # per language: the text column (`Column` over a dataset's or the cache's memory-mapped batches)
     src: np.ndarray  # (P,) int64 row of each pair's caption in sources[langs[i]]
     rows: np.ndarray  # (P,) int64 cache rows
     langs: np.ndarray  # (P,) int8 index into `languages`
@@ -116,9 +113,7 @@ class _PairWriter:
 
 
 def _open(folder: Path, sources: list, languages: list[str], cache_groups) -> Pairs:
-    arrays = {
-        name: shards.RawArray(folder / name, dtype) for name, dtype in PAIR_FILES.items()
-    }  # read by pread: flat RSS
+    arrays = {name: RawArray(folder / name, dtype) for name, dtype in PAIR_FILES.items()}  # read by pread: flat RSS
     return Pairs(sources, arrays["src"], arrays["rows"], arrays["langs"], languages, cache_groups)
 
 
@@ -137,7 +132,7 @@ def _cache_groups(cache, folder: Path) -> np.ndarray:
                 handle.write(values.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     else:
         text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8").tofile(path)
-    return shards.RawArray(path, "<i8")
+    return RawArray(path, "<i8")
 
 
 def hash_unit(ids: list[str], seed: int) -> np.ndarray:
@@ -305,7 +300,7 @@ def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs |
     pairs, in memory; ids held out whole, so no caption of a validation id is trained on) and the join report."""
     languages = _languages(config)
     report = json.loads((folder / "report.json").read_text())
-    cache_groups = shards.RawArray(folder / "cache_groups", "<i8")
+    cache_groups = RawArray(folder / "cache_groups", "<i8")
     en_source = cache.column("text")
 
     known = json.loads((folder / "sources.json").read_text())
@@ -315,7 +310,7 @@ def open_pairs(config: TrainConfig, cache, folder: Path) -> tuple[Pairs, Pairs |
         file into every rank for a moment: 0.26 GB at 10M rows), else through the dataset."""
         where = known.get(sub)
         if where is not None:
-            columns = {lang: shards.Column.from_files(where["files"], name) for lang, name in where["columns"].items()}
+            columns = {lang: Column.from_files(where["files"], name) for lang, name in where["columns"].items()}
             if all(len(c) == where["rows"] for c in columns.values()):
                 return [en_source if lang == "en" else columns[lang] for lang in languages]
         captions = _Captions(config, data, split, [lang for lang in languages if lang != "en"])

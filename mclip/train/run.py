@@ -24,6 +24,7 @@ from mclip.config import TrainConfig, to_dict
 from mclip.errors import UserError
 from mclip.models.student import StudentEncoder, build_student, load
 from mclip.store import outputs, shards
+from mclip.store.columns import Column
 from mclip.store.outputs import META
 from mclip.train import checkpoint, losses
 from mclip.train.batches import EpochPlan, EpochSteps, open_lengths, token_lengths
@@ -124,9 +125,7 @@ def _layer_plan(config: TrainConfig, cache, student: StudentEncoder) -> tuple[in
 
 
 @torch.no_grad()
-def evaluate(
-    model: Distiller, val: Pairs, targets: shards.Column, config: TrainConfig, normalized: bool = True
-) -> dict:
+def evaluate(model: Distiller, val: Pairs, targets: Column, config: TrainConfig, normalized: bool = True) -> dict:
     """Validation loss (the distillation loss without layer-kd, in chunks of --batch-size) and R@1 of student(xx) -> teacher(en)
     per language, by exact search over the validation ids' teacher vectors; as in stage 3, identical English captions
     are one target, so retrieving the twin of a caption's English counts as a hit."""

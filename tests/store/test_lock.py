@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_second_lock_is_refused_with_who_holds_it(tmp_path):
     out = tmp_path / "out"
     with lock.OutputLock(out, "embed-teacher") as first:
+        assert first.path == out / ".mclip.lock"  # the name users see in their folders and older runs left
         info = json.loads(first.path.read_text(encoding="utf-8"))
         assert (
             info["pid"] == os.getpid() and info["host"] == socket.gethostname() and info["command"] == "embed-teacher"

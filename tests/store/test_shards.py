@@ -6,6 +6,7 @@ import pytest
 
 from mclip.errors import UserError
 from mclip.store import shards
+from mclip.store.columns import Bits, Column, RawArray
 
 
 def _table(
@@ -242,18 +243,18 @@ def test_column_reads_rows_from_the_file_not_from_a_mapping(tmp_path):
         path = tmp_path / f"stream-{kind}.arrow"
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=7)
-        from_file = shards.Column.from_files([path], "text")
+        from_file = Column.from_files([path], "text")
         picks = np.array([39, 0, 1, 2, 20, 21, 22, 8, 8])
         assert from_file.take(picks).to_pylist() == [texts[i] for i in picks]
         assert from_file._layout_of(3)[0] == "str"
-        in_memory = shards.Column(table.column("text").slice(3).chunks)  # sliced chunks, nothing on disk
+        in_memory = Column(table.column("text").slice(3).chunks)  # sliced chunks, nothing on disk
         assert in_memory.take(picks - 3 * (picks >= 3)).to_pylist() == [texts[3:][i] for i in picks - 3 * (picks >= 3)]
 
 
 def test_raw_array_reads_like_the_numpy_array_it_stores(tmp_path):
     values = np.random.default_rng(0).integers(-1000, 1000, 50).astype("<i8")
     values.tofile(tmp_path / "a")
-    a = shards.RawArray(tmp_path / "a", "<i8")
+    a = RawArray(tmp_path / "a", "<i8")
     index = np.array([[3, 4, 4, 49], [0, 1, 2, 10]])
     assert len(a) == 50 and a[7] == values[7] and a[-1] == values[-1]
     np.testing.assert_array_equal(a[index], values[index])
@@ -278,7 +279,7 @@ def test_raw_array_gathers_many_indices_window_by_window(tmp_path, monkeypatch):
     monkeypatch.setattr(columns, "WINDOW", mmap.ALLOCATIONGRANULARITY)
     values = np.random.default_rng(1).integers(-(2**15), 2**15, 20_000).astype("<i2")
     values.tofile(tmp_path / "a")
-    a = shards.RawArray(tmp_path / "a", "<i2")
+    a = RawArray(tmp_path / "a", "<i2")
     index = np.random.default_rng(2).integers(0, len(values), (3, 5000))  # repeats included, any order
     index[0, :3] = [0, len(values) - 1, len(values) - 1]
     assert index.size >= columns.MAPPED_GATHER
@@ -296,13 +297,12 @@ def test_columns_and_raw_arrays_travel_to_a_spawned_worker(tmp_path):
     column = pickle.loads(pickle.dumps(cache.targets()))  # what a spawn-started DataLoader worker receives
     np.testing.assert_array_equal(column.gather(np.array([6, 0])), cache.embeddings()[[6, 0]])
     np.arange(5, dtype="<i8").tofile(tmp_path / "a")
-    raw = shards.RawArray(tmp_path / "a", "<i8")
+    raw = RawArray(tmp_path / "a", "<i8")
     raw[0]
     assert pickle.loads(pickle.dumps(raw))[4] == 4
 
 
 def test_bits_ranks_count_the_members_below_each_row():
-    from mclip.store.columns import Bits
 
     rng = np.random.default_rng(3)
     for n in (1, 63, 64, 65, 1003):

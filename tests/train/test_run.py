@@ -688,6 +688,7 @@ def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_p
 def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_column(toy, tmp_path, monkeypatch):
     """At laion28m x 512 dims a float copy of the targets is 56 GB per rank: the run must only gather the rows it uses."""
     from mclip.store import shards as mshards
+    from mclip.store.columns import Column
 
     def no_whole_column(*args, **kwargs):
         raise AssertionError("a whole cache column was copied")
@@ -695,10 +696,8 @@ def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_c
     monkeypatch.setattr(mshards, "to_numpy", no_whole_column)
     monkeypatch.setattr(mshards.TeacherCache, "embeddings", no_whole_column)
     gathered = []
-    real = mshards.Column.gather
-    monkeypatch.setattr(
-        mshards.Column, "gather", lambda self, rows, *a: gathered.append(len(rows)) or real(self, rows, *a)
-    )
+    real = Column.gather
+    monkeypatch.setattr(Column, "gather", lambda self, rows, *a: gathered.append(len(rows)) or real(self, rows, *a))
     out = tmp_path / "run"
     config = _config(toy, out, loss="cl", layer_kd=True, max_steps=3, num_workers=0, val_fraction=0.25, eval_every=2)
     _, val, _ = prepare_pairs(config, mshards.open_cache(config.cache), tmp_path / "pairs")
