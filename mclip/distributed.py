@@ -1,4 +1,5 @@
-"""torchrun helpers: rank/world from the environment, process-group setup (NCCL on GPU, gloo on CPU), device and precision choice."""
+"""torchrun helpers: rank/world from the environment, process-group setup (NCCL on GPU, gloo on CPU), device and
+precision choice."""
 
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def setup(device: str = "auto") -> tuple[Dist, torch.device]:
 
 @contextlib.contextmanager
 def group(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
-    """One stage's rank context and device (`setup`); when the block ends, the process group goes if this stage joined it
-    (`teardown`). On an error the process is about to end anyway, so nothing is torn down under the other ranks' feet."""
+    """One stage's rank context and device (`setup`); when the block ends, the process group goes if this stage joined
+    it (`teardown`). On an error the process is about to end anyway, so nothing is torn down under the other ranks'
+    feet."""
     ctx, dev = setup(device)
     yield ctx, dev
     teardown(ctx)
@@ -111,7 +113,8 @@ def all_gather_objects(obj) -> list:
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The mean of `values` over all ranks, in place (identity without torchrun), so every rank logs the same numbers."""
+    """The mean of `values` over all ranks, in place (identity without torchrun), so every rank logs the same
+    numbers."""
     if dist.is_initialized():
         dist.all_reduce(values)
         values /= dist.get_world_size()

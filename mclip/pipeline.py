@@ -1,7 +1,8 @@
-"""`mclip run PIPELINE.toml`: a TOML file names a whole run (embed-teacher -> train-student -> eval-retrieval) into one folder.
+"""`mclip run PIPELINE.toml`: a TOML file names a whole run (embed-teacher -> train-student -> eval-retrieval) into one
+folder.
 
-Paths in the file are relative to the file. The stages land in OUT/cache, OUT/train and OUT/eval; a stage whose output is
-already complete is skipped, so a killed run resumes by running the same command again.
+Paths in the file are relative to the file. The stages land in OUT/cache, OUT/train and OUT/eval; a stage whose output
+is already complete is skipped, so a killed run resumes by running the same command again.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mclip import distributed
-from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, to_dict
+from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, parse_text, to_dict, unquote
 from mclip.embed import run as embed_teacher
-from mclip.errors import ConfigError, UserError
+from mclip.errors import ConfigError, UserError, writing
 from mclip.evaluate import run as eval_retrieval
 from mclip.models.card import update_card
 from mclip.store import outputs
@@ -59,14 +60,6 @@ def _resolve(value, base: Path):
     return value
 
 
-def _parse_value(text: str):
-    """A --set value with TOML's rules (2e-4, true, [1, 2], "x"); a bare word is a string."""
-    try:
-        return _toml(f"v = {text}", "--set")["v"]
-    except UserError:
-        return text
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply --set section.key=value (or key=value at the top level) to the parsed file."""
     for item in overrides:
@@ -83,7 +76,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(SECTIONS)}")
             )
         target = raw.setdefault(path[0], {}) if path else raw
-        target[leaf] = _parse_value(value.strip())
+        cls = SECTIONS[path[0]] if path else None
+        known = cls is not None and leaf in {f.name for f in dataclasses.fields(cls)}
+        # parsed by the field's type; an unknown key is refused, with the closest one, by from_dict
+        target[leaf] = parse_text(cls, leaf, value, where=f"--set {item}") if known else unquote(value.strip())
     return raw
 
 
@@ -134,8 +130,9 @@ def run(config: PipelineConfig) -> PipelineResult:
 
     start = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
+    with writing(out, "rerun the same command"):  # as each verb alone: one line, not a traceback
+        out.mkdir(parents=True, exist_ok=True)
+        outputs.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
     stages = {}
     say = (lambda text: print(text, file=sys.stderr)) if config.embed.progress else (lambda text: None)
     eval_dir = Path(config.eval.out)
@@ -187,6 +184,15 @@ def _scored(config: PipelineConfig) -> str:
         f"caption's English original is among the K nearest of all the English captions (FAISS {config.eval.index})"
         f"{teacher}."
     )
+
+
+def interrupted(config: PipelineConfig) -> tuple[str, str | None]:
+    """What an interrupted pipeline left in its folder, stage by stage; the same command continues it."""
+    kept = [
+        "cache complete" if embed_teacher.is_complete(config.embed) else embed_teacher.interrupted(config.embed)[0],
+        "training finished" if train_student.is_complete(config.train) else train_student.interrupted(config.train)[0],
+    ]
+    return "; ".join(kept), None
 
 
 def summary_table(config: PipelineConfig, metrics: dict) -> str:

@@ -83,7 +83,9 @@ def test_bench_scripts_print_their_contract():
 
     assert EMBED_KEYS <= e.keys(), EMBED_KEYS - e.keys()
     assert all(_positive(e[key]) for key in EMBED_KEYS), e
-    assert e["speedup_vs_naive"] == pytest.approx(e["captions_per_s"] / e["naive_captions_per_s"], rel=0.01)
+    # stage 1's own timer (its shard loop) runs inside the end-to-end time the bench takes around run(): per caption it
+    # embeds, the loop is never the slower (the rates keep 4 significant digits: 0.1% for rounding)
+    assert e["loop_captions_per_s"] / e["unique_captions"] >= 0.999 * e["captions_per_s"] / e["captions"], e
     assert e["captions"] == 24 and e["rss_captions"] == [8, 24]
     assert e["max_abs_diff_vs_naive"] < 1e-2, "stage 1 and the naive loop must compute the same embeddings"
 
@@ -108,8 +110,7 @@ def test_profile_embed_times_the_parts_and_writes_the_profiler_table(tmp_path):
     )
     assert all(_positive(r[k]) for k in rates), r
     assert r["captions"] == 40 and r["slowest_part"] in ("model", "host") and r["device_busy"] is None  # busy: GPU only
-    slower = min(r["model_captions_per_s"], r["host_captions_per_s"])
-    assert r["slowest_part"] == ("model" if r["model_captions_per_s"] == slower else "host")
-    assert r["overlap_efficiency"] == pytest.approx(r["loop_captions_per_s"] / slower, rel=0.01)
+    # the shard loop's timer runs inside the end-to-end one, over the same 40 captions (all distinct: none deduplicated)
+    assert r["loop_captions_per_s"] >= 0.999 * r["captions_per_s"], r
     table = (tmp_path / "profile_embed.txt").read_text()
     assert "Self CPU" in table and "aten::" in table

@@ -34,7 +34,13 @@ def test_bench_train_prints_its_contract():
             "speedup_by_flop_count",
         )
     )
-    assert result["speedup_vs_online"] == pytest.approx(result["pairs_per_s_cached"] / result["pairs_per_s_online"])
+    # the rates and speed-ups agree with the raw per-step times reported beside them (a rate is batch size / step time)
+    ms, cpu = result["step_ms"], result["cpu_seconds_per_step"]
+    for kind in ("cached", "online", "paired_cached", "paired_online"):
+        assert result[f"pairs_per_s_{kind}"] == pytest.approx(1000 * result["batch_size"] / ms[kind]), kind
+    assert result["speedup_vs_online"] == pytest.approx(ms["online"] / ms["cached"])
+    assert result["speedup_paired"] == pytest.approx(ms["paired_online"] / ms["paired_cached"])
+    assert result["speedup_paired_cpu_time"] == pytest.approx(cpu["paired_online"] / cpu["paired_cached"])
     assert all(
         0 <= result[k] <= 1 for k in ("data_wait_fraction", "data_wait_fraction_online", "data_wait_fraction_workers0")
     )

@@ -1,4 +1,5 @@
-"""The bundled out-of-domain test sets in data/ood: loadable, well-formed, apart from data/emoji, CLDR part rebuilt byte for byte."""
+"""The bundled out-of-domain test sets in data/ood: loadable, well-formed, apart from data/emoji, CLDR part rebuilt byte
+for byte."""
 
 import json
 from pathlib import Path
@@ -68,7 +69,8 @@ def test_ids_are_unique_sorted_and_apart_from_emoji(name):
 
 
 def test_no_caption_occurs_inside_a_training_caption(meta):
-    """The build's leak rule, in every language: no kept caption is a case-folded substring of an emoji training caption."""
+    """The build's leak rule, in every language: no kept caption is a case-folded substring of an emoji training
+    caption."""
     train = [json.loads(line) for line in (EMOJI / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     for name in _files():
         rows = _rows(name)

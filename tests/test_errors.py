@@ -1,4 +1,5 @@
-"""User errors: one line; an OSError while writing names the path and what to do; a library's error quoted by its first line."""
+"""User errors: one line; an OSError while writing names the path and what to do; a library's error quoted by its first
+line."""
 
 import errno
 

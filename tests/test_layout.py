@@ -1,6 +1,6 @@
 """The tree shows the pipeline, and its arrows point down: errors/config/distributed <- store <- models <- the stages
-(embed, train, evaluate; never each other) <- deploy <- pipeline <- cli. Checked on the source, so a new import that runs
-back up fails here rather than in a reader's head."""
+(embed, train, evaluate; never each other) <- deploy <- pipeline <- cli. Checked on the source, so a new import that
+runs back up fails here rather than in a reader's head."""
 
 import ast
 import subprocess
@@ -83,7 +83,10 @@ def test_no_import_circles():
 
 
 def test_import_mclip_loads_no_stage_and_nothing_heavy():
-    code = "import sys, mclip; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('mclip', 'torch', 'transformers', 'faiss', 'pyarrow', 'datasets'))))"
+    code = (
+        "import sys, mclip; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('mclip', 'torch', "
+        "'transformers', 'faiss', 'pyarrow', 'datasets'))))"
+    )
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     ).stdout.split()

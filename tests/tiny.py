@@ -1,9 +1,9 @@
 """Tiny random models and tokenizers built from configs, saved to a folder and loaded back through `from_pretrained`.
 
 Nothing here downloads. The CLIP tokenizer is the real CLIP byte-level BPE format (vocab.json + merges.txt): with no
-merges it tokenises byte by byte; `real_clip_merges()` returns the real 48,894 merges when `open-clip-torch` is installed.
-The seed's two student families are here in miniature: `write_tiny_xlmr` (xlm-roberta-base: a SentencePiece Unigram
-vocabulary with the ▁ word-start marker, RoBERTa position ids, 514 positions) and `write_tiny_chinese_bert`
+merges it tokenises byte by byte; `real_clip_merges()` returns the real 48,894 merges when `open-clip-torch` is
+installed. The seed's two student families are here in miniature: `write_tiny_xlmr` (xlm-roberta-base: a SentencePiece
+Unigram vocabulary with the ▁ word-start marker, RoBERTa position ids, 514 positions) and `write_tiny_chinese_bert`
 (hfl/chinese-roberta-wwm-ext: a BERT whose WordPiece vocabulary holds one token per Chinese character, 512 positions).
 """
 
@@ -97,7 +97,8 @@ def write_tiny_clip(
     seed: int = 0,
     merges: list[tuple[str, str]] | None = None,
 ) -> Path:
-    """A tiny random CLIPModel (or text-only CLIPTextModelWithProjection) + tokenizer (+ image processor) in `folder`."""
+    """A tiny random CLIPModel (or text-only CLIPTextModelWithProjection) + tokenizer (+ image processor) in
+    `folder`."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -168,7 +169,8 @@ def write_tiny_bert(
     seed: int = 0,
     pieces: tuple[str, ...] = (),
 ) -> Path:
-    """A tiny random BertModel (an 'encoder' teacher or a student) + tokenizer in `folder` (`pieces`: write_bert_tokenizer)."""
+    """A tiny random BertModel (an 'encoder' teacher or a student) + tokenizer in `folder` (`pieces`:
+    write_bert_tokenizer)."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -236,8 +238,8 @@ def write_tiny_xlmr(
     max_position_embeddings: int = 514,
     dropout: float = 0.1,
 ) -> Path:
-    """A tiny random XLMRobertaModel + Unigram tokenizer in `folder`, with xlm-roberta-base's position layout: padding_idx 1,
-    position ids from 2, so 514 positions hold 512 tokens."""
+    """A tiny random XLMRobertaModel + Unigram tokenizer in `folder`, with xlm-roberta-base's position layout:
+    padding_idx 1, position ids from 2, so 514 positions hold 512 tokens."""
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
@@ -296,8 +298,8 @@ def write_tiny_chinese_bert(
     max_position_embeddings: int = 512,
     dropout: float = 0.1,
 ) -> Path:
-    """A tiny random BertModel with a Chinese-character WordPiece vocabulary and 512 positions, as chinese-roberta-wwm-ext
-    (model_type bert despite its name)."""
+    """A tiny random BertModel with a Chinese-character WordPiece vocabulary and 512 positions, as
+    chinese-roberta-wwm-ext (model_type bert despite its name)."""
     import torch
     from transformers import BertConfig, BertModel
 

@@ -1,7 +1,7 @@
 """`mclip encode`: texts (a UTF-8 text file or a dataset column) -> a student's embeddings in Arrow files (and .npy).
 
-The model is loaded and run exactly as `mclip.load(path).encode(texts)` does, so a user's own code gets the same vectors.
-An `mclip export` ONNX folder runs with onnxruntime, and then nothing here imports torch (machines without it).
+The model is loaded and run exactly as `mclip.load(path).encode(texts)` does, so a user's own code gets the same
+vectors. An `mclip export` ONNX folder runs with onnxruntime, and then nothing here imports torch (machines without it).
 """
 
 from __future__ import annotations
@@ -39,6 +39,14 @@ class EncodeResult:
 
 def _owned(name: str) -> bool:
     return name in (SUMMARY, NPY) or bool(shards.SHARD_RE.match(name))
+
+
+def interrupted(config: EncodeConfig) -> tuple[str, str | None]:
+    """What an interrupted run left in --out (encode has no resume), and the flag that starts it again."""
+    written = [p for p in Path(config.out).iterdir() if _owned(p.name)] if Path(config.out).is_dir() else []
+    if written:
+        return f"{len(written)} file(s) in {config.out} incomplete (encode has no resume)", "--overwrite"
+    return "nothing written yet", None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -133,7 +141,8 @@ def _chunks(pairs: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[
 
 
 def run(config: EncodeConfig) -> EncodeResult:
-    """Encode every text with the student; write shard-NNNNN.arrow (id, text, embedding), encode.json and embeddings.npy."""
+    """Encode every text with the student; write shard-NNNNN.arrow (id, text, embedding), encode.json and
+    embeddings.npy."""
     with outputs.hold(config.out, "encode"):
         return _run(config)
 
@@ -211,7 +220,7 @@ def _run(config: EncodeConfig) -> EncodeResult:
         with writing(out / shards.shard_name(index), RERUN):
             files.append(shards.write_shard(out, index, table, {"rows": len(texts), "first_row": row}))
             if npy is not None:
-                np.ascontiguousarray(emb, dtype=config.dtype).tofile(npy)
+                outputs.write_array(npy, emb.astype(config.dtype, copy=False))
         row += len(texts)
     bar.close()
     assert row == total, f"encoded {row} texts, counted {total}"

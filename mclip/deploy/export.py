@@ -26,15 +26,17 @@ from mclip.store.outputs import META
 from mclip.store.verify import write_checksums
 
 RERUN = "rerun the same command"
-# Verification thresholds over PROBES, graph vs student: (least cosine of any text, mean cosine). An fp32 graph must equal
-# the student. int8's activations are quantised per tensor per batch, so a very short text whose few tokens include
-# BERT-style outlier states ([CLS]/[SEP] of all-MiniLM-L6-v2) moves most: there the least was 0.986 at a mean of 0.995.
+# Verification thresholds over PROBES, graph vs student: (least cosine of any text, mean cosine). An fp32 graph must
+# equal the student. int8's activations are quantised per tensor per batch, so a very short text whose few tokens
+# include BERT-style outlier states ([CLS]/[SEP] of all-MiniLM-L6-v2) moves most: there the least was 0.986 at a mean of
+# 0.995.
 MIN_COSINE = {None: (0.9999, 0.9999), "int8": (0.97, 0.99)}
 # Activation ops whose outputs feed a transformer's FFN down-projection: torch's exporter decomposes GELU into a Mul
 # named node_gelu (opset < 20), so names count as well as op types
 FFN_ACTIVATIONS = ("Gelu", "Relu", "FastGelu", "BiasGelu")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# What the verification encodes with both the student and the graph: several scripts, emoji, a text past any token limit.
+# What the verification encodes with both the student and the graph: several scripts, emoji, a text past any token
+# limit.
 PROBES = (
     "a photo of a dog running on the beach",
     "Zwei Kinder spielen Fußball im Park",
@@ -209,11 +211,12 @@ def _ffn_down_projections(model) -> list[str]:
 def _quantize(fp32: Path, int8: Path, large: bool = False) -> None:
     """onnxruntime's dynamic quantisation: int8 weights, activations quantised per batch at run time.
 
-    Its defaults (per-tensor weights, every MatMul) moved all-MiniLM-L6-v2's embeddings to a mean cosine of 0.94 with the
-    fp32 graph. What brings it to 0.995: per-channel weight scales; only MatMuls with a weight matrix (MatMulConstBOnly:
-    attention's activation x activation products stay fp32); and the FFN down-projections kept in fp32, whose GELU inputs
-    have the widest range (0.990 -> 0.995 mean; a third of the linear weights stay fp32). The embedding tables (Gather)
-    are quantised too: they are most of a small model's bytes (87 -> 33 MiB for MiniLM) for 0.001 of mean cosine."""
+    Its defaults (per-tensor weights, every MatMul) moved all-MiniLM-L6-v2's embeddings to a mean cosine of 0.94 with
+    the fp32 graph. What brings it to 0.995: per-channel weight scales; only MatMuls with a weight matrix
+    (MatMulConstBOnly: attention's activation x activation products stay fp32); and the FFN down-projections kept in
+    fp32, whose GELU inputs have the widest range (0.990 -> 0.995 mean; a third of the linear weights stay fp32). The
+    embedding tables (Gather) are quantised too: they are most of a small model's bytes (87 -> 33 MiB for MiniLM) for
+    0.001 of mean cosine."""
     import logging
 
     import onnx
@@ -261,6 +264,11 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of two (N, D) arrays."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def interrupted(config: ExportConfig) -> tuple[str, str | None]:
+    """An export is written beside --out and renamed onto it whole: an interrupted one leaves --out as it was."""
+    return f"{config.out} as it was (an export appears whole or not at all)", None
 
 
 def run(config: ExportConfig) -> ExportResult:
@@ -321,13 +329,13 @@ def run(config: ExportConfig) -> ExportResult:
         fix = "; export without --quantize" if config.quantize else "; report this with the model's config.json"
         if not cos.min() >= least:  # also refuses NaN
             raise UserError(
-                f"the {config.quantize or 'fp32'} ONNX graph disagrees with the student: cosine {cos.min():.6f} < {least} "
-                f"on {PROBES[worst][:40]!r}; nothing was written to {out}{fix}"
+                f"the {config.quantize or 'fp32'} ONNX graph disagrees with the student: cosine {cos.min():.6f} < "
+                f"{least} on {PROBES[worst][:40]!r}; nothing was written to {out}{fix}"
             )
         if not cos.mean() >= mean:
             raise UserError(
-                f"the {config.quantize or 'fp32'} ONNX graph disagrees with the student: mean cosine {cos.mean():.6f} < "
-                f"{mean} over {len(PROBES)} texts; nothing was written to {out}{fix}"
+                f"the {config.quantize or 'fp32'} ONNX graph disagrees with the student: mean cosine {cos.mean():.6f} "
+                f"< {mean} over {len(PROBES)} texts; nothing was written to {out}{fix}"
             )
         report.update(opset=opset, min_cosine=float(cos.min()), mean_cosine=float(cos.mean()))
         meta["verification"] = {
@@ -362,9 +370,9 @@ def run(config: ExportConfig) -> ExportResult:
     )
     if config.progress:
         print(
-            f"export: {folder} -> {graph} ({config.quantize or 'fp32'}, opset {result.opset}, {result.graph_bytes / 2**20:.1f} MiB); "
-            f"cosine to the student over {len(PROBES)} texts: min {result.min_cosine:.6f}, mean {result.mean_cosine:.6f} "
-            f"({result.seconds:.1f}s)",
+            f"export: {folder} -> {graph} ({config.quantize or 'fp32'}, opset {result.opset}, "
+            f"{result.graph_bytes / 2**20:.1f} MiB); cosine to the student over {len(PROBES)} texts: min "
+            f"{result.min_cosine:.6f}, mean {result.mean_cosine:.6f} ({result.seconds:.1f}s)",
             file=sys.stderr,
         )
     return result

@@ -2,12 +2,13 @@
 
 Before anything is embedded, rank 0 streams over the input a chunk of rows at a time (`inputs.CHUNK_ROWS`), hashes each
 kept caption to 64 bits (`hash64`) and spills (hash, row, caption) records into partition files routed by hash
-(`store.spill.Spill`, under `--out/.plan/`). Each partition, about `PARTITION_ROWS` records, is then sorted alone (numpy argsort):
-rows with equal hashes whose captions are the identical string (compared as strings, so a hash collision never merges
-two captions) form a group, whose first input row is the group's `caption_group`. A partition's distinct captions,
-ordered by that first row, are cut into units of `--shard-size` captions; slot g numbers them over all partitions.
-The (row, caption_group, slot) triples go through row-range bucket files into `group.bin` and `slot.bin` (int64 per
-input row, -1 for a skipped row), read back a shard's range at a time. The duplicate-id check is the same spill (`Spill`).
+(`store.spill.Spill`, under `--out/.plan/`). Each partition, about `PARTITION_ROWS` records, is then sorted alone (numpy
+argsort): rows with equal hashes whose captions are the identical string (compared as strings, so a hash collision never
+merges two captions) form a group, whose first input row is the group's `caption_group`. A partition's distinct
+captions, ordered by that first row, are cut into units of `--shard-size` captions; slot g numbers them over all
+partitions. The (row, caption_group, slot) triples go through row-range bucket files into `group.bin` and `slot.bin`
+(int64 per input row, -1 for a skipped row), read back a shard's range at a time. The duplicate-id check is the same
+spill (`Spill`).
 
 Embedding then runs in two steps. Every distinct caption is embedded once, by the rank that owns its unit (unit
 u % world), into `.plan/parts/shard-<u>.arrow`; after a barrier each rank assembles its row shards by gathering every
@@ -34,7 +35,7 @@ from mclip.store.captions import blank
 from mclip.store.join import (
     hash64,  # the project's one string hash (vectorised over Arrow's buffers; the same in every process)
 )
-from mclip.store.outputs import write_json
+from mclip.store.outputs import write_array, write_json
 from mclip.store.spill import Spill, first_equal
 
 PLAN = ".plan"  # the work folder inside --out
@@ -52,7 +53,7 @@ def _bucket_pass(folder: Path, n: int, triples) -> None:
         records = np.stack([rows, groups, slots], axis=1)[order]
         for b, start, end in _runs(bucket[order]):
             with open(buckets / f"{b:06d}.bin", "ab") as handle:
-                records[start:end].tofile(handle)
+                write_array(handle, records[start:end])
         del rows, groups, slots, bucket, order, records  # before the next partition is read: one in memory at a time
     with open(folder / "group.bin", "wb") as group_file, open(folder / "slot.bin", "wb") as slot_file:
         for b in range(-(-n // BUCKET_ROWS)):
@@ -62,8 +63,8 @@ def _bucket_pass(folder: Path, n: int, triples) -> None:
             if path.exists():
                 records = np.fromfile(path, np.int64).reshape(-1, 3)
                 group[records[:, 0] - a], slot[records[:, 0] - a] = records[:, 1], records[:, 2]
-            group.tofile(group_file)
-            slot.tofile(slot_file)
+            write_array(group_file, group)
+            write_array(slot_file, slot)
     shutil.rmtree(buckets)
 
 
@@ -145,9 +146,18 @@ class Plan:
 
     @staticmethod
     def open(folder: Path) -> Plan | None:
+        """The finished plan in `folder`, or None when there is none or it is damaged (a file missing or of another size
+        than plan.json implies, as a full disk once left one): either way `build` makes it again."""
+        folder = Path(folder)
         try:
-            return Plan(Path(folder), json.loads((Path(folder) / "plan.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError):
+            meta = json.loads((folder / "plan.json").read_text(encoding="utf-8"))
+            sizes = {name: 8 * int(meta["rows"]) for name in ("group.bin", "slot.bin")}
+            if not all((folder / name).stat().st_size == size for name, size in sizes.items()):
+                return None
+            if not all((folder / f"distinct-{p:05d}.arrow").is_file() for p in range(len(meta["base"]) - 1)):
+                return None
+            return Plan(folder, meta)
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     @property

@@ -55,15 +55,16 @@ def caption_strings(column, caption_column: str, first_row: int):
         if pc.any(valid).as_py():
             row = first_row + pc.index(valid, True).as_py()
             raise UserError(
-                f"caption column {caption_column!r} holds {column.type} values (row {row}); point --caption-column at the text"
+                f"caption column {caption_column!r} holds {column.type} values (row {row}); point "
+                "--caption-column at the text"
             )
     return pa.nulls(len(column), pa.string()) if pa.types.is_null(column.type) else as_string(column)
 
 
 def check_ids(rows: Rows, id_column: str | None, n: int, work: Path) -> None:
     """Refuse empty or duplicate ids in the first n rows of the id column, in memory that does not grow with n: the ids
-    are hashed chunk by chunk and spilled to partition files under `work`, each sorted alone (`store.spill.Spill`); a hash
-    match is compared as strings, so a collision never invents a duplicate. `work` is removed afterwards."""
+    are hashed chunk by chunk and spilled to partition files under `work`, each sorted alone (`store.spill.Spill`); a
+    hash match is compared as strings, so a collision never invents a duplicate. `work` is removed afterwards."""
     if id_column is None:
         return
     spill = Spill(work, n)
@@ -74,15 +75,16 @@ def check_ids(rows: Rows, id_column: str | None, n: int, work: Path) -> None:
             if column.null_count:
                 row = a + pc.index(pc.is_null(column), True).as_py()
                 raise UserError(
-                    f"id column {id_column!r} is empty at row {row}; fill every id or omit --id-column to use row numbers"
+                    f"id column {id_column!r} is empty at row {row}; fill every id or omit "
+                    "--id-column to use row numbers"
                 )
             column = as_string(column)
             spill.add(hash64(column), np.arange(a, b, dtype=np.int64), column)
             rows.release()
         for row, first, value in spill.repeats():
             raise UserError(
-                f"id {value!r} appears more than once in column {id_column!r} (rows {first} and {row}); ids must be unique "
-                "(omit --id-column to use row numbers)"
+                f"id {value!r} appears more than once in column {id_column!r} (rows {first} and {row}); ids must be "
+                "unique (omit --id-column to use row numbers)"
             )
     finally:
         spill.remove()

@@ -1,8 +1,9 @@
-"""Stage 1: run the teacher once over the English captions; write resumable, rank-sharded Arrow shards and manifest.json.
+"""Stage 1: run the teacher once over the English captions; write resumable, rank-sharded Arrow shards and
+manifest.json.
 
-A planning pass (`mclip.embed.dedup`) first groups the rows by caption over the whole input, in memory that does not grow
-with it, and checks the ids the same way. Then reader thread -> teacher -> writer thread: with --dedup (the default)
-over units of distinct captions, each embedded once per cache, and then over the row shards, which gather their
+A planning pass (`mclip.embed.dedup`) first groups the rows by caption over the whole input, in memory that does not
+grow with it, and checks the ids the same way. Then reader thread -> teacher -> writer thread: with --dedup (the
+default) over units of distinct captions, each embedded once per cache, and then over the row shards, which gather their
 vectors from those units; without it, over the row shards, each embedding its own rows.
 """
 
@@ -79,9 +80,16 @@ class _Work:
 
 
 def is_complete(config: EmbedConfig) -> bool:
-    """Whether --out holds a finished cache of this very request (a rerun returns at once; `mclip run` reports it skipped)."""
+    """Whether --out holds a finished cache of this very request (a rerun returns at once; `mclip run` reports it
+    skipped)."""
     manifest = shards.read_manifest(Path(config.out)) if Path(config.out).is_dir() else None
     return bool(manifest and manifest.get("complete")) and not outputs.changed(manifest.get("request", {}), config)
+
+
+def interrupted(config: EmbedConfig) -> tuple[str, str | None]:
+    """What an interrupted run left in --out, and the flag that continues it (None: the same command resumes)."""
+    done = len(shards.shard_files(Path(config.out)))
+    return f"{done} finished shard(s) kept in {config.out}", None
 
 
 def _check_output(config: EmbedConfig) -> str:
@@ -99,7 +107,8 @@ def _check_output(config: EmbedConfig) -> str:
     if diff:
         if not config.overwrite:
             raise UserError(
-                f"{out} holds a cache made with other arguments ({', '.join(diff)}); repeat them to resume, or pass --overwrite to replace it"
+                f"{out} holds a cache made with other arguments ({', '.join(diff)}); repeat them to resume, or pass "
+                "--overwrite to replace it"
             )
         return "replace"
     if not manifest.get("complete"):
@@ -112,7 +121,8 @@ def _check_output(config: EmbedConfig) -> str:
 
 
 def _claim_output(config: EmbedConfig, status: str, info) -> None:
-    """Make the folder this run's: clear a replaced cache, start a manifest (or reopen a killed run's), record the teacher."""
+    """Make the folder this run's: clear a replaced cache, start a manifest (or reopen a killed run's), record the
+    teacher."""
     out = Path(config.out)
     manifest = shards.read_manifest(out) if status in ("resume", "repair") else None
     if manifest is None:
@@ -126,7 +136,8 @@ def _claim_output(config: EmbedConfig, status: str, info) -> None:
         }
     elif manifest.get("teacher") and manifest["teacher"]["fingerprint"] != info.fingerprint:
         raise UserError(
-            f"{out} was started with other weights for teacher {config.teacher!r}; pass --overwrite to start over with these"
+            f"{out} was started with other weights for teacher {config.teacher!r}; pass "
+            "--overwrite to start over with these"
         )
     replaced = [*shards.shard_files(out), out / shards.MANIFEST] if status == "replace" else []
     outputs.claim(
@@ -198,8 +209,8 @@ def _read_shard(
     """Rows k*shard_size.. of the input -> kept captions with their caption groups; with --dedup their vectors gathered
     from the units, without it their texts tokenised and cut into padded batches.
 
-    Runs in the reader thread. Filtering and the id and text columns stay in Arrow, so the only per-caption Python is the
-    tokenizer's: with a GPU teacher every thread shares one interpreter lock with the thread that feeds it.
+    Runs in the reader thread. Filtering and the id and text columns stay in Arrow, so the only per-caption Python is
+    the tokenizer's: with a GPU teacher every thread shares one interpreter lock with the thread that feeds it.
     """
     import pyarrow.compute as pc
 
@@ -300,8 +311,8 @@ def _to_table(work: _Work, emb, states, image_emb, config: EmbedConfig, schema):
 
 
 def _write(folder: Path, work: _Work, emb, states, image_emb, config: EmbedConfig, schema) -> Path:
-    """Build and write one shard (or unit) in the writer thread: the float16 conversion and Arrow arrays overlap the next
-    forward."""
+    """Build and write one shard (or unit) in the writer thread: the float16 conversion and Arrow arrays overlap the
+    next forward."""
     if work.ids is None:
         stats = {"unit": work.index, "rows": work.unique}
     else:
@@ -374,7 +385,8 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     bad_layers = [layer for layer in config.cache_layers if layer > teacher.num_layers]
     if bad_layers:
         raise UserError(
-            f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick layers 1..{teacher.num_layers}"
+            f"--cache-layers {bad_layers} exceed the teacher's {teacher.num_layers} layers; pick "
+            f"layers 1..{teacher.num_layers}"
         )
     info = teacher.info()
     plan = distributed.main_only(ctx, lambda: dedup.build(rows, n, config, out, info.fingerprint))  # checks the ids too
@@ -394,6 +406,9 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
     ]  # input rows of each shard
     todo = [k for k in range(ctx.rank, n_shards, ctx.world_size) if not _finished(out, k, config)]
     pin, threads = device.type == "cuda", _tokenize_threads(device)
+    batching = dict(
+        plan=plan, config=config, teacher=teacher, batch_tokens=batch_tokens, pin=pin, tokenize_threads=threads
+    )
     captions = tokens = 0
     compute_start = time.perf_counter()
     if config.dedup:  # every distinct caption once, by the rank of its unit; then the row shards gather them
@@ -404,28 +419,10 @@ def _run(config: EmbedConfig, ctx, device, start: float) -> EmbedResult:
             return [u for u in plan.needed_units(unfinished) if not plan.unit_done(u)]
 
         units = [u for u in distributed.main_only(ctx, units_todo) if u % ctx.world_size == ctx.rank]
-        read = functools.partial(
-            _read_unit,
-            plan=plan,
-            config=config,
-            teacher=teacher,
-            batch_tokens=batch_tokens,
-            pin=pin,
-            tokenize_threads=threads,
-        )
+        read = functools.partial(_read_unit, **batching)
         captions, tokens = _stream(units, read, plan.parts, teacher, config, schema, ctx, "distinct")
         distributed.barrier()
-    read = functools.partial(
-        _read_shard,
-        rows=rows,
-        config=config,
-        n=n,
-        teacher=teacher,
-        batch_tokens=batch_tokens,
-        plan=plan,
-        pin=pin,
-        tokenize_threads=threads,
-    )
+    read = functools.partial(_read_shard, rows=rows, n=n, **batching)
     more = _stream(todo, read, out, teacher, config, schema, ctx, "rows", sum(span[k][1] - span[k][0] for k in todo))
     captions, tokens = captions + more[0], tokens + more[1]
     compute_seconds = time.perf_counter() - compute_start
@@ -543,9 +540,9 @@ def summary(result: EmbedResult, wall: float) -> str:
     m = result.manifest or {}
     return (
         f"embed-teacher: {t.get('rows', 0):,} captions in {result.shards} shard(s) at {result.out} "
-        f"({m.get('teacher', {}).get('name', '?')}, {m.get('pooling', '?')}, dim {m.get('dim', '?')}, {m.get('dtype', '?')}); "
-        f"this run embedded {result.captions:,} unique captions for {result.computed_shards} shard(s) "
-        f"at {result.captions_per_s:,.0f} captions/s ({wall:.1f}s wall); "
-        f"skipped {t.get('skipped', 0):,} empty, truncated {t.get('truncated', 0):,} over {m.get('max_length', '?')} tokens, "
+        f"({m.get('teacher', {}).get('name', '?')}, {m.get('pooling', '?')}, dim {m.get('dim', '?')}, "
+        f"{m.get('dtype', '?')}); this run embedded {result.captions:,} unique captions for {result.computed_shards} "
+        f"shard(s) at {result.captions_per_s:,.0f} captions/s ({wall:.1f}s wall); skipped {t.get('skipped', 0):,} "
+        f"empty, truncated {t.get('truncated', 0):,} over {m.get('max_length', '?')} tokens, "
         f"{t.get('duplicates', 0):,} repeated captions served by an earlier row's embedding."
     )

@@ -1,9 +1,10 @@
 """Stage 3's captions: each language's non-empty captions whose id is in the teacher cache, as row numbers on disk.
 
-The data is read by `mclip.store.captions.CaptionFile` (stage 2's reader: the formats, column rules and errors) in one pass of
-chunks, each joined through `mclip.store.join.IdIndex`, so no Python list of a column or dict of ids is ever built. What is
-kept per language is two raw int64 files in a scratch folder (the data row of each caption, the cache row of its id),
-read back with pread batch by batch, and the texts are read from the data's own Arrow files by row when they are encoded.
+The data is read by `mclip.store.captions.CaptionFile` (stage 2's reader: the formats, column rules and errors) in one
+pass of chunks, each joined through `mclip.store.join.IdIndex`, so no Python list of a column or dict of ids is ever
+built. What is kept per language is two raw int64 files in a scratch folder (the data row of each caption, the cache row
+of its id), read back with pread batch by batch, and the texts are read from the data's own Arrow files by row when they
+are encoded.
 """
 
 from __future__ import annotations
@@ -134,8 +135,8 @@ def join(
         sample = next((s.first_id for s in scans.values() if s.first_id is not None), None)
         first_cache_id = cache.column("id").take(np.zeros(1, np.int64))[0].as_py() if len(cache) else None
         raise UserError(
-            f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache {config.cache} "
-            f"(e.g. {first_cache_id!r}); pass the cache built from this data, or the right --id-column"
+            f"none of the ids in {config.data} (e.g. {sample!r}, column {config.id_column!r}) are in cache "
+            f"{config.cache} (e.g. {first_cache_id!r}); pass the cache built from this data, or the right --id-column"
         )
     for lang in [code for code in joined if len(joined[code]) == 0]:
         notes.append(f"{lang}: no caption joins the cache; the language is left out")

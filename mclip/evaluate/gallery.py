@@ -1,5 +1,6 @@
 """Stage 3's scoring of one language in memory bounded by --query-batch-size and one index: per-caption arrays on disk,
-galleries added to FAISS in batches read from the cache by pread, queries searched in batches, metrics counted per batch.
+galleries added to FAISS in batches read from the cache by pread, queries searched in batches, metrics counted per
+batch.
 
 Per language, one index at a time: (1) the gallery of English targets (one per distinct English caption): each batch of
 captions is encoded by every system (the student, the teacher baseline), searched against it (xx→en) and written to a
@@ -24,6 +25,7 @@ from mclip.evaluate import metrics
 from mclip.evaluate.captions import BLOCK, Captions
 from mclip.store import shards
 from mclip.store.columns import Bits, RawArray
+from mclip.store.outputs import write_array
 
 GROUP_COLUMN = "caption_group"  # int64 per cache row, equal <=> identical English caption (cache format_version 2)
 BASELINE = "teacher_baseline"
@@ -31,10 +33,10 @@ PART = 1 << 18  # targets placed at once when their rows are put in label order 
 
 
 def groups(values) -> tuple[np.ndarray, np.ndarray]:
-    """(first, labels) of `np.unique(values, return_index=True, return_inverse=True)`: the position of each distinct value's
-    first occurrence, in sorted order of the values, and each position's label. Also for an Arrow string array, sorted
-    by Arrow without a Python object per row (UTF-8 byte order is code point order, Python's string order; Arrow's sort
-    is stable, so the first of a run of equal values is its first occurrence)."""
+    """(first, labels) of `np.unique(values, return_index=True, return_inverse=True)`: the position of each distinct
+    value's first occurrence, in sorted order of the values, and each position's label. Also for an Arrow string array,
+    sorted by Arrow without a Python object per row (UTF-8 byte order is code point order, Python's string order;
+    Arrow's sort is stable, so the first of a run of equal values is its first occurrence)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -75,7 +77,7 @@ def cache_values(cache: shards.TeacherCache, column: str, path: Path) -> Values:
                 out.write(values.tobytes())
         return Values(RawArray(path, "<i8"), size)
     first, labels = groups(cache.table([column]).column(column))
-    labels.astype("<i8").tofile(path)
+    write_array(path, labels.astype("<i8"))
     return Values(RawArray(path, "<i8"), len(first))
 
 
@@ -137,8 +139,8 @@ def _normalized(vectors: np.ndarray) -> np.ndarray:
 
 
 def _gallery(read: Callable[[np.ndarray], np.ndarray], size: int, config: EvalConfig, dim: int) -> metrics.IndexBuilder:
-    """An index of `size` vectors read `read(positions)` batch by batch; trained on a seeded sample of them when it needs
-    training and they are more than its training sample (all of them, in order, otherwise: as one array would)."""
+    """An index of `size` vectors read `read(positions)` batch by batch; trained on a seeded sample of them when it
+    needs training and they are more than its training sample (all of them, in order, otherwise: as one array would)."""
     builder = metrics.IndexBuilder(config.index, dim, config.nprobe, config.faiss_gpu)
     if builder.train_size and size > builder.train_size:
         sample = np.sort(np.random.default_rng(0).choice(size, builder.train_size, replace=False))

@@ -38,7 +38,8 @@ def ranks_from_topk(
     query_labels (Q,), gallery_labels (G,): relevance is label equality.
     rank = 1 + #non-relevant listed items with score >= s* - atol, s* = best relevant score in the list. The rank is inf
     when no relevant item is listed, or when the list is cut (L < G, no padding) while its last score still ties s*:
-    tied items may then lie beyond the list. Searching L = K + (most relevant items of any query) makes every rank <= K exact.
+    tied items may then lie beyond the list. Searching L = K + (most relevant items of any query) makes every rank <= K
+    exact.
     """
     ids, gallery_labels = np.asarray(ids), np.asarray(gallery_labels)
     assert ids.ndim == 2, f"ids {ids.shape} must be (Q, L)"
@@ -221,7 +222,8 @@ class IndexBuilder:
             ) from None
 
     def add(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
-        """Append (B, D) vectors: with `labelled`, under `ids` (B,) int64, else their ids follow on from the vectors added before."""
+        """Append (B, D) vectors: with `labelled`, under `ids` (B,) int64, else their ids follow on from the vectors
+        added before."""
         assert (ids is not None) == self.labelled, "ids go with a labelled index, and only there"
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)

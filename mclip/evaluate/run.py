@@ -70,9 +70,9 @@ def _check_pair(meta: dict, folder: Path, cache: shards.TeacherCache, warnings: 
     elif ours["fingerprint"] != theirs.get("fingerprint"):
         hint = " (same name, other weights)" if ours.get("name") == theirs.get("name") else ""
         raise UserError(
-            f"cache {cache.path} was made by teacher {theirs.get('name')!r} ({str(theirs.get('fingerprint'))[:12]}) but "
-            f"model {folder} was distilled from {ours.get('name')!r} ({ours['fingerprint'][:12]}){hint}; "
-            "pass the cache made by the model's teacher"
+            f"cache {cache.path} was made by teacher {theirs.get('name')!r} ({str(theirs.get('fingerprint'))[:12]}) "
+            f"but model {folder} was distilled from {ours.get('name')!r} ({ours['fingerprint'][:12]}){hint}; pass the "
+            "cache made by the model's teacher"
         )
 
 
@@ -85,6 +85,14 @@ def is_complete(config: EvalConfig) -> bool:
         return False
     saved = json.loads((out / "eval.json").read_text(encoding="utf-8")).get("config", {})
     return not outputs.changed(saved, config) and (out / "metrics.json").stat().st_mtime >= meta.stat().st_mtime
+
+
+def interrupted(config: EvalConfig) -> tuple[str, str | None]:
+    """What an interrupted run left in --out (the report is written at the end), and the flag that continues it."""
+    written = [name for name in OUTPUTS if (Path(config.out) / name).exists()]
+    if written:
+        return f"{', '.join(written)} in {config.out} incomplete", "--overwrite"
+    return "no report written yet (it is written at the end)", None
 
 
 @contextlib.contextmanager
@@ -250,8 +258,10 @@ def _markdown(result: EvalResult, config: EvalConfig, folder: Path, cache: shard
         "# Retrieval report",
         "",
         f"- model: `{folder}`",
-        f"- cache: `{cache.path}` (teacher `{teacher}`, dim {cache.dim}{', with images' if 'images' in next(iter(result.counts.values())) else ''})",
-        f"- data: `{config.data}` split `{config.split}`; index `{config.index}`; cosine similarity (L2-normalised, inner product)",
+        f"- cache: `{cache.path}` (teacher `{teacher}`, dim "
+        f"{cache.dim}{', with images' if 'images' in next(iter(result.counts.values())) else ''})",
+        f"- data: `{config.data}` split `{config.split}`; index `{config.index}`; cosine similarity "
+        "(L2-normalised, inner product)",
         "- captions scored: "
         + ", ".join(
             f"{lang} {c['captions']:,}"
@@ -260,9 +270,10 @@ def _markdown(result: EvalResult, config: EvalConfig, folder: Path, cache: shard
             for lang, c in result.counts.items()
         ),
         f"- {TIE_RULE}; identical English captions count as one target; avg = mean over the non-English languages",
-        "- xx→en (text_to_text): the model's xx captions search the teacher's English ones; en→xx (text_to_text_reverse) the other way; "
-        "xx→img / img→xx: captions and images (an image hits any of its captions); "
-        "teacher: the teacher applied directly to the xx text (what English CLIP gives); for en with images, the cached teacher itself",
+        "- xx→en (text_to_text): the model's xx captions search the teacher's English ones; en→xx "
+        "(text_to_text_reverse) the other way; xx→img / img→xx: captions and images (an image hits any of its "
+        "captions); teacher: the teacher applied directly to the xx text (what English CLIP gives); for en with "
+        "images, the cached teacher itself",
         "",
     ]
     lines.append("| lang | model | task | key | queries | gallery | " + " | ".join(f"{n} (%)" for n in names) + " |")

@@ -65,8 +65,8 @@ def _need_onnxruntime(what: str):
 
 
 class OnnxEncoder:
-    """An export folder run by onnxruntime. `encode(texts)` -> (N, D) float32 unit vectors, as StudentEncoder.encode gives:
-    the same tokenizer call (padding, truncation to max_length), longest texts first, any batch size."""
+    """An export folder run by onnxruntime. `encode(texts)` -> (N, D) float32 unit vectors, as StudentEncoder.encode
+    gives: the same tokenizer call (padding, truncation to max_length), longest texts first, any batch size."""
 
     def __init__(self, session, tokenizer, meta: dict, path: Path | None = None):
         self.session, self.tokenizer, self.meta, self.path = session, tokenizer, dict(meta), path

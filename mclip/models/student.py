@@ -31,7 +31,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooler: str) -> torch.Tensor:
 
 
 class StudentEncoder(nn.Module):
-    """backbone (B, T) -> pooled (B, H) -> projection (B, D). Constructed from ready objects; `load`/`build_student` take names."""
+    """backbone (B, T) -> pooled (B, H) -> projection (B, D). Constructed from ready objects; `load`/`build_student`
+    take names."""
 
     def __init__(
         self,
@@ -53,11 +54,18 @@ class StudentEncoder(nn.Module):
         assert self.projection.in_features == self.hidden_size and self.projection.out_features == self.dim, (
             f"projection {self.projection} does not map {self.hidden_size} -> {self.dim}"
         )
-        limit = int(getattr(backbone.config, "max_position_embeddings", max_length) or max_length)
-        if getattr(backbone.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-            limit -= 2  # RoBERTa-family position ids start after the padding index
-        self.max_length = int(min(max_length, limit))
+        self.max_length = int(min(max_length, self.position_limit or max_length))
         self.meta = dict(meta or {})
+
+    @property
+    def position_limit(self) -> int | None:
+        """The most tokens the backbone's position embeddings hold (None when its config does not say)."""
+        limit = getattr(self.backbone.config, "max_position_embeddings", None)
+        if not limit:
+            return None
+        if getattr(self.backbone.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            limit -= 2  # RoBERTa-family position ids start after the padding index
+        return int(limit)
 
     @property
     def device(self) -> torch.device:
@@ -133,8 +141,9 @@ class StudentEncoder(nn.Module):
         return path
 
     def save_modules(self, path: Path) -> None:
-        """sentence-transformers' files after the backbone: modules.json, 1_Pooling, 2_Dense (the projection), 3_Normalize.
-        An ONNX export writes them too, so sentence-transformers' ONNX backend pools and projects as mclip does."""
+        """sentence-transformers' files after the backbone: modules.json, 1_Pooling, 2_Dense (the projection),
+        3_Normalize. An ONNX export writes them too, so sentence-transformers' ONNX backend pools and projects as mclip
+        does."""
         from safetensors.torch import save_file
 
         _write_json(
@@ -194,7 +203,8 @@ def _write_json(path: Path, data) -> None:
 
 
 def _backbone(name_or_path: str, trust_remote_code: bool, ours: bool = False):
-    """The HF encoder and tokenizer; `ours`: a folder mclip wrote, so its weights must be safetensors (never a pickle)."""
+    """The HF encoder and tokenizer; `ours`: a folder mclip wrote, so its weights must be safetensors (never a
+    pickle)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -243,8 +253,9 @@ def build_student(
 ) -> StudentEncoder:
     """A fresh student from any HF encoder (hub id or folder) with a new projection to `dim`.
 
-    projection_init "identity" (what "auto" picks when the hidden size equals `dim`) starts the projection as the identity:
-    a student initialised from the teacher's own weights then reproduces the teacher from step 0 (Reimers & Gurevych 2020).
+    projection_init "identity" (what "auto" picks when the hidden size equals `dim`) starts the projection as the
+    identity: a student initialised from the teacher's own weights then reproduces the teacher from step 0 (Reimers &
+    Gurevych 2020).
     """
     backbone, tokenizer = _backbone(name_or_path, trust_remote_code)
     hidden = int(backbone.config.hidden_size)
@@ -252,7 +263,8 @@ def build_student(
     if projection_init == "identity" or (projection_init == "auto" and hidden == dim):
         if hidden != dim:
             raise UserError(
-                f"projection_init=identity needs the student's hidden size ({hidden}) to equal the teacher's dim ({dim}); use random"
+                f"projection_init=identity needs the student's hidden size ({hidden}) to equal the "
+                f"teacher's dim ({dim}); use random"
             )
         projection = nn.Linear(hidden, dim)
         with torch.no_grad():
@@ -295,7 +307,8 @@ def load(path: str | Path, device: str | torch.device | None = None, trust_remot
 
 
 def model_folder(path: str | Path) -> Path:
-    """The student folder behind --model: an exported student or checkpoint (has mclip.json), or a run folder's final/."""
+    """The student folder behind --model: an exported student or checkpoint (has mclip.json), or a run folder's
+    final/."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model {path} does not exist; pass a run's final/ folder, a checkpoint folder or a run folder")
@@ -307,5 +320,6 @@ def model_folder(path: str | Path) -> Path:
     if steps:
         raise UserError(f"run {path} has no final/ student yet; pass a checkpoint such as --model {steps[-1]}")
     raise UserError(
-        f"{path} is not an mclip student (no {META}, no final/{META}); pass a run's final/ folder or a checkpoint folder"
+        f"{path} is not an mclip student (no {META}, no final/{META}); pass a run's final/ "
+        "folder or a checkpoint folder"
     )

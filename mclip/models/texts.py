@@ -1,4 +1,5 @@
-"""Texts in length-sorted batches: the order in which both encoders (the torch student and its ONNX export) read them."""
+"""Texts in length-sorted batches: the order in which both encoders (the torch student and its ONNX export) read
+them."""
 
 from __future__ import annotations
 

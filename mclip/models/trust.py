@@ -20,8 +20,8 @@ def refusal(what: str, name: str, where: str) -> UserError:
 def check_folder(name_or_path: str | Path, trust_remote_code: bool, what: str) -> None:
     """Refuse a local checkpoint folder whose config names its own code, before transformers reads anything from it.
 
-    Without this, transformers loads its built-in class for a known model_type and silently ignores the auto_map: no code
-    runs, but the model is not the one its author meant either."""
+    Without this, transformers loads its built-in class for a known model_type and silently ignores the auto_map: no
+    code runs, but the model is not the one its author meant either."""
     folder = Path(name_or_path).expanduser()
     if trust_remote_code or not folder.is_dir():
         return

@@ -46,7 +46,8 @@ def _suffix(name: str) -> str:
 
 
 def load_dataset(data: str, split: str = "train"):
-    """A `datasets.Dataset` (memory-mapped Arrow) for a hub name, a save_to_disk folder, a data folder, files or a glob."""
+    """A `datasets.Dataset` (memory-mapped Arrow) for a hub name, a save_to_disk folder, a data folder, files or a
+    glob."""
     import datasets
 
     # CRITICAL, not ERROR: the csv builder logs the parse error it then raises, and mclip reports it once itself
@@ -82,10 +83,17 @@ def load_dataset(data: str, split: str = "train"):
                     f"{data} holds no dataset files (.parquet, .jsonl, .csv, .arrow) and no save_to_disk dataset"
                 )
         if files:
+            if split != "train":  # nothing to select: the files are read whole, whatever the split was called
+                raise UserError(
+                    f"split {split!r} does not apply to {data}: local files are read whole, as the one split datasets "
+                    "names 'train'; pass --split train (--val-split train for --val-data), or a dataset that has splits"
+                )
             builder = _builder_for(files)
             if _zero_rows(files, builder):  # the json and parquet builders crash on these (StopIteration, ArrowInvalid)
                 raise UserError(f"{data} is empty (zero rows); check --data")
             kwargs = {"delimiter": "\t"} if builder == "csv" and _suffix(files[0]) == ".tsv" else {}
+            if builder == "csv":  # every column as text: pandas would read ids 000, 001 as the integers 0, 1
+                kwargs["features"] = _text_features(files[0], kwargs.get("delimiter", ","))
             loaded = datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
             if builder in ("json", "csv", "text"):
                 _check_utf8(loaded, data)
@@ -112,6 +120,17 @@ def load_dataset(data: str, split: str = "train"):
             first = first_line(exc)
             raise UserError(f"cannot read dataset {data!r}: {first}; fix or re-export the file") from None
         raise
+
+
+def _text_features(path: str, delimiter: str):
+    """`datasets.Features` reading every column of a CSV/TSV file (named by its header) as a string, as ids are."""
+    import csv
+
+    import datasets
+
+    with open(path, encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle, delimiter=delimiter), [])
+    return datasets.Features({name: datasets.Value("string") for name in header}) if header else None
 
 
 def _zero_rows(files: list[str], builder: str) -> bool:
@@ -222,10 +241,19 @@ class CaptionFile:
                     continue
                 raise UserError(
                     f"column {column!r} for language {lang!r} not found in {data}; it has {', '.join(names)} "
-                    "(fix --languages or --text-column-template)"
+                    f"(fix --languages or --text-column-template{self._long_hint(have, lang_column, text_column)})"
                 )
             self.columns[lang] = column
         self.seen_languages: set = set()  # the long format's languages, gathered by chunks()
+
+    @staticmethod
+    def _long_hint(have: set, lang_column: str, text_column: str) -> str:
+        """How the data falls short of the long format, when it looks meant to be in it (one of its two columns)."""
+        missing = [c for c in (lang_column, text_column) if c not in have]
+        if len(missing) == 1:
+            needs = f"columns {lang_column!r} and {text_column!r}"
+            return f"; the long format needs {needs} by the id: it has no {missing[0]!r}"
+        return f"; or give the long format: columns id, {lang_column}, {text_column}"
 
     def __len__(self) -> int:
         return self.table.num_rows

@@ -15,8 +15,8 @@ import pyarrow as pa
 
 
 def ipc_batches(source) -> Iterable[pa.RecordBatch]:
-    """The record batches of an Arrow IPC file or stream (`source` an open pa.OSFile or memory map), one at a time (from a
-    map zero-copy: only the headers are read)."""
+    """The record batches of an Arrow IPC file or stream (`source` an open pa.OSFile or memory map), one at a time (from
+    a map zero-copy: only the headers are read)."""
     try:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
@@ -239,7 +239,8 @@ class Column:
         return buffer.address - base + skip
 
     def _layout_of(self, c: int) -> tuple:
-        """('list', fd, offset, row bytes, dtype) | ('str', fd, offsets offset, offset dtype, data offset) | ('mem',)."""
+        """('list', fd, offset, row bytes, dtype) | ('str', fd, offsets offset, offset dtype, data offset) |
+        ('mem',)."""
         if c not in self._layout:
             chunk, kind = self.chunks[c], ("mem",)
             if pa.types.is_fixed_size_list(chunk.type):

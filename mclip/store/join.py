@@ -1,8 +1,8 @@
 """Captions joined to the teacher cache by id in bounded memory: a sorted 64-bit hash index of the cache ids on disk.
 
 A dict of every cache id costs ~100 bytes a row per process (28M ids: ~3 GB per rank). Instead the ids are hashed in
-record-batch chunks, spilled into partitions by the hash's top bits, and each partition sorted alone, so the index file is
-globally sorted and no step holds more than one partition. `lookup` merges a chunk of sorted query hashes with it in
+record-batch chunks, spilled into partitions by the hash's top bits, and each partition sorted alone, so the index file
+is globally sorted and no step holds more than one partition. `lookup` merges a chunk of sorted query hashes with it in
 one sequential read (never a memory map, whose touched pages would count as RSS) and compares the real id strings of
 every hit, so a hash collision can never join the wrong row.
 """

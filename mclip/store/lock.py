@@ -54,7 +54,8 @@ def describe(info: dict) -> str:
 
 
 class OutputLock:
-    """An exclusive lock on an output folder, created with the folder when missing; `release` removes what it created."""
+    """An exclusive lock on an output folder, created with the folder when missing; `release` removes what it
+    created."""
 
     def __init__(self, folder: str | Path, command: str):
         self.folder, self.command = Path(folder), command
@@ -94,7 +95,8 @@ class OutputLock:
             os.close(fd)
         else:
             raise UserError(
-                f"could not lock {self.path}: another run keeps replacing it; wait for it to finish, or choose another --out"
+                f"could not lock {self.path}: another run keeps replacing it; wait for it to "
+                "finish, or choose another --out"
             )
         info = {
             "pid": os.getpid(),
@@ -142,8 +144,8 @@ def _same_file(fd: int, path: Path) -> bool:
 
 @contextlib.contextmanager
 def hold(folder: str | Path, command: str, ctx=None) -> Iterator[OutputLock | None]:
-    """Hold the lock on `folder` for the block; under torchrun (`ctx` from `distributed.setup`) rank 0 holds it and every
-    rank raises its refusal."""
+    """Hold the lock on `folder` for the block; under torchrun (`ctx` from `distributed.setup`) rank 0 holds it and
+    every rank raises its refusal."""
     lock, refusal = None, None
     if ctx is None or ctx.is_main:
         try:

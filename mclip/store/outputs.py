@@ -1,5 +1,5 @@
-"""Output folders, the rules every stage shares: claim or refuse --out, its lock, atomic file and folder writes, checksums,
-and which settings a resumed run may change.
+"""Output folders, the rules every stage shares: claim or refuse --out, its lock, atomic file and folder writes,
+checksums, and which settings a resumed run may change.
 
 A stage checks its --out read-only first (`check`), loads and checks its inputs, and only then makes the folder its own
 (`claim`), so a refused run leaves nothing behind. Every file appears whole or not at all: written to a temp file in the
@@ -9,6 +9,7 @@ same folder, fsynced, renamed (`atomic_file`); a folder of files the same way (`
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,8 @@ from mclip.config import request
 from mclip.errors import UserError, writing
 from mclip.store import lock
 
-META = "mclip.json"  # the marker of an mclip model folder (a student, a checkpoint or an export): what it is and how it loads
+# the marker of an mclip model folder (a student, a checkpoint or an export): what it is and how it loads
+META = "mclip.json"
 
 
 def hold(folder: str | Path, command: str, ctx=None):
@@ -45,9 +47,9 @@ def check(
     out: Path, reuse: bool, refusal: str | None = None, owned: Callable[[str], bool] | None = None, command: str = ""
 ) -> list[str]:
     """Refuse a non-empty --out unless `reuse` (the user's --resume or --overwrite, or the stage's own output there);
-    `refusal` ends the line after "--out OUT is not empty" (default: choose an empty folder or --overwrite). With `owned`,
-    a reused folder may hold only the files `owned(name)` claims: --overwrite replaces a previous `command`'s own files
-    and nothing else. Read-only; returns `contents(out)`."""
+    `refusal` ends the line after "--out OUT is not empty" (default: choose an empty folder or --overwrite). With
+    `owned`, a reused folder may hold only the files `owned(name)` claims: --overwrite replaces a previous `command`'s
+    own files and nothing else. Read-only; returns `contents(out)`."""
     present = contents(out)
     if present and not reuse:
         refusal = refusal or f"; choose an empty folder, or pass --overwrite to replace a previous {command}'s files"
@@ -73,9 +75,9 @@ def claim(out: Path, previous: Iterable[Path], then: str) -> None:
 
 
 def changed(saved: dict, config: Any, **resolved: Any) -> list[str]:
-    """`name: old -> new` for each field that decides what the output holds (not `option(runtime=True)`) and differs from
-    the `saved` values the output was made with: what a resume or rerun on it refuses. `resolved`: JSON values that stand
-    for the config's own (a default the run resolves the same way again, as the saved value was)."""
+    """`name: old -> new` for each field that decides what the output holds (not `option(runtime=True)`) and differs
+    from the `saved` values the output was made with: what a resume or rerun on it refuses. `resolved`: JSON values that
+    stand for the config's own (a default the run resolves the same way again, as the saved value was)."""
     now = request(config) | resolved
     return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
 
@@ -107,8 +109,8 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[str]:
-    """A temp file beside `path` (`.NAME.*.tmp`) for the block to write; then fsynced and renamed onto `path`, so a reader
-    sees the old file or the new one, never a partial one. A failed block removes the temp file."""
+    """A temp file beside `path` (`.NAME.*.tmp`) for the block to write; then fsynced and renamed onto `path`, so a
+    reader sees the old file or the new one, never a partial one. A failed block removes the temp file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -129,6 +131,20 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         handle.write(payload)
 
 
+def write_array(target: Any, array: Any) -> None:
+    """An array's bytes written to an open binary file (appended where it stands), or to a new file at a path. Never
+    `ndarray.tofile`: on a full disk it wrote nothing and raised nothing (its C stream's failed flush goes unchecked),
+    while a Python file's write, or its close, raises ENOSPC."""
+    import numpy as np
+
+    data = memoryview(np.ascontiguousarray(array)).cast("B")
+    if isinstance(target, (str, Path)):
+        with open(target, "wb") as handle:
+            handle.write(data)
+    else:
+        target.write(data)
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
@@ -140,6 +156,12 @@ def write_folder(final: Path, tmp: Path, fill: Callable[[Path], None], then: str
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             fill(tmp)
+        except Exception as exc:
+            full = None if isinstance(exc, (OSError, UserError)) else disk_full(tmp if tmp.is_dir() else tmp.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full is not None:  # torch.save's RuntimeError, safetensors' SafetensorError: a full disk, said so
+                raise full from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -150,6 +172,26 @@ def write_folder(final: Path, tmp: Path, fill: Callable[[Path], None], then: str
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def disk_full(folder: Path) -> OSError | None:
+    """After a library failed a write with an error of its own, naming no errno (torch.save's `RuntimeError: ...
+    unexpected pos`, safetensors' `I/O error`): the ENOSPC or EDQUOT a small write in `folder` meets now, or None when
+    the disk still takes data (so the failure was something else)."""
+    probe = Path(folder) / f".space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * (1 << 16))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        return exc if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
 
 
 def file_sha256(path: Path) -> str:

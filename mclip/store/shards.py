@@ -210,8 +210,8 @@ class TeacherCache:
 
     def damage(self) -> tuple[Path, str] | None:
         """A cheap look for the first damaged shard, (path, what is wrong), or None: every shard is there, has its
-        recorded size and a readable Arrow footer with the recorded row count. Reads no embedding bytes, so a flipped bit
-        inside is found only by `verify` (`mclip verify`)."""
+        recorded size and a readable Arrow footer with the recorded row count. Reads no embedding bytes, so a flipped
+        bit inside is found only by `verify` (`mclip verify`)."""
         for shard in self.manifest["shards"]:
             path = self.path / shard["file"]
             if not path.is_file():
@@ -219,7 +219,8 @@ class TeacherCache:
             if shard.get("bytes") is not None and path.stat().st_size != shard["bytes"]:
                 return (
                     path,
-                    f"has {path.stat().st_size} bytes, not the {shard['bytes']} recorded in manifest.json (truncated or changed)",
+                    f"has {path.stat().st_size} bytes, not the {shard['bytes']} recorded in "
+                    "manifest.json (truncated or changed)",
                 )
             stats = read_shard_stats(path)
             if stats is None or stats.get("rows") != shard["rows"]:
@@ -231,8 +232,8 @@ class TeacherCache:
         found = self.damage()
         if found is not None:
             raise UserError(
-                f"teacher cache shard {found[0]} {found[1]}; delete it and rerun the same `mclip embed-teacher` command "
-                f"to recompute it (`mclip verify {self.path}` checks every file)"
+                f"teacher cache shard {found[0]} {found[1]}; delete it and rerun the same `mclip embed-teacher` "
+                f"command to recompute it (`mclip verify {self.path}` checks every file)"
             )
 
     def verify(self) -> list[str]:

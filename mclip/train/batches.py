@@ -1,5 +1,5 @@
-"""Stage 2's batches: the epoch plan (seeded, length-grouped batches that every rank and a resumed run cut the same way),
-the token lengths it groups by, and each step's tokenised micro-batches with their targets read from the cache."""
+"""Stage 2's batches: the epoch plan (seeded, length-grouped batches that every rank and a resumed run cut the same
+way), the token lengths it groups by, and each step's tokenised micro-batches with their targets read from the cache."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ UNGROUPED_BLOCK = 64  # with no length grouping, batches the plan computes at on
 
 class EpochPlan:
     """plan[k] -> (batch_size,) pair indices of step k of one epoch, the same on every rank and on resume, computed a
-    mega-batch at a time when a step of it is asked for: nothing per pair is held, so the plan's memory does not grow with
-    the data (the previous whole-epoch array was 4 bytes a pair per rank). len(plan) = steps; the last partial batch is
-    dropped.
+    mega-batch at a time when a step of it is asked for: nothing per pair is held, so the plan's memory does not grow
+    with the data (the previous whole-epoch array was 4 bytes a pair per rank). len(plan) = steps; the last partial
+    batch is dropped.
 
     The epoch's order is a (seed, epoch) `Shuffle` of the pairs. Mega-batch m is the order's positions m*G*B ... (G =
     `group` batches of B): inside it pairs of alike token length are batched together (less padding), in a random
@@ -124,7 +124,8 @@ def token_lengths(tokenizer, pairs: Pairs, max_length: int, path: Path, rank: in
     n = len(pairs)
     if max_length >= 2**15:
         raise UserError(
-            f"--max-length {max_length} is over the 32767 tokens length grouping counts to; lower it or pass --group-batches 1"
+            f"--max-length {max_length} is over the 32767 tokens length grouping counts to; lower it "
+            "or pass --group-batches 1"
         )
     bounds = np.linspace(0, n, world_size + 1).astype(np.int64)
     if rank == 0:
@@ -150,12 +151,13 @@ def open_lengths(path: Path, n: int):
 
 
 class EpochSteps(torch.utils.data.Dataset):
-    """Step k of an epoch -> this rank's micro-batches (tokenised, padded to their longest) and the global batch's targets.
+    """Step k of an epoch -> this rank's micro-batches (tokenised, padded to their longest) and the global batch's
+    targets.
 
-    Rank r takes positions r, r + world, ... of the length-sorted global batch, so ranks get alike lengths; every rank gets
-    all B targets because they are the InfoNCE negatives (fixed teacher vectors: the same as all_gathering them, minus the
-    communication, and it covers accumulation micro-batches too). Targets are gathered from the cache's memory map
-    (`Column`), B rows a step: no rank holds a copy of the cache.
+    Rank r takes positions r, r + world, ... of the length-sorted global batch, so ranks get alike lengths; every rank
+    gets all B targets because they are the InfoNCE negatives (fixed teacher vectors: the same as all_gathering them,
+    minus the communication, and it covers accumulation micro-batches too). Targets are gathered from the cache's memory
+    map (`Column`), B rows a step: no rank holds a copy of the cache.
     """
 
     def __init__(

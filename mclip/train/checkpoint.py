@@ -109,7 +109,8 @@ def check_out(config: TrainConfig, cache) -> tuple[Path | None, list[tuple[Path,
     diff = outputs.changed(old, config, **resolved)
     if diff:
         raise UserError(
-            f"{out} was trained with other arguments ({', '.join(diff)}); repeat them to resume, or pass --overwrite to start over"
+            f"{out} was trained with other arguments ({', '.join(diff)}); repeat them to resume, or pass "
+            "--overwrite to start over"
         )
     latest, damaged = _intact_checkpoint(found)
     dim = json.loads((latest / META).read_text(encoding="utf-8"))["dim"]
@@ -121,15 +122,17 @@ def check_out(config: TrainConfig, cache) -> tuple[Path | None, list[tuple[Path,
     was, now = saved["teacher"], cache.manifest["teacher"]
     if was["fingerprint"] != now["fingerprint"]:
         raise UserError(
-            f"cache {config.cache} was made by teacher {now['name']} ({now['fingerprint'][:12]}) but this run trained on "
-            f"{was['name']} ({was['fingerprint'][:12]}); point --cache at the original cache, or --overwrite to start over"
+            f"cache {config.cache} was made by teacher {now['name']} ({now['fingerprint'][:12]}) but this run trained "
+            f"on {was['name']} ({was['fingerprint'][:12]}); point --cache at the original cache, or "
+            "--overwrite to start over"
         )
     return latest, damaged
 
 
 def _intact_checkpoint(found: list[tuple[int, Path]]) -> tuple[Path, list[tuple[Path, str]]]:
     """The newest checkpoint whose files match its checksums, and the damaged newer ones. Falling back is safe: the run
-    resumes exactly from the older step (metrics after it are dropped) and the damaged folders are kept aside, not loaded."""
+    resumes exactly from the older step (metrics after it are dropped) and the damaged folders are kept aside, not
+    loaded."""
     damaged = []
     for _, folder in reversed(found):
         problems = verify.check_folder(folder)
@@ -146,10 +149,10 @@ def _intact_checkpoint(found: list[tuple[int, Path]]) -> tuple[Path, list[tuple[
 def claim(
     config: TrainConfig, damaged: list[tuple[Path, str]], resume_from: Path | None, record: dict, join: dict, step: int
 ) -> None:
-    """Make the run folder this run's (rank 0, inputs checked): --overwrite removes the files of the run it held (and nothing
-    else), a killed save's temp folders go, damaged checkpoints are set aside (renamed, never deleted) so the run resumes
-    from the last intact one; then config.json (`record`) and join.json are written, and the metrics records a killed run
-    wrote after its last checkpoint (`step`) are dropped, so each step is logged once."""
+    """Make the run folder this run's (rank 0, inputs checked): --overwrite removes the files of the run it held (and
+    nothing else), a killed save's temp folders go, damaged checkpoints are set aside (renamed, never deleted) so the
+    run resumes from the last intact one; then config.json (`record`) and join.json are written, and the metrics records
+    a killed run wrote after its last checkpoint (`step`) are dropped, so each step is logged once."""
     out = Path(config.out)
     root = out / CHECKPOINTS
     previous = [out / name for name in ARTEFACTS] if config.overwrite else []
@@ -169,7 +172,7 @@ def claim(
         with writing(out / name, RESUME):
             outputs.write_json(out / name, data)
     lines = (out / METRICS).read_text(encoding="utf-8").splitlines() if (out / METRICS).exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if (record := _record(line)) is not None and record["step"] <= step]
     with writing(out / METRICS, RESUME):
         outputs.atomic_write_bytes(out / METRICS, "".join(line + "\n" for line in kept).encode("utf-8"))
 
@@ -177,14 +180,20 @@ def claim(
 # ---- during the run: records and checkpoints ----
 
 
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line's record; None for a blank line or the cut last one of a run killed (or out of disk) while
+    appending it: the steps after the last checkpoint are logged again by the resumed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
 def records(out: Path) -> list[dict]:
     """metrics.jsonl's train and val records, in order (none before the first)."""
     path = Path(out) / METRICS
-    return [
-        json.loads(line)
-        for line in (path.read_text(encoding="utf-8").splitlines() if path.exists() else [])
-        if line.strip()
-    ]
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return [record for line in lines if (record := _record(line)) is not None]
 
 
 def log(out: Path, record: dict) -> None:
@@ -207,7 +216,8 @@ def trainer_state(
     teacher_fingerprint: str,
 ) -> dict:
     """trainer.pt: what a resume needs besides the student's weights: the optimizer and scaler, the data position, every
-    rank's RNG states, the temperature and layer-kd projections. A collective (it gathers the RNG states): every rank calls it."""
+    rank's RNG states, the temperature and layer-kd projections. A collective (it gathers the RNG states): every rank
+    calls it."""
     rng = distributed.all_gather_objects(_rng_state())
     return {
         "format": "mclip-trainer",
@@ -245,7 +255,8 @@ def save(out: Path, step: int, model, trainer: dict, keep_last: int) -> Path:
 
 def restore(folder: Path, model, optimizer, scaler, train_pairs: int, digest: str, rank: int) -> int:
     """Load a checkpoint's trainer state into the model's extras (temperature, layer-kd projections; its student weights
-    were loaded with the student), the optimizer, the scaler and this rank's RNGs; return its step. Refuses other pairs."""
+    were loaded with the student), the optimizer, the scaler and this rank's RNGs; return its step. Refuses other
+    pairs."""
     state = _load_trainer(folder)
     if state["train_pairs"] != train_pairs or state.get("pairs_digest", digest) != digest:
         raise UserError(
@@ -276,8 +287,8 @@ def _load_trainer(folder: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         raise UserError(
-            f"cannot load {path} ({first_line(exc, 200)}); it is damaged or was not written by mclip: delete {folder} to "
-            "resume from the checkpoint before it, or pass --overwrite to start over"
+            f"cannot load {path} ({first_line(exc, 200)}); it is damaged or was not written by mclip: delete {folder} "
+            "to resume from the checkpoint before it, or pass --overwrite to start over"
         ) from None
 
 
@@ -308,8 +319,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def start_weights(out: Path, student, step: int, wise_ft: float) -> None:
-    """WiSE-FT's other end: a fresh run writes the student's step-0 weights to OUT/start.pt; a resumed one checks, before
-    any step, that they are there and fit the student."""
+    """WiSE-FT's other end: a fresh run writes the student's step-0 weights to OUT/start.pt; a resumed one checks,
+    before any step, that they are there and fit the student."""
     path = Path(out) / START
     if step == 0:
         state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
@@ -342,7 +353,8 @@ def _load_start(path: Path, student) -> dict:
 
 @torch.no_grad()
 def mix_start(out: Path, student, weight: float) -> None:
-    """WiSE-FT (Wortsman et al. 2022), in place: every floating-point weight becomes weight x trained + (1 - weight) x step 0."""
+    """WiSE-FT (Wortsman et al. 2022), in place: every floating-point weight becomes weight x trained + (1 - weight) x
+    step 0."""
     start = _load_start(Path(out) / START, student)
     for name, value in student.state_dict().items():
         if value.is_floating_point():
@@ -371,7 +383,8 @@ def finish(out: Path, model, summary: dict) -> None:
 
 
 def plot_curves(metrics_path: Path, png: Path) -> None:
-    """Train loss, validation loss and R@1 per language against step (matplotlib's Agg canvas: no display, no global state)."""
+    """Train loss, validation loss and R@1 per language against step (matplotlib's Agg canvas: no display, no global
+    state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -13,7 +13,8 @@ from mclip.models.student import StudentEncoder, pool
 
 
 class Distiller(nn.Module):
-    """The student, the InfoNCE temperature (log-parametrised) and the layer-kd projections (student hidden -> teacher hidden)."""
+    """The student, the InfoNCE temperature (log-parametrised) and the layer-kd projections (student hidden -> teacher
+    hidden)."""
 
     def __init__(
         self,
@@ -45,7 +46,8 @@ class Distiller(nn.Module):
             self.log_temperature.clamp_(min=math.log(MIN_TEMPERATURE))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """input_ids, attention_mask (B, T) -> embedding (B, D), K projected layer states (B, H_teacher), temperature ()."""
+        """input_ids, attention_mask (B, T) -> embedding (B, D), K projected layer states (B, H_teacher), temperature
+        ()."""
         emb, hidden = self.student(input_ids, attention_mask, output_hidden_states=bool(self.student_layers))
         states = [
             proj(pool(hidden[layer], attention_mask, "mean"))
@@ -69,7 +71,8 @@ def param_groups(model: Distiller, weight_decay: float, embedding_lr_scale: floa
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then linear/cosine decay to lr * min_lr_ratio."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then linear/cosine decay to lr *
+    min_lr_ratio."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.schedule == "constant":

@@ -47,9 +47,9 @@ def info_nce(
 
 def same_target(targets: torch.Tensor, texts_group: torch.Tensor | None = None, tol: float = 1e-6) -> torch.Tensor:
     """targets (N, D) -> (N, N) bool, True where two rows carry the same teacher target: bit-identical vectors (stage 1
-    embeds identical captions once, and captions cut to the same tokens come out identical) or, within `tol` of cosine 1,
-    the same caption embedded in another shard; texts_group (N,) long, optional, also joins rows whose English caption is
-    the same string (stage 3's rule: identical English captions are one target)."""
+    embeds identical captions once, and captions cut to the same tokens come out identical) or, within `tol` of cosine
+    1, the same caption embedded in another shard; texts_group (N,) long, optional, also joins rows whose English
+    caption is the same string (stage 3's rule: identical English captions are one target)."""
     unit = F.normalize(targets.float(), dim=-1)
     same = unit @ unit.T >= 1 - tol  # (N, N)
     if texts_group is not None:
@@ -74,11 +74,11 @@ def distillation(
     """The student-to-teacher loss chosen by `--loss`; shapes as in `info_nce`.
 
     mse: MSE(s, t); cosine: 1 - cos(s, t); cl: (1 - alpha) * base(s, t) + alpha * InfoNCE, base = mse or cosine,
-    where t = targets[positive] is each row's own teacher vector. normalized: the targets are unit vectors (the cache was
-    L2-normalised), so MSE compares the L2-normalised student with them: retrieval ignores the norm, and an unnormalised
-    student whose pooled norm is 6 (all-MiniLM-L6-v2) would first have to shrink every output 6x, wrecking a student that
-    starts as the teacher. MSE of unit vectors is 2 (1 - cos) / D, so it ranks like cosine; its scale matches
-    sentence-transformers' MSELoss behind a Normalize module.
+    where t = targets[positive] is each row's own teacher vector. normalized: the targets are unit vectors (the cache
+    was L2-normalised), so MSE compares the L2-normalised student with them: retrieval ignores the norm, and an
+    unnormalised student whose pooled norm is 6 (all-MiniLM-L6-v2) would first have to shrink every output 6x, wrecking
+    a student that starts as the teacher. MSE of unit vectors is 2 (1 - cos) / D, so it ranks like cosine; its scale
+    matches sentence-transformers' MSELoss behind a Normalize module.
     """
     own = targets[positive]  # (B, D)
     pointwise = F.normalize(student.float(), dim=-1) if normalized else student

@@ -18,6 +18,7 @@ from mclip.errors import UserError
 from mclip.store.captions import CaptionFile
 from mclip.store.columns import Bits, Column, RawArray
 from mclip.store.join import IdIndex
+from mclip.store.outputs import write_array
 
 PAIR_FILES = {"rows": "<i8", "src": "<i8", "langs": "<i1"}  # one raw little-endian array per field, P values each
 CHUNK = 1 << 16  # pairs handled at once in a pass over them: bounded memory whatever the data's size
@@ -58,7 +59,8 @@ class Pairs:
         return np.asarray(self.cache_groups[np.asarray(self.rows[np.asarray(index)])], dtype=np.int64)
 
     def subset(self, keep: np.ndarray) -> Pairs:
-        """The pairs where `keep` (a mask), in memory: for the validation set and the vocabulary pass, not the whole data."""
+        """The pairs where `keep` (a mask), in memory: for the validation set and the vocabulary pass, not the whole
+        data."""
         idx = np.flatnonzero(keep)
         return Pairs(
             self.sources,
@@ -123,20 +125,22 @@ def text_groups(cache_texts: pa.Array) -> np.ndarray:
 
 
 def _cache_groups(cache, folder: Path) -> np.ndarray:
-    """(N,) English-caption group per cache row, on disk (read by pread): stage 1's `caption_group` column when the cache has it
-    (streamed, bounded), else grouped by text here (caches of mclip before format 2: a hash table of the texts)."""
+    """(N,) English-caption group per cache row, on disk (read by pread): stage 1's `caption_group` column when the
+    cache has it (streamed, bounded), else grouped by text here (caches of mclip before format 2: a hash table of the
+    texts)."""
     path = folder / "cache_groups"
     if "caption_group" in cache.columns:
         with open(path, "wb") as handle:
             for _, values in cache.batches("caption_group"):
                 handle.write(values.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     else:
-        text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8").tofile(path)
+        write_array(path, text_groups(cache.table(["text"]).column("text").combine_chunks()).astype("<i8"))
     return RawArray(path, "<i8")
 
 
 def hash_unit(ids: list[str], seed: int) -> np.ndarray:
-    """A uniform number in [0, 1) per id from blake2b(seed:id): a split that holds across runs, machines and row order."""
+    """A uniform number in [0, 1) per id from blake2b(seed:id): a split that holds across runs, machines and row
+    order."""
     return np.fromiter(
         (int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") / 2.0**64 for i in ids),
         dtype=np.float64,
@@ -145,7 +149,8 @@ def hash_unit(ids: list[str], seed: int) -> np.ndarray:
 
 
 class _Captions(CaptionFile):
-    """Stage 2's caption file: wide (id, caption_<lang>...) or long (id, lang, text); its English pairs are the cache's text."""
+    """Stage 2's caption file: wide (id, caption_<lang>...) or long (id, lang, text); its English pairs are the cache's
+    text."""
 
     def __init__(self, config: TrainConfig, data: str, split: str, languages: list[str]):
         super().__init__(data, split, languages, id_column=config.id_column, template=config.text_column_template)
@@ -163,8 +168,8 @@ def _join(
     val_fraction: float,
 ) -> tuple[dict, dict]:
     """Stream one caption file into pair files under folder/"all" (and folder/"held" for held-out ids): per language,
-    each non-blank caption whose id is in the cache. "en" pairs take the cache's own text (what the teacher embedded) for
-    every id joined in another language. `held`: the cache rows held out for validation (from --val-data), else the
+    each non-blank caption whose id is in the cache. "en" pairs take the cache's own text (what the teacher embedded)
+    for every id joined in another language. `held`: the cache rows held out for validation (from --val-data), else the
     rows with hash_unit(id) < val_fraction are held out and added to `is_val`."""
     others = [lang for lang in languages if lang != "en"]
     writers = {"all": _PairWriter(folder / "all", languages), "held": _PairWriter(folder / "held", languages)}
@@ -222,7 +227,8 @@ def _join(
 
 def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
     """Join the caption file(s) to the cache into pair files under `folder` (rank 0, before training; bounded memory:
-    a bitmap of the cache rows and one chunk of rows at a time). Returns the join report; `open_pairs` reads the result."""
+    a bitmap of the cache rows and one chunk of rows at a time). Returns the join report; `open_pairs` reads the
+    result."""
 
     languages = _languages(config)
     others = [lang for lang in languages if lang != "en"]
@@ -247,7 +253,8 @@ def build_pairs(config: TrainConfig, cache, folder: Path) -> dict:
             sample = next(iter(captions.chunks()))[1][:3].to_pylist() if len(captions) else []
             raise UserError(
                 f"no caption id in {data} matches an id in the cache {config.cache} (data ids {sample} vs cache ids "
-                f"{sample_ids}); build the cache from the same rows with `mclip embed-teacher --id-column {config.id_column}`"
+                f"{sample_ids}); build the cache from the same rows with `mclip embed-teacher "
+                f"--id-column {config.id_column}`"
             )
         return report | {"_counts": counts}
 

@@ -1,6 +1,6 @@
 """Stage 2: train a multilingual student on (caption, cached teacher vector) pairs, top to bottom: the inputs, the model
-and optimizer, the loop, the export. The pairs and the epoch plan are `mclip.train.pairs`', the run folder, checkpoints and
-resume `mclip.train.checkpoint`'s."""
+and optimizer, the loop, the export. The pairs and the epoch plan are `mclip.train.pairs`', the run folder, checkpoints
+and resume `mclip.train.checkpoint`'s."""
 
 from __future__ import annotations
 
@@ -43,17 +43,42 @@ class TrainResult:
     pairs_per_s: float  # global training throughput of this run (0 when it had nothing left to do)
     seconds: float  # wall time of this run
     join: dict  # what joined and what did not (also in join.json)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # settings not taken as given (config.json, summary)
+
+
+def _warnings(config: TrainConfig, student: StudentEncoder, total_steps: int) -> list[str]:
+    """What the run will do otherwise than its settings say, each printed as `mclip: warning:` and kept in config.json
+    and summary.json."""
+    found = []
+    default = next(f.default for f in dataclasses.fields(config) if f.name == "max_length")
+    # the default is documented as capped by the student's limit; a --max-length the user chose above it is warned of
+    if student.max_length < config.max_length != default:
+        found.append(
+            f"--max-length {config.max_length} is above the {student.max_length} positions of student "
+            f"{config.student}; captions are cut at {student.max_length} tokens (recorded as max_length)"
+        )
+    if config.warmup_steps > total_steps:
+        peak = lr_at(total_steps - 1, config, total_steps)
+        found.append(
+            f"--warmup-steps {config.warmup_steps} is longer than the run's {total_steps} steps, so the learning rate "
+            f"peaks at {peak:.3g}, not --lr {config.lr:g}; lower --warmup-steps (e.g. {max(1, total_steps // 10)})"
+        )
+    return found
 
 
 def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs) -> StudentEncoder:
-    """The checkpoint's student on resume; else an exported mclip student to continue, or a fresh HF encoder + projection."""
-    if resume_from is not None or (Path(config.student) / META).exists():
+    """The checkpoint's student on resume; else an exported mclip student to continue, or a fresh HF encoder and
+    projection. A continued student takes --max-length and --extend-vocab as a fresh one does."""
+    continued = resume_from is None and (Path(config.student) / META).exists()
+    if resume_from is not None or continued:
         source = resume_from or Path(config.student)
         student = load(source, trust_remote_code=config.trust_remote_code)
         if student.pooler != config.pooler and resume_from is None:
             raise UserError(
                 f"student {source} was exported with --pooler {student.pooler}; pass --pooler {student.pooler}"
             )
+        if continued:
+            student.max_length = int(min(config.max_length, student.position_limit or config.max_length))
     else:
         student = build_student(
             config.student,
@@ -63,30 +88,30 @@ def _student(config: TrainConfig, cache, resume_from: Path | None, train: Pairs)
             trust_remote_code=config.trust_remote_code,
             projection_init=config.projection_init,
         )
-        if config.extend_vocab:
-            # the new tokens come from the other languages only, and none may change how the English captions tokenise:
-            # English keeps the teacher's own reading (a teacher-initialised student still equals the teacher at step 0)
-            is_en = np.asarray(train.langs) == (train.languages.index("en") if "en" in train.languages else -1)
-            other = train.subset(~is_en)
-            cache_text = cache.column("text")
-            english = cache_text.take(other.rows).to_pylist() if config.extend_vocab_init == "aligned" else None
-            keep = cache_text.take(np.unique(np.asarray(train.rows))).to_pylist()
-            student.meta["added_tokens"] = len(
-                extend_vocabulary(
-                    student,
-                    other.texts(),
-                    config.extend_vocab_words,
-                    english,
-                    keep,
-                    config.extend_vocab_min_piece_rate,
-                    config.extend_vocab_stems,
-                    config.extend_vocab_stem_piece_rate,
-                )
-            )
+    if config.extend_vocab and resume_from is None:  # a checkpoint's student holds the tokens its run added
+        # the new tokens come from the other languages only, and none may change how the English captions tokenise:
+        # English keeps the teacher's own reading (a teacher-initialised student still equals the teacher at step 0)
+        is_en = np.asarray(train.langs) == (train.languages.index("en") if "en" in train.languages else -1)
+        other = train.subset(~is_en)
+        cache_text = cache.column("text")
+        english = cache_text.take(other.rows).to_pylist() if config.extend_vocab_init == "aligned" else None
+        keep = cache_text.take(np.unique(np.asarray(train.rows))).to_pylist()
+        added = extend_vocabulary(
+            student,
+            other.texts(),
+            config.extend_vocab_words,
+            english,
+            keep,
+            config.extend_vocab_min_piece_rate,
+            config.extend_vocab_stems,
+            config.extend_vocab_stem_piece_rate,
+        )
+        student.meta["added_tokens"] = int(student.meta.get("added_tokens", 0)) + len(added)
     if student.dim != cache.dim:
         raise UserError(
             f"student {resume_from or config.student} projects to {student.dim} dims but cache {config.cache} holds "
-            f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was trained on, or a fresh --student"
+            f"{cache.dim}-dim targets (teacher {cache.manifest['teacher']['name']}); use the cache it was "
+            "trained on, or a fresh --student"
         )
     pooler_head = getattr(student.backbone, "pooler", None)
     if isinstance(
@@ -126,9 +151,10 @@ def _layer_plan(config: TrainConfig, cache, student: StudentEncoder) -> tuple[in
 
 @torch.no_grad()
 def evaluate(model: Distiller, val: Pairs, targets: Column, config: TrainConfig, normalized: bool = True) -> dict:
-    """Validation loss (the distillation loss without layer-kd, in chunks of --batch-size) and R@1 of student(xx) -> teacher(en)
-    per language, by exact search over the validation ids' teacher vectors; as in stage 3, identical English captions
-    are one target, so retrieving the twin of a caption's English counts as a hit."""
+    """Validation loss (the distillation loss without layer-kd, in chunks of --batch-size) and R@1 of student(xx) ->
+    teacher(en) per language, by exact search over the validation ids' teacher vectors; as in stage 3, identical English
+    captions are one target, so retrieving the twin of a caption's English counts as a hit, and a tie counts against
+    the query (`_first_without_ties`)."""
     emb = torch.from_numpy(
         model.student.encode(val.texts(), batch_size=config.eval_batch_size, normalize=False)
     )  # (V, D)
@@ -155,13 +181,29 @@ def evaluate(model: Distiller, val: Pairs, targets: Column, config: TrainConfig,
     gallery_groups, first = np.unique(val_groups, return_index=True)  # one gallery entry per distinct English caption
     gallery = F.normalize(torch.from_numpy(targets.gather(val.rows[first])), dim=-1)  # (G, D)
     queries = F.normalize(emb, dim=-1)
-    best = torch.cat([(queries[s : s + 4096] @ gallery.T).argmax(1) for s in range(0, len(queries), 4096)]).numpy()
-    hit = gallery_groups[best] == val_groups
+    relevant = torch.from_numpy(np.searchsorted(gallery_groups, val_groups))  # (V,) each query's English caption
+    hit = np.concatenate(
+        [
+            _first_without_ties(chunk @ gallery.T, relevant[s : s + len(chunk)]).numpy()
+            for s in range(0, len(queries), 4096)
+            for chunk in [queries[s : s + 4096]]
+        ]
+    )
     result = {"val_loss": total / len(val)}
     for k, lang in enumerate(val.languages):
         if (val.langs == k).any():
             result[f"val_r1_{lang}"] = float(hit[val.langs == k].mean())
     return result
+
+
+def _first_without_ties(scores: torch.Tensor, relevant: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
+    """scores (Q, G), relevant (Q,) the one relevant gallery item per query -> (Q,) bool: rank 1 by stage 3's rule,
+    ties counted against the query (no other item scores within `atol` of the relevant one): the rank 1 that
+    mclip.evaluate.metrics.ranks_from_labels gives (a stage imports no other; tests/train/test_run.py checks both)."""
+    scores = scores.double()  # compared in float64, as stage 3 compares them
+    own = scores.gather(1, relevant[:, None])  # (Q, 1)
+    others = scores >= own - atol  # (Q, G), the relevant item itself included
+    return others.sum(1) == 1
 
 
 def _plan(report: dict, train: Pairs, total_steps: int, batch_size: int, step: int, out: Path) -> str:
@@ -178,8 +220,9 @@ def summary(result: TrainResult) -> str:
     val = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
     shown = ", ".join(f"{k[4:]} {v:.4f}" for k, v in val.items())
     return (
-        f"train-student: {result.steps:,} steps on {result.join['train_pairs']:,} pairs, loss {result.metrics.get('loss', float('nan')):.4f}"
-        f"{'; ' + shown if shown else ''}; {result.pairs_per_s:,.0f} pairs/s, {result.seconds:.1f}s; student at {result.final}"
+        f"train-student: {result.steps:,} steps on {result.join['train_pairs']:,} pairs, loss "
+        f"{result.metrics.get('loss', float('nan')):.4f}{'; ' + shown if shown else ''}; {result.pairs_per_s:,.0f} "
+        f"pairs/s, {result.seconds:.1f}s; student at {result.final}"
     )
 
 
@@ -187,12 +230,14 @@ def summary(result: TrainResult) -> str:
 
 
 def is_complete(config: TrainConfig) -> bool:
-    """Whether --out holds a finished run (a rerun with --resume finds nothing to do; `mclip run` reports it skipped)."""
+    """Whether --out holds a finished run (a rerun with --resume finds nothing to do; `mclip run` reports it
+    skipped)."""
     return checkpoint.is_finished(Path(config.out))
 
 
 def run(config: TrainConfig) -> TrainResult:
-    """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over ranks."""
+    """Train the student; --resume continues from the latest checkpoint; under torchrun each global batch is split over
+    ranks."""
     started = time.perf_counter()
     with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "train-student", ctx):
         state = {"made_out": not Path(config.out).exists(), "scratch": None, "claimed": False, "reporter": None}
@@ -209,6 +254,16 @@ def run(config: TrainConfig) -> TrainResult:
         finally:
             if state["reporter"] is not None:
                 state["reporter"].close()
+
+
+def interrupted(config: TrainConfig) -> tuple[str, str | None]:
+    """What an interrupted run left in --out, and the flag that continues it."""
+    found = checkpoint.checkpoints(Path(config.out))
+    if checkpoint.is_finished(Path(config.out)):
+        return f"the finished run in {config.out} kept", "--resume"
+    if not found:
+        return f"no checkpoint written yet (one every {config.save_every} steps)", "--resume"
+    return f"checkpoint {found[-1][1]} kept (step {found[-1][0]})", "--resume"
 
 
 class _Window:
@@ -237,7 +292,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     resume_from, damaged = distributed.main_only(ctx, lambda: checkpoint.check_out(config, cache))
     if config.batch_size % (ctx.world_size * config.grad_accum):
         raise UserError(
-            f"--batch-size {config.batch_size} must split evenly over {ctx.world_size} rank(s) x --grad-accum {config.grad_accum}"
+            f"--batch-size {config.batch_size} must split evenly over {ctx.world_size} rank(s) x "
+            f"--grad-accum {config.grad_accum}"
         )
     precision = distributed.resolve_precision(config.precision, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -256,6 +312,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     # ---- the model, the optimizer, and where a resumed run left them
     student = _student(config, cache, resume_from, train)
     config = dataclasses.replace(config, student_layers=_layer_plan(config, cache, student))
+    warnings = _warnings(config, student, total_steps)
     teacher = cache.manifest["teacher"]
     student.meta.update(
         {
@@ -278,7 +335,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
     layer_targets = [
         cache.targets(shards.layer_column(t)) for t in (cache.layers if config.layer_kd else ())
     ]  # K x (N, H)
-    # fused: one kernel over all parameters; on CPU it is ~6x faster than the per-tensor loop for a 22M-parameter student
+    # fused: one kernel over all parameters; on CPU it is ~6x faster than the per-tensor loop for a 22M-parameter
+    # student
     optimizer = torch.optim.AdamW(
         param_groups(model, config.weight_decay, config.embedding_lr_scale),
         lr=config.lr,
@@ -314,12 +372,16 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                 "world_size": ctx.world_size,
                 "precision": precision,
                 "total_steps": total_steps,
+                "max_length": student.max_length,  # the token limit in effect (--max-length capped by the student's)
+                "warnings": warnings,
             },
             report,
             step,
         )
         state["claimed"] = True
         state["reporter"] = Reporter(out, config.report_to, step, to_dict(config))
+        for line in warnings:
+            print(f"mclip: warning: {line}", file=sys.stderr)
         if config.wise_ft < 1:
             checkpoint.start_weights(out, student, step, config.wise_ft)
         if config.progress:
@@ -421,7 +483,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                 )
                 raise UserError(
                     f"loss is {loss} at step {step + 1} (epoch {epoch + 1}); stopped before applying it and {where}; "
-                    f"lower --lr (now {config.lr:g}) or check the cache for non-finite targets, then rerun with --resume"
+                    f"lower --lr (now {config.lr:g}) or check the cache for non-finite "
+                    "targets, then rerun with --resume"
                 )
             scaler.unscale_(optimizer)
             grad_norm = (
@@ -518,6 +581,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
         trained_pairs / train_seconds if train_seconds else 0.0,
         time.perf_counter() - started,
         report,
+        warnings,
     )
     if export:
         student.meta["metrics"] = result.metrics  # final/'s mclip.json and model card carry the last figures
@@ -533,6 +597,8 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                 "seconds": result.seconds,
                 "train_pairs": len(train),
                 "world_size": ctx.world_size,
+                "max_length": student.max_length,
+                "warnings": warnings,
             },
         )
         if config.progress:

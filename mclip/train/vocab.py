@@ -56,7 +56,8 @@ def stem_candidates(words: list[str], min_words: int) -> list[str]:
 
 class RowLR:
     """Wraps an optimizer step so that the rows `[:first_new]` of the input-embedding matrix (the student's own
-    vocabulary) move by `factor` x the step the optimizer gave them; the rows after (extend-vocab's new tokens) move fully.
+    vocabulary) move by `factor` x the step the optimizer gave them; the rows after (extend-vocab's new tokens) move
+    fully.
 
     Why: `embedding_lr_scale` speeds the whole matrix, since a new token's row moves only on the steps its token is in;
     but the old rows carry what the teacher knew, out of domain too. AdamW's update is proportional to its lr (moments
@@ -113,8 +114,8 @@ def extend_vocabulary(
     as the teacher does, and equals it at step 0.
 
     `min_piece_rate`: only words split into at least this many pieces per character (`word_candidates`).
-    `stems` > 0: also the stems shared by that many of the words split into `stem_piece_rate`+ pieces per character (those
-    spelt letter by letter: not Latin script, by default; `stem_candidates`); then those stems and words of 3+
+    `stems` > 0: also the stems shared by that many of the words split into `stem_piece_rate`+ pieces per character
+    (those spelt letter by letter: not Latin script, by default; `stem_candidates`); then those stems and words of 3+
     characters match inside words too, so an unseen inflection of a training word starts from its stem's row.
     """
     tok = student.tokenizer
@@ -175,8 +176,8 @@ def extend_vocabulary(
 @torch.no_grad()
 def align_new_tokens(student: StudentEncoder, texts: list[str], english_ids: list[list[int]], first_new: int) -> None:
     """Start each new token's input embedding at the mean, over the training texts that contain it, of their English
-    captions' mean token embedding (the old vocabulary's own rows): "站" begins near the words its captions translate to,
-    not at a random point. A one-step alignment from parallel text, in the spirit of WECHSEL / FOCUS initialisation.
+    captions' mean token embedding (the old vocabulary's own rows): "站" begins near the words its captions translate
+    to, not at a random point. A one-step alignment from parallel text, in the spirit of WECHSEL / FOCUS initialisation.
 
     english_ids: each text's English caption tokenised with the vocabulary *before* the new tokens (so no English word
     vanishes into a new row); captions with no ordinary token (all special or unknown) add nothing, and a new token no

@@ -1,7 +1,9 @@
-"""Stage-1 benchmark: `mclip.embed.run.run` end to end against the naive padded loop, distance to matmul peak, flat memory.
+"""Stage-1 benchmark: `mclip.embed.run.run` end to end against the naive padded loop, distance to matmul peak, flat
+memory.
 
     python tests/bench/bench_embed.py            # 2,000 captions (20,000 for memory), 3 repeats, CPU: about 10 minutes
-    python tests/bench/bench_embed.py --quick    # about a minute: 200 captions (64 naive), one repeat, memory 100 vs 500
+    python tests/bench/bench_embed.py --quick    # about a minute: 200 captions (64 naive), one
+                                                 # repeat, memory 100 vs 500
     python tests/bench/bench_embed.py --device cuda --precision bf16 --captions 200000 ...   # see tests/bench/gpu.sh
 
 Teacher: a CLIP ViT-B/16-sized text tower (random init; weights do not change speed) with the real CLIP tokenizer.
@@ -26,7 +28,7 @@ import common  # tests/bench is the script's folder; also puts this checkout fir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument(
         "--quick", action="store_true", help="finish within a minute on a 2-core CPU (smaller sizes, one repeat)"
     )
@@ -258,8 +260,8 @@ def main(argv=None) -> None:
             sync(device)
             naive_rates.append(len(naive_texts) / (time.perf_counter() - start))
         print(
-            f"repeat {r + 1}/{args.repeats}: mclip {args.captions / ours[-1]:,.1f} captions/s "
-            f"(its shard loop {result.captions_per_s:,.1f}), naive {naive_rates[-1] if naive_rates else float('nan'):,.1f} captions/s, "
+            f"repeat {r + 1}/{args.repeats}: mclip {args.captions / ours[-1]:,.1f} captions/s (its shard loop "
+            f"{result.captions_per_s:,.1f}), naive {naive_rates[-1] if naive_rates else float('nan'):,.1f} captions/s, "
             f"matmul peak {peaks[-1] / 1e9:,.1f} GFLOP/s",
             file=sys.stderr,
         )
@@ -332,7 +334,8 @@ def main(argv=None) -> None:
     ]
     if naive_per_s:
         lines.append(
-            f"  naive padded loop    {naive_per_s:10,.1f} captions/s   -> speed-up {res['speedup_vs_naive']:.2f}x (target >= 3)"
+            f"  naive padded loop    {naive_per_s:10,.1f} captions/s   -> speed-up "
+            f"{res['speedup_vs_naive']:.2f}x (target >= 3)"
         )
     lines.append(
         f"  achieved {res['achieved_gflops']:,.1f} GFLOP/s on real tokens = {res['fraction_of_peak']:.2f} of the "
@@ -340,8 +343,8 @@ def main(argv=None) -> None:
     )
     if rss_small:
         lines.append(
-            f"  peak RSS {rss_small:,.0f} MiB on {args.rss_small:,} captions, {rss_large:,.0f} MiB on {args.rss_large:,} "
-            f"-> ratio {res['rss_ratio']:.3f} (target <= 1.1)"
+            f"  peak RSS {rss_small:,.0f} MiB on {args.rss_small:,} captions, {rss_large:,.0f} MiB on "
+            f"{args.rss_large:,} -> ratio {res['rss_ratio']:.3f} (target <= 1.1)"
         )
     if diff is not None:
         lines.append(f"  embeddings agree with the naive loop within {diff:.1e} (float16 cache)")

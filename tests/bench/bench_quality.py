@@ -1,7 +1,9 @@
 """Quality benchmark (issue #12): mclip's stage 2 beside sentence-transformers' own distillation trainer, same labels.
 
-    python tests/bench/bench_quality.py                # the whole emoji set, 1 epoch per run: ~14 min on an idle 2-core CPU
-    python tests/bench/bench_quality.py --quick        # 3 languages + en, 30 steps, 1 thread: ~3 min on an idle 2-core CPU
+    python tests/bench/bench_quality.py                # the whole emoji set, 1 epoch per run: ~14 min
+                                                       # on an idle 2-core CPU
+    python tests/bench/bench_quality.py --quick        # 3 languages + en, 30 steps, 1 thread: ~3 min
+                                                       # on an idle 2-core CPU
     python tests/bench/bench_quality.py --out DIR      # keep the cache, the run folders and result.json in DIR
 
 Data: the bundled emoji set (data/emoji: English `caption` + 13 languages `caption_<lang>`). Teacher: all-MiniLM-L6-v2
@@ -20,31 +22,32 @@ Runs, one after another in this process:
   mclip cosine, mclip cl (alpha 0.5, as the demo), mclip mse with --wise-ft 0.5 (final/ = half the trained weights,
                 half the teacher's: the do-no-harm lever);
   demo recipe   the [train] table of pipelines/demo.toml as mclip's pipeline loader reads it (its own loss, lr, weight
-                decay, vocabulary extension, validation on the validation split), on the same cache; only fields that mclip itself
-                counts as runtime (`option(runtime=True)` in mclip/config.py: out, threads, progress, eval/save cadence) are changed,
-                plus cache; --quick (or --steps, --languages) also cuts its steps and languages.
+                decay, vocabulary extension, validation on the validation split), on the same cache; only fields that
+                mclip itself counts as runtime (`option(runtime=True)` in mclip/config.py: out, threads, progress,
+                eval/save cadence) are changed, plus cache; --quick (or --steps, --languages) also cuts its steps and
+                languages.
 Equal on both sides: batch 64, 1 epoch (the same number of steps: both drop the last partial batch), lr 3e-4, linear
 warmup 20 steps then cosine decay to 0, AdamW (torch, fused; betas 0.9/0.999, eps 1e-8), weight decay 0 (the anchor's
 default; mclip's own default is 1e-4), gradient clipping at norm 1.0, seed 42, fp32 on CPU (bf16 autocast on CUDA),
 dropout as the checkpoint has it, 0 DataLoader workers, max length 128 tokens (the longest caption has 55), the same
-torch threads (`torch.set_num_threads`, also mclip's `num_threads`). Not equal, by design of each library: the batch order
-(ST: a seeded random shuffle; mclip: its own seeded, length-grouped plan, `batches.EpochPlan`), the warmup's first
+torch threads (`torch.set_num_threads`, also mclip's `num_threads`). Not equal, by design of each library: the batch
+order (ST: a seeded random shuffle; mclip: its own seeded, length-grouped plan, `batches.EpochPlan`), the warmup's first
 step (HF's lr is 0 at step 0 and lr at step 20; mclip's is lr/20 at step 0 and lr at step 19), and mclip trains its
 identity projection (a 384x384 Linear + bias) where ST has none. The loss: ST's MSELoss compares the Normalize module's
 output with the target; mclip's mse is whatever its README's "Losses" says (since f0d0a67, on the L2-normalised
 student when the cache is normalised, as here).
 
-Scoring, identical for every model: each model is saved to a folder and loaded with `SentenceTransformer(folder)` (an mclip
-`final/` loads there too; checked against `mclip.load(final).encode`), one function encodes every test caption
-L2-normalised, and `mclip.evaluate.metrics.retrieve` (FAISS Flat, exact inner product; ties count against the query) searches the
-teacher's cached English embeddings of the test ids, identical English captions counting as one target, as
+Scoring, identical for every model: each model is saved to a folder and loaded with `SentenceTransformer(folder)` (an
+mclip `final/` loads there too; checked against `mclip.load(final).encode`), one function encodes every test caption
+L2-normalised, and `mclip.evaluate.metrics.retrieve` (FAISS Flat, exact inner product; ties count against the query)
+searches the teacher's cached English embeddings of the test ids, identical English captions counting as one target, as
 eval-retrieval does. R@1 and R@5 per language over the 300 test concepts.
 
 Speed, the same way on both sides: pairs/s = pairs trained (steps x batch) / wall time from loading the student to its
 saved folder (mclip: the `train_student.run` call, which also joins the pairs, writes a checkpoint and exports final/;
-ST: loading `SentenceTransformer`, building the Dataset and the trainer, `trainer.train()` and `save`), and per CPU second
-of this process over the same span (what other jobs on a shared machine stretch less); beside them each library's own
-figure (mclip's TrainResult.pairs_per_s, its loop only; the trainer's train_samples_per_second, its train() call).
+ST: loading `SentenceTransformer`, building the Dataset and the trainer, `trainer.train()` and `save`), and per CPU
+second of this process over the same span (what other jobs on a shared machine stretch less); beside them each library's
+own figure (mclip's TrainResult.pairs_per_s, its loop only; the trainer's train_samples_per_second, its train() call).
 The last printed line is the JSON result; the targets are printed as met or missed, never asserted.
 """
 
@@ -65,18 +68,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # numpy loads inside the functions that need it
     import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+try:
+    import common  # run as a script: tests/bench is the script's folder; also puts this checkout first on sys.path
+except ImportError:  # imported as tests.bench.bench_quality
+    from tests.bench import common
 
-ROOT = Path(__file__).resolve().parents[2]
-if (
-    str(ROOT) not in sys.path
-):  # run as `python tests/bench/bench_quality.py` from anywhere: this checkout's mclip and tests
-    sys.path.insert(0, str(ROOT))
-
-from tests.bench import common  # noqa: E402
+ROOT = common.ROOT
 
 DATA = ROOT / "data" / "emoji"
 DEMO = ROOT / "pipelines" / "demo.toml"
@@ -107,7 +104,7 @@ TARGET_ST_RATIO, TARGET_DEMO_RATIO = 1.2, 2.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument(
         "--quick",
         action="store_true",
@@ -163,7 +160,8 @@ def teacher_folder() -> Path:
 
 
 def make_cache(work: Path, args) -> Path:
-    """The teacher cache over every English caption (train, validation, test); a complete one with the same request is reused."""
+    """The teacher cache over every English caption (train, validation, test); a complete one with the same request is
+    reused."""
     from mclip.config import EmbedConfig
     from mclip.embed import run as embed_teacher
     from mclip.pipeline import load_pipeline
@@ -223,7 +221,8 @@ def mclip_config(work: Path, name: str, cache: Path, args, **loss):
 
 
 def demo_config(work: Path, cache: Path, args):
-    """pipelines/demo.toml's [train] as mclip's pipeline loader reads it; only runtime fields (and cache) are changed."""
+    """pipelines/demo.toml's [train] as mclip's pipeline loader reads it; only runtime fields (and cache) are
+    changed."""
     from mclip.config import runtime_fields
     from mclip.pipeline import load_pipeline
 
@@ -248,7 +247,8 @@ def demo_config(work: Path, cache: Path, args):
 
 
 def train_pairs(config) -> tuple[list[str], np.ndarray, dict]:
-    """The training pairs mclip's stage 2 joins for `config` (texts and their cached teacher vectors) and the join report."""
+    """The training pairs mclip's stage 2 joins for `config` (texts and their cached teacher vectors) and the join
+    report."""
     import numpy as np
 
     from mclip.store import shards
@@ -289,7 +289,8 @@ def run_mclip(config) -> dict:
 
 
 def _st_api():
-    """SentenceTransformer, its trainer, training arguments and MSELoss: the 5.x+ module layout, else the 3.x/4.x one."""
+    """SentenceTransformer, its trainer, training arguments and MSELoss: the 5.x+ module layout, else the 3.x/4.x
+    one."""
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
@@ -386,8 +387,9 @@ def run_st(work: Path, texts: list[str], labels, teacher: Path, args) -> dict:
 
 
 def load_test(cache: Path, languages: tuple[str, ...]) -> dict:
-    """lang -> (texts, English label per caption, gallery vectors): the test captions joined to the cache by id, the gallery
-    the teacher's cached English embeddings of those ids, identical English captions one target (as eval-retrieval)."""
+    """lang -> (texts, English label per caption, gallery vectors): the test captions joined to the cache by id, the
+    gallery the teacher's cached English embeddings of those ids, identical English captions one target (as
+    eval-retrieval)."""
     import numpy as np
     import pyarrow as pa
 
@@ -420,7 +422,8 @@ def load_test(cache: Path, languages: tuple[str, ...]) -> dict:
 
 
 def encode(folder: str | Path, texts: list[str], device: str) -> np.ndarray:
-    """(N, D) L2-normalised embeddings of `texts` by the model saved in `folder`: the one encoder every run is scored with."""
+    """(N, D) L2-normalised embeddings of `texts` by the model saved in `folder`: the one encoder every run is scored
+    with."""
     SentenceTransformer = _st_api()[0]
     model = SentenceTransformer(str(folder), device=device)
     return model.encode(
@@ -448,8 +451,8 @@ def score(folder: str | Path, test: dict, device: str) -> dict:
 
 
 def export_agreement(folder: str, texts: list[str], device: str) -> float:
-    """The smallest cosine between `SentenceTransformer(final)` and `mclip.load(final)` on `texts`: scoring mclip's students
-    through sentence-transformers must score the model mclip exports."""
+    """The smallest cosine between `SentenceTransformer(final)` and `mclip.load(final)` on `texts`: scoring mclip's
+    students through sentence-transformers must score the model mclip exports."""
     import numpy as np
 
     import mclip
@@ -509,16 +512,16 @@ def summary(r: dict) -> list[str]:
     row = lambda label, values: f"| {label:<4} | " + " | ".join(f"{v:>{width}.3f}" for v in values) + " |"  # noqa: E731
     capped = "" if r["max_steps"] is None else f" capped at {r['max_steps']} steps"
     lines = [
-        f"bench_quality on {r['device']} ({r['device_name']}, {r['threads']} threads, load {r['load_avg_1m']:.1f}), {r['date']}"
-        + (" --quick" if r["quick"] else ""),
-        f"  emoji train: {r['train_pairs']:,} pairs ({len(r['languages'])} languages + en), {r['steps']} steps of {BATCH}; "
-        f"test: {r['test_concepts']} concepts; teacher all-MiniLM-L6-v2 (cache float32, {r['cache_rows']:,} rows)",
-        f"  both trainers: batch {BATCH}, {EPOCHS} epoch{capped}, "
-        f"lr {LR:.0e}, warmup {WARMUP}, {SCHEDULE}, weight decay {WEIGHT_DECAY:g}, clip {CLIP:.1f}, seed {SEED}, 0 workers, "
-        f"{r['threads']} threads; "
-        f"ST optimizer {r['st_optimizer']}, mclip torch AdamW fused",
-        "  differs: batch order (ST a random shuffle, mclip its length-grouped plan), the warmup's first step (HF lr 0, mclip "
-        "lr/20), mclip also trains its identity projection",
+        f"bench_quality on {r['device']} ({r['device_name']}, {r['threads']} threads, load "
+        f"{r['load_avg_1m']:.1f}), {r['date']}" + (" --quick" if r["quick"] else ""),
+        f"  emoji train: {r['train_pairs']:,} pairs ({len(r['languages'])} languages + en), {r['steps']} steps of "
+        f"{BATCH}; test: {r['test_concepts']} concepts; teacher all-MiniLM-L6-v2 (cache float32, "
+        f"{r['cache_rows']:,} rows)",
+        f"  both trainers: batch {BATCH}, {EPOCHS} epoch{capped}, lr {LR:.0e}, warmup {WARMUP}, {SCHEDULE}, weight "
+        f"decay {WEIGHT_DECAY:g}, clip {CLIP:.1f}, seed {SEED}, 0 workers, {r['threads']} threads; ST optimizer "
+        f"{r['st_optimizer']}, mclip torch AdamW fused",
+        "  differs: batch order (ST a random shuffle, mclip its length-grouped plan), the warmup's first step (HF lr "
+        "0, mclip lr/20), mclip also trains its identity projection",
         "",
         f"test R@1, model(xx caption) -> teacher's cached English ({r['test_concepts']} concepts, exact search)",
         head,
@@ -529,16 +532,17 @@ def summary(r: dict) -> list[str]:
         "  R@5 avg: " + ", ".join(f"{RUNS[n]} {r['avg_r5'][n]:.3f}" for n in names),
         "",
         f"speed (pairs/s = {s['pairs']:,} pairs / wall from loading the student to its saved folder)",
-        f"  ST-MSE    {s['pairs_per_s']:7.1f} pairs/s ({s['wall_s']:.1f} s, {s['cpu_s']:.1f} CPU s; trainer.train() {s['train_call_s']:.1f} s, "
-        f"its train_samples_per_second {s['own_pairs_per_s']:.1f})",
-        f"  mclip mse {m['pairs_per_s']:7.1f} pairs/s ({m['wall_s']:.1f} s, {m['cpu_s']:.1f} CPU s; train_student.run's loop "
-        f"pairs_per_s {m['own_pairs_per_s']:.1f})",
-        f"  mclip/ST  {r['speed']['ratio_pairs_per_s']:.2f}x end to end, {r['speed']['ratio_pairs_per_cpu_s']:.2f}x per CPU second, "
-        f"{r['speed']['ratio_own_figures']:.2f}x by each library's own figure; "
+        f"  ST-MSE    {s['pairs_per_s']:7.1f} pairs/s ({s['wall_s']:.1f} s, {s['cpu_s']:.1f} CPU s; trainer.train() "
+        f"{s['train_call_s']:.1f} s, its train_samples_per_second {s['own_pairs_per_s']:.1f})",
+        f"  mclip mse {m['pairs_per_s']:7.1f} pairs/s ({m['wall_s']:.1f} s, {m['cpu_s']:.1f} CPU s; "
+        f"train_student.run's loop pairs_per_s {m['own_pairs_per_s']:.1f})",
+        f"  mclip/ST  {r['speed']['ratio_pairs_per_s']:.2f}x end to end, {r['speed']['ratio_pairs_per_cpu_s']:.2f}x "
+        f"per CPU second, {r['speed']['ratio_own_figures']:.2f}x by each library's own figure; "
         + ", ".join(f"{RUNS[n]} {r['speed'][n]['pairs_per_s']:.1f}" for n in ("mclip_cosine", "mclip_cl", "demo"))
         + " pairs/s",
-        f"  checks: SentenceTransformer(final) vs mclip.load(final) min cosine {min(r['export_min_cos'].values()):.6f}; "
-        f"teacher vs its cache (English test captions) max |diff| {r['teacher_vs_cache_max_abs_diff']:.1e}",
+        "  checks: SentenceTransformer(final) vs mclip.load(final) min cosine "
+        f"{min(r['export_min_cos'].values()):.6f}; teacher vs its cache (English test captions) max |diff| "
+        f"{r['teacher_vs_cache_max_abs_diff']:.1e}",
         "",
         "targets",
         *(f"  [{'met' if met else 'MISSED'}] {name}: {text}" for name, met, text in targets(r)),

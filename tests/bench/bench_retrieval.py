@@ -1,12 +1,14 @@
 """Retrieval benchmark: FAISS exact search against plain numpy matmul + argsort, and an IVF index's recall and speed-up.
 
-    python tests/bench/bench_retrieval.py          # 100k gallery for queries/s; 1M clustered vectors for IVF (a few minutes)
+    python tests/bench/bench_retrieval.py          # 100k gallery for queries/s; 1M clustered vectors for
+                                                   # IVF (a few minutes)
     python tests/bench/bench_retrieval.py --quick  # 20k gallery, 200k IVF vectors: under a minute
 
 Vectors are synthetic, dim 512, float32, L2-normalised and seeded. The IVF data is clustered the way embeddings are
 (points near a 64-dimensional subspace, grouped in Zipf-sized clusters of varying spread, plus noise), because on
 uniform noise every neighbour is as far as every other and no index can have meaningful recall. The FAISS side goes
-through mclip.evaluate.metrics (make_index, search, default_nprobe), as stage 3 does. The last printed line is the JSON result.
+through mclip.evaluate.metrics (make_index, search, default_nprobe), as stage 3 does. The last printed line is the JSON
+result.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="finish within a minute (smaller galleries, one repeat)")
     p.add_argument(
         "--gallery", type=int, help="gallery size for the queries/s comparison (default 100000; 20000 with --quick)"
@@ -186,8 +188,9 @@ def main(argv=None) -> None:
             f"  FAISS Flat (mclip.evaluate.metrics)  {faiss_qps:10,.0f} queries/s",
             f"  numpy matmul + argsort        {numpy_qps:10,.0f} queries/s  -> {faiss_qps / numpy_qps:.1f}x "
             f"(top-{k} agree {agreement:.3f})",
-            f"{factory} (nprobe {nprobe}) over {args.ivf_vectors:,} clustered vectors: R@{k} {recall:.3f} against exact search, "
-            f"{ivf_speedup:.1f}x faster ({res['ivf_qps']:,.0f} vs {res['exact_qps_ivf_data']:,.0f} queries/s)",
+            f"{factory} (nprobe {nprobe}) over {args.ivf_vectors:,} clustered vectors: R@{k} {recall:.3f} against "
+            f"exact search, {ivf_speedup:.1f}x faster ({res['ivf_qps']:,.0f} vs "
+            f"{res['exact_qps_ivf_data']:,.0f} queries/s)",
         ],
         res,
     )

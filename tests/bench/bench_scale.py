@@ -1,10 +1,12 @@
-"""Memory at scale: peak RSS of every stage as the rows grow, on synthetic caches written straight through the shard writer.
+"""Memory at scale: peak RSS of every stage as the rows grow, on synthetic caches written straight through the shard
+writer.
 
 What is measured is memory, not the teacher, so stage 2's caches hold random unit vectors (512-d float16, as CLIP
 B/16's) and 10M rows need no teacher run. Each command runs in its own process tree, sampled every 50 ms from /proc:
 "peak RSS" is the largest VmHWM of any process of the tree (what `/usr/bin/time -v` reports), "private" the largest
-RssAnon, the memory a process holds alone; the rest of RSS is file pages of the memory-mapped cache, which the page cache
-holds once per node for all ranks and can drop. A torchrun rank is one process of the tree, so the figures are per rank.
+RssAnon, the memory a process holds alone; the rest of RSS is file pages of the memory-mapped cache, which the page
+cache holds once per node for all ranks and can drop. A torchrun rank is one process of the tree, so the figures are per
+rank.
 
     python tests/bench/bench_scale.py --out /tmp/scale            # 100k, 1M, 10M rows (about 25 GB of disk, ~30 min)
     python tests/bench/bench_scale.py --out /tmp/scale --sizes 100000,1000000 --quick --stages train,verify
@@ -14,7 +16,6 @@ The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.bench.common import ROOT, emit, sampled, sig  # noqa: E402
+from tests.bench.common import ROOT, emit, environment, parser, sampled, sig  # noqa: E402
 
 SHARD_ROWS = 500_000
 
@@ -43,7 +44,8 @@ def measured(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> 
 
 def tiny_teacher_cache(work: Path) -> Path:
     """A real stage-1 cache of a few rows from a tiny CLIP teacher with a 512-d projection: the manifest the synthetic
-    caches copy (teacher record, format fields), so train-student and eval-retrieval read them as they read real ones."""
+    caches copy (teacher record, format fields), so train-student and eval-retrieval read them as they read real
+    ones."""
     from tests import tiny
 
     folder = work / "teacher-cache"
@@ -230,34 +232,34 @@ def train_student(cache: Path, data: Path, student: Path, out: Path, ranks: int,
         ]
     else:
         cmd = [sys.executable, *args]
-    return measured(cmd, {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    return measured(cmd, environment(1))
 
 
 def verify(cache: Path) -> dict:
-    return measured([sys.executable, "-m", "mclip", "verify", str(cache)], {"PYTHONPATH": str(ROOT)})
+    return measured([sys.executable, "-m", "mclip", "verify", str(cache)], environment())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="work folder (caches of 10M rows take ~11 GB)")
-    parser.add_argument("--sizes", default="100000,1000000,10000000")
-    parser.add_argument(
+    p = parser(__doc__)
+    p.add_argument("--out", type=Path, required=True, help="work folder (caches of 10M rows take ~11 GB)")
+    p.add_argument("--sizes", default="100000,1000000,10000000")
+    p.add_argument(
         "--group-batches",
         type=int,
         default=1,
         help="train-student's length grouping (64 is the default; 1 skips the token-length pass, which at 10M "
         "rows tokenises 20M captions on this machine's cores for ~30 min and is itself flat: a file)",
     )
-    parser.add_argument("--quick", action="store_true", help="one rank only")
-    parser.add_argument(
+    p.add_argument("--quick", action="store_true", help="one rank only")
+    p.add_argument(
         "--stages",
         default="embed,train,eval,verify",
         help="which to measure: embed (stage 1 with a tiny teacher, at the sizes up to 1M; 160 distinct "
         "captions, as LAION repeats them), train, eval (stage 3 at the sizes up to 1M, IVF1024,PQ16, "
         "--query-batch-size 1024 and 8192), verify",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the caches")
-    args = parser.parse_args()
+    p.add_argument("--keep", action="store_true", help="keep the caches")
+    args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
@@ -320,7 +322,8 @@ def main() -> None:
         ratio = r["peak_rss_mb"] / base[r["stage"], r["ranks"]]["peak_rss_mb"]
         r["peak_rss_vs_first"] = sig(ratio)
         print(
-            f"{r['stage']:<15} {r['rows']:>11,} {r['ranks']:>5} {r['peak_rss_mb']:>12,.0f} {r['private_mb']:>11,.0f} {ratio:>8.2f} {r['wall_s']:>7.1f}"
+            f"{r['stage']:<15} {r['rows']:>11,} {r['ranks']:>5} {r['peak_rss_mb']:>12,.0f} {r['private_mb']:>11,.0f} "
+            f"{ratio:>8.2f} {r['wall_s']:>7.1f}"
             + (f"  ({r['captions_embedded']:,} captions embedded)" if "captions_embedded" in r else "")
         )
     emit(summary, {"bench": "scale", "group_batches": args.group_batches, "rows": rows})

@@ -1,30 +1,35 @@
-"""Stage-2 benchmark: `mclip.train.run.run` reading cached teacher targets against the same loop running the teacher online.
+"""Stage-2 benchmark: `mclip.train.run.run` reading cached teacher targets against the same loop running the teacher
+online.
 
-    python tests/bench/bench_train.py                  # B/16 text teacher, xlm-roberta-base-sized student: ~13 min on a busy 2-core CPU
-    python tests/bench/bench_train.py --quick          # under a minute on a 2-core CPU: 2-layer, half-width models, 1 thread
+    python tests/bench/bench_train.py                  # B/16 text teacher, xlm-roberta-base-sized student: ~13 min
+                                                       # on a busy 2-core CPU
+    python tests/bench/bench_train.py --quick          # under a minute on a 2-core CPU: 2-layer,
+                                                       # half-width models, 1 thread
     python tests/bench/bench_train.py --device cuda    # bf16, batch 256: about 90 s on an H100, model builds included
 
-Teacher: a CLIP ViT-B/16-sized text tower (CLIPTextConfig defaults, random init; weights do not change speed) with the real
-CLIP tokenizer. Student: an xlm-roberta-base-sized encoder (XLMRobertaConfig defaults, random init) with 32k vocabulary rows
-(the real 250k would add the same optimizer work to both ways) and a whole-word WordPiece tokenizer built here over the words
-it reads, which gives about the token counts XLM-R's SentencePiece gives (~1.1 per English word, ~1 per Chinese character).
-Captions: emoji names (the `emoji` package's CLDR translations) joined into English captions of about 12 words and their
-Chinese counterparts, fixed seed. Each caption gives two training pairs (zh and en), both with the English caption's target.
+Teacher: a CLIP ViT-B/16-sized text tower (CLIPTextConfig defaults, random init; weights do not change speed) with the
+real CLIP tokenizer. Student: an xlm-roberta-base-sized encoder (XLMRobertaConfig defaults, random init) with 32k
+vocabulary rows (the real 250k would add the same optimizer work to both ways) and a whole-word WordPiece tokenizer
+built here over the words it reads, which gives about the token counts XLM-R's SentencePiece gives (~1.1 per English
+word, ~1 per Chinese character). Captions: emoji names (the `emoji` package's CLDR translations) joined into English
+captions of about 12 words and their Chinese counterparts, fixed seed. Each caption gives two training pairs (zh and
+en), both with the English caption's target.
 
 Three runs of the same loop on the same pairs, batch and student init, all through `mclip.train.run.run` (after an
 untimed warm run over the same batches, on GPU and with --quick, so no timed run pays for first-use costs):
   cached   the product as shipped: targets read from the cache, batches made by --num-workers DataLoader workers;
   online   num_workers=0 and `EpochSteps` swapped for a subclass whose batches carry targets `teacher.embed` makes right
-           then from the rows' English captions, in the training process on the training device (as a loop without a cache
-           must: a GPU teacher cannot live in forked workers); the teacher runs once per distinct caption of the batch;
+           then from the rows' English captions, in the training process on the training device (as a loop without a
+           cache must: a GPU teacher cannot live in forked workers); the teacher runs once per distinct caption of the
+           batch;
   paired   num_workers=0, each planned batch trained twice in a row, with cached then online targets: the two ways
            interleaved step by step on the same batch shapes, so a shared machine's changing load falls on both alike
            (`speedup_paired`; on CPU also `speedup_paired_cpu_time` from this process's CPU seconds, which other jobs do
            not stretch: the figures to trust on a busy CPU).
 Speed is read from metrics.jsonl (log_every=1: one record per step): the median step time after --warmup steps, so model
-loading, worker start-up, first-call allocations and the final export are left out. data_wait_fraction is the share of those
-steps' time the loop spent blocked on the DataLoader (the `data_wait` field train-student writes), weighted by step time.
-The last printed line is the JSON result.
+loading, worker start-up, first-call allocations and the final export are left out. data_wait_fraction is the share of
+those steps' time the loop spent blocked on the DataLoader (the `data_wait` field train-student writes), weighted by
+step time. The last printed line is the JSON result.
 """
 
 from __future__ import annotations
@@ -43,16 +48,10 @@ import time
 from pathlib import Path
 from unittest import mock
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-ROOT = Path(__file__).resolve().parents[2]
-if (
-    str(ROOT) not in sys.path
-):  # run as `python tests/bench/bench_train.py` from anywhere: this checkout's mclip and tests
-    sys.path.insert(0, str(ROOT))
+try:
+    import common  # run as a script: tests/bench is the script's folder; also puts this checkout first on sys.path
+except ImportError:  # imported as tests.bench.bench_train (bench_quality's cpu_name)
+    from tests.bench import common
 
 # (layers, width, heads) of each model, the teacher's output dim and the student's vocabulary rows.
 SIZES = {
@@ -93,7 +92,7 @@ GLUE = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument(
         "--quick",
         action="store_true",
@@ -151,10 +150,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.warmup = warmup if args.warmup is None else args.warmup
     args.steps = args.steps or steps
     # CUDA loads kernels lazily and cuBLAS picks them per shape: on an H100 the first run's steps took 2.5x as long as
-    # cached steps later in the same process. On CPU such costs are milliseconds: lost in a full-size step, not in a quick one.
+    # cached steps later in the same process. On CPU such costs are milliseconds: lost in a full-size step, not in a
+    # quick one.
     args.warm_run = (kind == "gpu" or args.quick or args.tiny) if args.warm_run is None else args.warm_run
     if args.quick and kind == "cpu" and args.threads is None:
-        # on a shared 2-core machine, OpenMP threads waiting for a descheduled sibling made steps 3x slower than one thread
+        # on a shared 2-core machine, OpenMP threads waiting for a descheduled sibling made steps 3x slower than one
+        # thread
         args.threads = 1
     # each caption gives two pairs (zh and en): enough that no run (the paired one is the longest) crosses an epoch
     args.captions = args.captions or (args.warmup + 2 * args.steps + 1) * args.batch_size // 2 + args.batch_size
@@ -184,7 +185,8 @@ def emoji_names(lang: str = "zh") -> list[tuple[str, str]]:
 
 def make_parallel(n: int, seed: int) -> list[dict]:
     """`n` rows (id, caption, caption_zh): 1 to 6 emoji names joined by glue words (about 12 English words on average),
-    3% long ones of 8 to 20 names that reach CLIP's 77-token limit; the Chinese side joins the same names' translations."""
+    3% long ones of 8 to 20 names that reach CLIP's 77-token limit; the Chinese side joins the same names'
+    translations."""
     rng = random.Random(seed)
     names = emoji_names("zh")
     rows = []
@@ -202,7 +204,8 @@ def make_parallel(n: int, seed: int) -> list[dict]:
 
 
 def write_teacher(folder: Path, layers: int, width: int, heads: int, dim: int) -> Path:
-    """A random CLIPTextModelWithProjection (CLIPTextConfig defaults but the given sizes) with the real CLIP tokenizer."""
+    """A random CLIPTextModelWithProjection (CLIPTextConfig defaults but the given sizes) with the real CLIP
+    tokenizer."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -232,9 +235,9 @@ def write_teacher(folder: Path, layers: int, width: int, heads: int, dim: int) -
 
 
 def write_student(folder: Path, layers: int, width: int, heads: int, vocab: int, corpus: list[str]) -> Path:
-    """A random XLMRobertaModel (XLMRobertaConfig defaults but the given sizes) with a whole-word WordPiece tokenizer over
-    `corpus` (BERT's splitting: words and punctuation, each CJK character alone), special tokens at XLM-R's ids (<s> 0,
-    <pad> 1, </s> 2, <unk> 3). It gives about the token counts XLM-R's SentencePiece gives on these captions."""
+    """A random XLMRobertaModel (XLMRobertaConfig defaults but the given sizes) with a whole-word WordPiece tokenizer
+    over `corpus` (BERT's splitting: words and punctuation, each CJK character alone), special tokens at XLM-R's ids
+    (<s> 0, <pad> 1, </s> 2, <unk> 3). It gives about the token counts XLM-R's SentencePiece gives on these captions."""
     import torch
     from transformers import AutoTokenizer, BertTokenizerFast, XLMRobertaConfig, XLMRobertaModel
 
@@ -287,9 +290,9 @@ def params(folder: Path, exclude: str) -> tuple[int, int]:
 
 
 def online_steps(teacher, english: list[str], paired: bool = False, cpu_clock: dict | None = None):
-    """An EpochSteps whose batches carry targets the teacher makes now from the rows' English captions (the cache's text)
-    instead of the cached ones. `paired`: steps 2j and 2j + 1 both train on planned batch j, with cached then online
-    targets, so both ways see the same batch shapes. With num_workers=0 batch k is made as step k starts, so
+    """An EpochSteps whose batches carry targets the teacher makes now from the rows' English captions (the cache's
+    text) instead of the cached ones. `paired`: steps 2j and 2j + 1 both train on planned batch j, with cached then
+    online targets, so both ways see the same batch shapes. With num_workers=0 batch k is made as step k starts, so
     `cpu_clock[k]` (this process's CPU seconds then) brackets each step."""
     import torch
     import torch.nn.functional as F
@@ -317,8 +320,8 @@ def online_steps(teacher, english: list[str], paired: bool = False, cpu_clock: d
 
 
 def train_once(name: str, args, paths: dict, warmup: int, steps: int, num_workers: int, steps_class=None) -> list[dict]:
-    """One `train_student.run` of `warmup` + `steps` steps -> per step after warm-up: k (its index in the epoch), seconds,
-    seconds waited for the batch."""
+    """One `train_student.run` of `warmup` + `steps` steps -> per step after warm-up: k (its index in the epoch),
+    seconds, seconds waited for the batch."""
     from mclip.config import TrainConfig
     from mclip.train import run as train_student
 
@@ -368,7 +371,8 @@ def pooled(steps: list[dict], batch_size: int) -> dict:
 
 
 def token_counts(paths: dict, rows: list[dict]) -> tuple[float, float]:
-    """Mean tokens per caption: the teacher on English, the student on its training pairs (Chinese and English alike)."""
+    """Mean tokens per caption: the teacher on English, the student on its training pairs (Chinese and English
+    alike)."""
     from transformers import AutoTokenizer
 
     teacher = AutoTokenizer.from_pretrained(paths["teacher"])
@@ -465,7 +469,8 @@ def main(argv=None) -> dict:
     cached, online = pooled(steps["cached"], args.batch_size), pooled(steps["online"], args.batch_size)
     paired_cached = pooled([s for s in steps["paired"] if s["k"] % 2 == 0], args.batch_size)
     paired_online = pooled([s for s in steps["paired"] if s["k"] % 2 == 1], args.batch_size)
-    # CPU seconds of this process per step: what the other jobs of a shared machine do not stretch (GPU work is not in it)
+    # CPU seconds of this process per step: what the other jobs of a shared machine do not stretch (GPU work is not in
+    # it)
     cpu_seconds = {
         odd: statistics.median(s["cpu_seconds"] for s in steps["paired"] if s["k"] % 2 == odd) for odd in (0, 1)
     }
@@ -557,27 +562,31 @@ def summary(r: dict) -> str:
     t, s, ms = r["teacher"], r["student"], r["step_ms"]
     return "\n".join(
         [
-            f"bench_train on {r['device']} ({r['device_name']}, {r['threads']} threads, {r['precision']}, load {r['load_avg_1m']:.1f}), {r['date']}",
-            f"  teacher {t['layers']}x{t['width']} CLIP text ({t['params'] / 1e6:.1f}M params, {r['teacher_tokens_mean']:.1f} tokens/caption); "
-            f"student {s['layers']}x{s['width']} XLM-R ({s['params'] / 1e6:.1f}M params, vocab {s['vocab']:,}, {r['student_tokens_mean']:.1f} tokens/pair)",
-            f"  batch {r['batch_size']}; {'an untimed warm run, then ' if r['warm_run'] else ''}{r['repeats']} x ({r['warmup_steps']} warm-up "
-            f"+ {r['timed_steps']} timed steps) per way, medians; "
-            f"{r['captions']:,} captions of {r['mean_words_en']:.1f} English words on average",
-            f"  cached, {r['num_workers']} workers: {r['pairs_per_s_cached']:9,.1f} pairs/s ({ms['cached']:7.0f} ms/step), "
-            f"waiting for data {100 * r['data_wait_fraction']:.1f}% of the time",
+            f"bench_train on {r['device']} ({r['device_name']}, {r['threads']} threads, {r['precision']}, load "
+            f"{r['load_avg_1m']:.1f}), {r['date']}",
+            f"  teacher {t['layers']}x{t['width']} CLIP text ({t['params'] / 1e6:.1f}M params, "
+            f"{r['teacher_tokens_mean']:.1f} tokens/caption); student {s['layers']}x{s['width']} XLM-R "
+            f"({s['params'] / 1e6:.1f}M params, vocab {s['vocab']:,}, {r['student_tokens_mean']:.1f} tokens/pair)",
+            f"  batch {r['batch_size']}; {'an untimed warm run, then ' if r['warm_run'] else ''}{r['repeats']} x "
+            f"({r['warmup_steps']} warm-up + {r['timed_steps']} timed steps) per way, medians; {r['captions']:,} "
+            f"captions of {r['mean_words_en']:.1f} English words on average",
+            f"  cached, {r['num_workers']} workers: {r['pairs_per_s_cached']:9,.1f} pairs/s ({ms['cached']:7.0f} "
+            f"ms/step), waiting for data {100 * r['data_wait_fraction']:.1f}% of the time",
             f"  online teacher:    {r['pairs_per_s_online']:9,.1f} pairs/s ({ms['online']:7.0f} ms/step), "
             f"waiting for batch + teacher {100 * r['data_wait_fraction_online']:.1f}%",
-            f"  paired, 0 workers: cached {r['pairs_per_s_paired_cached']:,.1f} / online {r['pairs_per_s_paired_online']:,.1f} pairs/s "
-            f"({ms['paired_cached']:.0f} / {ms['paired_online']:.0f} ms/step), waiting for data {100 * r['data_wait_fraction_workers0']:.1f}% "
-            "on the cached steps",
-            f"  speed-up of the cache {r['speedup_vs_online']:.2f}x (separate runs), {r['speedup_paired']:.2f}x (interleaved steps)"
+            f"  paired, 0 workers: cached {r['pairs_per_s_paired_cached']:,.1f} / online "
+            f"{r['pairs_per_s_paired_online']:,.1f} pairs/s ({ms['paired_cached']:.0f} / {ms['paired_online']:.0f} "
+            f"ms/step), waiting for data {100 * r['data_wait_fraction_workers0']:.1f}% on the cached steps",
+            f"  speed-up of the cache {r['speedup_vs_online']:.2f}x (separate runs), "
+            f"{r['speedup_paired']:.2f}x (interleaved steps)"
             + (
                 f", {r['speedup_paired_cpu_time']:.2f}x (interleaved, CPU seconds)"
                 if r["speedup_paired_cpu_time"]
                 else ""
             )
             + "; "
-            f"by FLOP count {r['speedup_by_flop_count']:.2f}x; online vs cached targets max |diff| {r['max_abs_diff_online_vs_cache']:.1e}",
+            f"by FLOP count {r['speedup_by_flop_count']:.2f}x; online vs cached targets max |diff| "
+            f"{r['max_abs_diff_online_vs_cache']:.1e}",
         ]
     )
 

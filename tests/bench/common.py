@@ -1,7 +1,9 @@
-"""Shared benchmark helpers: seeded realistic captions, a B/16-sized random CLIP teacher, matmul peak, peak RSS, JSON output."""
+"""Shared benchmark helpers: seeded realistic captions, a B/16-sized random CLIP teacher, matmul peak, peak RSS, JSON
+output."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,16 +19,35 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # numpy loads inside the functions that need it
     import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault(
-    "TOKENIZERS_PARALLELISM", "false"
-)  # as `mclip` sets it: stage 1 chooses its own tokenising threads
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# What every benchmark runs under, set when it imports this module (before torch, transformers or datasets), unless the
+# caller's environment says otherwise; the processes it starts inherit it (`environment`).
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # as `mclip` sets it: stage 1 chooses its own tokenising threads
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+for _name, _value in OFFLINE.items():
+    os.environ.setdefault(_name, _value)
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as `python tests/bench/x.py` from anywhere: import this checkout's mclip and tests
     sys.path.insert(0, str(ROOT))
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
+
+
+def environment(threads: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a process a benchmark starts: this one's (with OFFLINE), this checkout first on PYTHONPATH,
+    `threads` OpenMP threads when given, and `extra` on top."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return {**env, **extra}
+
 
 # Glue words of English captions; the rest come from emoji's English names (picture-describing nouns and adjectives).
 FUNCTION_WORDS = [
@@ -91,7 +112,8 @@ def content_words() -> tuple[str, ...]:
 
 
 def caption_lengths(n: int, rng) -> np.ndarray:
-    """Words per caption: mostly 5-20 (log-normal around 10), 4% long ones of 25-75 words that reach CLIP's 77-token limit."""
+    """Words per caption: mostly 5-20 (log-normal around 10), 4% long ones of 25-75 words that reach CLIP's 77-token
+    limit."""
     import numpy as np
 
     short = np.clip(np.rint(rng.lognormal(np.log(10.0), 0.35, n)), 2, 24)

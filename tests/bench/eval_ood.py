@@ -1,14 +1,16 @@
 """Do no harm out of domain (issue #12): a student beside its teacher used directly, per language, on data/ood/.
 
-    python tests/bench/eval_ood.py runs/demo/train/final                  # every data/ood/*.jsonl, work files in a temp folder
-    python tests/bench/eval_ood.py runs/demo/train/final --out /tmp/ood   # keep each file's cache/ and eval/ (report.md)
+    python tests/bench/eval_ood.py runs/demo/train/final                  # every data/ood/*.jsonl, work
+                                                                          # files in a temp folder
+    python tests/bench/eval_ood.py runs/demo/train/final --out /tmp/ood   # keep each file's cache/
+                                                                          # and eval/ (report.md)
 
 data/ood/ holds human-translated text that the demo's training (data/emoji) never saw: CLDR language and unit names in
 all 14 languages and Debian package descriptions in 10 (data/README.md). For each file, stage 1 embeds its English with
 the teacher (the one the student records in mclip.json, else --teacher), and stage 3 scores student(xx) -> teacher(en)
-retrieval beside the teacher applied directly to the same xx text. It prints R@1 and R@5 of both per language and whether
-the student is at least as good as the teacher on R@1 in every language and better on average; the last printed line is
-the JSON result. The exit code is 0 either way (1 with --strict when the check fails).
+retrieval beside the teacher applied directly to the same xx text. It prints R@1 and R@5 of both per language and
+whether the student is at least as good as the teacher on R@1 in every language and better on average; the last printed
+line is the JSON result. The exit code is 0 either way (1 with --strict when the check fails).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ KS = (1, 5, 10)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("model", help="exported student folder (a run's train/final), a checkpoint or a run folder")
     p.add_argument(
         "--out", type=Path, help="keep the work files here: <file>/cache and <file>/eval (default: a temp folder)"
@@ -132,13 +134,15 @@ def table(name: str, scored: dict) -> list[str]:
     lines = [
         f"{name}: {scored['rows']} English targets; R@1 and R@5 (%) of student(xx) -> teacher(en), "
         "beside the teacher applied to the xx text",
-        f"  {'lang':<5}{'captions':>9}  {'student R@1':>11}{'teacher R@1':>12}{'delta':>7}  {'student R@5':>11}{'teacher R@5':>12}  ok",
+        f"  {'lang':<5}{'captions':>9}  {'student R@1':>11}{'teacher R@1':>12}{'delta':>7}  "
+        f"{'student R@5':>11}{'teacher R@5':>12}  ok",
     ]
     for lang, v in scored["languages"].items():
         delta = 100 * (v["student_r1"] - v["teacher_r1"])
         lines.append(
             f"  {lang:<5}{v['captions']:>9}  {pct(v['student_r1']):>11}{pct(v['teacher_r1']):>12}{delta:>+7.1f}  "
-            f"{pct(v['student_r5']):>11}{pct(v['teacher_r5']):>12}  {'yes' if v['student_r1'] >= v['teacher_r1'] else 'NO'}"
+            f"{pct(v['student_r5']):>11}{pct(v['teacher_r5']):>12}  "
+            f"{'yes' if v['student_r1'] >= v['teacher_r1'] else 'NO'}"
         )
     a = scored["avg"]
     lines.append(

@@ -1,6 +1,7 @@
 """Where stage 1's time goes: the end-to-end rate beside the model alone and the host side alone, and a profiler table.
 
-    python tests/bench/profile_embed.py --device cuda --precision bf16 --captions 200000 --out gpu-out   # ~1 min on a GPU
+    python tests/bench/profile_embed.py --device cuda --precision bf16 --captions 200000 --out gpu-out   # ~1
+                                                                                                         # min on a GPU
     python tests/bench/profile_embed.py --quick --out /tmp/prof                                           # CPU, seconds
 
 Stage 1 overlaps the host side (a reader thread that reads, tokenises and pads shard k+1; a writer thread that builds
@@ -31,7 +32,7 @@ import common  # tests/bench is the script's folder; also puts this checkout fir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="seconds on a CPU: a 2-layer, 128-wide tower and 300 captions")
     p.add_argument("--captions", type=int, help="captions (default 200000 on GPU, 2000 on CPU, 300 with --quick)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -137,10 +138,9 @@ def main(argv=None) -> dict:
     common.emit(
         [
             f"stage 1 on {n:,} captions, {device}: end to end {rates['end_to_end']:,.0f} captions/s (its shard loop "
-            f"{rates['loop']:,.0f}); the model alone "
-            f"{rates['model']:,.0f}, the host side alone {rates['host']:,.0f} (tokenising alone, {threads} threads, "
-            f"{rates['tokenize']:,.0f}); slowest: {res['slowest_part']}, overlap {res['overlap_efficiency']:.2f}{busy}; "
-            f"profiler table in {out_dir / 'profile_embed.txt'}",
+            f"{rates['loop']:,.0f}); the model alone {rates['model']:,.0f}, the host side alone {rates['host']:,.0f} "
+            f"(tokenising alone, {threads} threads, {rates['tokenize']:,.0f}); slowest: {res['slowest_part']}, overlap "
+            f"{res['overlap_efficiency']:.2f}{busy}; profiler table in {out_dir / 'profile_embed.txt'}",
             table,
         ],
         res,

@@ -16,9 +16,7 @@ rows, and that every batch size gives the same metrics. The last printed line is
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -42,8 +40,8 @@ TEACHER = {
     "fingerprint": "5ca1e0000000000000000000000000ff",
 }
 WORDS = (
-    "dog cat man woman child car bus tree house street beach mountain river table chair bowl food bicycle horse bird boat "
-    "train plane kitchen window door field grass sky cloud water road red blue green small large old young"
+    "dog cat man woman child car bus tree house street beach mountain river table chair bowl food bicycle horse bird "
+    "boat train plane kitchen window door field grass sky cloud water road red blue green small large old young"
 ).split()
 
 
@@ -132,8 +130,8 @@ def write_cache(
 
 
 def write_eval_data(folder: Path, rows: int, lang: str = "de", seed: int = 0) -> Path:
-    """The eval captions: id (the cache's ids) and caption_<lang>, as a `save_to_disk` folder (no English column: stage 3
-    scores English on the cache's own text)."""
+    """The eval captions: id (the cache's ids) and caption_<lang>, as a `save_to_disk` folder (no English column: stage
+    3 scores English on the cache's own text)."""
     import datasets
     import pyarrow as pa
 
@@ -184,8 +182,8 @@ def measure_eval(
 ) -> dict:
     """Build the synthetic cache, data and student of `rows` rows in `workdir` (reused when already there), then run
     eval-retrieval once per query batch size and verify once, each in its own process. Returns
-    {"rows", "dim", "index", "nprobe", "cache_mb", "setup_s", "eval": {B: {peak_rss_mb, wall_s, rc, R@1...}}, "verify": {...},
-    "same_metrics": bool}."""
+    {"rows", "dim", "index", "nprobe", "cache_mb", "setup_s", "eval": {B: {peak_rss_mb, wall_s, rc, R@1...}}, "verify":
+    {...}, "same_metrics": bool}."""
     workdir = Path(workdir)
     cache, data, model = workdir / "cache", workdir / "data", workdir / "student"
     start = time.perf_counter()
@@ -207,15 +205,7 @@ def measure_eval(
     if not (model / "mclip.json").exists():
         write_student(model, manifest)
     setup_s = time.perf_counter() - start
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        PYTHONPATH=str(common.ROOT),
-    )
+    env = common.environment(threads, MKL_NUM_THREADS=str(threads))
     result = {
         "rows": rows,
         "dim": manifest["dim"],
@@ -275,7 +265,7 @@ def measure_eval(
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--query-batch-size", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--index", default="IVF1024,PQ16")
@@ -301,7 +291,8 @@ def main(argv=None) -> None:
         for batch, run in r["eval"].items():
             summary.append(
                 f"eval-retrieval rows={r['rows']:,} --query-batch-size {batch}: peak RSS {run['peak_rss_mb']} MiB "
-                f"(anon {run['peak_anon_mb']}, mapped files {run['peak_file_mb']}), wall {run['wall_s']} s (rc {run['rc']})"
+                f"(anon {run['peak_anon_mb']}, mapped files {run['peak_file_mb']}), wall "
+                f"{run['wall_s']} s (rc {run['rc']})"
             )
         summary.append(
             f"verify rows={r['rows']:,} ({r['cache_mb']} MiB cache): peak RSS {r['verify']['peak_rss_mb']} MiB, "

@@ -13,9 +13,7 @@ and file-backed parts of the RSS (a memory-mapped input counts in the RSS once r
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -28,7 +26,8 @@ except ImportError:  # imported as tests.bench.scale_stage1 (tests/bench/bench_s
 
 
 def write_input(path: Path, rows: int, distinct: int, seed: int = 0) -> Path:
-    """A parquet file of `rows` rows (id, caption): `distinct` captions spread at random over the rows (0: all distinct)."""
+    """A parquet file of `rows` rows (id, caption): `distinct` captions spread at random over the rows (0: all
+    distinct)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -80,12 +79,7 @@ def measure(rows: int, distinct: int, work: Path, shard_size: int = 10_000, extr
         str(shard_size),
         *(extra or []),
     ]
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(common.ROOT),
-        OMP_NUM_THREADS="1",
-        HF_DATASETS_CACHE=str(work / f"hf-{rows}-{distinct}"),
-    )
+    env = common.environment(1, HF_DATASETS_CACHE=str(work / f"hf-{rows}-{distinct}"))
     run = common.sampled(cmd, env)
     if run["rc"] != 0:
         sys.exit(f"scale_stage1: embed-teacher failed on {rows} rows:\n{run['stderr_tail']}")
@@ -105,7 +99,7 @@ def measure(rows: int, distinct: int, work: Path, shard_size: int = 10_000, extr
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000], help="input sizes, one run each")
     p.add_argument(
         "--distinct", type=int, default=160, help="distinct captions in each input (0: every caption distinct)"

@@ -51,7 +51,8 @@ def emoji_rows():
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, emoji_rows):
-    """A tiny CLS-pooled student whose character vocabulary covers the emoji test split, so retrieval there is not chance.
+    """A tiny CLS-pooled student whose character vocabulary covers the emoji test split, so retrieval there is not
+    chance.
 
     Its weights start at 15x BERT's init range: at 0.02 a random tiny BERT gives every text nearly the same vector
     (pairwise cosine 0.99998 over the test captions), so which caption ranks first is noise and an R@1 comparison says
@@ -143,8 +144,8 @@ def test_the_folder_holds_the_tokenizer_and_its_json(fp32, student):
 
 
 def test_int8_is_close_and_keeps_r_at_1_on_the_emoji_test_split(student, int8, emoji_rows):
-    """Dynamic int8: cosine >= 0.99 to the student, and R@1 (xx caption -> English caption, 300 test concepts) within 0.01
-    of the torch student's in every language."""
+    """Dynamic int8: cosine >= 0.99 to the student, and R@1 (xx caption -> English caption, 300 test concepts) within
+    0.01 of the torch student's in every language."""
     assert int8.min_cosine >= 0.99 and json.loads((int8.out / "mclip.json").read_text())["quantize"] == "int8"
     torch_model, onnx_model = mclip.load(student), mclip.load(int8.out)
     english = [r["caption"] for r in emoji_rows]
@@ -174,8 +175,8 @@ import mclip
 from mclip.cli import main
 model = mclip.load({str(fp32.out)!r})
 np.save({str(tmp_path / "load.npy")!r}, model.encode({TEXTS!r}))
-main(["encode", "--model", {str(fp32.out)!r}, "--input", {str(tmp_path / "texts.txt")!r}, "--out", {str(tmp_path / "enc")!r},
-      "--npy", "--no-progress"])
+main(["encode", "--model", {str(fp32.out)!r}, "--input", {str(tmp_path / "texts.txt")!r},
+      "--out", {str(tmp_path / "enc")!r}, "--npy", "--no-progress"])
 assert "torch" not in sys.modules or sys.modules["torch"] is None, "imported torch"
 """,
         encoding="utf-8",
@@ -214,7 +215,8 @@ def test_encode_refuses_no_normalize_on_an_export(fp32, tmp_path, cli_error):
 
 def test_sentence_transformers_modules_on_the_graphs_hidden_state_give_the_student(fp32, student):
     """The half of sentence-transformers' ONNX backend that runs without optimum: its own Pooling, Dense and Normalize
-    modules, loaded from the export's module folders, applied to the graph's last_hidden_state output, give the student."""
+    modules, loaded from the export's module folders, applied to the graph's last_hidden_state output, give the
+    student."""
     import onnxruntime as ort
     import torch
     from sentence_transformers.models import Dense, Normalize, Pooling
@@ -285,16 +287,11 @@ def test_an_out_under_a_file_is_one_line(student, tmp_path, cli_error):
     assert _leftovers(tmp_path) == ["file"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the next test fakes the refusal")
-def test_an_unwritable_parent_is_one_line(student, tmp_path, cli_error):
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o555)
-    try:
-        assert "permission denied" in cli_error(["export", str(student), "--out", str(parent / "x")])
-        assert _leftovers(parent) == []
-    finally:
-        parent.chmod(0o755)
+def test_an_unwritable_parent_is_one_line(student, read_only_dir, cli_error):
+    """On a read-only mount, which root cannot write either (a chmod 555 folder skipped the test as root, as CI is)."""
+    err = cli_error(["export", str(student), "--out", str(read_only_dir / "x")])
+    assert err.startswith("permission denied writing ") and "Read-only file system" in err, err
+    assert _leftovers(read_only_dir) == ["out"]  # the fixture's own folder, nothing else
 
 
 def test_a_write_refused_midway_leaves_no_folder(student, tmp_path, cli_error, monkeypatch):
@@ -390,9 +387,7 @@ def test_the_export_bench_prints_its_contract():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     rates = ("torch_texts_per_s", "onnx_fp32_texts_per_s", "onnx_int8_texts_per_s")
     assert all(result[k] > 0 for k in rates) and result["texts"] == 64
-    assert result["fp32_vs_torch"] == pytest.approx(
-        result["onnx_fp32_texts_per_s"] / result["torch_texts_per_s"], rel=0.01
-    )
+    assert all(np.isfinite(result[k]) and result[k] > 0 for k in ("fp32_vs_torch", "int8_vs_torch"))
     assert result["fp32_min_cosine"] >= 0.9999 and result["int8_min_cosine"] >= 0.97
     assert 0 < result["onnx_int8_mb"] < result["onnx_fp32_mb"]
     assert set(result["r_at_1"]) == {"torch", "fp32", "int8"} and "avg" in result["r_at_1"]["int8"]

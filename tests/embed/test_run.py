@@ -1,4 +1,5 @@
-"""Stage 1 end to end: the cache contract, input formats, dedup, batching invariance, layers, images, resume, torchrun."""
+"""Stage 1 end to end: the cache contract, input formats, dedup, batching invariance, layers, images, resume,
+torchrun."""
 
 import dataclasses
 import json
@@ -615,24 +616,10 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, captions, clip_teacher):
             np.testing.assert_allclose(shards.to_numpy(ta[column]), shards.to_numpy(tb[column]), atol=1e-5)
 
 
-def test_tokenizing_threads_leave_two_cores_to_the_forward_and_the_writer(monkeypatch):
-    import torch
-
-    from mclip.embed.batches import _tokenize_threads
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    for cores, want in [(16, 14), (128, 16), (3, 1), (1, 1)]:
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
-        assert _tokenize_threads(cuda) == want and _tokenize_threads(cpu) == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun ranks on one machine share it
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
-    assert _tokenize_threads(cuda) == 14
-
-
 def test_the_reader_pads_and_pins_the_batches_a_gpu_teacher_gets(tmp_path, clip_text_teacher, monkeypatch):
     """Batches are made in the reader thread, length-sorted within the token budget, and page-locked for a CUDA teacher
-    (pin_memory needs CUDA, so here it is recorded instead): a unit of distinct captions with --dedup, a shard without."""
+    (pin_memory needs CUDA, so here it is recorded instead): a unit of distinct captions with --dedup, a shard
+    without."""
     import torch
 
     from mclip.embed import dedup
@@ -760,3 +747,15 @@ def test_torchrun_two_nodes_equal_one_process(tmp_path, clip_teacher):
         for column in ("embedding", "layer_1"):
             np.testing.assert_allclose(shards.to_numpy(ta[column]), shards.to_numpy(tb[column]), atol=1e-5)
     assert not (tmp_path / "dist" / ".plan").exists()
+
+
+def test_csv_ids_are_cached_in_their_string_form(tmp_path, bert_teacher):
+    """A CSV's ids 000..011 were cached as '0'..'11', so a caption file with the same ids as strings joined nothing."""
+    path = tmp_path / "rows.csv"
+    path.write_text("id,caption\n" + "".join(f"{i:03d},{tiny.CORPUS[i]}\n" for i in range(12)), encoding="utf-8")
+    run(
+        EmbedConfig(
+            data=str(path), out=str(tmp_path / "cache"), teacher=str(bert_teacher), id_column="id", progress=False
+        )
+    )
+    assert shards.open_cache(tmp_path / "cache").ids() == [f"{i:03d}" for i in range(12)]

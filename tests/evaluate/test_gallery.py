@@ -1,4 +1,5 @@
-"""mclip.evaluate.gallery's grouping of English targets against np.unique, the oracle it replaces (no Python object per row)."""
+"""mclip.evaluate.gallery's grouping of English targets against np.unique, the oracle it replaces (no Python object per
+row)."""
 
 import numpy as np
 import pyarrow as pa

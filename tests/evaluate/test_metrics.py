@@ -19,7 +19,8 @@ def _single_thread():
 
 
 def oracle_ranks(queries, gallery, query_labels, gallery_labels, atol=retrieval.TIE_ATOL):
-    """Brute force over the full score matrix: 1 + non-relevant items scoring >= the best relevant one (ties against)."""
+    """Brute force over the full score matrix: 1 + non-relevant items scoring >= the best relevant one (ties
+    against)."""
     scores = np.asarray(queries, np.float64) @ np.asarray(gallery, np.float64).T  # (Q, G)
     relevant = np.asarray(query_labels)[:, None] == np.asarray(gallery_labels)[None, :]
     best = np.where(relevant, scores, -np.inf).max(axis=1)
@@ -113,7 +114,8 @@ def test_metrics_from_ranks_by_hand():
 
 
 def test_rank_counts_added_in_any_batches_give_the_metrics_of_numpy_over_all_ranks():
-    """R@K exactly numpy's share, MRR the exact mean (rounded once), whatever the batches: no array of every rank needed."""
+    """R@K exactly numpy's share, MRR the exact mean (rounded once), whatever the batches: no array of every rank
+    needed."""
     rng = np.random.default_rng(5)
     ranks = np.where(rng.random(1000) < 0.1, np.inf, rng.integers(1, 30, size=1000).astype(np.float64))
     whole = retrieval.metrics_from_ranks(ranks, (1, 5, 10))
@@ -130,7 +132,8 @@ def test_rank_counts_added_in_any_batches_give_the_metrics_of_numpy_over_all_ran
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
 def test_a_labelled_index_ranks_as_one_that_looks_its_labels_up(factory):
-    """Vectors added under their label (ids: IVF's own, an IndexIDMap around others) rank as positions mapped to labels."""
+    """Vectors added under their label (ids: IVF's own, an IndexIDMap around others) rank as positions mapped to
+    labels."""
     rng = np.random.default_rng(8)
     gallery = retrieval.l2_normalize(rng.normal(size=(200, 8)))
     labels = rng.integers(0, 50, size=200)

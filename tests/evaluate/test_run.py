@@ -98,6 +98,7 @@ def config(setup, out, **overrides) -> EvalConfig:
         data=str(setup["data"]),
         out=str(out),
         languages=("de",),
+        split="train",  # the split datasets names a local file
         progress=False,
     )
     values.update(overrides)
@@ -210,7 +211,8 @@ def test_a_bf16_cache_has_the_fp32_fingerprint_and_passes_the_baseline_check(set
 
 
 def test_tiny_batches_give_the_metrics_of_one_batch(setup, tmp_path):
-    """Queries encoded, searched and added in batches of 1 and 5, and galleries added 1 and 5 at a time: the same numbers."""
+    """Queries encoded, searched and added in batches of 1 and 5, and galleries added 1 and 5 at a time: the same
+    numbers."""
     whole = run(config(setup, tmp_path / "whole", languages=("de", "sh", "fr"), teacher_baseline=True, limit=17))
     for size in (1, 5):
         parts = run(
@@ -417,6 +419,15 @@ def test_cli_runs_and_errors_are_one_line_exit_2(setup, tmp_path, capsys):
         "de,fr",
         "--no-progress",
     ]
+    with pytest.raises(SystemExit) as exit_info:  # the default --split test names nothing in a local file
+        main(args + ["--out", str(tmp_path / "out0")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == (
+        f"mclip: error: split 'test' does not apply to {setup['data']}: local files are read whole, as the one split "
+        "datasets names 'train'; pass --split train (--val-split train for --val-data), or a dataset that has splits"
+    )
+    assert not (tmp_path / "out0").exists()
+    args += ["--split", "train"]
     main(args + ["--out", str(tmp_path / "out"), "--ks", "1,3"])
     printed = capsys.readouterr().out
     assert "de→en" in printed and "R@3" in printed and "MRR@3" in printed
@@ -483,6 +494,7 @@ def test_text_image_metrics_with_several_captions_per_image_match_the_oracle(ima
             model=str(s["model"]),
             cache=str(s["cache"]),
             data=str(s["data"]),
+            split="train",
             out=str(tmp_path / "out"),
             languages=("de",),
             ks=(1, 2),
@@ -512,6 +524,7 @@ def test_text_image_metrics_with_several_captions_per_image_match_the_oracle(ima
             model=str(s["model"]),
             cache=str(s["cache"]),
             data=str(s["data"]),
+            split="train",
             out=str(tmp_path / "out2"),
             languages=("de",),
             images=False,
@@ -524,6 +537,7 @@ def test_text_image_metrics_with_several_captions_per_image_match_the_oracle(ima
             model=str(s["model"]),
             cache=str(s["cache"]),
             data=str(s["data"]),
+            split="train",
             out=str(tmp_path / "out3"),
             languages=("de",),
             ks=(1, 2),

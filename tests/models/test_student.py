@@ -1,4 +1,5 @@
-"""The exported student: one folder, three ways to load it (mclip.load, plain transformers, sentence-transformers), same vectors."""
+"""The exported student: one folder, three ways to load it (mclip.load, plain transformers, sentence-transformers), same
+vectors."""
 
 import json
 
@@ -15,7 +16,8 @@ TEXTS = tiny.CORPUS + ["a much longer caption " * 20, "x"]
 
 
 def _plain_transformers(path, texts):
-    """The README's recipe: AutoModel + AutoTokenizer, the pooling named in mclip.json, the 2_Dense projection, L2 norm."""
+    """The README's recipe: AutoModel + AutoTokenizer, the pooling named in mclip.json, the 2_Dense projection, L2
+    norm."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
@@ -96,7 +98,8 @@ def test_build_refuses_a_missing_model(tmp_path):
 
 
 def test_identity_projection_reproduces_the_teacher_when_the_student_is_the_teacher(bert_teacher):
-    """A student built from the teacher's own weights starts equal to the (mean-pooled) teacher: projection = identity."""
+    """A student built from the teacher's own weights starts equal to the (mean-pooled) teacher: projection =
+    identity."""
     from mclip.models.teacher import load_teacher
 
     teacher = load_teacher(str(bert_teacher))

@@ -46,8 +46,9 @@ def toy(tmp_path_factory, bert_teacher):
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, toy):
-    """A tiny student of one family whose vocabulary was learnt from the English and German captions and only every other
-    Chinese one, so some training characters are unknown to it (what extend-vocab is for); dropout on, as in the real ones."""
+    """A tiny student of one family whose vocabulary was learnt from the English and German captions and only every
+    other Chinese one, so some training characters are unknown to it (what extend-vocab is for); dropout on, as in the
+    real ones."""
     corpus = [r[k] for r in toy["rows"] for k in LANGS[:2]] + [r["caption_zh"] for r in toy["rows"][::2]]
     folder = FAMILIES[request.param](toy["root"] / request.param, hidden=32, layers=2, corpus=corpus, seed=3)
     return {"name": request.param, "student": folder}
@@ -150,8 +151,8 @@ def _unknown_characters(tokenizer, texts) -> set[str]:
 
 
 def _extend(toy, family, out, **changes):
-    """A run with extend-vocab, and what to check it against: the tokenizer before, the exported student, the added tokens
-    (token -> id), the non-English training captions and the English ones (the cache's text)."""
+    """A run with extend-vocab, and what to check it against: the tokenizer before, the exported student, the added
+    tokens (token -> id), the non-English training captions and the English ones (the cache's text)."""
     before = build_student(str(family["student"]), dim=24).tokenizer
     result = run(_config(toy, family, out, extend_vocab=True, **changes))
     student = load(result.final)
@@ -250,8 +251,9 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_run_resumed_ends_with_the_uninterrupted_weights(toy, family, tmp_path, monkeypatch):
-    # 9 steps an epoch: the kill falls in epoch 2, two steps after the checkpoint of step 8, so the resume crosses the epoch
-    # boundary and drops the logged steps 9-10; the learnt temperature, layer-kd projections, added tokens and dropout RNG resume too
+    # 9 steps an epoch: the kill falls in epoch 2, two steps after the checkpoint of step 8, so the resume crosses the
+    # epoch boundary and drops the logged steps 9-10; the learnt temperature, layer-kd projections, added tokens and
+    # dropout RNG resume too
     changes = dict(
         epochs=2,
         max_steps=12,

@@ -1,5 +1,5 @@
-"""Nothing runs that should not: checkpoint code only with --trust-remote-code, mclip's own weights only from safetensors,
-every torch.load with weights_only=True, no config value ever reaching a shell or eval."""
+"""Nothing runs that should not: checkpoint code only with --trust-remote-code, mclip's own weights only from
+safetensors, every torch.load with weights_only=True, no config value ever reaching a shell or eval."""
 
 import ast
 import json
@@ -20,7 +20,8 @@ SOURCES = sorted((ROOT / "mclip").rglob("*.py"))
 
 @pytest.fixture
 def modules_cache(tmp_path, monkeypatch):
-    """transformers copies trusted checkpoint code into HF_MODULES_CACHE and imports it from there: keep that in tmp_path."""
+    """transformers copies trusted checkpoint code into HF_MODULES_CACHE and imports it from there: keep that in
+    tmp_path."""
     import transformers.dynamic_module_utils as dynamic
 
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
@@ -203,7 +204,8 @@ def test_no_config_value_reaches_a_shell_or_eval():
 
 
 def test_from_pretrained_always_passes_trust_remote_code():
-    """Every from_pretrained that can load checkpoint code is told the user's choice (default False), never left to its prompt."""
+    """Every from_pretrained that can load checkpoint code is told the user's choice (default False), never left to its
+    prompt."""
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if (

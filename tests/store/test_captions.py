@@ -68,9 +68,17 @@ def test_english_column_optional_languages_and_the_errors(tmp_path):
     with pytest.raises(
         UserError,
         match=r"column 'caption_ja' for language 'ja' not found in .*wide.jsonl; it has id, caption, "
-        r"caption_de, caption_fr \(fix --languages or --text-column-template\)",
+        r"caption_de, caption_fr \(fix --languages or --text-column-template; or give the long format: columns id, "
+        r"lang, text\)$",
     ):
         CaptionFile(data, "train", ["ja"], id_column="id", template="caption_{lang}")
+    no_lang = tiny.write_captions(tmp_path / "no_lang.jsonl", [{"id": "a", "text": "x"}])  # long, but no lang column
+    with pytest.raises(
+        UserError,
+        match=r"^column 'caption_de' for language 'de' not found in .*no_lang.jsonl; it has id, text \(fix --languages "
+        r"or --text-column-template; the long format needs columns 'lang' and 'text' by the id: it has no 'lang'\)$",
+    ):
+        CaptionFile(str(no_lang), "train", ["de"], id_column="id", template="caption_{lang}")
     with pytest.raises(UserError, match=r"column 'key' not found in .*; it has id, .* \(use --id-column\)"):
         CaptionFile(data, "train", ["de"], id_column="key", template="caption_{lang}")
     long = tiny.write_captions(
@@ -112,6 +120,27 @@ def test_jsonl_csv_parquet_files(tmp_path, hf_rows):
     )
     for name in ("rows.jsonl", "rows.csv", "rows.parquet", "rows.tsv"):
         assert _rows(load_dataset(str(tmp_path / name))) == _expected(), name
+
+
+@pytest.mark.parametrize("name, sep", [("ids.csv", ","), ("ids.tsv", "\t")])
+def test_csv_ids_keep_their_string_form(tmp_path, name, sep):
+    """Ids 000, 001 read from a CSV were the integers 0, 1 (pandas' inference), and a cache keyed '0' joined no caption
+    file that wrote them as the strings they are."""
+    path = tmp_path / name
+    path.write_text(
+        "id" + sep + "caption\n" + "".join(f"{i:03d}{sep}caption {i}\n" for i in range(12)), encoding="utf-8"
+    )
+    ds = load_dataset(str(path))
+    assert ds["id"] == [f"{i:03d}" for i in range(12)] and ds["caption"][0] == "caption 0"
+
+
+def test_a_split_other_than_train_is_refused_for_local_files(tmp_path, hf_rows):
+    """A split names nothing in a local file: eval-retrieval's default 'test' read all of it and recorded 'test'."""
+    hf_rows.to_json(tmp_path / "rows.jsonl")
+    for data in (str(tmp_path / "rows.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path)):
+        with pytest.raises(UserError, match=r"^split 'test' does not apply to .*; pass --split train"):
+            load_dataset(data, split="test")
+        assert _rows(load_dataset(data, split="train")) == _expected()
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path, hf_rows):

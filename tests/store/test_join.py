@@ -1,4 +1,5 @@
-"""mclip.store.join: the cache id index (sorted 64-bit hashes on disk) against a dict oracle, collisions, duplicates, reuse."""
+"""mclip.store.join: the cache id index (sorted 64-bit hashes on disk) against a dict oracle, collisions, duplicates,
+reuse."""
 
 import numpy as np
 import pyarrow as pa

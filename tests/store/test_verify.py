@@ -136,8 +136,10 @@ def test_damaged_run_names_each_file(small_run, tmp_path, capsys):
     code, out, _ = _verify(run, capsys)
     assert code == 1 and out[-1].startswith(f"verify: run folder {run} has 2 problem(s)")
     assert out[:-1] == [
-        f"{run / 'checkpoints' / 'step-0000004' / 'trainer.pt'}: checksum differs from checksums.sha256 (file corrupted or changed)",
-        f"{run / 'final' / '2_Dense' / 'model.safetensors'}: checksum differs from checksums.sha256 (file corrupted or changed)",
+        f"{run / 'checkpoints' / 'step-0000004' / 'trainer.pt'}: checksum differs from checksums.sha256 "
+        "(file corrupted or changed)",
+        f"{run / 'final' / '2_Dense' / 'model.safetensors'}: checksum differs from checksums.sha256 "
+        "(file corrupted or changed)",
     ]
     assert snapshot(run) == before
 

@@ -83,7 +83,8 @@ def test_cl_is_the_weighted_sum_and_cl_base_swaps_the_pointwise_part():
 
 
 def test_mse_against_a_normalised_cache_ignores_the_students_norm():
-    # all-MiniLM-L6-v2's pooled output has a norm of ~6: a student that points exactly at its unit target must cost nothing
+    # all-MiniLM-L6-v2's pooled output has a norm of ~6: a student that points exactly at its unit target must cost
+    # nothing
     s, t = _data(b=4, n=4)
     t /= np.linalg.norm(t, axis=1, keepdims=True)
     positive, same = np.arange(4), np.eye(4, dtype=bool)

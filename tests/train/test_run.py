@@ -20,7 +20,6 @@ from mclip.errors import ConfigError, UserError
 from mclip.models.student import load
 from mclip.store import shards
 from mclip.train.checkpoint import checkpoints
-from mclip.train.distiller import Distiller, lr_at
 from mclip.train.pairs import prepare_pairs
 from mclip.train.run import run
 from tests import tiny
@@ -51,8 +50,8 @@ def _toy_rows(n: int = 48) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, bert_teacher):
-    """Parallel captions, a tiny student whose vocabulary covers them (no dropout, so runs compare exactly across process
-    layouts), and a teacher cache from the tiny BERT teacher with both layers cached."""
+    """Parallel captions, a tiny student whose vocabulary covers them (no dropout, so runs compare exactly across
+    process layouts), and a teacher cache from the tiny BERT teacher with both layers cached."""
     root = tmp_path_factory.mktemp("toy")
     rows = _toy_rows()
     data = tiny.write_captions(root / "parallel.jsonl", rows)
@@ -121,18 +120,6 @@ def _free_port() -> int:
 
 
 # ---- pure pieces ----
-
-
-def test_lr_schedule_warms_up_then_decays():
-    config = TrainConfig(data="d", cache="c", out="o", lr=1.0, warmup_steps=10, schedule="linear")
-    assert lr_at(0, config, 110) == pytest.approx(0.1)
-    assert lr_at(9, config, 110) == pytest.approx(1.0)
-    assert lr_at(60, config, 110) == pytest.approx(0.5)
-    assert lr_at(110, config, 110) == pytest.approx(0.0)
-    cosine = dataclasses.replace(config, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_at(60, cosine, 110) == pytest.approx(0.55)
-    assert lr_at(110, cosine, 110) == pytest.approx(0.1)
-    assert lr_at(500, dataclasses.replace(config, schedule="constant"), 110) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -245,17 +232,6 @@ def test_contrastive_and_layer_kd_train_with_learnt_temperature(toy, tmp_path):
     assert state["step"] == result.steps
 
 
-def test_layer_kd_shapes(toy):
-    from mclip.models.student import build_student
-
-    student = build_student(str(toy["student"]), dim=24)
-    model = Distiller(student, 0.05, True, student_layers=(1, 2), teacher_width=24)
-    enc = student.tokenize(["goldmedaille", "金牌 and more"])
-    emb, states, temperature = model(enc["input_ids"], enc["attention_mask"])
-    assert emb.shape == (2, 24) and [s.shape for s in states] == [(2, 24), (2, 24)] and temperature.shape == ()
-    assert Distiller(student, 0.05, False).log_temperature.requires_grad is False
-
-
 def test_layer_kd_needs_cached_layers(toy, tmp_path, bert_teacher, capsys):
     bare = tmp_path / "bare"
     embed_teacher(
@@ -362,7 +338,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(toy, tmp
     assert len(ddp_records) == len(single_records) == single.steps
     assert np.allclose([r["loss"] for r in ddp_records], [r["loss"] for r in single_records], rtol=1e-4)
     # gloo's all-reduce sums in another order than one process; Adam's normalised step turns that float rounding on
-    # near-zero gradients into drifts of ~1e-5 at lr 2e-3, so weights agree to 1e-4 (resume, same process layout, is exact)
+    # near-zero gradients into drifts of ~1e-5 at lr 2e-3, so weights agree to 1e-4 (resume, same process layout, is
+    # exact)
     assert _max_diff(_weights(tmp_path / "ddp" / "final"), _weights(tmp_path / "single" / "final")) < 1e-4
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
 
@@ -486,7 +463,8 @@ def test_embedding_lr_scale_moves_only_the_embedding_matrix_faster(toy, tmp_path
 
 def test_embedding_lr_scale_old_slows_only_the_rows_the_student_had_before_extend_vocab(toy, tmp_path):
     """embedding_lr_scale speeds the whole matrix; embedding_lr_scale_old gives the student's own rows their own lr (one
-    Adam step moves a weight by about its lr), while extend-vocab's new rows still take the full embedding_lr_scale step."""
+    Adam step moves a weight by about its lr), while extend-vocab's new rows still take the full embedding_lr_scale
+    step."""
     from safetensors.numpy import load_file
 
     start = load_file(str(toy["student"] / "model.safetensors"))
@@ -642,34 +620,6 @@ def load_tokenizer(folder):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def test_a_learnt_temperature_pushed_below_the_floor_comes_back(toy, tmp_path):
-    from mclip.config import MIN_TEMPERATURE
-    from mclip.models.student import load as load_student
-
-    student = load_student(toy["root"] / "run-final") if (toy["root"] / "run-final").exists() else None
-    model = Distiller(student or _tiny_student(toy), 0.05, learn_temperature=True)
-    with torch.no_grad():
-        model.log_temperature.fill_(np.log(MIN_TEMPERATURE) - 0.5)  # where momentum can carry it
-    model.clamp_temperature_()
-    assert model.temperature().item() == pytest.approx(MIN_TEMPERATURE, rel=1e-6)
-    s, t = torch.randn(4, 8), torch.randn(4, 8)
-    from mclip.train import losses
-
-    losses.info_nce(s, t, torch.arange(4), torch.eye(4, dtype=torch.bool), model.temperature())["infonce"].backward()
-    assert model.log_temperature.grad.abs() > 0  # at the floor it still has a gradient, so it can move back up
-    fixed = Distiller(_tiny_student(toy), 0.001, learn_temperature=False)
-    fixed.clamp_temperature_()
-    assert fixed.temperature().item() == pytest.approx(0.001)  # a fixed temperature is the user's, floor or not
-    with pytest.raises(ConfigError, match="below the floor 0.01 of a learnt temperature"):
-        TrainConfig(data="d", cache="c", out="o", loss="cl", temperature=0.005)
-
-
-def _tiny_student(toy):
-    from mclip.models.student import build_student
-
-    return build_student(str(toy["student"]), 8, projection_init="random")
-
-
 def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_path):
     from mclip.store import verify
 
@@ -686,7 +636,8 @@ def test_resume_with_an_optimizer_state_that_does_not_fit_is_one_line(toy, tmp_p
 
 
 def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_column(toy, tmp_path, monkeypatch):
-    """At laion28m x 512 dims a float copy of the targets is 56 GB per rank: the run must only gather the rows it uses."""
+    """At laion28m x 512 dims a float copy of the targets is 56 GB per rank: the run must only gather the rows it
+    uses."""
     from mclip.store import shards as mshards
     from mclip.store.columns import Column
 
@@ -710,3 +661,80 @@ def test_training_gathers_targets_from_the_memory_map_and_never_copies_a_whole_c
         gathered
     )  # a batch's targets and layers, or the validation's
     assert not (out / ".pairs").exists()  # the pairs' scratch folder goes when the run finishes
+
+
+# ---- settings not taken as given: honoured, or warned of in the log and the run's summary ----
+
+
+def test_continuing_an_mclip_student_honours_extend_vocab_and_max_length(toy, tmp_path):
+    """--student FINAL/ once ignored --extend-vocab and --max-length while final/mclip.json recorded them."""
+    first = load(run(_config(toy, tmp_path / "first", max_steps=1, warmup_steps=1)).final)
+    changes = dict(max_steps=1, warmup_steps=1, extend_vocab=True, extend_vocab_words=1, max_length=16)
+    second = run(_config(toy, tmp_path / "second", student=str(tmp_path / "first" / "final"), **changes))
+    after = load(second.final)
+    assert len(after.tokenizer) > len(first.tokenizer)
+    assert after.meta["added_tokens"] == len(after.tokenizer) - len(first.tokenizer)
+    assert after.backbone.get_input_embeddings().weight.shape[0] == len(after.tokenizer)
+    assert after.max_length == 16 == after.meta["train"]["max_length"] and first.max_length == 64
+
+
+def _warned(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("mclip: warning: ")]
+
+
+def test_warmup_longer_than_the_run_is_warned_in_the_log_and_the_summary(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    result = run(_config(toy, out, max_steps=3, warmup_steps=1000))
+    line = (
+        "--warmup-steps 1000 is longer than the run's 3 steps, so the learning rate peaks at 6e-06, not --lr 0.002; "
+        "lower --warmup-steps (e.g. 1)"
+    )
+    assert _warned(capsys) == [f"mclip: warning: {line}"] and result.warnings == [line]
+    for name in ("summary.json", "config.json"):
+        assert json.loads((out / name).read_text(encoding="utf-8"))["warnings"] == [line]
+
+
+def test_a_max_length_above_the_students_positions_is_warned_and_the_limit_in_effect_recorded(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    result = run(_config(toy, out, max_steps=1, warmup_steps=1, max_length=100))
+    line = (
+        f"--max-length 100 is above the 64 positions of student {toy['student']}; captions are cut at 64 tokens "
+        "(recorded as max_length)"
+    )
+    assert _warned(capsys) == [f"mclip: warning: {line}"] and result.warnings == [line]
+    for name in ("summary.json", "config.json"):
+        record = json.loads((out / name).read_text(encoding="utf-8"))
+        assert record["max_length"] == 64 and record["warnings"] == [line]
+    assert load(result.final).max_length == 64
+
+
+def test_validation_r1_counts_ties_against_the_query_as_stage_3_does(toy, tmp_path, monkeypatch):
+    """A student whose embeddings are all zero ties every English caption: stage 3 scores that R@1 = 0, and so must
+    validation (argmax once gave the queries of the first gallery item a hit)."""
+    from mclip.models.student import StudentEncoder
+
+    zeros = lambda self, texts, **kw: np.zeros((len(texts), self.dim), np.float32)  # noqa: E731
+    monkeypatch.setattr(StudentEncoder, "encode", zeros)
+    out = tmp_path / "run"
+    run(_config(toy, out, max_steps=1, warmup_steps=1, val_fraction=0.25))
+    val = _records(out, "val")[-1]
+    assert val["val_r1_zh"] == 0.0 and val["val_r1_de"] == 0.0, val
+
+
+def test_validation_rank_one_is_stage_3s_rank_one_on_ties():
+    """Stage 2 may not import stage 3, so validation applies the tie rule itself: on seeded scores with ties (equal
+    gallery items, all-zero queries, near-equal scores within the tolerance), its hits equal ranks_from_labels <= 1."""
+    from mclip.evaluate.metrics import ranks_from_labels
+    from mclip.train.run import _first_without_ties
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, size=(200, 7)).astype(np.float32) / 4  # few values: many exact ties
+    scores[:20] = 0.0  # a query scoring every item alike
+    scores[20:40, 1] = scores[20:40, 0] + 5e-7  # within the tolerance: a tie
+    relevant = rng.integers(0, 7, size=200)
+    ours = _first_without_ties(torch.from_numpy(scores), torch.from_numpy(relevant)).numpy()
+    labels = np.arange(7)
+    stage3 = ranks_from_labels(np.broadcast_to(labels, scores.shape), np.ones(scores.shape, bool), scores, relevant, 7)
+    assert np.array_equal(ours, stage3 <= 1) and 0 < ours.sum() < 200

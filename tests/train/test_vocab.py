@@ -7,7 +7,8 @@ from mclip.train.vocab import RowLR, stem_candidates
 
 def test_stem_candidates_keep_shared_prefixes_where_the_words_branch():
     words = ["клавиши", "клавишу", "клавиатура", "кот", "котик", "дом"]
-    # "клави" holds 3 words and branches (ш / а); "клавиш" holds 2; "кот" is a word and a prefix of another; "дом" stands alone
+    # "клави" holds 3 words and branches (ш / а); "клавиш" holds 2; "кот" is a word and a prefix of another; "дом"
+    # stands alone
     assert stem_candidates(words, 2) == ["клави", "клавиш", "кот"]
     assert stem_candidates(words, 3) == ["клави"]
     assert stem_candidates(words, 0) == []

@@ -1,4 +1,5 @@
-"""--wise-ft: final/ is the stated mix of the trained weights and the step-0 ones, on a fresh run and on a resumed one."""
+"""--wise-ft: final/ is the stated mix of the trained weights and the step-0 ones, on a fresh run and on a resumed
+one."""
 
 import json
 
