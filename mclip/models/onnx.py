@@ -123,10 +123,16 @@ def load_onnx(path: str | Path, device: str | None = None) -> OnnxEncoder:
     hf_logging.set_verbosity_error()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers mean nothing to a user
+    # onnxruntime's own errors (InvalidProtobuf for a damaged graph, Fail, ...) derive from Exception alone
+    ort_errors = tuple(
+        v
+        for v in vars(ort.capi.onnxruntime_pybind11_state).values()
+        if isinstance(v, type) and issubclass(v, Exception)
+    )
     try:
         session = ort.InferenceSession(str(graph), options, providers=_providers(device))
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # an export carries no code
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, *ort_errors) as exc:
         raise UserError(
             f"cannot load the ONNX export {path}: {first_line(exc, 200)}; export the student again"
         ) from None

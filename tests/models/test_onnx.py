@@ -125,6 +125,10 @@ def test_refusals_are_one_line(folder, tmp_path):
     with pytest.raises(UserError, match=r"^cannot load the ONNX export .*broken: .*; export the student again$") as err:
         runtime.load_onnx(broken)
     assert "\n" not in str(err.value)
+    damaged = shutil.copytree(folder[0], tmp_path / "damaged")
+    (damaged / runtime.GRAPH).write_bytes(b"not a protobuf")  # onnxruntime raises its own InvalidProtobuf
+    with pytest.raises(UserError, match=r"^cannot load the ONNX export .*damaged: .*; export the student again$"):
+        runtime.load_onnx(damaged)
     (broken / runtime.GRAPH).unlink()
     with pytest.raises(UserError, match=r"has no onnx/model.onnx; export the student again with mclip export"):
         runtime.load_onnx(broken)
