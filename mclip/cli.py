@@ -29,8 +29,19 @@ app = typer.Typer(
 _state = {"debug": False, "signal": signal.SIGINT, "args": []}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mclip import __version__
+
+        print(f"mclip {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")):
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="Print the version."),
+):
     _state["debug"] = debug
 
 

@@ -133,6 +133,7 @@ class EmbedConfig:
 LOSSES = ("mse", "cosine", "cl")
 MIN_TEMPERATURE = 0.01  # floor of a learnt InfoNCE temperature (CLIP's cap of 100 on the logit scale)
 SCHEDULES = ("linear", "cosine", "constant")
+REPORT_TO = ("none", "tensorboard", "wandb")  # live curves besides metrics.jsonl (mclip/train/report.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +237,11 @@ class TrainConfig:
     overwrite: bool = option(False, "Replace the run files in a non-empty --out.", runtime=True)
     trust_remote_code: bool = option(False, "Allow model code from the checkpoint to run.", runtime=True)
     progress: bool = option(True, "Show progress.", runtime=True)
+    report_to: tuple[str, ...] = option(
+        ("none",),
+        "Live curves of the metrics.jsonl records: none, tensorboard (in OUT/tensorboard), wandb, or both.",
+        runtime=True,
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.data), "data is empty; pass --data with the parallel captions")
@@ -325,6 +331,15 @@ class TrainConfig:
         _device(self.device)
         _check(self.num_threads is None or self.num_threads >= 1, f"num_threads={self.num_threads} must be >= 1")
         _check(not (self.resume and self.overwrite), "pass either --resume or --overwrite, not both")
+        _check(
+            isinstance(self.report_to, tuple)
+            and len(self.report_to) > 0
+            and all(x in REPORT_TO for x in self.report_to)
+            and len(set(self.report_to)) == len(self.report_to)
+            and ("none" not in self.report_to or len(self.report_to) == 1),
+            f"report_to={self.report_to!r} is not valid; use none, tensorboard, wandb or tensorboard,wandb "
+            '(in a pipeline file a list, e.g. report_to = ["tensorboard"])',
+        )
 
 
 # ---- stage 3: EvalConfig (eval-retrieval) and EncodeConfig (encode) ----

@@ -19,6 +19,7 @@ from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, f
 from mclip.embed import run as embed_teacher
 from mclip.errors import ConfigError, UserError, writing
 from mclip.evaluate import run as eval_retrieval
+from mclip.models.card import update_card
 from mclip.store import outputs
 from mclip.train import run as train_student
 
@@ -158,13 +159,31 @@ def run(config: PipelineConfig) -> PipelineResult:
             stages["eval"] = "ran"
             eval_retrieval.run(dataclasses.replace(config.eval, overwrite=True))
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    table = summary_table(config, metrics)
+    # final/'s model card gains stage 3's table (also on a rerun that skipped every stage: the card then catches up)
+    if update_card(config.eval.model, name=config.name, evaluation=f"{table}\n\n{_scored(config)}") == "edited":
+        print(
+            f"mclip: note: {config.eval.model}/README.md was edited after mclip wrote it; kept as it is, without "
+            "stage 3's table",
+            file=sys.stderr,
+        )
     result = PipelineResult(out, stages, metrics, time.perf_counter() - start)
-    print(summary_table(config, metrics))
+    print(table)
     say(
         f"mclip run: {config.name} done in {result.seconds:.0f}s ({', '.join(f'{k} {v}' for k, v in stages.items())}); "
         f"metrics in {eval_dir / 'metrics.json'}"
     )
     return result
+
+
+def _scored(config: PipelineConfig) -> str:
+    """What stage 3 scored, under its table in the model card."""
+    teacher = "; teacher: the teacher applied directly to each language's text" if config.eval.teacher_baseline else ""
+    return (
+        f"Stage 3 (`mclip eval-retrieval`) on `{config.eval.data}` (split {config.eval.split}): R@K, how often a "
+        f"caption's English original is among the K nearest of all the English captions (FAISS {config.eval.index})"
+        f"{teacher}."
+    )
 
 
 def interrupted(config: PipelineConfig) -> tuple[str, str | None]:

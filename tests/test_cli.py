@@ -54,6 +54,26 @@ def test_help_does_not_import_torch():
     assert proc.returncode == 0 and "--cache-layers" in proc.stdout and "--image-column" in proc.stdout
 
 
+def test_version_prints_the_package_version_without_heavy_imports():
+    import mclip
+
+    code = (
+        "import sys; from mclip.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "heavy = ('torch', 'transformers', 'datasets', 'numpy', 'pyarrow', 'huggingface_hub')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0 and proc.stdout == f"mclip {mclip.__version__}\n", proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "mclip", "--version"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout == "mclip 0.1.0\n", proc.stderr
+
+
 def test_embed_teacher_runs(tmp_path, captions, clip_text_teacher, capsys):
     argv = _embed(
         tmp_path / "out",

@@ -262,3 +262,31 @@ def test_run_under_torchrun_scores_once_on_rank_0(tiny_pipeline, tmp_path):
     assert done.stdout.count("avg (non-English)") == 1  # one summary table: rank 0's
     assert json.loads((tmp_path / "run" / "train" / "config.json").read_text())["world_size"] == 2
     assert "de/text_to_text/R@1" in json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+
+
+def test_final_gains_stage_3s_table_in_its_model_card_and_train_report_to_draws_the_curves(tiny_pipeline, tmp_path):
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mclip.store import verify
+    from mclip.train.checkpoint import records
+
+    out = tmp_path / "run"
+    config = pipeline.load_pipeline(tiny_pipeline["toml"], out=str(out), overrides=['train.report_to=["tensorboard"]'])
+    result = pipeline.run(config)
+    card = ModelCard.load(out / "train" / "final" / "README.md")
+    assert card.data.language == ["de", "zh", "en"] and card.text.lstrip().startswith("# tiny")
+    stage3 = card.text.split("## Retrieval on held-out captions", 1)[1]
+    row = next(line for line in stage3.splitlines() if line.startswith("| de |"))
+    assert (
+        f"{result.metrics['de/text_to_text/R@1']:.3f}" in row
+        and f"{result.metrics['de/teacher_baseline/text_to_text/R@1']:.3f}" in row
+    )
+    assert verify.run(out / "train").problems == []  # the card's new checksum is listed, the others are as they were
+    acc = EventAccumulator(str(out / "train" / "tensorboard"))
+    acc.Reload()
+    trained = [r["step"] for r in records(out / "train") if r["kind"] == "train"]
+    assert [e.step for e in acc.Scalars("train/loss")] == trained and trained
+    written = (out / "train" / "final" / "README.md").stat().st_mtime_ns
+    pipeline.run(config)  # every stage skipped: the card is already what it should be
+    assert (out / "train" / "final" / "README.md").stat().st_mtime_ns == written

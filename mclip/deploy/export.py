@@ -20,6 +20,7 @@ from mclip import __version__
 from mclip.config import ExportConfig, to_dict
 from mclip.deploy.probes import PROBES, RERUN, check_tokenizer, cosines, is_tokenizer_file
 from mclip.errors import UserError, first_line
+from mclip.models.card import CARD, write_card
 from mclip.models.onnx import FORMAT, GRAPH, INPUTS, OUTPUTS, is_export, load_onnx
 from mclip.store import outputs
 from mclip.store.outputs import META
@@ -76,6 +77,7 @@ def _owned(name: str) -> bool:
         "1_Pooling",
         "2_Dense",
         "3_Normalize",
+        CARD,
     ) or is_tokenizer_file(name)
 
 
@@ -311,6 +313,7 @@ def run(config: ExportConfig) -> ExportResult:
             "against": "mclip.load(source).encode",
         }
         outputs.write_json(tmp / META, meta)
+        write_card(tmp, {**student.meta, **meta})  # the student's training record, then what the export is
 
         write_checksums(tmp)  # last, as for a final/: `mclip verify DIR` (and sha256sum -c) check the export
 

@@ -28,6 +28,27 @@ def write_checksums(folder: Path) -> Path:
     return folder / CHECKSUMS
 
 
+def listed(folder: Path) -> dict[str, str]:
+    """checksums.sha256 of `folder` as file name -> sha256 (empty when there is none)."""
+    path = Path(folder) / CHECKSUMS
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    return {name: digest for digest, _, name in (line.partition("  ") for line in lines) if name}
+
+
+def update_checksum(folder: Path, name: str) -> None:
+    """Set the line of one file that was rewritten on purpose (a model card given stage 3's table) in
+    `folder/checksums.sha256`, keeping every other line as it was, so damage elsewhere is still found."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():  # a folder without checksums has none to keep true
+        return
+    lines = (folder / CHECKSUMS).read_text(encoding="utf-8").splitlines()
+    entry = f"{file_sha256(folder / name)}  {name}"
+    entries = [entry if line.partition("  ")[2] == name else line for line in lines]
+    if entry not in entries:  # a new file: in the place write_checksums would give it
+        entries = sorted([*entries, entry], key=lambda line: Path(line.partition("  ")[2]))
+    atomic_write_bytes(folder / CHECKSUMS, "".join(line + "\n" for line in entries).encode("utf-8"))
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 

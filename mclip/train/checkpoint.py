@@ -5,6 +5,7 @@ final/.
     OUT/checkpoints/step-XXXXXXX/   a student folder + trainer.pt + checksums.sha256; the last --keep-last kept
     OUT/final/                      the exported student
     OUT/start.pt                    the student's step-0 weights, with --wise-ft < 1 (final/ mixes them back in)
+    OUT/tensorboard/  OUT/wandb/    the live curves, with --report-to (mclip/train/report.py)
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import torch
 from mclip import distributed
 from mclip.config import TrainConfig
 from mclip.errors import UserError, first_line, writing
+from mclip.models.card import write_card
 from mclip.store import outputs, verify
 from mclip.store.outputs import META
+from mclip.train.report import TENSORBOARD, WANDB
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
@@ -44,6 +47,8 @@ ARTEFACTS = (
     ".final.tmp",
     ".old-final",
     START,
+    TENSORBOARD,
+    WANDB,
 )
 RESUME = "rerun the same command with --resume to continue from the last checkpoint"  # after a failed write
 CORRUPT = ".corrupt"  # suffix of a damaged checkpoint set aside on resume (kept for inspection, never loaded)
@@ -360,11 +365,12 @@ def mix_start(out: Path, student, weight: float) -> None:
 
 
 def finish(out: Path, model, summary: dict) -> None:
-    """The end of a run: final/ (the trained student with its checksums, whole or absent: a previous final/ stays until
-    the new one is in), curves.png from metrics.jsonl, and summary.json."""
+    """The end of a run: final/ (the trained student, its model card README.md and its checksums, whole or absent: a
+    previous final/ stays until the new one is in), curves.png from metrics.jsonl, and summary.json."""
 
     def fill(tmp: Path) -> None:
         model.student.save(tmp)
+        write_card(tmp, json.loads((tmp / META).read_text(encoding="utf-8")))
         verify.write_checksums(tmp)
 
     out = Path(out)

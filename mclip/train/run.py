@@ -30,6 +30,7 @@ from mclip.train import checkpoint, losses
 from mclip.train.batches import EpochPlan, EpochSteps, open_lengths, token_lengths
 from mclip.train.distiller import Distiller, lr_at, param_groups
 from mclip.train.pairs import PAIRS_DIR, Pairs, build_pairs, open_pairs
+from mclip.train.report import Reporter, check_installed
 from mclip.train.vocab import RowLR, extend_vocabulary
 
 
@@ -239,7 +240,7 @@ def run(config: TrainConfig) -> TrainResult:
     ranks."""
     started = time.perf_counter()
     with distributed.group(config.device) as (ctx, device), outputs.hold(config.out, "train-student", ctx):
-        state = {"made_out": not Path(config.out).exists(), "scratch": None, "claimed": False}
+        state = {"made_out": not Path(config.out).exists(), "scratch": None, "claimed": False, "reporter": None}
         try:
             return _run(config, ctx, device, started, state)
         except UserError:
@@ -250,6 +251,9 @@ def run(config: TrainConfig) -> TrainResult:
                 if state["made_out"] and Path(config.out).is_dir() and not any(Path(config.out).iterdir()):
                     Path(config.out).rmdir()
             raise
+        finally:
+            if state["reporter"] is not None:
+                state["reporter"].close()
 
 
 def interrupted(config: TrainConfig) -> tuple[str, str | None]:
@@ -284,6 +288,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
         torch.set_num_threads(config.num_threads)
     out = Path(config.out)
     cache = shards.open_cache(config.cache)
+    check_installed(config.report_to)
     resume_from, damaged = distributed.main_only(ctx, lambda: checkpoint.check_out(config, cache))
     if config.batch_size % (ctx.world_size * config.grad_accum):
         raise UserError(
@@ -315,8 +320,10 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
             | {"normalized": cache.manifest["normalized"]},
             "languages": report["languages"],
             "train": to_dict(config),
+            "base_model": student.meta.get("base_model") or config.student,  # what training began from (model card)
         }
     )
+    student.meta.pop("metrics", None)  # a continued student's are its last run's; final/ gets this run's
     model = Distiller(
         student,
         config.temperature,
@@ -372,6 +379,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
             step,
         )
         state["claimed"] = True
+        state["reporter"] = Reporter(out, config.report_to, step, to_dict(config))
         for line in warnings:
             print(f"mclip: warning: {line}", file=sys.stderr)
         if config.wise_ft < 1:
@@ -513,10 +521,12 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                 bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{last['pairs_per_s']:,.0f}", refresh=False)
                 if ctx.is_main:
                     checkpoint.log(out, last)
+                    state["reporter"].log(last)
             if val is not None and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 if ctx.is_main:
                     last_val = {"kind": "val", "step": step, **evaluate(model, val, targets, config, normalized)}
                     checkpoint.log(out, last_val)
+                    state["reporter"].log(last_val)
                     model.train()
                 distributed.barrier()
             if (config.save_every and step % config.save_every == 0) or step == total_steps:
@@ -561,6 +571,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
                 **evaluate(model, val, targets, config, normalized),
             }
             checkpoint.log(out, last_val)
+            state["reporter"].log(last_val)
     metrics = {k: v for k, v in {**last, **last_val}.items() if k != "kind"}
     result = TrainResult(
         out,
@@ -573,6 +584,7 @@ def _run(config: TrainConfig, ctx, device: torch.device, started: float, state: 
         warnings,
     )
     if export:
+        student.meta["metrics"] = result.metrics  # final/'s mclip.json and model card carry the last figures
         checkpoint.finish(
             out,
             model,
