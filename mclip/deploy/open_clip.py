@@ -35,6 +35,7 @@ from mclip import __version__
 from mclip.config import ExportConfig, to_dict
 from mclip.deploy.probes import PROBES, RERUN, check_tokenizer, cosines, is_tokenizer_file
 from mclip.errors import UserError, first_line
+from mclip.models.card import CARD, write_card
 from mclip.models.onnx import is_export
 from mclip.models.student import OPEN_CLIP_FORMAT, StudentEncoder, load, model_folder
 from mclip.models.teacher import fingerprint, load_teacher, resolve_source
@@ -70,7 +71,7 @@ class OpenClipResult:
 
 def _owned(name: str) -> bool:
     """What a previous open_clip export wrote (what --overwrite may replace)."""
-    return name in (CONFIG, WEIGHTS, META, "config.json", "checksums.sha256") or is_tokenizer_file(name)
+    return name in (CONFIG, WEIGHTS, META, CARD, "config.json", "checksums.sha256") or is_tokenizer_file(name)
 
 
 # ---- the text tower: the student's backbone, its pooler and its projection with the bias folded in ----
@@ -529,6 +530,9 @@ def run(config: ExportConfig) -> OpenClipResult:
             "config": to_dict(config),
         }
         outputs.write_json(tmp / META, meta)
+        write_card(
+            tmp, {**student.meta, **meta}, kind="open_clip"
+        )  # the student's recipe and figures, this folder's use
         write_checksums(tmp)  # last: `mclip verify DIR` (and sha256sum -c) check the export
 
     workspace = out.with_name(f".{out.name}.export")  # beside --out: the rename onto it stays on one filesystem

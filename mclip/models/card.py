@@ -48,7 +48,11 @@ KINDS = {
         "open_clip", "zero-shot-image-classification", ("open_clip", "zero-shot-image-classification"), ""
     ),
 }
-FORMATS = {"mclip-student": "student", "mclip-onnx": "onnx"}  # mclip.json's format -> kind
+FORMATS = {
+    "mclip-student": "student",
+    "mclip-onnx": "onnx",
+    "mclip-open-clip": "open_clip",
+}  # mclip.json's format -> kind
 DEFAULTS = to_dict(TrainConfig(data="-", cache="-", out="-"))
 
 

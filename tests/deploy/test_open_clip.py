@@ -124,9 +124,13 @@ def test_fold_bias_is_exact_with_full_row_rank_and_reports_a_residual_otherwise(
 
 
 def test_the_folder_holds_open_clip_config_weights_and_tokenizer(exported, teacher):
+    from huggingface_hub import ModelCard
+
     out, result = exported["out"], exported["result"]
     config, weights = read(out)
     student = mclip.load(exported["student"])
+    card = ModelCard.load(out / "README.md")  # the model card, as the hub reads it
+    assert card.data.library_name == "open_clip" and "open_clip" in card.data.tags and "open_clip" in card.text
     assert config["model_cfg"]["embed_dim"] == 16 and config["model_cfg"]["quick_gelu"] is True
     assert config["model_cfg"]["text_cfg"] == {
         "hf_model_name": str(out.resolve()),  # open_clip reads the backbone's config.json from there
