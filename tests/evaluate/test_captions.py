@@ -39,6 +39,7 @@ def _join(tmp_path, rows, languages=("de", "fr"), limit=None):
         model="m",
         cache=str(cache.path),
         data=str(data),
+        split="train",  # the one split datasets names a local file
         out=str(tmp_path / "out"),
         languages=languages,
         limit=limit,
