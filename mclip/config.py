@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
+import types
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from mclip.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# Stage 1's padded tokens per forward batch when --batch-tokens is not given (why 2048: embed_teacher.default_batch_tokens)
+# Stage 1's padded tokens per forward batch when --batch-tokens is not given (why 2048: mclip.embed.batches.default_batch_tokens)
 CPU_BATCH_TOKENS = 2048
 GPU_BATCH_TOKENS = 131072
 
@@ -246,6 +248,10 @@ class TrainConfig:
             len(self.languages) > 0 and all(isinstance(x, str) and x.strip() for x in self.languages),
             f"languages={list(self.languages)} must name at least one language, e.g. --languages zh,de",
         )
+        _check(
+            not any(c.isspace() or c == "," for x in self.languages for c in x),
+            f"languages={list(self.languages)} must be codes without spaces or commas; list them as zh,de",
+        )
         _check(len(set(self.languages)) == len(self.languages), f"languages={list(self.languages)} repeats a language")
         _check(
             "{lang}" in self.text_column_template,
@@ -377,8 +383,11 @@ class EvalConfig:
         _check(bool(self.out), "out is empty; pass --out with an output folder")
         _check(len(self.languages) > 0, "languages is empty; pass --languages, e.g. --languages de,fr")
         _check(
-            all(isinstance(code, str) and code and "/" not in code for code in self.languages),
-            f"languages={list(self.languages)} must be non-empty codes without '/', e.g. de,fr",
+            all(
+                isinstance(code, str) and code and not any(c in "/," or c.isspace() for c in code)
+                for code in self.languages
+            ),
+            f"languages={list(self.languages)} must be non-empty codes without '/', ',' or spaces, e.g. de,fr",
         )
         _check(len(set(self.languages)) == len(self.languages), f"languages={list(self.languages)} repeats a language")
         _check(bool(self.id_column), "id_column is empty; pass --id-column")
@@ -512,22 +521,121 @@ def to_dict(config: Any) -> dict:
 
 
 def from_dict(cls: type, values: dict, where: str = "config") -> Any:
-    """Build `cls` from a dict, refusing unknown keys with the closest valid one named."""
+    """Build `cls` from a dict of typed values (a TOML table, a saved config.json), refusing unknown keys with the
+    closest valid one named and a value of another type than its field's (`typed`) with the type it takes."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown key {key!r} in {where}{hint}")
-        if isinstance(value, list) and "tuple" in str(hints[key]):
-            value = tuple(value)
-        kwargs[key] = value
+        kwargs[key] = typed(cls, key, value, where)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a wrong-typed value reaching a comparison in __post_init__
         raise ConfigError(f"invalid value in {where}: {exc}") from None
+
+
+# ---- values by their field's type: typed (TOML, JSON) or text (--set) ----
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+TAKES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+EXAMPLES = {bool: "true", int: "10", float: "1e-4", str: '"..."'}
+
+
+def _field_type(cls: type, key: str) -> tuple[Any, bool]:
+    """The field's type without `| None`, and whether None is allowed."""
+    hint = get_type_hints(cls)[key]
+    if get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint):
+        return next(arg for arg in get_args(hint) if arg is not type(None)), True
+    return hint, False
+
+
+def _takes(hint: Any, optional: bool) -> str:
+    if get_origin(hint) is tuple:
+        what = f"a list of {TAKES[get_args(hint)[0]].removeprefix('a ').removeprefix('an ')}s"
+    else:
+        what = TAKES.get(hint, getattr(hint, "__name__", str(hint)))
+    return what + (" (or none)" if optional and hint is not str else "")
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def typed(cls: type, key: str, value: Any, where: str) -> Any:
+    """A typed value (TOML, JSON) for field `key` of `cls`: it must have the field's type (an integer serves a float
+    field, a list a tuple field); a string is not parsed, since these formats have booleans, numbers and lists of
+    their own, so `include_english = "false"` is refused rather than read as true. Refused in one line naming the key
+    and the type it takes."""
+    hint, optional = _field_type(cls, key)
+    if value is None and optional:
+        return None
+
+    def fits(kind: Any, item: Any) -> bool:
+        if kind is float:
+            return isinstance(item, (int, float)) and not isinstance(item, bool)
+        return isinstance(item, kind) and not (kind is int and isinstance(item, bool))
+
+    if get_origin(hint) is tuple:
+        kind = get_args(hint)[0]
+        if isinstance(value, (list, tuple)) and all(fits(kind, item) for item in value):
+            return tuple(float(item) if kind is float else item for item in value)
+    elif fits(hint, value):
+        return float(value) if hint is float else value
+    sample = EXAMPLES.get(get_args(hint)[0] if get_origin(hint) is tuple else hint, "")
+    sample = f"[{sample}, {sample}]" if get_origin(hint) is tuple else sample
+    raise ConfigError(
+        f"{key} = {json.dumps(value, ensure_ascii=False)} in {where} is {_kind(value)}; {key} takes "
+        f"{_takes(hint, optional)}, written e.g. {key} = {sample}"
+    )
+
+
+def parse_text(cls: type, key: str, text: str, where: str) -> Any:
+    """A value given as text (`mclip run --set section.key=value`) parsed by the type of field `key` of `cls`: a bool
+    from true/false, yes/no, on/off, 1/0 (any case), an int, a float, a tuple from a comma- or space-separated list (or
+    a TOML list, [4, 8]); `none` clears an optional field. Anything else is refused in one line naming the key and the
+    type it takes."""
+    hint, optional = _field_type(cls, key)
+    text = text.strip()
+    if optional and text.lower() in ("none", "null"):
+        return None
+
+    def one(kind: Any, item: str) -> Any:
+        if kind is bool and item.lower() in TRUE + FALSE:
+            return item.lower() in TRUE
+        if kind in (int, float):
+            try:
+                return kind(item)
+            except ValueError:
+                pass
+        if kind is str:
+            return unquote(item)
+        also = " (also yes/no, on/off, 1/0)" if kind is bool else ""
+        raise ConfigError(f"{where}: {key} takes {_takes(hint, optional)}{also}, not {item!r}")
+
+    if get_origin(hint) is tuple:
+        items = _toml_list(text) if text.startswith("[") else re.split(r"[,\s]+", text)
+        return tuple(one(get_args(hint)[0], str(item).strip()) for item in items if str(item).strip())
+    return one(hint, text)
+
+
+def unquote(text: str) -> str:
+    """`"x"` or `'x'` -> x: a --set string may be written as TOML writes it."""
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'" else text
+
+
+def _toml_list(text: str) -> list:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return list(tomllib.loads(f"v = {text}")["v"])
+    except (tomllib.TOMLDecodeError, TypeError):
+        raise ConfigError(f"{text!r} is not a list; write e.g. de,zh or [4, 8, 12]") from None
 
 
 def save_json(config: Any, path: str | Path) -> None:

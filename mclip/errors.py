@@ -16,6 +16,15 @@ class ConfigError(UserError, ValueError):
     """An invalid configuration value (raised from a config's __post_init__)."""
 
 
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM ended a command: `kept` says what its output holds now, `flag` the option that
+    continues it (None: the same command). Not a KeyboardInterrupt, which typer would turn into a returned exit code."""
+
+    def __init__(self, kept: str, flag: str | None = None):
+        super().__init__(kept)
+        self.kept, self.flag = kept, flag
+
+
 def first_line(exc: BaseException, limit: int | None = None) -> str:
     """The first line of an exception's message (at most `limit` characters), or its type's name when it has none: how a
     library's error is quoted inside one of mclip's one-line errors."""

@@ -13,8 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, to_dict
-from mclip.errors import ConfigError, UserError
+from mclip import distributed
+from mclip.config import EmbedConfig, EvalConfig, PipelineConfig, TrainConfig, from_dict, parse_text, to_dict, unquote
+from mclip.embed import run as embed_teacher
+from mclip.errors import ConfigError, UserError, writing
+from mclip.evaluate import run as eval_retrieval
+from mclip.store import outputs
+from mclip.train import run as train_student
 
 SECTIONS = {"embed": EmbedConfig, "train": TrainConfig, "eval": EvalConfig}
 # Set by the pipeline itself: where each stage writes and what it reads from the stage before.
@@ -53,14 +58,6 @@ def _resolve(value, base: Path):
     return value
 
 
-def _parse_value(text: str):
-    """A --set value with TOML's rules (2e-4, true, [1, 2], "x"); a bare word is a string."""
-    try:
-        return _toml(f"v = {text}", "--set")["v"]
-    except UserError:
-        return text
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply --set section.key=value (or key=value at the top level) to the parsed file."""
     for item in overrides:
@@ -77,7 +74,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(SECTIONS)}")
             )
         target = raw.setdefault(path[0], {}) if path else raw
-        target[leaf] = _parse_value(value.strip())
+        cls = SECTIONS[path[0]] if path else None
+        known = cls is not None and leaf in {f.name for f in dataclasses.fields(cls)}
+        # parsed by the field's type; an unknown key is refused, with the closest one, by from_dict
+        target[leaf] = parse_text(cls, leaf, value, where=f"--set {item}") if known else unquote(value.strip())
     return raw
 
 
@@ -126,12 +126,11 @@ def run(config: PipelineConfig) -> PipelineResult:
     """embed-teacher -> train-student -> eval-retrieval into config.out, skipping what is already complete."""
     import time
 
-    from mclip import distributed, embed_teacher, eval_retrieval, outputs, train_student
-
     start = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
+    with writing(out, "rerun the same command"):  # as each verb alone: one line, not a traceback
+        out.mkdir(parents=True, exist_ok=True)
+        outputs.write_json(out / "pipeline.json", {"name": config.name, **to_dict(config)})
     stages = {}
     say = (lambda text: print(text, file=sys.stderr)) if config.embed.progress else (lambda text: None)
     eval_dir = Path(config.eval.out)
@@ -165,6 +164,15 @@ def run(config: PipelineConfig) -> PipelineResult:
         f"metrics in {eval_dir / 'metrics.json'}"
     )
     return result
+
+
+def interrupted(config: PipelineConfig) -> tuple[str, str | None]:
+    """What an interrupted pipeline left in its folder, stage by stage; the same command continues it."""
+    kept = [
+        "cache complete" if embed_teacher.is_complete(config.embed) else embed_teacher.interrupted(config.embed)[0],
+        "training finished" if train_student.is_complete(config.train) else train_student.interrupted(config.train)[0],
+    ]
+    return "; ".join(kept), None
 
 
 def summary_table(config: PipelineConfig, metrics: dict) -> str:

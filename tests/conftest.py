@@ -71,8 +71,8 @@ def small_run(tmp_path_factory, bert_teacher):
     import json
 
     from mclip.config import EmbedConfig, TrainConfig
-    from mclip.embed_teacher import run as embed
-    from mclip.train_student import run as train
+    from mclip.embed.run import run as embed
+    from mclip.train.run import run as train
 
     root = tmp_path_factory.mktemp("small_run")
     rows = tiny.parallel_rows()
@@ -146,6 +146,71 @@ def small_run(tmp_path_factory, bert_teacher):
         "teacher": bert_teacher,
         "train_args": train_args,
     }
+
+
+class SmallDisk:
+    """A real filesystem that fills up: a tmpfs of `size` bytes at `path`. `fill(left)` leaves about `left` bytes free
+    (a ballast file written until the kernel says ENOSPC, then cut back by `left`); `free()` gives the space back."""
+
+    def __init__(self, path, size: int):
+        self.path, self.size = path, size
+        self.ballast = path / ".ballast"
+
+    def fill(self, left: int = 0) -> None:
+        import errno
+
+        with open(self.ballast, "ab", buffering=0) as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * (1 << 20))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+        os.truncate(self.ballast, max(0, self.ballast.stat().st_size - left))
+
+    def free(self) -> None:
+        self.ballast.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs mounted at tmp_path/disk for the test (as root, which CI runs as), unmounted after; skipped with
+    the reason where mounting is not permitted."""
+    import subprocess
+
+    path = tmp_path / "disk"
+    path.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], capture_output=True, text=True, check=False
+    )
+    if mount.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs for a real full disk ({mount.stderr.strip() or mount.returncode}); run as root"
+        )
+    try:
+        yield SmallDisk(path, 64 << 20)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no one may write into, root included (CI runs as root, who ignores chmod): a read-only tmpfs mounted at
+    tmp_path/ro for the test, holding an empty folder `out`; skipped with the reason where mounting is not permitted."""
+    import subprocess
+
+    path = tmp_path / "ro"
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs ({mounted.stderr.strip() or mounted.returncode}); run as root")
+    try:
+        (path / "out").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 @pytest.fixture(scope="module")

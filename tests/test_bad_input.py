@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from mclip import shards
 from mclip.cli import main
 from mclip.config import EmbedConfig, EvalConfig
-from mclip.embed_teacher import run as embed
+from mclip.embed.run import run as embed
 from mclip.errors import UserError
-from mclip.eval_retrieval import run as evaluate
+from mclip.evaluate.run import run as evaluate
+from mclip.store import shards
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]

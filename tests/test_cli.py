@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mclip import shards
+import mclip
 from mclip.cli import main
+from mclip.store import shards
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,13 +210,18 @@ STAGES = [
 
 def _config_of(argv, module, monkeypatch):
     """The config the CLI hands to the stage's run() for argv (the stage itself does not run)."""
-    import importlib
-
     seen = []
-    monkeypatch.setattr(importlib.import_module(f"mclip.{module}"), "run", seen.append)
+    monkeypatch.setattr(getattr(mclip, module), "run", seen.append)  # mclip.<verb> is the stage's module
     main(argv)
     assert len(seen) == 1
     return seen[0]
+
+
+@pytest.mark.parametrize("languages", ["de zh", "de,zh", " de , zh ", "de, zh"])
+def test_a_list_option_takes_commas_or_spaces(languages, monkeypatch):
+    """--languages "de zh" once looked for a column named caption_de zh."""
+    argv = ["train-student", "--data", "d", "--cache", "c", "--out", "o", "--languages", languages]
+    assert _config_of(argv, "train_student", monkeypatch).languages == ("de", "zh")
 
 
 @pytest.mark.parametrize("verb, module, cls, required, values", STAGES, ids=[s[0] for s in STAGES])
@@ -372,3 +378,33 @@ def test_a_missing_required_option_is_clicks_usage_error_not_a_traceback(capsys)
         main(["embed-teacher", "--out", "o"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err and "Missing option '--data'" in err, err
+
+
+def test_a_torchvision_that_cannot_load_beside_torch_is_one_line_naming_it(tmp_path, captions, bert_teacher):
+    """transformers imports an installed torchvision; one built for CUDA beside the CPU torch failed every verb with
+    `Could not import module 'BertModel'`. Here a stand-in torchvision package fails to import as such a build does."""
+    site = tmp_path / "site"
+    (site / "torchvision").mkdir(parents=True)
+    (site / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    (site / "torchvision-0.28.0.dist-info").mkdir()
+    (site / "torchvision-0.28.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0+cu128\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mclip", *_embed(tmp_path / "out", captions, bert_teacher, "--id-column", "id")],
+        cwd=ROOT,
+        env=dict(_env(), PYTHONPATH=f"{ROOT}{os.pathsep}{site}"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    import torch
+
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"mclip: error: torchvision 0.28.0+cu128 cannot be imported beside torch {torch.__version__} (operator "
+        "torchvision::nms does not exist), and transformers imports it whenever it is installed; install the "
+        "torchvision built for this torch, or uninstall it"
+    ], proc.stderr[-2000:]

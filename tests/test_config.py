@@ -28,6 +28,8 @@ STAGES = list(MINIMAL)
         (EmbedConfig, dict(cache_layers=(4, 4)), "repeats a layer"),
         (EmbedConfig, dict(device="tpu"), "use auto, cpu, cuda, cuda:N or mps"),
         (TrainConfig, dict(out=""), "pass --out"),
+        (TrainConfig, dict(languages=("de zh",)), "must be codes without spaces or commas; list them as zh,de"),
+        (EvalConfig, dict(languages=("de,zh",)), "must be non-empty codes without '/', ',' or spaces"),
         (TrainConfig, dict(languages=("zh", "zh")), "repeats a language"),
         (TrainConfig, dict(text_column_template="caption"), "must contain {lang}"),
         (TrainConfig, dict(schedule="step"), "choose one of linear, cosine, constant"),
@@ -65,8 +67,79 @@ def test_unknown_keys_name_the_closest_one_and_wrong_types_are_one_line():
         config.from_dict(TrainConfig, {**MINIMAL[TrainConfig], "warmup_step": 10}, where="[train]")
     with pytest.raises(ConfigError, match="unknown key 'zzz' in config; valid keys: data, out, teacher"):
         config.from_dict(EmbedConfig, {**MINIMAL[EmbedConfig], "zzz": 1})
-    with pytest.raises(ConfigError, match="invalid value in config"):
+    with pytest.raises(
+        ConfigError, match='^lr = "fast" in config is a string; lr takes a number, written e.g. lr = 1e-4$'
+    ):
         config.from_dict(TrainConfig, {**MINIMAL[TrainConfig], "lr": "fast"})
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        (
+            "include_english",
+            "false",
+            'include_english = "false" in [train] is a string; include_english takes true or false',
+        ),
+        ("extend_vocab", "no", 'extend_vocab = "no" in [train] is a string; extend_vocab takes true or false'),
+        ("lr", "1e-3", 'lr = "1e-3" in [train] is a string; lr takes a number, written e.g. lr = 1e-4'),
+        ("epochs", 2.5, "epochs = 2.5 in [train] is a number; epochs takes an integer"),
+        ("epochs", True, "epochs = true in [train] is a boolean; epochs takes an integer"),
+        ("languages", "de,zh", 'languages = "de,zh" in [train] is a string; languages takes a list of strings'),
+        ("betas", [0.9, "x"], "betas takes a list of numbers"),
+        ("max_steps", "100", "max_steps takes an integer (or none)"),
+    ],
+)
+def test_a_typed_value_of_another_type_is_refused_naming_the_key_and_its_type(key, value, says):
+    """TOML and JSON have booleans, numbers and lists: a string is never read as one (a "false" was true before)."""
+    with pytest.raises(ConfigError) as error:
+        config.from_dict(TrainConfig, {**MINIMAL[TrainConfig], key: value}, where="[train]")
+    assert says in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_typed_values_of_the_field_type_are_taken():
+    made = config.from_dict(
+        TrainConfig, {**MINIMAL[TrainConfig], "lr": 1, "include_english": False, "betas": [0.8, 0.9], "max_steps": None}
+    )
+    assert made.lr == 1.0 and isinstance(made.lr, float) and made.include_english is False and made.betas == (0.8, 0.9)
+
+
+@pytest.mark.parametrize(
+    "key, text, value",
+    [
+        ("include_english", "False", False),
+        ("include_english", "no", False),
+        ("include_english", "0", False),
+        ("include_english", "YES", True),
+        ("extend_vocab", "on", True),
+        ("lr", "1e-3", 1e-3),
+        ("epochs", "3", 3),
+        ("max_steps", "none", None),
+        ("languages", "de zh", ("de", "zh")),
+        ("languages", "de,zh", ("de", "zh")),
+        ("languages", '["de", "zh"]', ("de", "zh")),
+        ("betas", "0.9, 0.98", (0.9, 0.98)),
+        ("student", '"../student"', "../student"),
+    ],
+)
+def test_text_values_are_parsed_by_the_field_type(key, text, value):
+    got = config.parse_text(TrainConfig, key, text, where=f"--set train.{key}={text}")
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    "key, text, says",
+    [
+        ("include_english", "maybe", "include_english takes true or false (also yes/no, on/off, 1/0), not 'maybe'"),
+        ("lr", "fast", "lr takes a number, not 'fast'"),
+        ("epochs", "1.5", "epochs takes an integer, not '1.5'"),
+        ("student_layers", "4,x", "student_layers takes a list of integers, not 'x'"),
+    ],
+)
+def test_text_values_of_another_type_are_refused_naming_the_key_and_its_type(key, text, says):
+    with pytest.raises(ConfigError) as error:
+        config.parse_text(TrainConfig, key, text, where=f"--set train.{key}={text}")
+    assert str(error.value) == f"--set train.{key}={text}: {says}"
 
 
 def test_a_pipeline_needs_every_stage():
@@ -138,7 +211,7 @@ def test_request_is_the_json_of_the_fields_a_resume_must_repeat():
 
 
 def test_batch_tokens_help_names_the_defaults_the_stage_uses():
-    from mclip.embed_teacher import default_batch_tokens
+    from mclip.embed.run import default_batch_tokens
 
     help_text = {f.name: f for f in dataclasses.fields(EmbedConfig)}["batch_tokens"].metadata["help"]
     cpu, gpu = (

@@ -78,3 +78,19 @@ def test_rebuild_gives_byte_identical_files_without_torch(tmp_path, meta):
     assert "300 rows" in done.stdout
     for name in [f"{split}.jsonl" for split in SPLITS] + ["meta.json"]:
         assert (tmp_path / name).read_bytes() == (BUNDLE / name).read_bytes(), f"{name} differs from the bundled file"
+
+
+def test_the_test_extra_pins_the_versions_the_bundles_were_built_with():
+    """The rebuild tests skip unless emoji and babel are exactly the versions data/*/meta.json name: `[test]` pins
+    them, so a CI install runs them."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    built = {
+        "emoji": json.loads((ROOT / "data" / "emoji" / "meta.json").read_text(encoding="utf-8"))["emoji_version"],
+        "babel": json.loads((ROOT / "data" / "ood" / "meta.json").read_text(encoding="utf-8"))["babel_version"],
+    }
+    assert {f"{name}=={version}" for name, version in built.items()} <= set(extra["test"]), extra["test"]

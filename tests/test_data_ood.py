@@ -82,14 +82,20 @@ def test_no_caption_occurs_inside_a_training_caption(meta):
 
 
 def test_files_load_with_the_mclip_loader():
-    from mclip.data import load_parallel
+    from mclip.store.captions import CaptionFile
 
     for name in _files():
-        langs = [lang for lang in EXPECTED[name] if lang != "en"]
-        captions = load_parallel(str(BUNDLE / name), "train", langs)
+        captions = CaptionFile(
+            str(BUNDLE / name),
+            "train",
+            EXPECTED[name],
+            id_column="id",
+            template="caption_{lang}",
+            english_column="caption",
+        )
         rows = _rows(name)
         for lang in EXPECTED[name]:
-            assert len(captions.pairs(lang)[0]) == sum(row[_column(lang)] is not None for row in rows), f"{name} {lang}"
+            assert len(captions.texts(lang)[0]) == sum(row[_column(lang)] is not None for row in rows), f"{name} {lang}"
 
 
 def test_cldr_part_rebuilds_byte_identical_without_torch(tmp_path, meta):

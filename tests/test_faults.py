@@ -19,10 +19,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mclip import dedup, lock, shards, verify
-from mclip.checkpoint import checkpoints
 from mclip.cli import main
-from mclip.student import load
+from mclip.embed import dedup
+from mclip.models.student import load
+from mclip.store import lock, shards, verify
+from mclip.train.checkpoint import checkpoints
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,20 +205,14 @@ def test_an_output_path_under_a_file_is_one_line(verb, small_run, tmp_path, cli_
     assert (tmp_path / "file").read_text(encoding="utf-8") == "mine"
 
 
-@pytest.mark.skipif(
-    os.geteuid() == 0, reason="root writes into read-only folders; the path-under-a-file test covers unwritable --out"
-)
 @pytest.mark.parametrize("verb", ["embed-teacher", "train-student", "eval-retrieval", "encode"])
-def test_a_read_only_output_folder_is_one_line(verb, small_run, tmp_path, cli_error):
-    out = tmp_path / "out"
-    out.mkdir()
-    out.chmod(0o555)
-    try:
-        assert cli_error(_verb_argv(verb, small_run, out)).startswith(
-            f"permission denied writing {out / lock.LOCK_NAME}"
-        )
-    finally:
-        out.chmod(0o755)
+def test_a_read_only_output_folder_is_one_line(verb, small_run, read_only_dir, cli_error):
+    """On a read-only mount, which root cannot write either (chmod 555 skipped this test as root, as CI runs)."""
+    out = read_only_dir / "out"
+    assert cli_error(_verb_argv(verb, small_run, out)).startswith(
+        f"permission denied writing {out / lock.LOCK_NAME} (Read-only file system)"
+    )
+    assert list(out.iterdir()) == []
 
 
 # ---- damaged checkpoints and shards ----
@@ -245,6 +240,18 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert [r["step"] for r in records if r["kind"] == "train"] == [
         4
     ]  # logged once (log_every 10 logs the last step only)
+
+
+def test_a_cut_last_metrics_record_is_dropped_on_resume(small_run, tmp_path):
+    """A run killed (or out of disk) while appending to metrics.jsonl leaves a cut last line; --resume drops it."""
+    run = shutil.copytree(small_run["run"], tmp_path / "run")
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"kind": "train", "step": 5, "lo')
+    main(["train-student", *small_run["train_args"], "--out", str(run), "--resume"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in records] == [4] and (run / "final").is_dir()
 
 
 def test_no_intact_checkpoint_is_one_line_naming_the_file(small_run, tmp_path, cli_error):
@@ -321,7 +328,7 @@ def test_a_flipped_bit_inside_a_shard_passes_the_cheap_open_and_is_found_by_veri
 ZYGOTE = r"""
 import json, os, sys, traceback
 import numpy, pyarrow, torch, transformers, datasets  # noqa: F401
-import mclip.cli, mclip.embed_teacher, mclip.train_student  # noqa: F401
+import mclip.cli, mclip.embed.run, mclip.train.run  # noqa: F401
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection, BertModel  # noqa: F401
 import transformers.models.clip.modeling_clip, transformers.models.bert.modeling_bert  # noqa: F401
 print(json.dumps({"ready": True}), flush=True)
@@ -503,7 +510,7 @@ def test_stage_two_killed_at_random_steps_and_resumed_equals_an_uninterrupted_ru
     small_run, tmp_path, zygote, cli_error
 ):
     from mclip.config import EmbedConfig
-    from mclip.embed_teacher import run as embed
+    from mclip.embed.run import run as embed
 
     out, ref, log, cache = tmp_path / "run", tmp_path / "reference", tmp_path / "log", tmp_path / "cache"
     embed(
@@ -577,3 +584,117 @@ def test_stage_two_killed_at_random_steps_and_resumed_equals_an_uninterrupted_ru
     before = weights(out / "final")
     pid = zygote.start([*common, "--out", str(out), "--resume"], log)  # resuming a finished run changes nothing
     assert zygote.wait(pid) == {"signal": None, "code": 0} and max_diff(weights(out / "final"), before) == 0.0
+
+
+# ---- a real full disk: a tmpfs filled at a chosen point (the write fails as the kernel makes it fail) ----
+
+
+def _fill_before(monkeypatch, disk, module, name: str, when=lambda *args: True, left: int = 0) -> list:
+    """Fill `disk` (leaving `left` bytes) just before the first call of module.name for which when(*args) holds; returns
+    a list that holds True once it has."""
+    real, done = getattr(module, name), []
+
+    def filled_first(*args, **kwargs):
+        if not done and when(*args):
+            disk.fill(left)
+            done.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, filled_first)
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["plan-rows", "plan-distinct", "part", "shard"])
+def test_a_real_full_disk_in_stage_one_is_one_line_and_the_same_command_finishes(
+    where, small_run, tmp_path, small_disk, cli_error, monkeypatch
+):
+    rows = [{"id": f"d{i:03d}", "caption": tiny.CORPUS[i % 9] + (f" {i}" if i % 3 else "")} for i in range(300)]
+    data = tiny.write_captions(tmp_path / "rows.jsonl", rows)
+    out = small_disk.path / "cache"
+    args = embed_args(data, out, small_run["teacher"], "--shard-size", "16")
+    main(embed_args(data, tmp_path / "ref", small_run["teacher"], "--shard-size", "16"))
+    if where == "plan-rows":
+        # group.bin and slot.bin, as the row buckets are read back: ndarray.tofile wrote nothing there and raised
+        # nothing; plan.json followed once the buckets were deleted, and every rerun failed on the plan
+        done = _fill_before(monkeypatch, small_disk, np, "fromfile", lambda path, *a: Path(path).parent.name == "rows")
+    elif where == "plan-distinct":  # the plan's distinct captions and row buckets
+        done = _fill_before(monkeypatch, small_disk, dedup, "_bucket_pass")
+    elif where == "part":  # a unit of distinct captions, in .plan/parts
+        done = _fill_before(monkeypatch, small_disk, shards, "write_shard", lambda folder, *a: Path(folder) != out)
+    else:  # the third row shard
+        calls = []
+        done = _fill_before(
+            monkeypatch,
+            small_disk,
+            shards,
+            "write_shard",
+            lambda f, i, *a: Path(f) == out and calls.append(i) is None and len(calls) == 3,
+        )
+    line = cli_error(args)
+    assert done and line.startswith(f"no space left on device writing {out}"), line
+    assert "; free space and rerun the same command" in line, line
+    monkeypatch.undo()
+    small_disk.free()
+    main(args)  # the same command, with space again
+    ids, emb = by_id(out)
+    ref_ids, ref_emb = by_id(tmp_path / "ref")
+    assert ids == ref_ids and np.array_equal(emb, ref_emb) and shards.open_cache(out).verify() == []
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["weights", "trainer", "final"])
+def test_a_real_full_disk_in_training_keeps_the_last_checkpoint_and_resume_finishes(
+    where, small_run, tmp_path, small_disk, cli_error, monkeypatch
+):
+    from mclip.train import checkpoint
+
+    out = small_disk.path / "run"
+    args = ["train-student", *small_run["train_args"], "--out", str(out), "--max-steps", "6"]
+    step4 = lambda o, step, *a: step == 4  # noqa: E731
+    if where == "weights":  # the checkpoint of step 4: its student's safetensors (SafetensorError: I/O error)
+        done = _fill_before(monkeypatch, small_disk, checkpoint, "save", step4)
+    elif where == "trainer":  # its trainer.pt (torch.save: RuntimeError ... unexpected pos)
+        done = _fill_before(monkeypatch, small_disk, torch, "save", lambda obj, path, *a: "step-0000004" in str(path))
+    else:
+        done = _fill_before(monkeypatch, small_disk, checkpoint, "finish")
+    line = cli_error(args)
+    assert done and line.startswith("no space left on device"), line
+    assert "--resume" in line, line
+    monkeypatch.undo()
+    kept = [step for step, _ in checkpoints(out)]
+    assert kept[-1] == (6 if where == "final" else 2) and not (out / "final").exists()
+    assert all(verify.check_folder(folder) == [] for _, folder in checkpoints(out))
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written save left
+    small_disk.free()
+    main(args + ["--resume"])
+    main(["train-student", *small_run["train_args"], "--out", str(tmp_path / "reference"), "--max-steps", "6"])
+    assert max_diff(weights(out / "final"), weights(tmp_path / "reference" / "final")) <= 1e-5
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in records] == [6]  # log_every 10 logs the last step only, once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["eval-retrieval", "encode"])
+def test_a_real_full_disk_in_eval_and_encode_is_one_line_and_the_command_it_names_finishes(
+    verb, small_run, tmp_path, small_disk, cli_error, monkeypatch
+):
+    out = small_disk.path / "out"
+    args = _verb_argv(verb, small_run, out)
+    if verb == "eval-retrieval":  # its on-disk scratch arrays
+        from mclip.store import join
+
+        done = _fill_before(monkeypatch, small_disk, join.IdIndex, "build")
+    else:  # the second Arrow file
+        calls = []
+        args += ["--shard-size", "8", "--npy"]
+        done = _fill_before(
+            monkeypatch, small_disk, shards, "write_shard", lambda *a: calls.append(1) or len(calls) == 2
+        )
+    line = cli_error(args)
+    assert done and line.startswith("no space left on device"), line
+    monkeypatch.undo()
+    small_disk.free()
+    main(args + (["--overwrite"] if "--overwrite" in line else []))  # the command the line names
+    assert (out / ("metrics.json" if verb == "eval-retrieval" else "encode.json")).is_file()

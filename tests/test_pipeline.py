@@ -123,6 +123,42 @@ def test_paths_resolve_against_the_file_and_set_overrides(tiny_pipeline):
     assert pipeline.load_pipeline(tiny_pipeline["toml"], out="elsewhere").train.out == str(Path("elsewhere") / "train")
 
 
+def test_set_values_are_parsed_by_the_field_type(tiny_pipeline):
+    """--set train.include_english=False stored the string 'False', which counted as true."""
+    sets = ["train.include_english=False", "train.extend_vocab=no", "train.lr=1e-3", "eval.languages=de zh"]
+    config = pipeline.load_pipeline(tiny_pipeline["toml"], overrides=sets)
+    assert config.train.include_english is False and config.train.extend_vocab is False and config.train.lr == 1e-3
+    assert config.eval.languages == ("de", "zh")
+    with pytest.raises(ConfigError, match=r"^--set train.include_english=maybe: include_english takes true or false"):
+        pipeline.load_pipeline(tiny_pipeline["toml"], overrides=["train.include_english=maybe"])
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        (
+            'include_english = "false"',
+            'include_english = "false" in [train] of {toml} is a string; include_english takes',
+        ),
+        ('lr = "1e-3"', 'lr = "1e-3" in [train] of {toml} is a string; lr takes a number, written e.g. lr = 1e-4'),
+    ],
+)
+def test_a_string_for_a_typed_key_in_the_file_is_one_line_naming_the_key(
+    line, says, tiny_pipeline, tmp_path, cli_error
+):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tiny_pipeline["toml"].read_text().replace("lr = 1e-3", line))
+    assert cli_error(["run", str(bad)]).startswith(says.format(toml=bad))
+
+
+@pytest.mark.parametrize("where", ["out", "out/run"])
+def test_a_read_only_run_folder_is_one_line(where, tiny_pipeline, read_only_dir, cli_error):
+    """Each verb alone said one line; `mclip run` ended in a 39-line traceback."""
+    out = read_only_dir / where
+    line = cli_error(["run", str(tiny_pipeline["toml"]), "--out", str(out)])
+    assert line.startswith(f"permission denied writing {out}") and "Read-only file system" in line, line
+
+
 def test_a_stage_output_key_in_the_file_is_refused(tiny_pipeline, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(tiny_pipeline["toml"].read_text().replace("[train]\n", "[train]\nout = 'x'\n"))

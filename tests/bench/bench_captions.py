@@ -168,8 +168,8 @@ def prepare_data(data: Path, work: Path, train_rows: int | None, test_rows: int 
 
 def make_cache(work: Path, teacher: str, args) -> tuple[Path, float]:
     """Stage 1 over the English of both files, with the demo's [embed] settings; its wall time."""
-    from mclip import embed_teacher
     from mclip.config import EmbedConfig
+    from mclip.embed import run as embed_teacher
     from mclip.pipeline import load_pipeline
 
     demo = load_pipeline(DEMO, out=str(work / "demo-pipeline")).embed
@@ -393,7 +393,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mclip import shards
+    from mclip.store import shards
     from tests.bench.bench_train import cpu_name
 
     hf_logging.disable_progress_bar()

@@ -1,4 +1,4 @@
-"""Stage-1 benchmark: `mclip.embed_teacher.run` end to end against the naive padded loop, distance to matmul peak, flat memory.
+"""Stage-1 benchmark: `mclip.embed.run.run` end to end against the naive padded loop, distance to matmul peak, flat memory.
 
     python tests/bench/bench_embed.py            # 2,000 captions (20,000 for memory), 3 repeats, CPU: about 10 minutes
     python tests/bench/bench_embed.py --quick    # about a minute: 200 captions (64 naive), one repeat, memory 100 vs 500
@@ -114,7 +114,7 @@ def rss_child(args) -> None:
     """One stage-1 run in a fresh process: its peak RSS is what a user would see for this many captions."""
     import torch
 
-    from mclip import embed_teacher
+    from mclip.embed import run as embed_teacher
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,8 +206,10 @@ def main(argv=None) -> None:
     import numpy as np
     import torch
 
-    from mclip import distributed, embed_teacher, shards
-    from mclip.teacher import load_teacher
+    from mclip import distributed
+    from mclip.embed import run as embed_teacher
+    from mclip.models.teacher import load_teacher
+    from mclip.store import shards
 
     if args.threads:
         torch.set_num_threads(args.threads)

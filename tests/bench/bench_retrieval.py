@@ -6,7 +6,7 @@
 Vectors are synthetic, dim 512, float32, L2-normalised and seeded. The IVF data is clustered the way embeddings are
 (points near a 64-dimensional subspace, grouped in Zipf-sized clusters of varying spread, plus noise), because on
 uniform noise every neighbour is as far as every other and no index can have meaningful recall. The FAISS side goes
-through mclip.retrieval (make_index, search, default_nprobe), as stage 3 does. The last printed line is the JSON result.
+through mclip.evaluate.metrics (make_index, search, default_nprobe), as stage 3 does. The last printed line is the JSON result.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ivf-vectors", type=int, help="vectors for the IVF test (default 1000000; 200000 with --quick)")
     p.add_argument("--nlist", type=int, help="IVF lists (default about 1 per 1000 vectors, a power of two)")
     p.add_argument(
-        "--nprobe", type=int, help="IVF lists probed per query (default mclip.retrieval.default_nprobe(nlist))"
+        "--nprobe", type=int, help="IVF lists probed per query (default mclip.evaluate.metrics.default_nprobe(nlist))"
     )
     p.add_argument("--repeats", type=int, help="timed repeats (default 3; 1 with --quick)")
     p.add_argument("--dim", type=int, default=512)
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import faiss
 
-    from mclip import retrieval
+    from mclip.evaluate import metrics as retrieval
 
     rng = np.random.default_rng(args.seed)
     k = args.k
@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     common.emit(
         [
             f"exact top-{k} over {args.gallery:,} x {args.dim} float32 vectors, {args.queries:,} queries:",
-            f"  FAISS Flat (mclip.retrieval)  {faiss_qps:10,.0f} queries/s",
+            f"  FAISS Flat (mclip.evaluate.metrics)  {faiss_qps:10,.0f} queries/s",
             f"  numpy matmul + argsort        {numpy_qps:10,.0f} queries/s  -> {faiss_qps / numpy_qps:.1f}x "
             f"(top-{k} agree {agreement:.3f})",
             f"{factory} (nprobe {nprobe}) over {args.ivf_vectors:,} clustered vectors: R@{k} {recall:.3f} against exact search, "

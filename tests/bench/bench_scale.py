@@ -81,7 +81,7 @@ def synthetic_cache(folder: Path, rows: int, template: Path, distinct: int | Non
     manifest of `template`; columns as the installed mclip's schema has them (caption_group when it has one)."""
     import pyarrow as pa
 
-    from mclip import outputs, shards
+    from mclip.store import outputs, shards
 
     if (folder / "manifest.json").exists() and json.loads((folder / "manifest.json").read_text())["totals"][
         "rows"

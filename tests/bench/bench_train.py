@@ -1,4 +1,4 @@
-"""Stage-2 benchmark: `mclip.train_student.run` reading cached teacher targets against the same loop running the teacher online.
+"""Stage-2 benchmark: `mclip.train.run.run` reading cached teacher targets against the same loop running the teacher online.
 
     python tests/bench/bench_train.py                  # B/16 text teacher, xlm-roberta-base-sized student: ~13 min on a busy 2-core CPU
     python tests/bench/bench_train.py --quick          # under a minute on a 2-core CPU: 2-layer, half-width models, 1 thread
@@ -11,7 +11,7 @@ it reads, which gives about the token counts XLM-R's SentencePiece gives (~1.1 p
 Captions: emoji names (the `emoji` package's CLDR translations) joined into English captions of about 12 words and their
 Chinese counterparts, fixed seed. Each caption gives two training pairs (zh and en), both with the English caption's target.
 
-Three runs of the same loop on the same pairs, batch and student init, all through `mclip.train_student.run` (after an
+Three runs of the same loop on the same pairs, batch and student init, all through `mclip.train.run.run` (after an
 untimed warm run over the same batches, on GPU and with --quick, so no timed run pays for first-use costs):
   cached   the product as shipped: targets read from the cache, batches made by --num-workers DataLoader workers;
   online   num_workers=0 and `EpochSteps` swapped for a subclass whose batches carry targets `teacher.embed` makes right
@@ -171,7 +171,7 @@ def emoji_names(lang: str = "zh") -> list[tuple[str, str]]:
     except ImportError:
         sys.exit("bench_train needs the `emoji` package for its parallel captions: pip install emoji")
     emoji.config.load_language(lang)
-    clean = lambda s: s.strip(":").replace("_", " ")  # noqa: E731 (as tests/test_train_student.py)
+    clean = lambda s: s.strip(":").replace("_", " ")  # noqa: E731 (as tests/train/test_run.py)
     names = {
         (clean(d["en"]), clean(d[lang]))
         for d in emoji.EMOJI_DATA.values()
@@ -294,7 +294,7 @@ def online_steps(teacher, english: list[str], paired: bool = False, cpu_clock: d
     import torch
     import torch.nn.functional as F
 
-    from mclip.train_student import EpochSteps
+    from mclip.train.run import EpochSteps
 
     class OnlineSteps(EpochSteps):
         def __getitem__(self, k: int) -> dict:
@@ -319,8 +319,8 @@ def online_steps(teacher, english: list[str], paired: bool = False, cpu_clock: d
 def train_once(name: str, args, paths: dict, warmup: int, steps: int, num_workers: int, steps_class=None) -> list[dict]:
     """One `train_student.run` of `warmup` + `steps` steps -> per step after warm-up: k (its index in the epoch), seconds,
     seconds waited for the batch."""
-    from mclip import train_student
     from mclip.config import TrainConfig
+    from mclip.train import run as train_student
 
     out = paths["tmp"] / f"run-{name}"
     config = TrainConfig(
@@ -385,11 +385,11 @@ def main(argv=None) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mclip import shards
     from mclip.config import EmbedConfig
     from mclip.distributed import resolve_precision
-    from mclip.embed_teacher import run as embed
-    from mclip.teacher import load_teacher
+    from mclip.embed.run import run as embed
+    from mclip.models.teacher import load_teacher
+    from mclip.store import shards
     from tests import tiny
 
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bars

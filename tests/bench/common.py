@@ -388,7 +388,8 @@ def train_pairs(config) -> tuple[list[str], np.ndarray, dict]:
 
     import numpy as np
 
-    from mclip import pairs, shards
+    from mclip.store import shards
+    from mclip.train import pairs
 
     cache = shards.open_cache(config.cache)
     with tempfile.TemporaryDirectory() as folder:  # stage 2 keeps its pairs on disk: read them out before it goes
@@ -400,7 +401,7 @@ def train_pairs(config) -> tuple[list[str], np.ndarray, dict]:
 
 def run_mclip(config) -> dict:
     """`mclip.train_student.run(config)`, timed from loading the student to its exported final/."""
-    from mclip import train_student
+    from mclip.train import run as train_student
 
     start, cpu = time.perf_counter(), time.process_time()
     result = train_student.run(config)
@@ -532,16 +533,18 @@ def load_test(cache: Path, data: str | Path, languages: tuple[str, ...]) -> dict
     import numpy as np
     import pyarrow as pa
 
-    from mclip import shards
-    from mclip.data import load_parallel
+    from mclip.store import shards
+    from mclip.store.captions import CaptionFile
 
     table = shards.open_cache(cache).table(["id", "text", "embedding"])
     row_of = {i: r for r, i in enumerate(table.column("id").to_pylist())}
     cache_texts = table.column("text").to_pylist()
-    captions = load_parallel(str(data), "train", list(languages), id_column="id", english=True)
+    captions = CaptionFile(
+        str(data), "train", [*languages, "en"], id_column="id", template="caption_{lang}", english_column="caption"
+    )
     test = {}
     for lang in [*languages, "en"]:
-        ids, texts = captions.pairs(lang)
+        ids, texts = captions.texts(lang)
         rows = np.array([row_of[i] for i in ids], dtype=np.int64)  # every test id is in the cache: made over all splits
         _, first, label = np.unique(
             np.array([cache_texts[r] for r in rows], dtype=object), return_index=True, return_inverse=True
@@ -566,7 +569,7 @@ def score(folder: str | Path, test: dict, device: str, ks=(1, 5), reverse: bool 
     "rev/R@k": teacher(en) -> model(xx captions), each English target finding any caption that translates it."""
     import numpy as np
 
-    from mclip import retrieval
+    from mclip.evaluate import metrics as retrieval
 
     langs = list(test)
     texts = [t for lang in langs for t in test[lang][0]]

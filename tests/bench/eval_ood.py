@@ -52,7 +52,8 @@ def languages_of(path: Path) -> tuple[str, ...]:
 
 
 def model_teacher(model: str) -> str | None:
-    from mclip.student import META, model_folder
+    from mclip.models.student import model_folder
+    from mclip.store.outputs import META
 
     meta = json.loads((model_folder(model) / META).read_text(encoding="utf-8"))
     return (meta.get("teacher") or {}).get("name")
@@ -60,8 +61,9 @@ def model_teacher(model: str) -> str | None:
 
 def score_file(path: Path, model: str, teacher: str, work: Path, args) -> dict:
     """Stage 1 on the file's English, stage 3 with the teacher baseline; per language R@1/R@5 of student and teacher."""
-    from mclip import embed_teacher, eval_retrieval
     from mclip.config import EmbedConfig, EvalConfig
+    from mclip.embed import run as embed_teacher
+    from mclip.evaluate import run as eval_retrieval
 
     languages = languages_of(path)
     cache = work / "cache"

@@ -8,10 +8,10 @@ and writes shard k-1) with the teacher's forward of shard k. End to end it canno
 script times each alone on the same captions and teacher (B/16-sized text tower, random init, the real CLIP
 tokenizer, as bench_embed.py):
   model      the teacher's forward over stage 1's own padded batches, already tokenised (device-synchronised);
-  host       `mclip.embed_teacher.run` with the forward replaced by zeros: reading, tokenising, padding, writing
+  host       `mclip.embed.run.run` with the forward replaced by zeros: reading, tokenising, padding, writing
              (its shard loop's rate, as stage 1 reports it: loading the model and the data are not counted);
   tokenize   `teacher.tokenize` alone, with the threads stage 1 uses on this device;
-  end_to_end `mclip.embed_teacher.run`, loading and writing included, and its shard loop's rate (`loop`), which
+  end_to_end `mclip.embed.run.run`, loading and writing included, and its shard loop's rate (`loop`), which
              `overlap_efficiency` sets against the slower of model and host (1.0: the faster one is fully hidden);
 and writes the profiler's table of one end-to-end run (ops by self device time on GPU, by self CPU time otherwise) to
 OUT/profile_embed.txt; on GPU also the share of that run's wall time the device spent in kernels (`device_busy`).
@@ -46,9 +46,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from mclip import distributed, embed_teacher
+    from mclip import distributed
     from mclip.config import EmbedConfig
-    from mclip.teacher import load_teacher
+    from mclip.embed import run as embed_teacher
+    from mclip.models.teacher import load_teacher
 
     device = distributed.resolve_device(args.device)
     n = args.captions or (300 if args.quick else 200_000 if device.type == "cuda" else 2000)
@@ -152,8 +153,8 @@ def model_seconds(teacher, tokens: list[list[int]], device) -> float:
     outputs copied back once, as stage 1 does): the rate no host side can lift stage 1 above."""
     import torch
 
-    from mclip import embed_teacher
     from mclip.config import EmbedConfig
+    from mclip.embed import run as embed_teacher
 
     batches, _ = embed_teacher.padded_batches(
         tokens,
@@ -175,7 +176,7 @@ def without_model(run):
     """The result of one stage-1 run whose forward returns zeros on the device: everything but the model."""
     import torch
 
-    from mclip.teacher import TeacherEncoder
+    from mclip.models.teacher import TeacherEncoder
 
     real = TeacherEncoder.embed
 

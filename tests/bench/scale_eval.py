@@ -60,8 +60,9 @@ def write_cache(
     """A finished teacher cache of `rows` random unit vectors, in the layout stage 1 writes (ids c00000000...)."""
     import pyarrow as pa
 
-    from mclip import __version__, shards
-    from mclip.outputs import file_sha256
+    from mclip import __version__
+    from mclip.store import shards
+    from mclip.store.outputs import file_sha256
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def write_eval_data(folder: Path, rows: int, lang: str = "de", seed: int = 0) ->
 
 def write_student(folder: Path, manifest: dict) -> Path:
     """A tiny random student (BERT, hidden 32, 2 layers) projecting to the cache's dim and recording its teacher."""
-    from mclip.student import build_student
+    from mclip.models.student import build_student
     from tests import tiny
 
     backbone = tiny.write_tiny_bert(
@@ -188,7 +189,7 @@ def measure_eval(
     workdir = Path(workdir)
     cache, data, model = workdir / "cache", workdir / "data", workdir / "student"
     start = time.perf_counter()
-    from mclip import shards
+    from mclip.store import shards
 
     manifest = shards.read_manifest(cache) if cache.is_dir() else None
     if not (

@@ -71,7 +71,7 @@ def test_clipping_sparse_gradients_equals_clipping_their_dense_form():
 
 def _train(small_run, out, **changes):
     from mclip.config import TrainConfig
-    from mclip.train_student import run
+    from mclip.train.run import run
 
     base = dict(
         data=str(small_run["data"]),
@@ -104,7 +104,7 @@ def test_sparse_embeddings_leave_the_rows_of_unseen_tokens_as_they_were_and_resu
 
     import numpy as np
 
-    from mclip.checkpoint import checkpoints
+    from mclip.train.checkpoint import checkpoints
 
     start = _embedding(small_run["student"])
     dense = _embedding(_train(small_run, tmp_path / "dense").final)
