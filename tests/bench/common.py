@@ -424,7 +424,7 @@ def run_mclip(config) -> dict:
 
 
 def st_api():
-    """SentenceTransformer, its trainer, training arguments and MSELoss (the 5.x+ module layout, else the 3.x/4.x one)."""
+    """SentenceTransformer, its trainer, training arguments and MSELoss (5.x+ module layout, else the 3.x/4.x one)."""
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
@@ -442,8 +442,8 @@ def run_st(
     folder: Path, texts: list[str], labels, build, shared: Shared, device: str, threads: int, max_steps: int | None
 ) -> dict:
     """sentence-transformers' own distillation recipe (Reimers & Gurevych 2020): `SentenceTransformerTrainer` and
-    `MSELoss` on a `datasets.Dataset` (sentence, label = the pair's cached teacher vector), with the shared settings. `build()`
-    returns the student SentenceTransformer; the wall time runs from that call to the saved folder/final."""
+    `MSELoss` on a `datasets.Dataset` (sentence, label = the pair's cached teacher vector), with the shared settings.
+    `build()` returns the student SentenceTransformer; the wall time runs from that call to the saved folder/final."""
     import shutil
 
     import torch
