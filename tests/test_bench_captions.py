@@ -56,6 +56,8 @@ def test_bench_captions_runs_every_system_on_a_tiny_folder(tmp_path):
             str(student),
             "--train-rows",
             "32",
+            "--step-timing",
+            "2",
             "--threads",
             "1",
             "--out",
@@ -93,12 +95,15 @@ def test_bench_captions_runs_every_system_on_a_tiny_folder(tmp_path):
     assert set(r["speed"]) == set(r["systems"]) - {"teacher"}
     assert all(s["pairs_per_s"] > 0 and s["steps"] == 1 for s in r["speed"].values())  # 96 or 64 pairs, batch 64
     assert min(r["export_min_cos"].values()) > 0.999  # scoring mclip's students through sentence-transformers is fair
+    timing = r["step_timing"]
+    assert timing["steps"] == 2 and set(timing["s_per_step"]) == {"dense", "sparse", "frozen"}
+    assert timing["speedup_vs_dense"]["dense"] == 1.0 and all(v > 0 for v in timing["s_per_step"].values())
     assert r["run_configs"]["mclip_cl_ml_sparse"]["sparse_embeddings"] is True
     assert r["run_configs"]["mclip_cl_ml"]["projection_init"] == "random"
     assert r["run_configs"]["mclip_mse"]["projection_init"] == "auto"
     assert r["run_configs"]["demo"]["extend_vocab"] is True and r["run_configs"]["demo"]["wise_ft"] == 0.5
     assert r["run_configs"]["st_mse_ml"]["learning_rate"] == r["settings"]["lr_ml"]
     text = "\n".join(lines[:-1])
-    assert "train 32 of 40 rows" in text and "load average" in text
+    assert "train 32 of 40 rows" in text and "load average" in text and "interleaved steps" in text
     assert "| `mclip_cl_ml` mclip cl (seed's path) |" in text
     assert (out / "result.json").exists()

