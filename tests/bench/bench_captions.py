@@ -40,7 +40,8 @@ en->xx: each cached English target searches the model's xx captions. pairs/s = p
 student to its saved folder; since a shared machine's load drifts between runs, --step-timing N also times N steps
 of the multilingual student with dense AdamW, --sparse-embeddings and --freeze-embeddings interleaved step by step
 (mclip's own model, loss, clipping and optimizer on the same batches). The load average is printed at the start and
-the end: ratios in one run are what count on a shared machine. The last printed line is the JSON result; the targets are printed as met or missed, never asserted.
+the end: ratios in one run are what count on a shared machine. The last printed line is the JSON result; the targets
+are printed as met or missed, never asserted.
 """
 
 from __future__ import annotations
