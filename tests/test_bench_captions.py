@@ -58,6 +58,10 @@ def test_bench_captions_runs_every_system_on_a_tiny_folder(tmp_path):
             "32",
             "--step-timing",
             "2",
+            "--speed-rounds",
+            "2",
+            "--speed-steps",
+            "1",
             "--threads",
             "1",
             "--out",
@@ -69,7 +73,7 @@ def test_bench_captions_runs_every_system_on_a_tiny_folder(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    r = json.loads(lines[-1])
+    r, text = json.loads(lines[-1]), "\n".join(lines[:-1])
 
     assert r["systems"] == [
         "teacher",
@@ -98,12 +102,20 @@ def test_bench_captions_runs_every_system_on_a_tiny_folder(tmp_path):
     timing = r["step_timing"]
     assert timing["steps"] == 2 and set(timing["s_per_step"]) == {"dense", "sparse", "frozen"}
     assert timing["speedup_vs_dense"]["dense"] == 1.0 and all(v > 0 for v in timing["s_per_step"].values())
+    rounds = r["speed_rounds"]  # the trainer and each multilingual mclip system (not the zero-shot arm), alternating
+    ours = {"mclip_mse_ml", "mclip_cl_ml", "mclip_cl_ml_sparse", "mclip_cl_ml_frozen"}
+    assert rounds["steps"] == 1 and len(rounds["rounds"]) == 2 and set(rounds["median"]) == ours
+    assert list(rounds["rounds"][0])[0] == "st_mse_ml" and list(rounds["rounds"][1])[-1] == "st_mse_ml"
+    for name in ours:
+        per_round = [rnd[name]["pairs_per_s"] / rnd["st_mse_ml"]["pairs_per_s"] for rnd in rounds["rounds"]]
+        assert rounds["ratio_vs_st"][name]["pairs_per_s"] == pytest.approx(per_round)
+        assert rounds["median"][name]["pairs_per_s"] == pytest.approx(sum(per_round) / 2)
+    assert "median of 2 alternating rounds of 1 steps" in text
     assert r["run_configs"]["mclip_cl_ml_sparse"]["sparse_embeddings"] is True
     assert r["run_configs"]["mclip_cl_ml"]["projection_init"] == "random"
     assert r["run_configs"]["mclip_mse"]["projection_init"] == "auto"
     assert r["run_configs"]["demo"]["extend_vocab"] is True and r["run_configs"]["demo"]["wise_ft"] == 0.5
     assert r["run_configs"]["st_mse_ml"]["learning_rate"] == r["settings"]["lr_ml"]
-    text = "\n".join(lines[:-1])
     assert "train 32 of 40 rows" in text and "load average" in text and "interleaved steps" in text
     assert "| `mclip_cl_ml` mclip cl (seed's path) |" in text
     assert (out / "result.json").exists()

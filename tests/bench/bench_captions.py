@@ -117,6 +117,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads of every run (default 2)")
     p.add_argument("--steps", type=int, help="cap on optimizer steps per run (default: one epoch)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training and encoding device")
+    p.add_argument(
+        "--speed-rounds",
+        type=int,
+        default=0,
+        help="then R rounds of short runs (--speed-steps each), the trainer and mclip's multilingual systems "
+        "alternating, for pairs/s ratios that a shared machine's drifting load falls on alike (0 = skip)",
+    )
+    p.add_argument("--speed-steps", type=int, default=30, help="optimizer steps of each --speed-rounds run")
     args = p.parse_args(argv)
     names = args.systems.split(",") if args.systems else list(SYSTEMS)
     unknown = [n for n in names if n not in SYSTEMS]
@@ -131,8 +139,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("train_rows", "test_rows"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.threads < 1:
-        p.error("--threads must be >= 1")
+    for flag in ("threads", "speed_steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.speed_rounds < 0:
+        p.error("--speed-rounds must be >= 0")
     return args
 
 
@@ -344,6 +355,38 @@ def step_timing(student: str, texts: list[str], labels, steps: int) -> dict:
     }
 
 
+def speed_rounds(inputs: dict, args) -> dict | None:
+    """R rounds of short runs (--speed-steps each) of sentence-transformers' trainer and each of mclip's multilingual
+    systems in args.names, alternating (the trainer first in even rounds, last in odd ones): the pairs/s ratio of each
+    round compares two runs minutes apart, and the median of the rounds is the figure the target reads."""
+    import numpy as np
+
+    ours = [n for n in args.names if SYSTEMS[n].student == "ml" and SYSTEMS[n].trainer == "mclip"]
+    ours = [n for n in ours if not SYSTEMS[n].zero_shot]
+    if not (args.speed_rounds and ours):
+        return None
+    short = argparse.Namespace(**(vars(args) | {"steps": args.speed_steps}))
+    rounds = []
+    for index in range(args.speed_rounds):
+        order = ["st_mse_ml", *ours] if index % 2 == 0 else [*ours, "st_mse_ml"]
+        runs = {name: run_system(f"speed{index}_{name}", SYSTEMS[name], inputs, short) for name in order}
+        rounds.append(
+            {name: {k: run[k] for k in ("pairs_per_s", "own_pairs_per_s", "wall_s")} for name, run in runs.items()}
+        )
+        shown = ", ".join(f"{name} {run['pairs_per_s']:.1f}" for name, run in runs.items())
+        print(f"bench_captions: speed round {index + 1}: pairs/s {shown}", file=sys.stderr)
+    ratios = {
+        name: {way: [r[name][way] / r["st_mse_ml"][way] for r in rounds] for way in ("pairs_per_s", "own_pairs_per_s")}
+        for name in ours
+    }
+    return {
+        "steps": args.speed_steps,
+        "rounds": rounds,
+        "ratio_vs_st": ratios,
+        "median": {name: {way: float(np.median(v)) for way, v in ways.items()} for name, ways in ratios.items()},
+    }
+
+
 # ---- report ----
 
 
@@ -391,15 +434,24 @@ def targets(r: dict) -> list[tuple[str, bool, str]]:
             out.append(
                 (f"{name}_ge_seed_figures", not below, f"{text} ({r['train_rows']:,} train rows; the figures: 10,000)")
             )
-        if name in speed and "st_mse_ml" in speed:
-            ratio = speed[name]["pairs_per_s"] / speed["st_mse_ml"]["pairs_per_s"]
-            out.append(
-                (
-                    f"{name}_pairs_per_s_ge_{TARGET_ML_SPEED}x_st",
-                    ratio >= TARGET_ML_SPEED,
-                    f"{ratio:.2f}x the trainer's",
-                )
+        rounds = (r.get("speed_rounds") or {}).get("median", {})
+        if name in rounds:  # the alternating short runs: the load falls on both sides alike
+            ratio = rounds[name]["pairs_per_s"]
+            how = (
+                f"median of {len(r['speed_rounds']['rounds'])} alternating rounds of {r['speed_rounds']['steps']} steps"
             )
+        elif name in speed and "st_mse_ml" in speed:
+            ratio = speed[name]["pairs_per_s"] / speed["st_mse_ml"]["pairs_per_s"]
+            how = "one run each, minutes apart"
+        else:
+            continue
+        out.append(
+            (
+                f"{name}_pairs_per_s_ge_{TARGET_ML_SPEED}x_st",
+                ratio >= TARGET_ML_SPEED,
+                f"{ratio:.2f}x the trainer's ({how})",
+            )
+        )
     return out
 
 
@@ -447,6 +499,26 @@ def summary(r: dict) -> list[str]:
                 )
             ]
             if (t := r["step_timing"])
+            else []
+        ),
+        *(
+            [
+                f"  alternating rounds of {t['steps']} steps (pairs/s end to end, and the training loop's own): "
+                + "; ".join(
+                    f"round {i + 1}: "
+                    + ", ".join(f"{n} {v['pairs_per_s']:.1f} / {v['own_pairs_per_s']:.1f}" for n, v in rnd.items())
+                    for i, rnd in enumerate(t["rounds"])
+                ),
+                *(
+                    f"    {name} / st_mse_ml: "
+                    + "; ".join(
+                        f"{label} {', '.join(f'{x:.2f}x' for x in ways[way])} (median {t['median'][name][way]:.2f}x)"
+                        for label, way in (("end to end", "pairs_per_s"), ("own", "own_pairs_per_s"))
+                    )
+                    for name, ways in t["ratio_vs_st"].items()
+                ),
+            ]
+            if (t := r.get("speed_rounds"))
             else []
         ),
         f"  checks: SentenceTransformer(final) vs mclip.load(final) min cosine "
@@ -507,6 +579,7 @@ def main(argv=None) -> dict:
         timing = (
             step_timing(args.student, texts, labels, args.step_timing) if args.student and args.step_timing else None
         )
+        rounds = speed_rounds(inputs, args)
         cache_rows = len(shards.open_cache(cache))
 
     trained_on = {
@@ -540,6 +613,7 @@ def main(argv=None) -> dict:
         "final_loss": {n: run["final_loss"] for n, run in runs.items()},
         "export_min_cos": export_min_cos,
         "step_timing": timing,
+        "speed_rounds": rounds,
         "train_rows": data["train_rows"],
         "train_rows_available": data["train_rows_available"],
         "test_rows": data["test_rows"],
