@@ -276,7 +276,8 @@ def st_student(folder: str, dim: int, projection: bool, device: str):
         from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
 
     body = Transformer(str(folder), max_seq_length=SHARED.max_length)
-    hidden = body.get_word_embedding_dimension()
+    width = getattr(body, "get_embedding_dimension", None) or body.get_word_embedding_dimension  # renamed in ST 6
+    hidden = width()
     modules = [body, Pooling(hidden, pooling_mode="mean")]
     if projection:
         torch.manual_seed(SHARED_ML.seed)
