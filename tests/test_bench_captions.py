@@ -100,8 +100,13 @@ def test_bench_captions_runs_every_system_on_a_tiny_folder(tmp_path):
     assert all(s["pairs_per_s"] > 0 and s["steps"] == 1 for s in r["speed"].values())  # 96 or 64 pairs, batch 64
     assert min(r["export_min_cos"].values()) > 0.999  # scoring mclip's students through sentence-transformers is fair
     timing = r["step_timing"]
-    assert timing["steps"] == 2 and set(timing["s_per_step"]) == {"dense", "sparse", "frozen"}
+    assert timing["steps"] == 2 and set(timing["s_per_step"]) == {"st", "dense", "sparse", "frozen"}
     assert timing["speedup_vs_dense"]["dense"] == 1.0 and all(v > 0 for v in timing["s_per_step"].values())
+    assert timing["speedup_vs_st"]["sparse"] == pytest.approx(
+        timing["s_per_step"]["st"] / timing["s_per_step"]["sparse"]
+    )
+    assert set(timing["padded_length"]) == {"st", "mclip"} and min(timing["padded_length"].values()) > 0
+    assert "mclip_cl_ml_step_ge_1.5x_st" in r["targets"]
     rounds = r["speed_rounds"]  # the trainer and each multilingual mclip system (not the zero-shot arm), alternating
     ours = {"mclip_mse_ml", "mclip_cl_ml", "mclip_cl_ml_sparse", "mclip_cl_ml_frozen"}
     assert rounds["steps"] == 1 and len(rounds["rounds"]) == 2 and set(rounds["median"]) == ours

