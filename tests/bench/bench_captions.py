@@ -37,14 +37,14 @@ Scoring, as stage 3 and bench_quality: each model is loaded with `SentenceTransf
 against `mclip.load`), test captions encoded L2-normalised, exact search (FAISS Flat, ties against the query). xx->en: a
 caption in language xx searches the teacher's cached English of the test ids (identical English captions one target);
 en->xx: each cached English target searches the model's xx captions. pairs/s = pairs trained / wall from loading the
-student to its saved folder. A shared machine's load drifts between runs (2x within one run on a shared 2-core VM), so two figures
-compare the libraries with the load falling on both alike: --step-timing N times N steps of the multilingual student
-interleaved step by step on CPU, sentence-transformers' (its model, tokenize, MSELoss, clipping and fused AdamW on
-random batches) beside mclip's with dense AdamW, --sparse-embeddings and --freeze-embeddings (its model, loss, clipping
-and optimizer on its length-grouped batches); --speed-rounds R runs R rounds of short whole runs of the trainer and
-mclip's multilingual systems, alternating, and the speed target reads the median of the rounds' ratios. The load
-average is printed at the start and the end: ratios in one run are what count on a shared machine. The last printed
-line is the JSON result; the targets are printed as met or missed, never asserted.
+student to its saved folder. A shared machine's load drifts between runs (2x within one run on a shared 2-core VM),
+so two figures compare the libraries with the load falling on both alike: --step-timing N times N steps of the
+multilingual student interleaved step by step on CPU, sentence-transformers' (its model, tokenize, MSELoss, clipping
+and fused AdamW on random batches) beside mclip's with dense AdamW, --sparse-embeddings and --freeze-embeddings (its
+model, loss, clipping and optimizer on its length-grouped batches); --speed-rounds R runs R rounds of short whole runs
+of the trainer and mclip's multilingual systems, alternating, and the speed target reads the median of the rounds'
+ratios. The load average is printed at the start and the end: ratios in one run are what count on a shared machine.
+The last printed line is the JSON result; the targets are printed as met or missed, never asserted.
 """
 
 from __future__ import annotations
