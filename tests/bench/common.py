@@ -524,7 +524,9 @@ def run_st(
         "pairs_per_cpu_s": steps * shared.batch / cpu,
         "train_call_s": train_s,
         "own_pairs_per_s": output.metrics.get("train_samples_per_second"),
-        "final_loss": output.training_loss,
+        # the last logged loss (the mean of the last logging window), as mclip's; training_loss is the whole run's mean
+        "final_loss": next((log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log), None),
+        "mean_loss": output.training_loss,
         "optimizer": f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__} ({optim})",
         "config": {
             "per_device_train_batch_size": shared.batch,
