@@ -358,17 +358,18 @@ def step_timing(student: str, texts: list[str], labels, langs, steps: int) -> di
     for step in range(steps + 2):
         st_rows = st_order[(np.arange(s.batch) + step * s.batch) % len(texts)]
         rows = plan[step % len(plan)]
-        for arm, parts in arms.items():
+        for arm, held in arms.items():
             start = time.perf_counter()
             if arm == "st":
-                model, loss_fn, optimizer = parts
-                features = model.tokenize([texts[i] for i in st_rows])
+                model, loss_fn, optimizer = held
+                preprocess = getattr(model, "preprocess", None) or model.tokenize  # tokenize: its alias before ST 6
+                features = preprocess([texts[i] for i in st_rows])
                 loss = loss_fn([features], torch.from_numpy(np.asarray(labels[st_rows], dtype=np.float32)))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
                 width = features["input_ids"].shape[1]
             else:
-                distiller, optimizer, trainable = parts
+                distiller, optimizer, trainable = held
                 batch = distiller.student.tokenize([texts[i] for i in rows])
                 targets = torch.from_numpy(np.asarray(labels[rows], dtype=np.float32))  # (B, D)
                 emb, _, temperature = distiller(batch["input_ids"], batch["attention_mask"])
